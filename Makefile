@@ -1,0 +1,16 @@
+# The two Quickstart commands: `make demo` and `make test`. Both bootstrap .venv first.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench clean
+
+demo:
+	bash scripts/bootstrap.sh
+	$(PY) -m moeload demo
+
+test:
+	bash scripts/bootstrap.sh dev,deepspeed,hf,megatron,lightning
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

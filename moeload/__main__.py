@@ -1,0 +1,3 @@
+from moeload.cli import main
+
+main()

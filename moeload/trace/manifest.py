@@ -1,0 +1,184 @@
+"""manifest.json: what a trace holds and how to read it (docs/trace-format.md documents every field)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from moeload.errors import TraceFormatError, TraceMismatchError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PARTS_DIR = "parts"
+COUNT_KINDS = ("routed", "kept", "both")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclasses.dataclass
+class Manifest:
+    """Description of a trace. Per-layer lists are indexed by layer id (the position in `layers`).
+
+    layers: [L] module paths of the gating modules; experts_per_layer: [L]; top_k: [L] (an int is
+    broadcast); expert_to_rank: [L][E] expert-parallel rank that holds each expert, or None
+    (then expert e of a layer with E experts lives on rank e // (E // ep_size)).
+    count_kind: "routed" (router decisions before capacity dropping), "kept" (after dropping) or
+    "both" (parts carry both columns). ranks_recorded: parts hold one row per rank (global = sum
+    over ranks) instead of one pre-summed row with rank -1.
+    """
+
+    layers: list[str]
+    experts_per_layer: list[int]
+    top_k: list[int] | int = 1
+    framework: str = "unknown"
+    framework_version: str | None = None
+    model_name: str | None = None
+    tokens_per_step: int | None = None
+    world_size: int = 1
+    ep_size: int = 1
+    expert_to_rank: list[list[int]] | None = None
+    count_kind: str = "routed"
+    ranks_recorded: bool = False
+    flush_every: int | None = None
+    start_time: str = dataclasses.field(default_factory=_now)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    sessions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        self.layers = [str(x) for x in self.layers]
+        L = len(self.layers)
+        if isinstance(self.experts_per_layer, int):
+            self.experts_per_layer = [self.experts_per_layer] * L
+        if isinstance(self.top_k, int):
+            self.top_k = [self.top_k] * L
+        self.experts_per_layer = [int(e) for e in self.experts_per_layer]
+        self.top_k = [int(k) for k in self.top_k]
+        self.validate()
+        if not self.versions:
+            self.versions = default_versions()
+
+    def validate(self, where: str = "manifest") -> None:
+        L = len(self.layers)
+        if L == 0:
+            raise TraceFormatError(f"{where}: 'layers' is empty; a trace needs at least one MoE layer")
+        if len(set(self.layers)) != L:
+            raise TraceFormatError(f"{where}: layer names are not unique: {self.layers}")
+        for name, seq in (("experts_per_layer", self.experts_per_layer), ("top_k", self.top_k)):
+            if len(seq) != L:
+                raise TraceFormatError(f"{where}: '{name}' has {len(seq)} entries for {L} layers")
+            if any(v < 1 for v in seq):
+                raise TraceFormatError(f"{where}: '{name}' must be positive, got {seq}")
+        if self.count_kind not in COUNT_KINDS:
+            raise TraceFormatError(f"{where}: count_kind must be one of {COUNT_KINDS}, got {self.count_kind!r}")
+        if self.world_size < 1 or self.ep_size < 1:
+            raise TraceFormatError(f"{where}: world_size and ep_size must be >= 1")
+        if self.expert_to_rank is not None:
+            if len(self.expert_to_rank) != L or any(
+                len(m) != e for m, e in zip(self.expert_to_rank, self.experts_per_layer)
+            ):
+                raise TraceFormatError(f"{where}: expert_to_rank must be [layers][experts]")
+            if any(r < 0 or r >= self.ep_size for m in self.expert_to_rank for r in m):
+                raise TraceFormatError(f"{where}: expert_to_rank holds ranks outside [0, ep_size={self.ep_size})")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_experts(self) -> int:
+        return max(self.experts_per_layer)
+
+    def rank_map(self) -> list[list[int]]:
+        """[L][E] expert-parallel rank of each expert (the recorded map, else contiguous)."""
+        if self.expert_to_rank is not None:
+            return self.expert_to_rank
+        out = []
+        for e in self.experts_per_layer:
+            per = max(1, -(-e // self.ep_size))
+            out.append([min(i // per, self.ep_size - 1) for i in range(e)])
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> Manifest:
+        if not isinstance(d, dict):
+            raise TraceFormatError(f"{where}: expected a JSON object")
+        version = d.get("schema_version", SCHEMA_VERSION)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise TraceFormatError(
+                f"{where}: schema_version {version!r} is newer than this moeload reads ({SCHEMA_VERSION}); upgrade moeload"
+            )
+        missing = [k for k in ("layers", "experts_per_layer") if k not in d]
+        if missing:
+            raise TraceFormatError(f"{where}: missing field(s) {missing}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        extra = dict(kwargs.get("extra") or {})
+        extra.update({k: v for k, v in d.items() if k not in known})
+        kwargs["extra"] = extra
+        try:
+            return cls(**kwargs)
+        except TraceFormatError as e:
+            raise TraceFormatError(f"{where}: {str(e).removeprefix('manifest: ')}") from None
+        except (TypeError, ValueError) as e:
+            raise TraceFormatError(f"{where}: bad field value ({e})") from None
+
+    def check_compatible(self, other: Manifest, where: str) -> None:
+        """Raise TraceMismatchError if `other` describes a different model shape."""
+        for f in ("layers", "experts_per_layer", "top_k", "count_kind", "ranks_recorded"):
+            a, b = getattr(self, f), getattr(other, f)
+            if a != b:
+                raise TraceMismatchError(
+                    f"{where}: cannot append, '{f}' differs (trace has {a!r}, new run has {b!r}); "
+                    "write to a new directory"
+                )
+
+
+def default_versions() -> dict[str, str]:
+    from moeload import __version__
+
+    v = {"moeload": __version__, "python": platform.python_version()}
+    try:
+        import torch  # noqa: PLC0415 - optional here, present when tracing
+
+        v["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(trace_dir: str | os.PathLike) -> Manifest:
+    d = Path(trace_dir)
+    if not d.exists():
+        raise TraceFormatError(f"{d}: no such trace directory")
+    if not d.is_dir():
+        raise TraceFormatError(f"{d}: not a directory (a trace is a directory holding manifest.json and parts/)")
+    mpath = d / MANIFEST_NAME
+    if not mpath.exists():
+        raise TraceFormatError(f"{mpath}: missing; {d} is not a moeload trace")
+    try:
+        raw = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TraceFormatError(f"{mpath}: not valid JSON ({e})") from None
+    return Manifest.from_dict(raw, where=str(mpath))

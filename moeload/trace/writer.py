@@ -1,0 +1,184 @@
+"""TraceWriter: appends blocks of steps to a trace directory as Parquet parts, atomically."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moeload.errors import TraceFormatError
+from moeload.trace.manifest import (
+    MANIFEST_NAME,
+    PARTS_DIR,
+    Manifest,
+    _now,
+    read_manifest,
+    write_json_atomic,
+)
+
+PART_RE = re.compile(r"^part-(\d{6,})-r(\d+)-(train|eval)-s(\d+)-(\d+)\.parquet$")
+SPLITS = ("train", "eval")
+
+
+def part_name(seq: int, writer_rank: int, split: str, first: int, last: int) -> str:
+    return f"part-{seq:06d}-r{writer_rank}-{split}-s{first:09d}-{last:09d}.parquet"
+
+
+def _list_array(x: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+    """x: [N, Emax] counts; lengths: [N] experts in each row's layer -> list<int32|int64>."""
+    if x.size and (x.max() >= 2**31 or x.min() < 0):
+        values_dtype = np.int64
+    else:
+        values_dtype = np.int32
+    if np.all(lengths == x.shape[1]):
+        flat = x.reshape(-1)
+    else:
+        mask = np.arange(x.shape[1])[None, :] < lengths[:, None]
+        flat = x[mask]
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(values_dtype, copy=False)))
+
+
+class TraceWriter:
+    """Writes one trace directory. Appends to an existing trace of the same model (resume).
+
+    Each `write_block` becomes one Parquet part, written to a hidden temporary name and renamed,
+    so readers never see half a part. A step written again later replaces the earlier one
+    (the part with the higher sequence number wins).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        manifest: Manifest,
+        *,
+        writer_rank: int = 0,
+        fsync: bool = True,
+        write_manifest: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self.writer_rank = int(writer_rank)
+        self.fsync = fsync
+        self.parts_dir = self.path / PARTS_DIR
+        mpath = self.path / MANIFEST_NAME
+        if self.path.exists() and not self.path.is_dir():
+            raise TraceFormatError(f"{self.path}: exists and is not a directory")
+        session = {"start_time": _now(), "pid": os.getpid(), "writer_rank": self.writer_rank}
+        if mpath.exists():
+            old = read_manifest(self.path)
+            old.check_compatible(manifest, where=str(self.path))
+            old.sessions.append(session)
+            self.manifest = old
+        else:
+            manifest.sessions = [*manifest.sessions, session]
+            self.manifest = manifest
+        self.manifest.validate(str(mpath))
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        if write_manifest:
+            write_json_atomic(mpath, self.manifest.to_dict())
+        self._seq = self._next_seq()
+        self._lengths = np.asarray(self.manifest.experts_per_layer, dtype=np.int64)
+        self.parts_written: list[Path] = []
+
+    def _next_seq(self) -> int:
+        seqs = [int(m.group(1)) for p in self.parts_dir.iterdir() if (m := PART_RE.match(p.name))]
+        return max(seqs, default=-1) + 1
+
+    def write_block(
+        self,
+        steps: np.ndarray,
+        routed: np.ndarray,
+        kept: np.ndarray | None = None,
+        tokens: np.ndarray | None = None,
+        *,
+        split: str = "train",
+        times: np.ndarray | None = None,
+    ) -> Path | None:
+        """Write one part.
+
+        steps: [S] step numbers; routed, kept: [S, R, L, E] or [S, L, E] counts (E may be the max
+        over layers, padding beyond a layer's experts is ignored); tokens: [S, R, L] or [S, L]
+        tokens seen by each router; times: [S] unix seconds at step end. R = world_size when the
+        manifest records ranks, else 1 (pre-summed global counts). Returns the part path.
+        """
+        m = self.manifest
+        steps = np.asarray(steps, dtype=np.int64).reshape(-1)
+        S = len(steps)
+        if S == 0:
+            return None
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if len(np.unique(steps)) != S:
+            raise ValueError("write_block: steps must be unique within a block")
+
+        def as4(name: str, a: np.ndarray | None, extra_dims: int) -> np.ndarray | None:
+            if a is None:
+                return None
+            a = np.asarray(a)
+            if a.ndim == 2 + extra_dims:
+                a = a[:, None]
+            if a.ndim != 3 + extra_dims or a.shape[0] != S or a.shape[2] != m.num_layers:
+                raise ValueError(f"write_block: {name} has shape {a.shape}, expected [S={S}, R, L={m.num_layers}, ...]")
+            return a
+
+        routed = as4("routed", routed, 1)
+        kept = as4("kept", kept, 1)
+        tokens = as4("tokens", tokens, 0)
+        R = routed.shape[1]
+        if routed.shape[3] < m.num_experts:
+            raise ValueError(f"write_block: routed has {routed.shape[3]} experts, manifest needs {m.num_experts}")
+        if m.ranks_recorded and R != m.world_size:
+            raise ValueError(f"write_block: {R} ranks given, manifest world_size is {m.world_size}")
+        if not m.ranks_recorded and R != 1:
+            raise ValueError("write_block: manifest has ranks_recorded=False, so routed must hold one (global) row")
+        if m.count_kind in ("kept", "both") and kept is None:
+            raise ValueError(f"write_block: manifest count_kind={m.count_kind!r} needs kept counts")
+        L = m.num_layers
+        n = S * R * L
+        s_col = np.repeat(steps, R * L)
+        rank_ids = np.arange(R, dtype=np.int32) if m.ranks_recorded else np.full(1, -1, dtype=np.int32)
+        r_col = np.tile(np.repeat(rank_ids, L), S)
+        l_col = np.tile(np.arange(L, dtype=np.int32), S * R)
+        lengths = np.tile(self._lengths, S * R)
+        E = m.num_experts
+        cols: dict[str, pa.Array] = {
+            "step": pa.array(s_col),
+            "layer": pa.array(l_col),
+            "rank": pa.array(r_col),
+            "split": pa.DictionaryArray.from_arrays(
+                pa.array(np.zeros(n, dtype=np.int8)), pa.array([split])
+            ),
+            "tokens": pa.array(tokens.reshape(n).astype(np.int64)) if tokens is not None else pa.nulls(n, pa.int64()),
+            "routed": _list_array(routed[..., :E].reshape(n, E), lengths),
+        }
+        if kept is not None and m.count_kind in ("kept", "both"):
+            cols["kept"] = _list_array(kept[..., :E].reshape(n, E), lengths)
+        if times is not None:
+            cols["time"] = pa.array(np.repeat(np.asarray(times, dtype=np.float64), R * L))
+        table = pa.table(cols)
+        name = part_name(self._seq, self.writer_rank, split, int(steps.min()), int(steps.max()))
+        final = self.parts_dir / name
+        tmp = self.parts_dir / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd", row_group_size=max(n, 1))
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, final)
+        self._seq += 1
+        self.parts_written.append(final)
+        return final
+
+    def close(self) -> None:
+        """Nothing is buffered here; kept for symmetry with the context-manager protocol."""
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
