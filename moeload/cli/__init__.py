@@ -1,0 +1,63 @@
+"""The `moeload` command line: a typer app, one module per command group.
+
+`main()` is the console-script entry point (pyproject: moeload = "moeload.cli:main").
+User errors (moeload.errors.MoeloadError, file errors) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from moeload.cli._common import ErrorGroup
+
+app = typer.Typer(
+    name="moeload",
+    cls=ErrorGroup,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from moeload import __version__
+
+        typer.echo(f"moeload {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Record, understand, forecast and balance Mixture-of-Experts expert load.
+
+    Example: moeload summary runs/exp1.moeload
+    """
+
+
+def _register() -> None:
+    import importlib
+
+    from moeload.cli import info
+
+    info.register(app)
+    try:
+        demo = importlib.import_module("moeload.cli.demo")
+    except ModuleNotFoundError as e:
+        if e.name != "moeload.cli.demo":
+            raise
+    else:
+        demo.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="moeload")
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,195 @@
+"""Shared CLI helpers: one-line user errors, trace opening, selections, output."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from moeload.errors import InputError, MoeloadError
+
+EXIT_USER_ERROR = 2
+
+JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
+STEPS_OPTION = typer.Option(
+    None, "--steps", metavar="START:STOP", help="Step-number range to use (stop exclusive), e.g. 1000:5000, :2000, 500:."
+)
+LAYERS_OPTION = typer.Option(
+    None, "--layers", metavar="LIST", help="Comma-separated layer indices or module paths, e.g. 0,3 (default: all)."
+)
+
+
+def console() -> Console:
+    """Stdout console (created per call so CliRunner's captured streams are used)."""
+    return Console(file=sys.stdout, soft_wrap=True)
+
+
+def fail(message: str) -> None:
+    """Print one error line to stderr and exit with code 2 (user error)."""
+    click.echo(f"moeload: error: {message}", err=True)
+    raise typer.Exit(EXIT_USER_ERROR)
+
+
+class ErrorGroup(TyperGroup):
+    """Top-level group: a MoeloadError or a file error becomes one stderr line and exit code 2.
+
+    Anything else is a bug and keeps its traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MoeloadError as e:
+            fail(_one_line(str(e)))
+        except OSError as e:
+            where = e.filename if getattr(e, "filename", None) else ""
+            msg = e.strerror or str(e)
+            fail(_one_line(f"{where}: {msg}" if where else msg))
+
+
+def _one_line(s: str) -> str:
+    return " ".join(s.split()) or "unknown error"
+
+
+def open_trace_arg(path: Path):
+    """Open a trace given on the command line (TraceFormatError names the path on failure)."""
+    from moeload.trace import open_trace
+
+    return open_trace(path)
+
+
+def parse_steps(spec: str | None) -> tuple[int | None, int | None] | None:
+    """'A:B' -> (A, B) step-number range, stop exclusive; ':B', 'A:' open-ended; 'N' -> (N, N+1)."""
+    if spec is None or spec.strip() in ("", ":"):
+        return None
+    s = spec.strip()
+    try:
+        if ":" not in s:
+            n = int(s)
+            return (n, n + 1)
+        a, b = s.split(":", 1)
+        start = int(a) if a.strip() else None
+        stop = int(b) if b.strip() else None
+    except ValueError:
+        raise InputError(f"--steps {spec!r}: expected START:STOP with integer step numbers, e.g. 100:2000") from None
+    if start is not None and stop is not None and stop <= start:
+        raise InputError(f"--steps {spec!r}: stop ({stop}) must be greater than start ({start})")
+    if (start is not None and start < 0) or (stop is not None and stop < 0):
+        raise InputError(f"--steps {spec!r}: step numbers must be non-negative")
+    return (start, stop)
+
+
+def parse_layers(spec: str | None) -> list[int | str] | None:
+    """'0,2,blocks.3.moe' -> [0, 2, 'blocks.3.moe']; None -> all layers."""
+    if spec is None or not spec.strip():
+        return None
+    out: list[int | str] = []
+    for x in spec.split(","):
+        x = x.strip()
+        if not x:
+            raise InputError(f"--layers {spec!r}: empty item")
+        out.append(int(x) if x.lstrip("-").isdigit() else x)
+    return out
+
+
+def load_window(trace, steps: str | None, layers: str | None, *, what: str = "proportions"):
+    """-> (step numbers [S], layer ids [L], array [S, L, E]) for a step range and layer list.
+
+    Raises InputError when the selection holds no recorded step.
+    """
+    sel = parse_steps(steps)
+    lay = parse_layers(layers)
+    lay_ids = trace._select_layers(lay)  # validates names/indices with a one-line error
+    all_steps = trace.steps
+    if sel is None:
+        step_nums = all_steps
+    else:
+        keep = np.ones(len(all_steps), bool)
+        if sel[0] is not None:
+            keep &= all_steps >= sel[0]
+        if sel[1] is not None:
+            keep &= all_steps < sel[1]
+        step_nums = all_steps[keep]
+    if len(step_nums) == 0:
+        have = f"{all_steps[0]}..{all_steps[-1]}" if len(all_steps) else "none"
+        raise InputError(f"{trace.path}: no recorded training steps in --steps {steps or 'all'} (recorded: {have})")
+    arr_sel = sel if sel is not None else None
+    if what == "counts":
+        arr = trace.counts(arr_sel, list(lay_ids))
+    else:
+        arr = trace.proportions(arr_sel, list(lay_ids))
+    return step_nums, lay_ids, arr
+
+
+def fill_empty_rows(p: np.ndarray) -> np.ndarray:
+    """p: [S, L, E] proportions with NaN rows (steps without tokens) -> rows filled with the
+    previous step's values (uniform where none precedes)."""
+    p = np.array(p, dtype=np.float64, copy=True)
+    S, L, E = p.shape
+    for li in range(L):
+        prev = np.full(E, 1.0 / E)
+        for s in range(S):
+            if np.isnan(p[s, li]).any():
+                p[s, li] = prev
+            else:
+                prev = p[s, li]
+    return p
+
+
+def to_jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return to_jsonable(x.tolist())
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return None if math.isnan(v) or math.isinf(v) else v
+    if isinstance(x, (np.bool_,)):
+        return bool(x)
+    if isinstance(x, os.PathLike):
+        return str(x)
+    return x
+
+
+def print_json(obj: Any) -> None:
+    click.echo(json.dumps(to_jsonable(obj), indent=2))
+
+
+def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> Table:
+    t = Table(title=title, show_lines=False)
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*[fmt(v) for v in r])
+    return t
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return "-"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def human_bytes(n: int) -> str:
+    f = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if f < 1024 or unit == "TiB":
+            return f"{f:.0f} {unit}" if unit == "B" else f"{f:.1f} {unit}"
+        f /= 1024
+    return f"{n} B"
