@@ -193,6 +193,10 @@ class Trace:
         """-> (steps [S], array [S, R, L, E] or [S, L, E]) for a list column, or [S, (R,) L] for tokens."""
         m = self.manifest
         sel_steps, owner = self._select_steps(steps, split)
+        inverse = None
+        if len(sel_steps) > 1 and not np.all(sel_steps[1:] > sel_steps[:-1]):
+            sel_steps, first, inverse = np.unique(sel_steps, return_index=True, return_inverse=True)
+            owner = owner[first]
         lay = self._select_layers(layers)
         if per_rank and not m.ranks_recorded:
             raise TraceFormatError(f"{self.path}: this trace holds global counts only (ranks_recorded is false)")
@@ -211,7 +215,8 @@ class Trace:
             t = self._read(
                 part,
                 ["step", "layer", "rank", column],
-                [("step", ">=", int(mine.min())), ("step", "<=", int(mine.max()))],
+                [("step", ">=", int(mine.min())), ("step", "<=", int(mine.max()))]
+                + ([("layer", "in", lay.tolist())] if len(lay) < self.num_layers else []),
             )
             s = t.column("step").to_numpy()
             lyr = t.column("layer").to_numpy()
@@ -239,6 +244,8 @@ class Trace:
                 vals = np.add.reduceat(vals, starts, axis=0)
                 si, li, ri = key[starts] // len(lay), key[starts] % len(lay), np.zeros(len(starts), np.int64)
             out[si, ri, li] = vals
+        if inverse is not None:
+            sel_steps, out = sel_steps[inverse], out[inverse]
         return sel_steps, (out if per_rank else out[:, 0])
 
     def counts(self, steps: StepSel = None, layers: LayerSel = None, *, kind: str = "routed", split: str = "train") -> np.ndarray:

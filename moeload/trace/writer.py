@@ -140,11 +140,17 @@ class TraceWriter:
             raise ValueError(f"write_block: manifest count_kind={m.count_kind!r} needs kept counts")
         L = m.num_layers
         n = S * R * L
-        s_col = np.repeat(steps, R * L)
+        # rows are layer-major (layer, step, rank), one row group per layer, so that a read of a few
+        # layers skips the other row groups by their statistics
+        order = (2, 0, 1)
+        routed = routed.transpose(*order, 3)
+        kept = kept.transpose(*order, 3) if kept is not None else None
+        tokens = tokens.transpose(*order) if tokens is not None else None
         rank_ids = np.arange(R, dtype=np.int32) if m.ranks_recorded else np.full(1, -1, dtype=np.int32)
-        r_col = np.tile(np.repeat(rank_ids, L), S)
-        l_col = np.tile(np.arange(L, dtype=np.int32), S * R)
-        lengths = np.tile(self._lengths, S * R)
+        l_col = np.repeat(np.arange(L, dtype=np.int32), S * R)
+        s_col = np.tile(np.repeat(steps, R), L)
+        r_col = np.tile(rank_ids, S * L)
+        lengths = np.repeat(self._lengths, S * R)
         E = m.num_experts
         cols: dict[str, pa.Array] = {
             "step": pa.array(s_col),
@@ -159,13 +165,13 @@ class TraceWriter:
         if kept is not None and m.count_kind in ("kept", "both"):
             cols["kept"] = _list_array(kept[..., :E].reshape(n, E), lengths)
         if times is not None:
-            cols["time"] = pa.array(np.repeat(np.asarray(times, dtype=np.float64), R * L))
+            cols["time"] = pa.array(np.tile(np.repeat(np.asarray(times, dtype=np.float64), R), L))
         table = pa.table(cols)
         name = part_name(self._seq, self.writer_rank, split, int(steps.min()), int(steps.max()))
         final = self.parts_dir / name
         tmp = self.parts_dir / f".{name}.tmp"
         with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd", row_group_size=max(n, 1))
+            pq.write_table(table, f, compression="zstd", row_group_size=S * R)
             if self.fsync:
                 f.flush()
                 os.fsync(f.fileno())
