@@ -1,0 +1,91 @@
+"""Change points (ruptures PELT) in the log fluctuation level of each layer.
+
+Signal: the run is cut into non-overlapping blocks of b steps (b = max(block, ceil(S / max_points))
+so PELT sees at most `max_points` points); per block and expert, the range (or variance) of the
+expert's proportion within the block; mean over experts; natural log. PELT with the "l2" cost finds
+changes of the mean log level, penalty = pen * sigma^2 * log(n), sigma the noise of the signal
+estimated from its first differences (MAD / 0.6745 / sqrt 2), so the rule is scale-free.
+A segment is stable when its mean log level is within log(factor) of the lowest segment level
+(segments shorter than min_size blocks cannot occur). Offline only: it sees the whole run.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+
+from moeload.errors import InputError
+from moeload.states.base import StateResult, finish
+from moeload.states._input import LoadInput, int_param, pos_param
+
+
+class PeltRule:
+    """block: minimum block length (steps); max_points: cap on the signal length; stat: "range" |
+    "var"; pen: penalty multiplier; min_size: shortest segment in blocks; factor: stable band above
+    the lowest level (proportion scale, squared for "var")."""
+
+    name = "pelt"
+    causal = False
+
+    def __init__(self, block: int = 20, max_points: int = 500, stat: str = "range", pen: float = 4.0,
+                 min_size: int = 3, factor: float = 1.5) -> None:
+        self.block = int_param(block, "block", 2)
+        self.max_points = int_param(max_points, "max_points", 10)
+        if stat not in ("range", "var"):
+            raise InputError(f"stat: expected 'range' or 'var', got {stat!r}")
+        self.stat = stat
+        self.pen = pos_param(pen, "pen")
+        self.min_size = int_param(min_size, "min_size", 1)
+        self.factor = pos_param(factor, "factor")
+
+    def params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("block", "max_points", "stat", "pen", "min_size", "factor")}
+
+    def block_signal(self, inp: LoadInput) -> tuple[np.ndarray, int]:
+        """Per-block mean-over-experts fluctuation [n_blocks, L] and the block length b."""
+        p = inp.p
+        S, L, E = p.shape
+        b = max(self.block, math.ceil(S / self.max_points))
+        nb = S // b
+        if nb < 2:
+            raise InputError(f"p: pelt needs at least 2 blocks of {b} steps, got {S} steps; lower block=")
+        x = p[: nb * b].reshape(nb, b, L, E)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            per = np.nanmax(x, 1) - np.nanmin(x, 1) if self.stat == "range" else np.nanvar(x, 1, ddof=1)
+            mask = np.arange(E)[None, :] < inp.experts[:, None]
+            sig = np.nanmean(np.where(mask[None], per, np.nan), -1)
+        return sig, b
+
+    def detect(self, inp: LoadInput) -> StateResult:
+        import ruptures
+
+        S, L, _ = inp.p.shape
+        sig, b = self.block_signal(inp)
+        nb = sig.shape[0]
+        labels = np.zeros((S, L), dtype=bool)
+        fluct = np.full((S, L), np.nan)
+        fluct[: nb * b] = np.repeat(sig, b, axis=0)
+        fluct[nb * b :] = sig[-1]
+        log_factor = math.log(self.factor) * (2 if self.stat == "var" else 1)
+        for li in range(L):
+            y = np.log(np.maximum(sig[:, li], 1e-300))
+            ok = np.isfinite(sig[:, li]) & (sig[:, li] > 0)
+            if ok.sum() < 2:
+                continue
+            y = np.where(ok, y, np.nanmedian(y[ok]))
+            d = np.diff(y)
+            sigma = np.median(np.abs(d - np.median(d))) / 0.6745 / math.sqrt(2)
+            sigma = max(sigma, 1e-3)
+            algo = ruptures.Pelt(model="l2", min_size=min(self.min_size, max(1, nb // 2)), jump=1).fit(y[:, None])
+            bkps = algo.predict(pen=self.pen * sigma**2 * math.log(nb))
+            starts = [0] + bkps[:-1]
+            levels = [y[a:c].mean() for a, c in zip(starts, bkps)]
+            low = min(levels)
+            for a, c, lv in zip(starts, bkps, levels):
+                stop = S if c == nb else c * b
+                labels[a * b : stop, li] = lv <= low + log_factor
+        return finish(labels, fluct, np.full((S, L), np.nan), inp.steps, self.name, self.params())

@@ -1,0 +1,128 @@
+"""Causal, step-by-step state detection for use during training."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from moeload.errors import InputError
+from moeload.states.base import hysteresis
+from moeload.states._input import LoadInput, _from_array
+
+
+class StateEvent(NamedTuple):
+    """A layer changed state at `step` (the first step with the new label)."""
+
+    layer: int
+    step: int
+    stable: bool
+
+
+class StreamingDetector:
+    """Feed proportions (or integer counts) block by block; never looks ahead.
+
+    With the same causal parameters, the labels equal `states.detect(...).labels` on the whole
+    run (tested). The window rule's default reference here is "noise" (the offline default
+    "late" needs the end of the run); it needs routed assignments: feed integer counts or pass
+    tokens= to `update`. top_k: [L] or int, used by the noise reference.
+    """
+
+    def __init__(self, method: str = "window", top_k: Any = 1, **params: Any) -> None:
+        from moeload.states import get
+
+        if method == "window":
+            params.setdefault("reference", "noise")
+        self.rule = get(method, **params)
+        if not getattr(self.rule, "causal", False):
+            raise InputError(
+                f"method={method!r} with {params} looks ahead (reference='late', center=True or pelt); "
+                "use method='window' with reference='noise' or a number, or method='test'"
+            )
+        self.method = method
+        self._top_k = top_k
+        self._hist = self.rule.window - 1 if method == "window" else 2 * self.rule.window - 1
+        self._buf: np.ndarray | None = None
+        self._buf_n: np.ndarray | None = None
+        self._n_seen = 0
+        self._labels: list[np.ndarray] = []
+        self._steps: list[np.ndarray] = []
+        self._state: np.ndarray | None = None
+        self._count: np.ndarray | None = None
+        self._ratio: np.ndarray | None = None
+        self.stable_since: np.ndarray | None = None
+        self.events: list[StateEvent] = []
+
+    @property
+    def labels_so_far(self) -> np.ndarray:
+        """[n, L] bool labels of every step fed so far."""
+        return np.concatenate(self._labels) if self._labels else np.zeros((0, 0), dtype=bool)
+
+    @property
+    def steps_so_far(self) -> np.ndarray:
+        """[n] step numbers fed so far."""
+        return np.concatenate(self._steps) if self._steps else np.zeros(0, dtype=np.int64)
+
+    @property
+    def is_stable(self) -> np.ndarray:
+        """[L] current state per layer."""
+        if self._state is None:
+            raise InputError("StreamingDetector: no data yet; call update() first")
+        return self._state.copy()
+
+    def update(self, p_block: Any, steps: Any = None, tokens: Any = None) -> list[StateEvent]:
+        """p_block: [t, L, E] proportions or integer counts (t may be 1); steps: [t] step numbers
+        (default: continue from the last one); tokens: [t] or [t, L] routed assignments.
+        Returns the state changes this block caused."""
+        blk = np.asarray(p_block)
+        if blk.ndim == 2:
+            blk = blk[None]
+        inp = _from_array(blk, "p_block", None, tokens)
+        t, L, E = inp.p.shape
+        if self._buf is None:
+            self._buf = np.zeros((0, L, E))
+            self._buf_n = None if inp.assignments is None else np.zeros((0, L))
+            self._state = np.zeros(L, dtype=bool)
+            self._count = np.zeros(L, dtype=np.int64)
+            self._ratio = np.full(L, np.nan)
+            self.stable_since = np.full(L, -1, dtype=np.int64)
+            self._next_step = 0
+        elif self._buf.shape[1:] != (L, E):
+            raise InputError(f"p_block: layers/experts {(L, E)} differ from earlier blocks {self._buf.shape[1:]}")
+        if steps is None:
+            st = np.arange(self._next_step, self._next_step + t, dtype=np.int64)
+        else:
+            st = np.asarray(steps, dtype=np.int64).reshape(-1)
+            if len(st) != t or (np.diff(st) <= 0).any() or (self._n_seen and st[0] < self._next_step):
+                raise InputError(f"steps: expected {t} increasing step numbers after {self._next_step - 1}, got {st}")
+        self._next_step = int(st[-1]) + 1
+        if (self._buf_n is None) != (inp.assignments is None) and self._n_seen:
+            raise InputError("p_block: give routed assignments (counts or tokens=) in every block or in none")
+        p_all = np.concatenate([self._buf, inp.p])
+        n_all = None if inp.assignments is None else np.concatenate([self._buf_n, inp.assignments])
+        h = len(self._buf)
+        top_k = np.broadcast_to(np.asarray(self._top_k, dtype=np.int64), (L,))
+        full = LoadInput(p_all, np.arange(len(p_all)), n_all, top_k, np.full(L, E, np.int64), None, False)
+        if self.method == "window":
+            fluct, noise = self.rule.statistic(p_all, full, n_all)
+            codes = self.rule.codes(fluct, self.rule.threshold(fluct, noise))[h:]
+        else:
+            codes, ratio = self.rule.evidence(p_all, full.experts, offset=self._n_seen - h)
+            codes = codes[h:]
+        labels = np.empty((t, L), dtype=bool)
+        new_events = []
+        for li in range(L):
+            prev = self._state[li]
+            labels[:, li], self._state[li], self._count[li] = hysteresis(codes[:, li], self.rule.min_run, bool(prev), int(self._count[li]))
+            seq = np.concatenate([[prev], labels[:, li]])
+            for j in np.flatnonzero(seq[1:] != seq[:-1]):
+                new_events.append(StateEvent(li, int(st[j]), bool(labels[j, li])))
+                self.stable_since[li] = st[j] if labels[j, li] else -1
+        self.events.extend(new_events)
+        self._labels.append(labels)
+        self._steps.append(st)
+        self._n_seen += t
+        keep = min(self._hist, len(p_all))
+        self._buf = p_all[len(p_all) - keep :]
+        self._buf_n = None if n_all is None else n_all[len(n_all) - keep :]
+        return new_events

@@ -1,0 +1,199 @@
+"""The paper's rule: rolling range / variance of each expert's proportion, thresholded per layer.
+
+For expert e of layer l at step t, over the trailing window of the last `window` steps
+(t - w + 1 .. t, steps with no tokens skipped): range = max - min of p[., l, e], var = sample
+variance (ddof=1). The layer statistic is the mean (or max) over the layer's experts. A step gives
+ENTER evidence when the statistic <= threshold, EXIT evidence when > exit_ratio * threshold;
+`base.hysteresis` turns evidence into labels (min_run consecutive steps to flip).
+Thresholds (docs/metrics.md gives the derivations):
+  reference="late":  factor * median of the statistic over the last max(w, late_frac * S) steps
+                     (offline only: it looks at the end of the run);
+  reference="noise": factor * the statistic expected from multinomial sampling noise alone,
+                     sigma_e^2 = pbar_e (1 - k pbar_e) * mean_t(1 / n_t) with n_t routed assignments
+                     per step and k = top-k; E[range] = d2(m) * sigma_e (m valid steps in the window);
+  reference=<float>: that absolute threshold, in the statistic's units.
+For stat="var" the factor is squared (factor is always on the scale of proportions).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+
+from moeload.errors import InputError
+from moeload.states.base import BETWEEN, ENTER, EXIT, UNKNOWN, StateResult, finish, hysteresis
+from moeload.states._input import LoadInput, int_param, pos_param
+
+DEFAULT_FACTOR = {"late": 1.5, "noise": 3.0}
+
+
+def _pad_front(x: np.ndarray, n: int) -> np.ndarray:
+    return np.concatenate([np.full((n,) + x.shape[1:], np.nan), x], axis=0)
+
+
+def rolling_extreme(x: np.ndarray, w: int, fn: Any) -> np.ndarray:
+    """Trailing-window max (fn=np.fmax) or min (np.fmin) along axis 0, NaN-skipping: x [S, ...] ->
+    [S, ...]; out[t] over x[max(0, t-w+1) : t+1]. O(S log w) by doubling."""
+    S = x.shape[0]
+    m = _pad_front(x, w - 1)
+    size = 1
+    while 2 * size <= w:
+        m = fn(m[:-size], m[size:])
+        size *= 2
+    return fn(m[:S], m[w - size : w - size + S])
+
+
+def rolling_sum(x: np.ndarray, w: int) -> np.ndarray:
+    """Trailing-window sum along axis 0 with NaN as 0: x [S, ...] -> [S, ...]."""
+    c = np.cumsum(np.nan_to_num(x), axis=0)
+    out = c.copy()
+    out[w:] -= c[:-w]
+    return out
+
+
+def rolling_var(x: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Trailing-window (mean, variance ddof=1, valid count) of x [S, ...] along axis 0, NaN-skipping."""
+    valid = ~np.isnan(x)
+    n = rolling_sum(valid.astype(np.float64), w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        centre = np.nan_to_num(np.nanmean(x, axis=0))
+    y = np.where(valid, x - centre, 0.0)
+    s1 = rolling_sum(y, w)
+    s2 = rolling_sum(y * y, w)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = s1 / n
+        var = np.maximum(s2 - s1 * mean, 0.0) / (n - 1)
+    var[n < 2] = np.nan
+    mean[n < 1] = np.nan
+    return mean + centre, var, n
+
+
+@functools.lru_cache(maxsize=None)
+def _d2_table(m_max: int) -> np.ndarray:
+    """d2[m] = expected range of m independent standard normals (d2[0] = d2[1] = 0)."""
+    x = np.linspace(-9, 9, 4001)
+    phi = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    out = np.zeros(m_max + 1)
+    for m in range(2, m_max + 1):
+        out[m] = np.trapezoid(1 - phi**m - (1 - phi) ** m, x)
+    return out
+
+
+def d2(m: np.ndarray, m_max: int) -> np.ndarray:
+    """Expected range of m standard normals, elementwise for integer-valued m [any] <= m_max."""
+    return _d2_table(int(m_max))[np.clip(np.nan_to_num(m).astype(np.int64), 0, m_max)]
+
+
+class WindowRule:
+    """Rolling fluctuation thresholded with hysteresis. Hyperparameters as in the module docstring.
+
+    window: w steps; stat: "range" | "var"; agg: "mean" | "max" over experts; reference: "late" |
+    "noise" | float; factor: None = 1.5 (late) or 3.0 (noise); late_frac: share of the run used as
+    the late level; min_run: steps of consistent evidence to flip (None = max(1, w // 5));
+    exit_ratio: hysteresis band; min_periods: valid steps a window needs (None = w);
+    center: offline only, centre the window instead of trailing it (labels shift by (w - 1) // 2).
+    """
+
+    name = "window"
+
+    def __init__(self, window: int = 100, stat: str = "range", agg: str = "mean", reference: Any = "late",
+                 factor: float | None = None, late_frac: float = 0.2, min_run: int | None = None,
+                 exit_ratio: float = 1.25, min_periods: int | None = None, center: bool = False) -> None:
+        self.window = int_param(window, "window", 2)
+        if stat not in ("range", "var"):
+            raise InputError(f"stat: expected 'range' or 'var', got {stat!r}")
+        if agg not in ("mean", "max"):
+            raise InputError(f"agg: expected 'mean' or 'max', got {agg!r}")
+        if isinstance(reference, str):
+            if reference not in DEFAULT_FACTOR:
+                raise InputError(f"reference: expected 'late', 'noise' or a positive number, got {reference!r}")
+        else:
+            reference = pos_param(reference, "reference")
+        self.stat, self.agg, self.reference = stat, agg, reference
+        self.factor = pos_param(DEFAULT_FACTOR.get(reference, 1.0) if factor is None else factor, "factor")
+        self.late_frac = pos_param(late_frac, "late_frac")
+        self.min_run = int_param(max(1, self.window // 5) if min_run is None else min_run, "min_run")
+        self.exit_ratio = pos_param(exit_ratio, "exit_ratio")
+        if self.exit_ratio < 1:
+            raise InputError(f"exit_ratio: must be >= 1, got {exit_ratio}")
+        self.min_periods = int_param(self.window if min_periods is None else min_periods, "min_periods", 2)
+        self.center = bool(center)
+
+    def params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("window", "stat", "agg", "reference", "factor", "late_frac",
+                                                "min_run", "exit_ratio", "min_periods", "center")}
+
+    @property
+    def causal(self) -> bool:
+        return self.reference != "late" and not self.center
+
+    # -- statistics -------------------------------------------------------------------------
+    def _agg(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        x = np.where(mask, x, np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(x, -1) if self.agg == "mean" else np.nanmax(x, -1)
+
+    def statistic(self, p: np.ndarray, inp: LoadInput, assignments: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Trailing-window layer statistic [S, L] and, for reference="noise", its noise level [S, L]."""
+        w = self.window
+        mask = np.arange(p.shape[2])[None, None, :] < inp.experts[None, :, None]
+        mean, var, n = rolling_var(p, w)
+        if self.stat == "range":
+            per = rolling_extreme(p, w, np.fmax) - rolling_extreme(p, w, np.fmin)
+        else:
+            per = var
+        per = np.where(n >= self.min_periods, per, np.nan)
+        fluct = self._agg(per, mask)
+        if self.reference != "noise":
+            return fluct, None
+        if assignments is None:
+            raise InputError("reference='noise' needs routed assignments per step: pass integer counts, a Trace or tokens=")
+        with np.errstate(divide="ignore"):
+            inv_n = np.where(assignments > 0, 1.0 / np.where(assignments > 0, assignments, 1), np.nan)
+        inv_mean = rolling_var(inv_n, w)[0]  # [S, L]
+        k = inp.top_k[None, :, None].astype(np.float64)
+        sig2 = np.maximum(mean * (1 - np.minimum(k * mean, 1.0)), 0.0) * inv_mean[..., None]
+        ref = sig2 if self.stat == "var" else d2(n, w) * np.sqrt(sig2)
+        ref = np.where(n >= self.min_periods, ref, np.nan)
+        return fluct, self._agg(ref, mask)
+
+    def codes(self, fluct: np.ndarray, thr: np.ndarray) -> np.ndarray:
+        """Evidence codes [S, L] from statistic and entry threshold."""
+        c = np.full(fluct.shape, BETWEEN, dtype=np.int8)
+        c[fluct <= thr] = ENTER
+        c[fluct > self.exit_ratio * thr] = EXIT
+        c[np.isnan(fluct) | np.isnan(thr)] = UNKNOWN
+        return c
+
+    def threshold(self, fluct: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+        """Entry threshold [S, L]."""
+        f = self.factor**2 if self.stat == "var" else self.factor
+        if self.reference == "noise":
+            return f * noise
+        if self.reference == "late":
+            S = fluct.shape[0]
+            n_late = min(S, max(self.window, math.ceil(self.late_frac * S)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                lvl = np.nanmedian(fluct[S - n_late :], axis=0)
+            return np.broadcast_to(f * lvl, fluct.shape).copy()
+        return np.full(fluct.shape, float(self.reference))
+
+    # -- offline ----------------------------------------------------------------------------
+    def detect(self, inp: LoadInput) -> StateResult:
+        fluct, noise = self.statistic(inp.p, inp, inp.assignments)
+        thr = self.threshold(fluct, noise)
+        codes = self.codes(fluct, thr)
+        if self.center:
+            shift = (self.window - 1) // 2
+            codes = np.concatenate([codes[shift:], np.full((shift,) + codes.shape[1:], UNKNOWN, np.int8)])
+            fluct = np.concatenate([fluct[shift:], np.full((shift,) + fluct.shape[1:], np.nan)])
+            thr = np.concatenate([thr[shift:], np.full((shift,) + thr.shape[1:], np.nan)])
+        labels = np.stack([hysteresis(codes[:, li], self.min_run)[0] for li in range(codes.shape[1])], axis=1)
+        return finish(labels, fluct, thr, inp.steps, self.name, self.params())
