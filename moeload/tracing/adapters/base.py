@@ -1,0 +1,105 @@
+"""The adapter interface: how the tracer finds gating modules and reads one forward's routing.
+
+An `Adapter` looks at a model and returns one `GateSpec` per gating (router) module it recognises.
+The spec's `counts(module, inputs, output)` turns the output of one forward of that module into a
+`Routing` (or a bare tensor, see `Routing`); the tracer does all accumulation itself, on the
+device, without host syncs. Adapters for optional frameworks must not import the framework unless
+it is already imported (`sys.modules`): a model cannot hold a framework's modules otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+
+class Routing(NamedTuple):
+    """What one forward of a gate routed, in one of three forms (set exactly one group).
+
+    - top-k: `indices: [T, k]` integer expert ids, -1 = no expert (dropped, not counted as any
+      expert's load); optional `kept: [T, k]` bool, False where capacity dropped the route.
+    - map: `mask: [T, E]` bool or 0/1, True where token t is routed to expert e; optional
+      `kept_mask: [T, E]`.
+    - counts: `counts: [E]` routed tokens per expert, precomputed (e.g. DeepSpeed `exp_counts`);
+      optional `kept_counts: [E]`.
+    `tokens`: tokens that reached the gate (int or [] tensor); inferred as T for top-k and map
+    forms, and as `counts.sum() // top_k` for the counts form. Where no kept information is given,
+    kept = routed. A bare tensor returned by `GateSpec.counts` is read as: 1-D -> counts,
+    2-D integer -> indices, 2-D bool or floating -> mask.
+    """
+
+    indices: Tensor | None = None
+    kept: Tensor | None = None
+    mask: Tensor | None = None
+    kept_mask: Tensor | None = None
+    counts: Tensor | None = None
+    kept_counts: Tensor | None = None
+    tokens: int | Tensor | None = None
+
+
+CountsFn = Callable[["nn.Module", tuple, Any], "Routing | Tensor"]
+
+
+@dataclasses.dataclass
+class GateSpec:
+    """One gating module and how to read it.
+
+    module: the module whose forward hook is installed; name: its module path in the model (the
+    layer name in the trace); num_experts, top_k: of this gate; counts(module, inputs, output)
+    -> Routing | Tensor for one forward; has_kept: the routing carries capacity-drop information;
+    framework / framework_version: e.g. ("deepspeed", "0.19.8"); expert_to_rank: [E] expert-
+    parallel rank holding each expert, where known; ep_size / ep_rank: expert-parallel group size
+    and this process's rank in it (1 / 0 without expert parallelism).
+    """
+
+    module: nn.Module
+    name: str
+    num_experts: int
+    top_k: int
+    counts: CountsFn
+    has_kept: bool = False
+    framework: str = "torch"
+    framework_version: str | None = None
+    expert_to_rank: Sequence[int] | None = None
+    ep_size: int = 1
+    ep_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1 or self.top_k < 1:
+            raise ValueError(f"GateSpec {self.name!r}: num_experts={self.num_experts}, top_k={self.top_k} must be >= 1")
+        if self.expert_to_rank is not None:
+            self.expert_to_rank = [int(r) for r in self.expert_to_rank]
+            if len(self.expert_to_rank) != self.num_experts:
+                raise ValueError(
+                    f"GateSpec {self.name!r}: expert_to_rank has {len(self.expert_to_rank)} entries "
+                    f"for {self.num_experts} experts"
+                )
+
+
+class Adapter:
+    """Finds the gating modules of one framework. Subclasses set `name` and implement `find`."""
+
+    name: str = "adapter"
+
+    def find(self, model: nn.Module) -> list[GateSpec]:
+        """One GateSpec per gating module of `model` that this adapter recognises (may be empty)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """What this adapter looks for, in a few words (used in NoGatingModulesError)."""
+        return self.name
+
+
+def module_paths(model: nn.Module) -> dict[int, str]:
+    """id(module) -> module path in `model` ("" for the model itself), first path wins."""
+    out: dict[int, str] = {}
+    for name, m in model.named_modules():
+        out.setdefault(id(m), name)
+    return out
+
+
+__all__ = ["Adapter", "CountsFn", "GateSpec", "Routing", "module_paths"]

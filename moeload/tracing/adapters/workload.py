@@ -1,0 +1,46 @@
+"""Adapter for the embedded workload's `moeload.workloads.TopKRouter` (routed and kept counts)."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+from moeload.tracing.adapters.base import Adapter, GateSpec, Routing
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def _routing(module: nn.Module, inputs: tuple, out) -> Routing:
+    """RouterOutput(indices [T, k], kept [T, k], ...) -> Routing; kept only where capacity drops."""
+    return Routing(indices=out.indices, kept=out.kept if module.capacity_factor is not None else None)
+
+
+class WorkloadAdapter(Adapter):
+    """Finds every `TopKRouter` of the embedded MoE GPT (`moeload.workloads`)."""
+
+    name = "moeload-workload"
+
+    def describe(self) -> str:
+        return "moeload.workloads.TopKRouter"
+
+    def find(self, model: nn.Module) -> list[GateSpec]:
+        mod = sys.modules.get("moeload.workloads.model")
+        if mod is None:  # not imported: the model cannot hold one
+            return []
+        from moeload import __version__
+
+        return [
+            GateSpec(
+                module=m,
+                name=name,
+                num_experts=m.num_experts,
+                top_k=m.top_k,
+                counts=_routing,
+                has_kept=m.capacity_factor is not None,
+                framework="moeload",
+                framework_version=__version__,
+            )
+            for name, m in model.named_modules()
+            if isinstance(m, mod.TopKRouter)
+        ]
