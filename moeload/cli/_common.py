@@ -193,3 +193,72 @@ def human_bytes(n: int) -> str:
             return f"{f:.0f} {unit}" if unit == "B" else f"{f:.1f} {unit}"
         f /= 1024
     return f"{n} B"
+
+
+PARAM_OPTION = typer.Option(
+    None, "--param", "-p", metavar="KEY=VALUE", help="Hyperparameter, repeatable, e.g. -p window=200 -p alpha=0.1."
+)
+
+
+def parse_params(items: list[str] | None, flag: str = "--param") -> dict[str, Any]:
+    """['window=100', 'alpha=0.5', 'robust=true'] -> {'window': 100, 'alpha': 0.5, 'robust': True}."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise InputError(f"{flag} {item!r}: expected KEY=VALUE, e.g. window=100")
+        out[key] = _value(raw.strip())
+    return out
+
+
+def _value(raw: str) -> Any:
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(raw)
+        except ValueError:
+            pass
+    if "," in raw:
+        return tuple(_value(x.strip()) for x in raw.split(","))
+    return raw
+
+
+def layer_stats(c: np.ndarray, experts: list[int]) -> list[dict[str, Any]]:
+    """Per-layer imbalance statistics of counts c: [S, L, E] (experts: [L] real experts per layer).
+
+    imbalance_mean / imbalance_max: max/mean expert load per step, averaged / maximal over steps;
+    imbalance_window: max/mean of the loads summed over the window; cv and min_max of those sums.
+    """
+    out = []
+    for li in range(c.shape[1]):
+        x = c[:, li, : experts[li]].astype(np.float64)  # [S, E_l]
+        tot = x.sum(0)
+        per_step_mean = x.mean(1)
+        ok = per_step_mean > 0
+        ratio = x.max(1)[ok] / per_step_mean[ok]
+        mean_tot = tot.mean()
+        order = np.argsort(-tot, kind="stable")
+        share = tot / tot.sum() if tot.sum() > 0 else np.full_like(tot, np.nan)
+        out.append(
+            {
+                "assignments": int(tot.sum()),
+                "imbalance_mean": float(ratio.mean()) if len(ratio) else float("nan"),
+                "imbalance_max": float(ratio.max()) if len(ratio) else float("nan"),
+                "imbalance_window": float(tot.max() / mean_tot) if mean_tot > 0 else float("nan"),
+                "cv": float(tot.std() / mean_tot) if mean_tot > 0 else float("nan"),
+                "min_max": float(tot.min() / tot.max()) if tot.max() > 0 else float("nan"),
+                "hottest": [[int(e), float(share[e])] for e in order[:3]],
+                "coldest": [[int(e), float(share[e])] for e in order[::-1][:3]],
+            }
+        )
+    return out
+
+
+def progress_status(what: str):
+    """A rich spinner on stderr while long work runs (silent when stderr is not a terminal)."""
+    return Console(file=sys.stderr).status(what)

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import typer
 
 from moeload.cli._common import (
     JSON_OPTION,
     LAYERS_OPTION,
+    PARAM_OPTION,
     STEPS_OPTION,
     console,
     human_bytes,
+    layer_stats,
+    load_window,
     open_trace_arg,
+    parse_params,
     print_json,
+    progress_status,
     table,
 )
 
@@ -79,5 +83,125 @@ def _compact(xs: list[int]) -> str:
     return str(xs[0]) if len(set(xs)) == 1 else ", ".join(map(str, xs))
 
 
+def summary(
+    trace: Path = TRACE_ARG,
+    steps: str = STEPS_OPTION,
+    layers: str = LAYERS_OPTION,
+    method: str = typer.Option("window", "--method", help="Phase detector of moeload.states (window, pelt, test)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Per-layer imbalance (max/mean, CV, min/max), hottest and coldest experts, phase boundaries.
+
+    Example: moeload summary runs/exp1.moeload --steps 0:5000 --layers 0,1
+    """
+    from moeload import states
+
+    t = open_trace_arg(trace)
+    step_nums, lay, c = load_window(t, steps, layers, what="counts")
+    experts = [t.experts_per_layer[i] for i in lay]
+    stats = layer_stats(c, experts)
+    with progress_status("detecting phases"):
+        r = states.detect(c, method=method, steps=step_nums)
+    rows_json = []
+    for j, li in enumerate(lay):
+        d = {"layer": int(li), "name": t.layers[li], "experts": experts[j], **stats[j]}
+        d["boundary"] = int(r.boundaries[j])
+        d["stable_share"] = float(r.labels[:, j].mean())
+        rows_json.append(d)
+    out = {
+        "path": str(t.path),
+        "num_steps": len(step_nums),
+        "first_step": int(step_nums[0]),
+        "last_step": int(step_nums[-1]),
+        "method": method,
+        "model_boundary": int(r.model_boundary),
+        "layers": rows_json,
+    }
+    if as_json:
+        print_json(out)
+        return
+    rows = [
+        [
+            d["layer"],
+            d["imbalance_mean"],
+            d["imbalance_max"],
+            d["cv"],
+            d["min_max"],
+            _experts(d["hottest"]),
+            _experts(d["coldest"]),
+            d["boundary"] if d["boundary"] >= 0 else "none",
+        ]
+        for d in rows_json
+    ]
+    c_ = console()
+    c_.print(
+        table(
+            "max/mean: hottest expert over the mean, per step (mean; worst step); CV and min/max of the window's totals"
+            f"\n{t.path.name}: steps {out['first_step']}..{out['last_step']} ({out['num_steps']} recorded)",
+            ["layer", "max/mean", "worst", "CV", "min/max", "hottest", "coldest", "stable from"],
+            rows,
+        )
+    )
+    mb = out["model_boundary"]
+    c_.print(f"whole model stable from step {mb}" if mb >= 0 else "whole model: no final stable phase detected")
+    c_.print("layers: " + ", ".join(f"{d['layer']}={d['name']}" for d in rows_json))
+
+
+def _experts(pairs: list[list[float]]) -> str:
+    return " ".join(f"{int(e)}:{s:.0%}" for e, s in pairs)
+
+
+def states_cmd(
+    trace: Path = TRACE_ARG,
+    steps: str = STEPS_OPTION,
+    layers: str = LAYERS_OPTION,
+    method: str = typer.Option("window", "--method", help="Detector: window, pelt or test (moeload.states)."),
+    param: list[str] = PARAM_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Transient / stable phases per layer: boundary, stable share and the runs of each state.
+
+    Example: moeload states runs/exp1.moeload --method pelt --json
+    """
+    from moeload import states
+
+    t = open_trace_arg(trace)
+    step_nums, lay, c = load_window(t, steps, layers, what="counts")
+    with progress_status("detecting phases"):
+        r = states.detect(c, method=method, steps=step_nums, **parse_params(param))
+    out = {
+        "path": str(t.path),
+        "method": r.method,
+        "params": r.params,
+        "model_boundary": int(r.model_boundary),
+        "layers": [
+            {
+                "layer": int(li),
+                "name": t.layers[li],
+                "boundary": int(r.boundaries[j]),
+                "stable_share": float(r.labels[:, j].mean()),
+                "segments": [{"start": a, "stop": b, "stable": s} for a, b, s in r.segments[j]],
+            }
+            for j, li in enumerate(lay)
+        ],
+    }
+    if as_json:
+        print_json(out)
+        return
+    rows = []
+    for d in out["layers"]:
+        segs = d["segments"]
+        shown = ", ".join(f"{s['start']}-{s['stop']}:{'S' if s['stable'] else 'T'}" for s in segs[:6])
+        if len(segs) > 6:
+            shown += f", ... ({len(segs)} runs)"
+        rows.append([d["layer"], d["name"], d["boundary"] if d["boundary"] >= 0 else "none", f"{d['stable_share']:.1%}", shown])
+    c_ = console()
+    c_.print(table(f"{t.path.name}: phases ({r.method})", ["layer", "name", "stable from", "stable", "runs (T=transient, S=stable)"], rows))
+    mb = out["model_boundary"]
+    c_.print(f"whole model stable from step {mb}" if mb >= 0 else "whole model: no final stable phase detected")
+
+
 def register(app: typer.Typer) -> None:
     app.command("info")(info)
+    app.command("summary")(summary)
+    app.command("states")(states_cmd)
