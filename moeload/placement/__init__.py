@@ -1,0 +1,13 @@
+"""Expert / attention-head placement onto GPUs, with replicas, and a replay simulator.
+
+`plan(weight, num_gpus=8, num_replicas=16, policy="eplb")` -> `Placement`; `available()` lists
+policies. Pure NumPy: no torch at import time.
+"""
+
+from __future__ import annotations
+
+from moeload.placement._placement import Evaluation, Placement, imbalance_of
+from moeload.placement._registry import available, plan
+from moeload.placement.replay import ReplayResult, compare, replay
+
+__all__ = ["Evaluation", "Placement", "ReplayResult", "available", "compare", "imbalance_of", "plan", "replay"]

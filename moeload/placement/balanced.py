@@ -1,0 +1,70 @@
+"""moeload's own policy: EPLB replication and packing, swap refinement, then the best split.
+
+Per layer it builds two candidates and keeps the better one under the chosen split:
+1. EPLB's global plan, refined by pairwise slot swaps between the busiest GPU and any other GPU
+   while that lowers the larger of the two loads (even split), then re-split optimally (LP);
+2. the Fair-Copying plan (best-effort assignment, copies of the busiest GPU's heaviest unit, LP
+   split).
+With `split="even"` only candidate 1 is used, without the LP re-split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moeload.errors import InputError
+from moeload.placement._placement import Placement, even_share, imbalance_of
+from moeload.placement._split import optimal_split
+from moeload.placement.eplb import plan_eplb
+from moeload.placement.fair_copying import plan_fair_copying
+
+
+def swap_refine(phy2log: np.ndarray, per_slot: np.ndarray, num_gpus: int, max_rounds: int = 1000) -> np.ndarray:
+    """Swap slots between the busiest GPU and another GPU while that lowers their larger load.
+
+    phy2log, per_slot: [R] unit and load of each slot. Returns the refined `phy2log: [R]`.
+    Each swap lowers the sorted GPU-load vector lexicographically, so the loop ends.
+    """
+    phy2log, per_slot = phy2log.copy(), per_slot.copy()
+    slots = phy2log.shape[0] // num_gpus
+    for _ in range(max_rounds):
+        load = per_slot.reshape(num_gpus, slots).sum(1)
+        top = int(np.argmax(load))
+        mine = per_slot[top * slots : (top + 1) * slots]
+        best, move = load[top] * (1 - 1e-12), None
+        for g in range(num_gpus):
+            if g == top:
+                continue
+            theirs = per_slot[g * slots : (g + 1) * slots]
+            delta = mine[:, None] - theirs[None, :]  # [S, S] load moved from top to g
+            pair_max = np.maximum(load[top] - delta, load[g] + delta)
+            i, j = np.unravel_index(np.argmin(pair_max), pair_max.shape)
+            if pair_max[i, j] < best:
+                best, move = pair_max[i, j], (top * slots + i, g * slots + j)
+        if move is None:
+            break
+        a, b = move
+        phy2log[[a, b]] = phy2log[[b, a]]
+        per_slot[[a, b]] = per_slot[[b, a]]
+    return phy2log
+
+
+def plan_balanced(weight: np.ndarray, num_gpus: int, num_replicas: int, *, split: str = "chosen") -> Placement:
+    """Best of refined EPLB and Fair-Copying per layer for `weight: [L, E]`."""
+    if split not in ("chosen", "even"):
+        raise InputError(f"split: expected 'chosen' or 'even', got {split!r}")
+    num_experts = weight.shape[1]
+    base = plan_eplb(weight, num_gpus, num_replicas)
+    per_slot = np.take_along_axis(weight, base.phy2log, 1) * base.share
+    phy2log = np.stack([swap_refine(p, s, num_gpus) for p, s in zip(base.phy2log, per_slot)])
+    if split == "even":
+        return Placement(phy2log, even_share(phy2log, num_experts), num_gpus, weight, "balanced", {"split": split})
+    share = np.stack([optimal_split(p, w, num_gpus) for p, w in zip(phy2log, weight)])
+    refined = Placement(phy2log, share, num_gpus, weight, "balanced")
+    fair = plan_fair_copying(weight, num_gpus, num_replicas)
+    take_fair = imbalance_of(fair.gpu_load) < imbalance_of(refined.gpu_load) - 1e-12
+    return Placement(
+        np.where(take_fair[:, None], fair.phy2log, refined.phy2log),
+        np.where(take_fair[:, None], fair.share, refined.share),
+        num_gpus, weight, "balanced", {"split": split, "fair_copying_layers": take_fair},
+    )
