@@ -40,9 +40,11 @@ def _root(
 def _register() -> None:
     import importlib
 
-    from moeload.cli import info
+    from moeload.cli import export, forecast, info
 
     info.register(app)
+    forecast.register(app)
+    export.register(app)
     try:
         demo = importlib.import_module("moeload.cli.demo")
     except ModuleNotFoundError as e:
