@@ -95,7 +95,7 @@ class WindowRule:
     window: w steps; stat: "range" | "var"; agg: "mean" | "max" over experts; reference: "late" |
     "noise" | float; factor: None = 1.5 (late) or 3.0 (noise); late_frac: share of the run used as
     the late level; min_run: steps of consistent evidence to flip (None = max(1, w // 5));
-    exit_ratio: hysteresis band; min_periods: valid steps a window needs (None = w);
+    exit_ratio: hysteresis band; min_periods: valid steps (with tokens) a window needs (None = w // 2);
     center: offline only, centre the window instead of trailing it (labels shift by (w - 1) // 2).
     """
 
@@ -121,7 +121,7 @@ class WindowRule:
         self.exit_ratio = pos_param(exit_ratio, "exit_ratio")
         if self.exit_ratio < 1:
             raise InputError(f"exit_ratio: must be >= 1, got {exit_ratio}")
-        self.min_periods = int_param(self.window if min_periods is None else min_periods, "min_periods", 2)
+        self.min_periods = int_param(max(2, self.window // 2) if min_periods is None else min_periods, "min_periods", 2)
         self.center = bool(center)
 
     def params(self) -> dict[str, Any]:
@@ -148,7 +148,9 @@ class WindowRule:
             per = rolling_extreme(p, w, np.fmax) - rolling_extreme(p, w, np.fmin)
         else:
             per = var
-        per = np.where(n >= self.min_periods, per, np.nan)
+        ok = n >= self.min_periods
+        ok[: w - 1] = False  # a window must span w steps
+        per = np.where(ok, per, np.nan)
         fluct = self._agg(per, mask)
         if self.reference != "noise":
             return fluct, None
@@ -160,7 +162,7 @@ class WindowRule:
         k = inp.top_k[None, :, None].astype(np.float64)
         sig2 = np.maximum(mean * (1 - np.minimum(k * mean, 1.0)), 0.0) * inv_mean[..., None]
         ref = sig2 if self.stat == "var" else d2(n, w) * np.sqrt(sig2)
-        ref = np.where(n >= self.min_periods, ref, np.nan)
+        ref = np.where(ok, ref, np.nan)
         return fluct, self._agg(ref, mask)
 
     def codes(self, fluct: np.ndarray, thr: np.ndarray) -> np.ndarray:
