@@ -1,5 +1,17 @@
 """Recording expert load during training: LoadTracer (tracer.py) and gate adapters (adapters/)."""
 
-from moeload.tracing.adapters import Adapter, GateSpec, Routing, discover, register_adapter
+from moeload.tracing.adapters import Adapter, GateSpec, GenericAdapter, Routing, discover, register_adapter
+from moeload.tracing.flush import FlushedBlock
+from moeload.tracing.tracer import LoadTracer, StepCallback
 
-__all__ = ["Adapter", "GateSpec", "Routing", "discover", "register_adapter"]
+__all__ = [
+    "Adapter",
+    "FlushedBlock",
+    "GateSpec",
+    "GenericAdapter",
+    "LoadTracer",
+    "Routing",
+    "StepCallback",
+    "discover",
+    "register_adapter",
+]

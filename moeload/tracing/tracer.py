@@ -1,0 +1,373 @@
+"""LoadTracer: per-step expert counts of every MoE gate, accumulated on the device, written in blocks."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moeload.errors import InputError
+from moeload.trace import Manifest, TraceWriter
+from moeload.tracing.accumulate import accumulate
+from moeload.tracing.adapters import Adapter, GateSpec, GenericAdapter, discover, registered_adapters
+from moeload.tracing.flush import FLAG_COL, BlockWriter, FlushedBlock, Layout
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread (checkpoint recomputes)."""
+    return _graph_task_id() != -1
+
+
+class LoadTracer:
+    """Records how many tokens each expert of each MoE layer receives at every optimizer step.
+
+    ::
+
+        tracer = LoadTracer(model, "runs/exp1.moeload", flush_every=100)
+        with tracer:                       # or tracer.start() ... tracer.close()
+            for batch in loader:
+                ...; loss.backward(); optimizer.step()
+                tracer.step()              # closes one optimizer step
+
+    Which forwards count (the exact rule): a forward of a gating module counts in the "train"
+    split iff (1) the module is in training mode and (2) it does not run inside an autograd
+    backward pass (``torch._C._current_graph_task_id() == -1``). Grad mode is not consulted.
+    Activation-checkpoint recomputes run inside backward, so with ``torch.utils.checkpoint``
+    (reentrant or not) every checkpointed forward counts once: the original forward counts (it runs
+    under ``no_grad`` in the reentrant variant), the recompute does not. Eval-mode forwards are
+    ignored, or counted in the "eval" split at the current step number with ``record_eval=True``.
+    Everything counted between two ``step()`` calls is one step (micro-batches are summed). Steps
+    are numbered from 0, or from the step restored by ``load_state_dict``.
+
+    Hot path: hooks add into a preallocated device buffer ``[flush_every, planes, L, E + 3]`` with
+    ``index_add_`` / ``add_`` only (no host sync, no I/O); ``step()`` advances a host-side slot
+    index. Every ``flush_every`` steps: at most one collective, one async device->host copy (pinned
+    memory + CUDA event), and a background thread writes one Parquet part per split.
+
+    torch.distributed: every rank of ``group`` (default: the world) must create the tracer and call
+    ``step()`` and ``close()`` equally often, in lockstep, since a flush is a collective
+    (``all_gather_single`` of the block). Rank 0 writes the trace; with ``ranks="auto"`` and more
+    than one rank, parts hold one row per rank (``ranks=False``: the sum only). ``close()`` inside a
+    failing ``with`` block skips the collective, so a crashed distributed run loses its partial block.
+
+    Failures never reach training: an exception in a hook disables that layer (hook removed, one
+    warning, noted in the manifest's ``extra.disabled_layers``); a writer failure (e.g. disk full)
+    warns once and is listed in ``errors``. A killed process loses only its unflushed steps.
+
+    Arguments (keyword-only after ``path``): path: trace directory (appended to if it holds the same
+    model); sink: ``fn(FlushedBlock)`` called on the writer thread after each block (every rank);
+    flush_every: steps per block; record_eval; kept: record kept (after capacity dropping) counts
+    where the gates report them; ranks: "auto" | True | False; group: process group; gates: module
+    path patterns and gate_types: classes for the generic adapter (with num_experts / top_k where
+    the module does not tell); adapters: replaces auto-discovery; device: of the count buffer
+    (default: the first gate's parameters); model_name, tokens_per_step, extra: manifest fields.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: str | os.PathLike | None = None,
+        *,
+        flush_every: int = 100,
+        record_eval: bool = False,
+        kept: bool = True,
+        ranks: str | bool = "auto",
+        sink: Callable[[FlushedBlock], None] | None = None,
+        group: Any = None,
+        gates: Sequence[str] | str | None = None,
+        gate_types: Sequence[type] | type | None = None,
+        num_experts: int | None = None,
+        top_k: int | None = None,
+        adapters: Sequence[Adapter] | None = None,
+        device: str | torch.device | None = None,
+        model_name: str | None = None,
+        tokens_per_step: int | None = None,
+        extra: dict[str, Any] | None = None,
+        fsync: bool = True,
+    ) -> None:
+        if not isinstance(flush_every, int) or flush_every < 1:
+            raise InputError(f"flush_every={flush_every!r}: must be a positive integer")
+        if ranks not in ("auto", True, False):
+            raise InputError(f"ranks={ranks!r}: expected 'auto', True or False")
+        if path is None and sink is None:
+            raise InputError("LoadTracer: give a trace path or a sink (or both)")
+        self.model = model
+        self.path = None if path is None else os.fspath(path)
+        self.flush_every = flush_every
+        self.record_eval = record_eval
+        self.sink = sink
+        self.group = group
+        self.fsync = fsync
+        tried = list(registered_adapters() if adapters is None else adapters)
+        if gates or gate_types:
+            tried.insert(0, GenericAdapter(gates or (), gate_types or (), num_experts=num_experts, top_k=top_k))
+        self.specs: list[GateSpec] = discover(model, tried)
+        self.layers = [s.name for s in self.specs]
+        self.kept = bool(kept) and any(s.has_kept for s in self.specs)
+        self.layout = Layout.make(self.layers, [s.num_experts for s in self.specs], self.kept, record_eval)
+        self.world_size, self.rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.world_size = torch.distributed.get_world_size(group)
+            self.rank = torch.distributed.get_rank(group)
+        self.ranks_recorded = self.world_size > 1 if ranks == "auto" else bool(ranks)
+        self.device = torch.device(device) if device is not None else self._default_device()
+        self.manifest = self._manifest(model_name or type(model).__name__, tokens_per_step, extra or {})
+        self.errors: list[str] = []
+        self.collectives = 0
+        self.flushes = 0
+        self._first_step = 0
+        self._slot = 0
+        self._buf: torch.Tensor | None = None
+        self._gathered: torch.Tensor | None = None
+        self._times = np.zeros(flush_every, dtype=np.float64)
+        self._handles: dict[int, Any] = {}
+        self._writer: BlockWriter | None = None
+        self._hook_errors: dict[str, str] = {}
+        self._warn_writer = False
+        self._closed = False
+
+    # ---- setup ------------------------------------------------------------------------------------
+    def _default_device(self) -> torch.device:
+        for m in [s.module for s in self.specs] + [self.model]:
+            for t in (*m.parameters(), *m.buffers()):
+                return t.device
+        return torch.device("cpu")
+
+    def _manifest(self, model_name: str, tokens_per_step: int | None, extra: dict[str, Any]) -> Manifest:
+        specs = self.specs
+        ep = max(s.ep_size for s in specs)
+        maps = None
+        if any(s.expert_to_rank is not None for s in specs):
+            maps = [list(s.expert_to_rank) if s.expert_to_rank is not None else _contiguous(s.num_experts, ep) for s in specs]
+            ep = max(ep, 1 + max(max(m) for m in maps))
+        frameworks = sorted({s.framework for s in specs})
+        fv = sorted({f"{s.framework} {s.framework_version}" for s in specs if s.framework_version})
+        return Manifest(
+            layers=self.layers,
+            experts_per_layer=[s.num_experts for s in specs],
+            top_k=[s.top_k for s in specs],
+            framework="+".join(frameworks),
+            framework_version=", ".join(fv) or None,
+            model_name=model_name,
+            tokens_per_step=tokens_per_step,
+            world_size=self.world_size,
+            ep_size=ep,
+            expert_to_rank=maps,
+            count_kind="both" if self.kept else "routed",
+            ranks_recorded=self.ranks_recorded,
+            flush_every=self.flush_every,
+            extra={**extra, "record_eval": self.record_eval, "gate_classes": sorted({type(s.module).__name__ for s in specs})},
+        )
+
+    def start(self) -> LoadTracer:
+        """Allocate the device buffer, open the trace, install the hooks. Idempotent."""
+        if self._buf is not None:
+            return self
+        if self._closed:
+            raise InputError("LoadTracer: start() after close(); create a new tracer (same path appends)")
+        L, P, W = len(self.layers), self.layout.planes, self.layout.width
+        self._buf = torch.zeros(self.flush_every, P, L, W, dtype=torch.int64, device=self.device)
+        if self.world_size > 1:
+            self._gathered = torch.empty((self.world_size, *self._buf.shape), dtype=torch.int64, device=self.device)
+        writer = None
+        if self.path is not None and self.rank == 0:
+            writer = TraceWriter(self.path, self.manifest, fsync=self.fsync)
+            self.manifest = writer.manifest
+        self._writer = BlockWriter(
+            self.layout, writer=writer, sink=self.sink, ranks_recorded=self.ranks_recorded,
+            on_error=self._on_writer_error, notes=self._notes,
+        )
+        self._writer.preallocate(self._gathered if self._gathered is not None else self._buf)
+        for li, spec in enumerate(self.specs):
+            self._handles[li] = spec.module.register_forward_hook(self._make_hook(li, spec))
+        return self
+
+    # ---- hot path ---------------------------------------------------------------------------------
+    def _make_hook(self, li: int, spec: GateSpec) -> Callable:
+        lay = self.layout
+
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            try:
+                if module.training:
+                    if in_backward():
+                        return
+                    pr, pk = lay.routed, lay.kept
+                elif lay.eval_routed is not None:
+                    pr, pk = lay.eval_routed, lay.eval_kept
+                else:
+                    return
+                rows = self._buf[self._slot]
+                r = spec.counts(module, inputs, output)
+                accumulate(r, rows[pr, li], None if pk is None else rows[pk, li], spec.num_experts, spec.top_k)
+            except Exception as e:
+                self._disable(li, e)
+
+        return hook
+
+    def _disable(self, li: int, err: Exception) -> None:
+        handle = self._handles.pop(li, None)
+        if handle is not None:
+            handle.remove()
+        name = self.layers[li]
+        msg = f"{type(err).__name__}: {err}"
+        self._hook_errors[name] = msg
+        self.errors.append(f"layer {name!r} at step {self.step_count}: {msg}")
+        if self._buf is not None:
+            self._buf[self._slot, self.layout.routed, li, FLAG_COL].fill_(1)
+        warnings.warn(
+            f"moeload: tracing of layer {name!r} disabled after an error in its hook ({msg}); training continues",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def step(self) -> None:
+        """Close one optimizer step (all counted forwards since the previous call); flush every `flush_every`."""
+        if self._buf is None:
+            self.start()
+        self._times[self._slot] = time.time()
+        self._slot += 1
+        if self._slot == self.flush_every:
+            self._flush()
+        if self._warn_writer:
+            self._warn_writer = False
+            warnings.warn(f"moeload: trace writing failed ({self.errors[-1]}); training continues, see tracer.errors",
+                          RuntimeWarning, stacklevel=2)
+
+    def _flush(self, collective: bool = True) -> None:
+        n = self._slot
+        if n == 0 or self._buf is None or self._writer is None:
+            return
+        src = self._buf
+        if self._gathered is not None:
+            if not collective:
+                self._reset(n)
+                return
+            _all_gather(self._gathered, self._buf, self.group)
+            self.collectives += 1
+            src = self._gathered
+        steps = np.arange(self._first_step, self._first_step + n, dtype=np.int64)
+        self._writer.submit(src, steps, self._times[:n].copy())
+        self.flushes += 1
+        self._reset(n)
+
+    def _reset(self, n: int) -> None:
+        self._buf.zero_()
+        self._first_step += n
+        self._slot = 0
+
+    # ---- errors and notes -------------------------------------------------------------------------
+    def _on_writer_error(self, msg: str) -> None:
+        first = not any(e.startswith("writer:") for e in self.errors)
+        self.errors.append(f"writer: {msg}")
+        if first:
+            self._warn_writer = True
+
+    def _notes(self) -> dict[str, Any]:
+        return {"hook_errors": dict(self._hook_errors)} if self._hook_errors else {}
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def close(self, *, collective: bool = True) -> None:
+        """Flush the partial last block, wait for the writer thread, remove the hooks. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._handles.values():
+            h.remove()
+        self._handles.clear()
+        if self._writer is not None:
+            self._flush(collective)
+            self._writer.close()
+        if self._warn_writer:
+            self._warn_writer = False
+            warnings.warn(f"moeload: trace writing failed ({self.errors[-1]}); see tracer.errors", RuntimeWarning, stacklevel=2)
+
+    def __enter__(self) -> LoadTracer:
+        return self.start()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(collective=exc_type is None or self.world_size == 1)
+
+    # ---- progress and resume ----------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """Steps closed so far (the number the next step will get)."""
+        return self._first_step + self._slot
+
+    @property
+    def last_flushed_step(self) -> int | None:
+        """Last step whose block the writer thread has finished (None before the first)."""
+        return None if self._writer is None else self._writer.last_flushed_step
+
+    @property
+    def disabled_layers(self) -> list[str]:
+        return list(self._hook_errors)
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"step": step_count, "layers": [...]}: restore with `load_state_dict` to append on resume."""
+        return {"step": self.step_count, "layers": list(self.layers)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue step numbering from `state["step"]`; call before the first `step()` of this run."""
+        if self._slot != 0 or self.flushes:
+            raise InputError(f"load_state_dict: {self.step_count} steps already recorded in this run; call it before the first step()")
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+            raise InputError(f"load_state_dict: expected {{'step': int >= 0, ...}}, got {state!r}")
+        if "layers" in state and list(state["layers"]) != self.layers:
+            raise InputError(f"load_state_dict: saved layers {state['layers']} differ from this model's {self.layers}")
+        self._first_step = state["step"]
+
+    def callback(self) -> StepCallback:
+        """A thin callback (`on_step_end()`, also callable as `train(on_step=...)`) bound to this tracer."""
+        return StepCallback(self)
+
+    def __repr__(self) -> str:
+        return (f"LoadTracer({self.path!r}, layers={len(self.layers)}, step={self.step_count}, "
+                f"last_flushed={self.last_flushed_step}, world={self.world_size})")
+
+
+class StepCallback:
+    """For hand-written loops: `on_step_end()` after each optimizer step; `on_train_end()` closes."""
+
+    def __init__(self, tracer: LoadTracer) -> None:
+        self.tracer = tracer
+
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+        """Start the tracer (also done by the first step)."""
+        self.tracer.start()
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        """Close one optimizer step."""
+        self.tracer.step()
+
+    def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+        """Flush and close the tracer."""
+        self.tracer.close()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        self.tracer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.tracer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracer.load_state_dict(state)
+
+
+def _contiguous(num_experts: int, ep_size: int) -> list[int]:
+    per = max(1, -(-num_experts // ep_size))
+    return [min(i // per, ep_size - 1) for i in range(num_experts)]
+
+
+def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
+    """One collective: out [R, *inp.shape] <- inp of every rank."""
+    dist = torch.distributed
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, inp, group=group)
