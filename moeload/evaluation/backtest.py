@@ -110,7 +110,8 @@ def backtest(p: Any, predictors: Sequence[Any] = ("last", "sw_avg", "ema"), hori
         gmap = inp.gpu_map if inp.gpu_map is not None else contiguous_map(inp.experts, E, int_param(num_gpus, "num_gpus"))
     else:
         gmap = np.asarray(gpu_map, dtype=np.int64)
-        gmap = np.broadcast_to(gmap, (L, E)) if gmap.ndim == 1 else gmap
+        if gmap.ndim == 1 and gmap.shape == (E,):
+            gmap = np.broadcast_to(gmap, (L, E))
         if gmap.shape != (L, E) or (gmap < 0).any():
             raise InputError(f"gpu_map: expected non-negative [E] or [L, E] = [{L}, {E}], got {np.shape(gpu_map)}")
     used = {h: int(((org + h) <= S).sum()) for h in hs}
