@@ -90,7 +90,8 @@ def backtest(p: Any, predictors: Sequence[Any] = ("last", "sw_avg", "ema"), hori
     pairs that run past the trace are skipped and counted in df.attrs["origins_used"/"origins_skipped"].
     phases: None = `states.detect` window labels at step o - 1; a StateResult or [S] / [S, L] bool or
     "stable"/"transient" strings; False = no split ("all"). gpu_map: [E] or [L, E] expert -> GPU for
-    maxload_err (default: the trace's recorded map, else contiguous over num_gpus). incremental:
+    maxload_err (default: the trace's recorded map, else contiguous over num_gpus); -1 marks a
+    padding column (a layer with fewer experts), left out of every metric. incremental:
     fit once, then `update` with the steps between origins (same forecasts for last/sw_avg/ema,
     much faster); False refits from scratch at every origin.
     Returns one row per predictor x horizon x origin x layer: predictor, horizon, origin (step),
@@ -112,8 +113,8 @@ def backtest(p: Any, predictors: Sequence[Any] = ("last", "sw_avg", "ema"), hori
         gmap = np.asarray(gpu_map, dtype=np.int64)
         if gmap.ndim == 1 and gmap.shape == (E,):
             gmap = np.broadcast_to(gmap, (L, E))
-        if gmap.shape != (L, E) or (gmap < 0).any():
-            raise InputError(f"gpu_map: expected non-negative [E] or [L, E] = [{L}, {E}], got {np.shape(gpu_map)}")
+        if gmap.shape != (L, E) or (gmap < -1).any() or (gmap.max(-1) < 0).any():
+            raise InputError(f"gpu_map: expected GPU ids [E] or [L, E] = [{L}, {E}] (-1 = padding column), got {np.shape(gpu_map)}")
     used = {h: int(((org + h) <= S).sum()) for h in hs}
     rows: list[dict[str, Any]] = []
     specs = [(_spec_label(s), _factory(s)) for s in predictors]

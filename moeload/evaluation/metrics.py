@@ -31,10 +31,10 @@ def contiguous_map(experts: np.ndarray, E: int, num_gpus: int) -> np.ndarray:
 
 
 def error_metrics(f: np.ndarray, y: np.ndarray, experts: np.ndarray, gpu_map: np.ndarray) -> dict[str, np.ndarray]:
-    """f, y: [H, L, E]; experts: [L]; gpu_map: [L, E] (-1 = padding). Returns metric -> [L], plus
+    """f, y: [H, L, E]; experts: [L]; gpu_map: [L, E] (-1 = padding, left out). Returns metric -> [L], plus
     n_eval [L] (valid steps). Layers with no valid step get NaN."""
     H, L, E = y.shape
-    emask = np.arange(E)[None, :] < np.asarray(experts)[:, None]  # [L, E]
+    emask = (np.arange(E)[None, :] < np.asarray(experts)[:, None]) & (gpu_map >= 0)  # [L, E]
     valid = ~np.isnan(y).any(-1)  # [H, L]
     use = valid[:, :, None] & emask[None]  # [H, L, E]
     err = np.where(use, f - np.nan_to_num(y), np.nan)

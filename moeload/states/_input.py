@@ -47,7 +47,7 @@ def load_input(p: Any, name: str = "p", steps: Any = None, tokens: Any = None) -
         top_k = np.asarray(getattr(p, "top_k", [1] * L), dtype=np.int64)
         experts = np.asarray(getattr(p, "experts_per_layer", [counts.shape[2]] * L), dtype=np.int64)
         if man is not None and getattr(man, "ep_size", 1) > 1:
-            gpu_map = np.zeros((L, counts.shape[2]), dtype=np.int64)
+            gpu_map = np.full((L, counts.shape[2]), -1, dtype=np.int64)
             for li, row in enumerate(man.rank_map()):
                 gpu_map[li, : len(row)] = row
         out = _from_array(counts, name, np.asarray(p.steps, dtype=np.int64), None)

@@ -43,3 +43,14 @@ def test_maxload_error_and_padding():
 def test_contiguous_map_more_gpus_than_experts():
     np.testing.assert_array_equal(contiguous_map(np.array([2]), 2, 4), [[0, 1]])
     np.testing.assert_array_equal(contiguous_map(np.array([8]), 8, 4), [[0, 0, 1, 1, 2, 2, 3, 3]])
+
+
+def test_padding_column_in_gpu_map_is_left_out():
+    rng = np.random.default_rng(0)
+    y = rng.dirichlet(np.ones(3), size=(5, 1))
+    f = rng.dirichlet(np.ones(3), size=(5, 1))
+    pad = lambda a: np.concatenate([a, np.zeros((5, 1, 1))], axis=2)  # noqa: E731
+    full = error_metrics(pad(f), pad(y), np.array([4]), np.array([[0, 0, 1, -1]]))
+    three = error_metrics(f, y, np.array([3]), np.array([[0, 0, 1]]))
+    for k in ("mae_pp", "rmse_pp", "mre", "havg_mae_pp", "maxload_err"):
+        assert full[k][0] == pytest.approx(three[k][0])
