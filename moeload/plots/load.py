@@ -1,0 +1,275 @@
+"""Figures of expert load over training: heatmap, proportions with phases, per-layer fluctuation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from moeload.errors import InputError
+from moeload.plots import _common as c
+
+
+def _layer_proportions(data: Any, layer: int | str, steps: Any, name: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """-> (p [S, E] in %, step numbers [S], layer label) from a Trace, [S, L, E] or [S, E]."""
+    if c.is_trace(data):
+        p = data.proportions(steps=steps, layers=[layer])[:, 0]
+        li = layer if isinstance(layer, int) else data.layers.index(layer)
+        p = p[:, : data.experts_per_layer[li]]
+        s = c.trace_steps(data, steps).astype(np.float64)
+        return p * 100, s, f"layer {li} ({data.layers[li]})"
+    a = c.array(data, name, (2, 3))
+    label = ""
+    if a.ndim == 3:
+        if not isinstance(layer, int) or not -a.shape[1] <= layer < a.shape[1]:
+            raise InputError(f"layer={layer!r}: {name} has {a.shape[1]} layers; pass an index")
+        label = f"layer {layer % a.shape[1]}"
+        a = a[:, layer]
+    return a * 100, c.step_numbers(steps, len(a)), label
+
+
+def load_heatmap(
+    data: Any,
+    ax: Any = None,
+    *,
+    layer: int | str = 0,
+    steps: Any = None,
+    max_points: int = c.MAX_POINTS,
+    cmap: str = "viridis",
+) -> Any:
+    """Heatmap of one layer's expert load: training step (x) x expert (y), colour = share in %.
+
+    data: proportions [S, E], [S, L, E] (pick `layer`) or a Trace (then `steps` is a step
+    selection as in `Trace.proportions`; otherwise `steps` [S] gives the step numbers of the rows).
+    More than `max_points` steps are averaged over bins of consecutive steps (said on the figure).
+    Returns the Axes; the colour bar is `ax.images[0].colorbar`.
+    """
+    p, s, label = _layer_proportions(data, layer, steps, "load_heatmap: data")
+    S, E = p.shape
+    ax = c.new_axes(ax, (9, 3.6))
+    xs, pb, b = c.bin_rows(s, p, max_points)
+    edges = c.edges_of(xs)
+    d = np.diff(xs)
+    vmax = float(np.nanmax(pb)) if np.isfinite(pb).any() else 100.0 / E
+    if len(d) < 2 or np.allclose(d, d[0], rtol=1e-3):
+        im = ax.imshow(pb.T, aspect="auto", origin="lower", interpolation="nearest", cmap=cmap,
+                       extent=(edges[0], edges[-1], -0.5, E - 0.5), vmin=0, vmax=vmax)
+    else:
+        im = ax.pcolormesh(edges, np.arange(E + 1) - 0.5, pb.T, cmap=cmap, vmin=0, vmax=vmax)
+    cb = ax.figure.colorbar(im, ax=ax, pad=0.01)
+    cb.set_label("share of routed tokens (%)")
+    cb.ax.axhline(100.0 / E, color="white", lw=1.5)
+    cb.ax.axhline(100.0 / E, color="black", lw=0.8, ls="--")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("expert")
+    ax.set_xlim(edges[0], edges[-1])
+    if E <= 32:
+        ax.set_yticks(np.arange(E))
+        ax.tick_params(axis="y", labelsize=7 if E > 16 else 9)
+    ax.set_title(f"Expert load{', ' + label if label else ''}", loc="left")
+    c.note(ax, "; ".join(x for x in (c.bin_note(s, b), f"dashed on colour bar: uniform {100 / E:.3g}%") if x))
+    c.step_axis(ax)
+    return ax
+
+
+def _labels_of(labels: Any, layer: int, n: int) -> np.ndarray | None:
+    if labels is None:
+        return None
+    if hasattr(labels, "labels"):  # a states.StateResult
+        labels = np.asarray(labels.labels)
+        labels = labels[:, layer] if labels.ndim == 2 else labels
+    lab = np.asarray(labels)
+    if lab.ndim == 2 and lab.shape[1] == 1:
+        lab = lab[:, 0]
+    if lab.shape != (n,):
+        raise InputError(f"labels: expected [S={n}] booleans (True = stable), got shape {lab.shape}")
+    return lab.astype(bool)
+
+
+def proportions_over_time(
+    p: Any,
+    steps: Any = None,
+    labels: Any = None,
+    ax: Any = None,
+    *,
+    layer: int | str = 0,
+    experts: Sequence[int] | None = None,
+    max_points: int = c.MAX_POINTS,
+) -> Any:
+    """Each expert's share over training, with transient / stable phases shaded.
+
+    p: proportions [S, E], [S, L, E] (pick `layer`) or a Trace; steps: [S] step numbers (or a
+    step selection for a Trace); labels: [S] bool (True = stable) or a `states.StateResult`
+    (its column `layer`). experts: which experts to draw (default all). Returns the Axes.
+    """
+    x, s, label = _layer_proportions(p, layer, steps, "proportions_over_time: p")
+    S, E = x.shape
+    lab = _labels_of(labels, layer if isinstance(layer, int) else 0, S)
+    sel = list(range(E)) if experts is None else [int(e) for e in experts]
+    if any(not 0 <= e < E for e in sel):
+        raise InputError(f"experts={list(experts)}: indices must be in [0, {E})")
+    ax = c.new_axes(ax, (9, 3.6))
+    xs, xb, b = c.bin_rows(s, x[:, sel], max_points)
+    edges = c.edges_of(xs)
+    if lab is not None:
+        _, lb, _ = c.bin_rows(s, lab[:, None].astype(np.float64), max_points)
+        stable = lb[:, 0] >= 0.5
+        c.shade_runs(ax, edges, ~stable, c.TRANSIENT_COLOR, "transient phase")
+        c.shade_runs(ax, edges, stable, c.STABLE_COLOR, "stable phase")
+    colors = c.line_colors(len(sel))
+    many = len(sel) > 20
+    lw = 0.8 if many else 1.1
+    for j, e in enumerate(sel):
+        ax.plot(xs, xb[:, j], color=colors[j], lw=lw, label=None if many else f"expert {e}")
+    ax.axhline(100.0 / E, color="0.3", lw=1, ls="--", label=f"uniform (1/{E})")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("share of routed tokens (%)")
+    ax.set_title(f"Expert load over time{', ' + label if label else ''}", loc="left")
+    notes = [c.bin_note(s, b)]
+    if many:
+        notes.append(f"{len(sel)} experts, legend omitted")
+    c.note(ax, "; ".join(n for n in notes if n))
+    c.legend_outside(ax)
+    c.step_axis(ax)
+    return ax
+
+
+def rolling_fluctuation(p: np.ndarray, window: int, stat: str = "range", agg: str = "mean") -> np.ndarray:
+    """Per-layer fluctuation of proportions p: [S, L, E] over trailing windows of `window` rows.
+
+    Each expert's share over the window gives a range (max - min, stat="range") or a standard
+    deviation (stat="std"), in percentage points; `agg` ("mean" or "max") combines the experts, as
+    in `states.detect(method="window")`. Returns [S, L]; the first window - 1 rows are NaN.
+    All-NaN rows (no tokens) repeat the previous row.
+    """
+    if stat not in ("range", "std"):
+        raise InputError(f"stat={stat!r}: choose 'range' or 'std'")
+    if agg not in ("mean", "max"):
+        raise InputError(f"agg={agg!r}: choose 'mean' or 'max'")
+    combine = np.mean if agg == "mean" else np.max
+    if int(window) < 2:
+        raise InputError(f"window={window}: must be at least 2 steps")
+    x = np.asarray(p, dtype=np.float64) * 100
+    S = len(x)
+    valid = ~np.isnan(x).all(axis=2, keepdims=True)
+    idx = np.maximum.accumulate(np.where(valid, np.arange(S)[:, None, None], 0), axis=0)
+    x = np.nan_to_num(np.take_along_axis(x, np.broadcast_to(idx, x.shape), axis=0))
+    w = min(int(window), S)
+    out = np.full(x.shape[:2], np.nan)
+    if stat == "range":
+        from scipy.ndimage import maximum_filter1d, minimum_filter1d
+
+        o = (w - 1) // 2  # shift the filter left: output t covers rows t - w + 1 .. t
+        rng = maximum_filter1d(x, w, axis=0, origin=o) - minimum_filter1d(x, w, axis=0, origin=o)
+        out[w - 1 :] = combine(rng[w - 1 :], axis=2)
+    else:
+        c1 = np.concatenate([np.zeros((1,) + x.shape[1:]), np.cumsum(x, axis=0)])
+        c2 = np.concatenate([np.zeros((1,) + x.shape[1:]), np.cumsum(x * x, axis=0)])
+        s1, s2 = c1[w:] - c1[:-w], c2[w:] - c2[:-w]
+        var = np.maximum(s2 / w - (s1 / w) ** 2, 0.0)
+        out[w - 1 :] = combine(np.sqrt(var), axis=2)
+    return out
+
+
+def fluctuation(
+    data: Any,
+    window: int = 100,
+    boundaries: Any = None,
+    ax: Any = None,
+    *,
+    stat: str = "range",
+    agg: str = "mean",
+    steps: Any = None,
+    threshold: Any = None,
+    layer_names: Sequence[str] | None = None,
+    max_points: int = c.MAX_POINTS,
+    log: bool = True,
+) -> Any:
+    """Fluctuation of each layer's load over training, with each layer's stable-phase boundary.
+
+    data: proportions [S, L, E] or a Trace (the statistic is `rolling_fluctuation(p, window,
+    stat, agg)`), a per-layer statistic [S, L] drawn as given, or a `states.StateResult` (its
+    fluctuation, threshold, steps and boundaries). boundaries: [L] step number where each layer's
+    final stable phase starts (-1 = none). threshold: scalar, [L] or [S, L], drawn dotted.
+    Returns the Axes.
+    """
+    unit = "pp"
+    title = "Load fluctuation per layer"
+    if hasattr(data, "fluctuation") and hasattr(data, "boundaries"):  # states.StateResult
+        stat_v = c.array(data.fluctuation, "fluctuation: data.fluctuation", (2,))
+        steps = data.steps if steps is None else steps
+        boundaries = data.boundaries if boundaries is None else boundaries
+        if threshold is None and np.isfinite(np.asarray(data.threshold, dtype=np.float64)).any():
+            threshold = data.threshold
+        ylabel, unit = _state_label(data), ""
+    elif c.is_trace(data):
+        layer_names = layer_names or [f"{i}: {n}" for i, n in enumerate(data.layers)]
+        s_arr = c.trace_steps(data, steps)
+        stat_v = rolling_fluctuation(data.proportions(steps=steps), window, stat, agg)
+        steps = s_arr
+        ylabel = _stat_label(stat, agg)
+    else:
+        a = c.array(data, "fluctuation: data", (2, 3))
+        if a.ndim == 3:
+            stat_v, ylabel = rolling_fluctuation(a, window, stat, agg), _stat_label(stat, agg)
+        else:
+            stat_v, ylabel, unit = a, "fluctuation", ""
+    S, L = stat_v.shape
+    s = c.step_numbers(steps, S)
+    names = list(layer_names) if layer_names is not None else [f"layer {i}" for i in range(L)]
+    if len(names) != L:
+        raise InputError(f"layer_names: {len(names)} names for {L} layers")
+    ax = c.new_axes(ax, (9, 3.6))
+    xs, yb, b = c.bin_rows(s, stat_v, max_points)
+    colors = c.line_colors(L)
+    for li in range(L):
+        ax.plot(xs, yb[:, li], color=colors[li], lw=1.1, label=names[li])
+    if threshold is not None:
+        thr = np.asarray(threshold, dtype=np.float64)
+        thr = np.broadcast_to(thr if thr.ndim != 1 else thr[None, :], (S, L)) if thr.ndim <= 1 or thr.shape == (S, L) else None
+        if thr is None:
+            raise InputError(f"threshold: expected a scalar, [L={L}] or [S={S}, L={L}], got shape {np.shape(threshold)}")
+        _, tb, _ = c.bin_rows(s, np.array(thr, dtype=np.float64), max_points)
+        same = np.allclose(tb, tb[:, :1], equal_nan=True)
+        for li in range(1 if same else L):
+            ax.plot(xs, tb[:, li], color="0.2" if same else colors[li], lw=1, ls=":",
+                    label=("threshold" if same else "threshold (per layer)") if li == 0 else None)
+    if boundaries is not None:
+        bnd = np.asarray(boundaries, dtype=np.float64).reshape(-1)
+        if len(bnd) != L:
+            raise InputError(f"boundaries: {len(bnd)} entries for {L} layers")
+        for li, bv in enumerate(bnd):
+            if bv >= 0:
+                ax.axvline(bv, color=colors[li], lw=1.3, ls="--", label=f"{names[li]} stable from {int(bv):,}")
+    edges = c.edges_of(xs)
+    ax.set_xlim(edges[0], edges[-1])
+    if log and np.nanmin(np.where(yb > 0, yb, np.nan), initial=np.inf) < np.inf:
+        ax.set_yscale("log")
+        c.plain_log_ticks(ax.yaxis)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, loc="left")
+    notes = [c.bin_note(s, b)]
+    if unit:
+        notes.insert(0, f"trailing window of {min(window, S)} recorded steps")
+    elif "window" in (getattr(data, "params", None) or {}):
+        notes.insert(0, f"{data.method} rule, window of {data.params['window']} steps")
+    c.note(ax, "; ".join(n for n in notes if n))
+    c.legend_outside(ax)
+    c.step_axis(ax)
+    return ax
+
+
+def _stat_label(stat: str, agg: str) -> str:
+    return f"{agg} over experts of\nrolling {stat} (pp)"
+
+
+def _state_label(r: Any) -> str:
+    """Axis label of a StateResult's fluctuation; notes the window of the window rule."""
+    prm = getattr(r, "params", {}) or {}
+    if r.method == "window" and {"stat", "agg"} <= set(prm):
+        return f"{prm['agg']} over experts of\nrolling {prm['stat']} (share)"
+    return f"fluctuation ({r.method})"
