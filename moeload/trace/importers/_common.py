@@ -1,0 +1,130 @@
+"""What every importer returns, and writing it as a moeload trace."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeload.errors import InputError, TraceFormatError
+from moeload.trace.manifest import Manifest
+from moeload.trace.writer import TraceWriter
+
+BLOCK = 1000  # steps per Parquet part
+
+
+@dataclasses.dataclass
+class Imported:
+    """Counts read from another tool's files.
+
+    steps: [S] step numbers, increasing; counts: [S, R, L, E] int64 (R = 1 unless ranks_recorded,
+    then R = world_size and each rank holds the assignments of its own tokens); layers: [L] names;
+    experts_per_layer: [L]; top_k: [L] or int.
+    """
+
+    steps: np.ndarray
+    counts: np.ndarray
+    layers: list[str]
+    experts_per_layer: list[int]
+    top_k: list[int] | int
+    framework: str
+    ranks_recorded: bool = False
+    world_size: int = 1
+    ep_size: int = 1
+    framework_version: str | None = None
+    model_name: str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def check_dest(dest: str | os.PathLike) -> Path:
+    """The output directory must not exist yet or be empty (an import never appends)."""
+    d = Path(dest)
+    if d.exists() and (not d.is_dir() or any(d.iterdir())):
+        raise InputError(f"{d}: already exists; choose a new directory for the imported trace")
+    return d
+
+
+def write(imp: Imported, dest: str | os.PathLike, source: str | os.PathLike) -> Path:
+    """Write `imp` as a new trace at `dest` (blocks of BLOCK steps). Returns the trace path."""
+    d = check_dest(dest)
+    S = len(imp.steps)
+    if S == 0:
+        raise InputError(f"{source}: no steps found to import")
+    if imp.counts.shape[0] != S or imp.counts.ndim != 4:
+        raise ValueError(f"importer bug: counts {imp.counts.shape} for {S} steps")
+    m = Manifest(
+        layers=imp.layers,
+        experts_per_layer=imp.experts_per_layer,
+        top_k=imp.top_k,
+        framework=imp.framework,
+        framework_version=imp.framework_version,
+        model_name=imp.model_name,
+        world_size=imp.world_size,
+        ep_size=imp.ep_size,
+        ranks_recorded=imp.ranks_recorded,
+        extra={"imported_from": str(source), **imp.extra},
+    )
+    order = np.argsort(imp.steps, kind="stable")
+    steps, counts = imp.steps[order], imp.counts[order]
+    with TraceWriter(d, m) as w:
+        for i in range(0, S, BLOCK):
+            w.write_block(steps[i : i + BLOCK], counts[i : i + BLOCK])
+    return d
+
+
+def counts_array(x: Any, where: str) -> np.ndarray:
+    """Integer-valued, non-negative array -> int64; anything else is an InputError naming `where`."""
+    a = np.asarray(x)
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise InputError(f"{where}: counts contain NaN or inf")
+        if (a != np.round(a)).any():
+            raise InputError(f"{where}: counts must be whole numbers (got fractional values; proportions are not counts)")
+    elif a.dtype.kind not in "iub":
+        raise InputError(f"{where}: counts must be integers, got dtype {a.dtype}")
+    a = a.astype(np.int64)
+    if (a < 0).any():
+        raise InputError(f"{where}: counts must be non-negative (min {a.min()})")
+    return a
+
+
+def jsonl_records(path: Path, required: tuple[str, ...]):
+    """Yield (line number, record dict) of a JSON Lines file; bad lines raise TraceFormatError."""
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        for no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TraceFormatError(f"{path}:{no}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise TraceFormatError(f"{path}:{no}: expected a JSON object per line")
+            missing = [k for k in required if k not in rec]
+            if missing:
+                raise TraceFormatError(f"{path}:{no}: missing field(s) {missing}")
+            yield no, rec
+
+
+def int_field(rec: dict, key: str, where: str) -> int:
+    v = rec[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise TraceFormatError(f"{where}: field {key!r} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def dense(counts: dict[tuple[int, int, int], np.ndarray], steps: list[int], L: int, R: int, E: int) -> np.ndarray:
+    """{(step, rank, layer): [E_l] counts} -> [S, R, L, E] int64 in the order of `steps`."""
+    pos = {s: i for i, s in enumerate(steps)}
+    out = np.zeros((len(steps), R, L, E), dtype=np.int64)
+    for (s, r, li), v in counts.items():
+        out[pos[s], r, li, : len(v)] += v
+    return out

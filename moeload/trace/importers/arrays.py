@@ -1,0 +1,66 @@
+"""NumPy arrays: `.npy` holding counts [S, L, E], or `.npz` with `counts` [S, L, E] and optional
+`steps` [S], `layers` [L] names and `experts_per_layer` [L] (what `moeload export` writes)."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from moeload.errors import InputError, TraceFormatError
+from moeload.trace.importers._common import Imported, counts_array
+
+
+def read_numpy(source: str | os.PathLike, *, top_k: int | None = None, first_step: int = 0) -> Imported:
+    """Read counts from .npy / .npz. Steps default to first_step, first_step + 1, ..."""
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    meta: dict[str, np.ndarray] = {}
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise TraceFormatError(f"{path}: not a NumPy .npy/.npz file ({str(e).splitlines()[0]})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            keys = list(loaded.files)
+            if "counts" in keys:
+                key = "counts"
+            elif len(keys) == 1:
+                key = keys[0]
+            else:
+                raise TraceFormatError(f"{path}: no 'counts' array (arrays: {keys})")
+            arr = loaded[key]
+            meta = {k: loaded[k] for k in ("steps", "layers", "experts_per_layer") if k in keys}
+    else:
+        arr = loaded
+    if arr.ndim != 3:
+        raise TraceFormatError(f"{path}: expected counts of shape [steps, layers, experts], got {arr.shape}")
+    counts = counts_array(arr, str(path))
+    S, L, E = counts.shape
+    steps = np.arange(first_step, first_step + S, dtype=np.int64)
+    if "steps" in meta:
+        steps = counts_array(meta["steps"], f"{path}: steps").reshape(-1)
+        if len(steps) != S or len(np.unique(steps)) != S:
+            raise TraceFormatError(f"{path}: 'steps' must hold {S} distinct step numbers")
+    names = [f"layer{i}" for i in range(L)]
+    if "layers" in meta:
+        names = [str(x) for x in np.asarray(meta["layers"]).reshape(-1)]
+        if len(names) != L:
+            raise TraceFormatError(f"{path}: 'layers' has {len(names)} names for {L} layers")
+    experts = [E] * L
+    if "experts_per_layer" in meta:
+        experts = [int(x) for x in np.asarray(meta["experts_per_layer"]).reshape(-1)]
+        if len(experts) != L or max(experts) > E or min(experts) < 1:
+            raise TraceFormatError(f"{path}: 'experts_per_layer' must hold {L} values in 1..{E}")
+    return Imported(
+        steps=steps,
+        counts=counts[:, None],
+        layers=names,
+        experts_per_layer=experts,
+        top_k=top_k or 1,
+        framework="numpy",
+        extra={} if top_k else {"top_k_known": False},
+    )
