@@ -1,6 +1,7 @@
 """FairKV-style placement (arXiv 2502.15804): best-effort assignment plus Fair-Copying.
 
-Best-effort: units go heaviest first to the lightest GPU with a free slot (LPT). Fair-Copying: each
+Best-effort: units go heaviest first to the lightest GPU with a free slot (LPT), at most
+ceil(E / G) per GPU so that every GPU keeps room for copies. Fair-Copying: each
 extra slot copies the heaviest unit of the most loaded GPU onto the lightest GPU with a free slot,
 and the unit's work is split between its copies by water-filling (data parallel, uneven split);
 finally the split of all copies is re-solved jointly as a linear program (`lp_split=True`).
@@ -17,11 +18,13 @@ from moeload.placement._split import optimal_split, water_fill
 def _layer(w: np.ndarray, num_gpus: int, num_replicas: int) -> tuple[np.ndarray, np.ndarray]:
     """One layer `w: [E]` -> `slot_unit: [R]`, `amount: [R]` (slots grouped by GPU)."""
     slots = num_replicas // num_gpus
+    # Best-effort keeps the per-GPU unit count balanced so that every GPU keeps room for copies.
+    first_pass = min(slots, -(-w.shape[0] // num_gpus))
     hosted: list[list[int]] = [[] for _ in range(num_gpus)]
     amount: list[dict[int, float]] = [{} for _ in range(num_gpus)]
     loads = np.zeros(num_gpus)
     for unit in np.argsort(-w, kind="stable"):
-        free = np.flatnonzero([len(h) < slots for h in hosted])
+        free = np.flatnonzero([len(h) < first_pass for h in hosted])
         g = int(free[np.argmin(loads[free])])
         hosted[g].append(int(unit))
         amount[g][int(unit)] = float(w[unit])
