@@ -39,9 +39,10 @@ def read_csv(source: str | os.PathLike, *, num_experts: int | None = None, top_k
         if df[c].isna().any():
             raise TraceFormatError(f"{path}: column {c!r} has empty cells")
         try:
-            df[c] = counts_array(pd.to_numeric(df[c]).to_numpy(), f"{path}: column {c!r}")
+            num = pd.to_numeric(df[c]).to_numpy()
         except ValueError:
             raise TraceFormatError(f"{path}: column {c!r} must hold integers") from None
+        df[c] = counts_array(num, f"{path}: column {c!r}")
     key = ["step", "layer", "expert"] + (["rank"] if "rank" in df.columns else [])
     dup = df.duplicated(key)
     if dup.any():
