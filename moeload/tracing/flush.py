@@ -192,8 +192,8 @@ class BlockWriter:
                     self._dirty = True
             if self.sink is not None:
                 self.sink(block)
-        self.last_flushed_step = int(job.steps[-1])
         self._update_manifest()
+        self.last_flushed_step = int(job.steps[-1])
 
     def _note_disabled(self, flags: np.ndarray, steps: np.ndarray) -> None:
         """flags: [S, R, L] > 0 where a layer's hook was disabled in that step on that rank."""
