@@ -212,12 +212,12 @@ class Trace:
         for pi in np.unique(owner):
             part = self._parts[pi]
             mine = sel_steps[owner == pi]
-            t = self._read(
-                part,
-                ["step", "layer", "rank", column],
-                [("step", ">=", int(mine.min())), ("step", "<=", int(mine.max()))]
-                + ([("layer", "in", lay.tolist())] if len(lay) < self.num_layers else []),
-            )
+            filt = []
+            if mine.min() > part.first or mine.max() < part.last:
+                filt += [("step", ">=", int(mine.min())), ("step", "<=", int(mine.max()))]
+            if len(lay) < self.num_layers:
+                filt.append(("layer", "in", lay.tolist()))
+            t = self._read(part, ["step", "layer", "rank", column], filt or None)
             s = t.column("step").to_numpy()
             lyr = t.column("layer").to_numpy()
             rows = np.isin(s, mine) & (lay_pos[lyr] >= 0)
@@ -228,13 +228,13 @@ class Trace:
             li = lay_pos[lyr]
             rk = t.column("rank").to_numpy()
             ri = np.maximum(rk, 0) if per_rank else np.zeros_like(rk)
-            col = t.column(column).combine_chunks()
+            col = t.column(column)
             if is_list:
                 vals = _dense_lists(col, E, part.path)
             else:
                 if col.null_count:
                     raise TraceFormatError(f"{part.path}: column {column!r} is not recorded in this trace")
-                vals = col.to_numpy(zero_copy_only=False).astype(np.int64)
+                vals = col.to_numpy().astype(np.int64)
             if not per_rank and np.any(rk >= 0) and m.world_size > 1:
                 # several rank rows per (step, layer): sum them with one sorted reduction
                 key = si * len(lay) + li
@@ -320,25 +320,22 @@ class Trace:
         return df
 
 
-def _dense_lists(col: pa.ListArray, E: int, where: Path) -> np.ndarray:
+def _dense_lists(col: pa.ChunkedArray | pa.ListArray, E: int, where: Path) -> np.ndarray:
     """list<int> column -> [N, E] int64, zero-padded where a row is shorter than E."""
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    if col.null_count:
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    if any(c.null_count for c in chunks):
         raise TraceFormatError(f"{where}: a count list is null")
-    offsets = col.offsets.to_numpy()
-    base = offsets[0]
-    vals = col.values.to_numpy(zero_copy_only=False)[base : offsets[-1]].astype(np.int64, copy=False)
-    lengths = np.diff(offsets)
+    lengths = np.concatenate([np.diff(c.offsets.to_numpy()) for c in chunks]) if chunks else np.zeros(0, np.int64)
+    vals = np.concatenate([c.flatten().to_numpy(zero_copy_only=False) for c in chunks]) if chunks else np.zeros(0)
     n = len(lengths)
     if n and np.all(lengths == E):
-        return vals.reshape(n, E)
+        return vals.reshape(n, E).astype(np.int64, copy=False)
     if np.any(lengths > E):
         raise TraceFormatError(f"{where}: a row has {lengths.max()} experts, manifest says at most {E}")
     out = np.zeros((n, E), dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
     rows = np.repeat(np.arange(n), lengths)
-    colsi = np.arange(len(vals)) - np.repeat(offsets[:-1] - base, lengths)
-    out[rows, colsi] = vals
+    out[rows, np.arange(len(vals)) - np.repeat(starts, lengths)] = vals
     return out
 
 
