@@ -131,21 +131,6 @@ def load_window(trace, steps: str | None, layers: str | None, *, what: str = "pr
     return step_nums, lay_ids, arr
 
 
-def fill_empty_rows(p: np.ndarray) -> np.ndarray:
-    """p: [S, L, E] proportions with NaN rows (steps without tokens) -> rows filled with the
-    previous step's values (uniform where none precedes)."""
-    p = np.array(p, dtype=np.float64, copy=True)
-    S, L, E = p.shape
-    for li in range(L):
-        prev = np.full(E, 1.0 / E)
-        for s in range(S):
-            if np.isnan(p[s, li]).any():
-                p[s, li] = prev
-            else:
-                prev = p[s, li]
-    return p
-
-
 def to_jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): to_jsonable(v) for k, v in x.items()}

@@ -31,16 +31,24 @@ def info(trace: Path = TRACE_ARG, as_json: bool = JSON_OPTION) -> None:
     Example: moeload info runs/exp1.moeload --json
     """
     t = open_trace_arg(trace)
+    d = info_data(t)
+    if as_json:
+        print_json(d)
+        return
+    console().print(table(f"trace {t.path.name}", ["field", "value"], info_rows(t, d)))
+
+
+def info_data(t) -> dict:
+    """Everything `info` reports, as a JSON-ready dict."""
     m = t.manifest
     steps = t.steps
-    size = t.size_bytes + (t.path / "manifest.json").stat().st_size
-    d = {
+    return {
         "path": str(t.path),
         "framework": m.framework,
         "framework_version": m.framework_version,
         "model_name": m.model_name,
         "count_kind": m.count_kind,
-        "size_bytes": size,
+        "size_bytes": t.size_bytes + (t.path / "manifest.json").stat().st_size,
         "parts": len(t.parts),
         "num_steps": len(steps),
         "first_step": int(steps[0]) if len(steps) else None,
@@ -56,12 +64,13 @@ def info(trace: Path = TRACE_ARG, as_json: bool = JSON_OPTION) -> None:
         "ranks_recorded": m.ranks_recorded,
         "manifest": t.meta,
     }
-    if as_json:
-        print_json(d)
-        return
-    c = console()
+
+
+def info_rows(t, d: dict) -> list[list[str]]:
+    """(field, value) rows of the human `info` table."""
+    m, steps, size = t.manifest, t.steps, d["size_bytes"]
     rng = f"{d['first_step']}..{d['last_step']}" if len(steps) else "-"
-    rows = [
+    return [
         ["path", d["path"]],
         ["framework", f"{m.framework}" + (f" {m.framework_version}" if m.framework_version else "")],
         ["model", m.model_name or "-"],
@@ -76,7 +85,6 @@ def info(trace: Path = TRACE_ARG, as_json: bool = JSON_OPTION) -> None:
         ["tokens / step", str(m.tokens_per_step) if m.tokens_per_step else "-"],
         ["started", m.start_time],
     ]
-    c.print(table(f"trace {t.path.name}", ["field", "value"], rows))
 
 
 def _compact(xs: list[int]) -> str:
@@ -94,57 +102,62 @@ def summary(
 
     Example: moeload summary runs/exp1.moeload --steps 0:5000 --layers 0,1
     """
-    from moeload import states
-
     t = open_trace_arg(trace)
-    step_nums, lay, c = load_window(t, steps, layers, what="counts")
-    experts = [t.experts_per_layer[i] for i in lay]
-    stats = layer_stats(c, experts)
-    with progress_status("detecting phases"):
-        r = states.detect(c, method=method, steps=step_nums)
-    rows_json = []
-    for j, li in enumerate(lay):
-        d = {"layer": int(li), "name": t.layers[li], "experts": experts[j], **stats[j]}
-        d["boundary"] = int(r.boundaries[j])
-        d["stable_share"] = float(r.labels[:, j].mean())
-        rows_json.append(d)
-    out = {
-        "path": str(t.path),
-        "num_steps": len(step_nums),
-        "first_step": int(step_nums[0]),
-        "last_step": int(step_nums[-1]),
-        "method": method,
-        "model_boundary": int(r.model_boundary),
-        "layers": rows_json,
-    }
+    out = summary_data(t, steps, layers, method)
+    rows_json = out["layers"]
     if as_json:
         print_json(out)
         return
-    rows = [
-        [
-            d["layer"],
-            d["imbalance_mean"],
-            d["imbalance_max"],
-            d["cv"],
-            d["min_max"],
-            _experts(d["hottest"]),
-            _experts(d["coldest"]),
-            d["boundary"] if d["boundary"] >= 0 else "none",
-        ]
-        for d in rows_json
-    ]
+    cols, rows = summary_rows(out)
     c_ = console()
     c_.print(
         table(
             "max/mean: hottest expert over the mean, per step (mean; worst step); CV and min/max of the window's totals"
             f"\n{t.path.name}: steps {out['first_step']}..{out['last_step']} ({out['num_steps']} recorded)",
-            ["layer", "max/mean", "worst", "CV", "min/max", "hottest", "coldest", "stable from"],
+            cols,
             rows,
         )
     )
     mb = out["model_boundary"]
     c_.print(f"whole model stable from step {mb}" if mb >= 0 else "whole model: no final stable phase detected")
     c_.print("layers: " + ", ".join(f"{d['layer']}={d['name']}" for d in rows_json))
+
+
+def summary_data(t, steps: str | None, layers: str | None, method: str = "window") -> dict:
+    """Everything `summary` reports, as a JSON-ready dict."""
+    from moeload import states
+
+    step_nums, lay, c = load_window(t, steps, layers, what="counts")
+    experts = [t.experts_per_layer[i] for i in lay]
+    stats = layer_stats(c, experts)
+    with progress_status("detecting phases"):
+        r = states.detect(c, method=method, steps=step_nums)
+    rows = []
+    for j, li in enumerate(lay):
+        d = {"layer": int(li), "name": t.layers[li], "experts": experts[j], **stats[j]}
+        d["boundary"] = int(r.boundaries[j])
+        d["stable_share"] = float(r.labels[:, j].mean())
+        rows.append(d)
+    return {
+        "path": str(t.path),
+        "num_steps": len(step_nums),
+        "first_step": int(step_nums[0]),
+        "last_step": int(step_nums[-1]),
+        "method": method,
+        "model_boundary": int(r.model_boundary),
+        "layers": rows,
+    }
+
+
+def summary_rows(out: dict) -> tuple[list[str], list[list]]:
+    """Columns and rows of the human `summary` table."""
+    cols = ["layer", "max/mean", "worst", "CV", "min/max", "hottest", "coldest", "stable from"]
+    rows = [
+        [d["layer"], d["imbalance_mean"], d["imbalance_max"], d["cv"], d["min_max"], _experts(d["hottest"]),
+         _experts(d["coldest"]), d["boundary"] if d["boundary"] >= 0 else "none"]
+        for d in out["layers"]
+    ]
+    return cols, rows
 
 
 def _experts(pairs: list[list[float]]) -> str:

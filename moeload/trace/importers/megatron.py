@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
