@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from moeload.placement._placement import Evaluation, Placement, imbalance_of
 from moeload.placement._registry import available, plan
+from moeload.placement.heads import adakv_budgets, head_placement_table
 from moeload.placement.replay import ReplayResult, compare, replay
 
-__all__ = ["Evaluation", "Placement", "ReplayResult", "available", "compare", "imbalance_of", "plan", "replay"]
+__all__ = [
+    "Evaluation", "Placement", "ReplayResult", "adakv_budgets", "available", "compare",
+    "head_placement_table", "imbalance_of", "plan", "replay",
+]
