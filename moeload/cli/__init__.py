@@ -40,11 +40,12 @@ def _root(
 def _register() -> None:
     import importlib
 
-    from moeload.cli import export, forecast, importing, info
+    from moeload.cli import export, figures, forecast, importing, info
 
     info.register(app)
     forecast.register(app)
     export.register(app)
+    figures.register(app)
     importing.register(app)
     try:
         demo = importlib.import_module("moeload.cli.demo")

@@ -17,14 +17,14 @@ TOKENS = 4096
 
 
 def synthetic_counts(seed: int = 0) -> np.ndarray:
-    """[S, L, E] int64: proportions drift for the first 60 steps, then stay near a skewed target."""
+    """[S, L, E] int64: proportions wander for the first 60 steps and settle on a skewed target."""
     rng = np.random.default_rng(seed)
     L = len(LAYERS)
     target = rng.dirichlet(np.full(EXPERTS, 2.0), size=L)  # [L, E]
-    logits = np.zeros((STEPS, L, EXPERTS))
-    drift = rng.normal(0, 0.35, size=(60, L, EXPERTS)).cumsum(0)
-    logits[:60] = drift
-    p = np.exp(logits[:60]) / np.exp(logits[:60]).sum(-1, keepdims=True)
+    walk = rng.normal(0, 0.35, size=(60, L, EXPERTS)).cumsum(0)
+    decay = ((1 - np.arange(60) / 60) ** 2)[:, None, None]
+    logits = np.log(target)[None] + decay * walk  # early routing wanders, then settles on target
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     out = np.zeros((STEPS, L, EXPERTS), dtype=np.int64)
     for s in range(STEPS):
         probs = p[s] if s < 60 else target
