@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 
-def trained_budgets(steps: int, heads: int, budget: int, sequences: int, seed: int) -> np.ndarray:
+def trained_budgets(
+    steps: int, heads: int, budget: int, sequences: int, seed: int, device: str = "cpu"
+) -> np.ndarray:
     """Budgets [L, H] summed over `sequences` validation sequences of a model trained `steps` steps."""
     import torch
 
@@ -26,11 +28,11 @@ def trained_budgets(steps: int, heads: int, budget: int, sequences: int, seed: i
 
     torch.manual_seed(seed)
     cfg = workloads.WorkloadConfig.from_name("cpu-demo", n_heads=heads)
-    result = workloads.train(cfg, steps=steps, seed=seed, progress=False)
-    x, _ = next(workloads.batches(cfg, seed + 1, "cpu", split_name="val"))
+    result = workloads.train(cfg, steps=steps, seed=seed, device=device, progress=False)
+    x, _ = next(workloads.batches(cfg, seed + 1, device, split_name="val"))
     total = 0
     for i in range(min(sequences, x.shape[0])):
-        maps = workloads.attention_maps(result.model, x[i]).numpy()
+        maps = workloads.attention_maps(result.model, x[i]).cpu().numpy()
         total = total + adakv_budgets(maps, budget)
     print(f"trained cpu-demo ({heads} heads) {steps} steps in {result.wall_s:.0f} s, "
           f"final LM loss {result.lm_losses[-10:].mean():.3f}")
@@ -45,12 +47,15 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("docs/figures/fairkv_heads.png"))
+    ap.add_argument("--save-budgets", type=Path, help="write the [L, H] budgets as .npy")
     args = ap.parse_args()
 
     from moeload.placement import head_placement_table
 
     start = time.perf_counter()
     budgets = trained_budgets(args.steps, args.heads, args.budget, args.sequences, args.seed)
+    if args.save_budgets:
+        np.save(args.save_budgets, budgets)
     print("per-head budgets (rows = layers):")
     print(budgets)
     table = head_placement_table(budgets, (2, 4, 8))
