@@ -94,7 +94,10 @@ def _fig_forecast(d: Data, j: int):
 
     f = d.forecast
     hist = d.t.proportions(f.fit_steps, [int(f.layers[j])])
-    actual = f.actual[:, j] if len(f.actual) else None
+    actual = None
+    if len(f.actual):  # the trace may end before the horizon: pad with NaN rows (not recorded)
+        actual = np.full(f.forecast[:, j].shape, np.nan)
+        actual[: len(f.actual)] = f.actual[:, j]
     return plots.forecast_vs_actual(hist[:, 0], f.forecast[:, j], actual, start=int(f.fit_steps[0])).figure
 
 

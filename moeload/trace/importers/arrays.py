@@ -16,8 +16,8 @@ from moeload.trace.importers._common import Imported, counts_array
 def read_numpy(source: str | os.PathLike, *, top_k: int | None = None, first_step: int = 0) -> Imported:
     """Read counts from .npy / .npz. Steps default to first_step, first_step + 1, ..."""
     path = Path(source)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: no such file" if not path.exists() else f"{path}: is a directory; give the .npy/.npz file")
     meta: dict[str, np.ndarray] = {}
     try:
         loaded = np.load(path, allow_pickle=False)

@@ -23,6 +23,8 @@ def read_csv(source: str | os.PathLike, *, num_experts: int | None = None, top_k
     import pandas as pd
 
     path = Path(source)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; give the CSV file")
     try:
         df = pd.read_csv(path)
     except FileNotFoundError:
