@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from moeload.cli._common import LAYERS_OPTION, STEPS_OPTION, console, load_window, open_trace_arg
+from moeload.cli._common import LAYERS_OPTION, STEPS_OPTION, console, load_window, open_trace_arg, progress_status
 from moeload.errors import InputError
 
 FORMATS = ("csv", "npy", "npz")
@@ -76,8 +76,9 @@ def export(
     if what not in ("counts", "proportions"):
         raise InputError(f"--what {what!r}: expected 'counts' or 'proportions'")
     t = open_trace_arg(trace)
-    step_nums, lay, arr = load_window(t, steps, layers, what=what)
-    used = write_array(out, arr, what, steps=step_nums, layer_ids=lay, trace=t, fmt=fmt)
+    with progress_status(f"exporting {what}"):
+        step_nums, lay, arr = load_window(t, steps, layers, what=what)
+        used = write_array(out, arr, what, steps=step_nums, layer_ids=lay, trace=t, fmt=fmt)
     console().print(f"wrote {what} [{arr.shape[0]}, {arr.shape[1]}, {arr.shape[2]}] as {used} to {out}")
 
 
