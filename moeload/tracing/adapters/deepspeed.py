@@ -1,0 +1,162 @@
+"""DeepSpeed adapter: `deepspeed.moe.sharded_moe.TopKGate` (inside `deepspeed.moe.layer.MoE`) and the
+AutoEP router `deepspeed.moe.ep_router.TokenChoiceTopKRouter`.
+
+TopKGate, two output forms:
+- from 0.19.4, `MOELayer` calls the gate with `sparse_routes=True`: `(l_aux, capacity, num_experts,
+  indices [k, T] int32 with -1 for routes dropped by capacity, locations, gates, exp_counts [E])`;
+- older versions, or the gate called on its own: `(l_aux, combine_weights [T, E, C],
+  dispatch_mask [T, E, C] bool, exp_counts [E])`.
+`exp_counts` counts this rank's routes before capacity dropping: recorded as routed counts. Kept
+counts (after dropping) come from `indices >= 0` or `dispatch_mask.sum((0, 2))`, recorded where
+the gate drops tokens (`drop_tokens=True`). Everything stays on the gate's device.
+
+TokenChoiceTopKRouter returns `(top_scores [T, k], selected_experts [T, k], num_tokens_per_expert
+[E])`; it never drops, so routed counts only.
+
+Expert parallelism: expert e of a layer lives on EP rank `e // num_local_experts` (the layout
+`MOELayer` reshapes to after its all-to-all; AutoEP reads its placement descriptor).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from moeload.tracing.adapters.base import Adapter, GateSpec, Routing
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+def bincount_device(idx: Tensor, num_experts: int) -> Tensor:
+    """[E] int64 count of each expert id in `idx` (any shape; -1 / out of range ignored), no host sync."""
+    i = idx.reshape(-1).to(torch.int64)
+    i = torch.where((i >= 0) & (i < num_experts), i, num_experts)
+    out = torch.zeros(num_experts + 1, dtype=torch.int64, device=i.device)
+    return out.index_add_(0, i, torch.ones_like(i))[:num_experts]
+
+
+def gate_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
+    """One TopKGate forward -> Routing(counts=exp_counts [E], kept_counts [E] where it drops, tokens)."""
+    E = module.wg.out_features
+    if len(out) == 7:  # sparse_routes: indices [k, T]
+        idx, exp_counts = out[3], out[6]
+        T = idx.shape[-1]
+        kept = bincount_device(idx, E) if module.drop_tokens else None
+    elif len(out) == 4:  # dense: dispatch_mask [T, E, C]
+        dispatch, exp_counts = out[2], out[3]
+        T = dispatch.shape[0]
+        kept = dispatch.sum((0, 2), dtype=torch.int64) if module.drop_tokens else None
+    else:
+        raise ValueError(f"TopKGate returned {len(out)} values; expected 7 (sparse_routes) or 4")
+    tokens: int | Tensor = T
+    used = inputs[1] if len(inputs) > 1 else None
+    if module.k == 1 and isinstance(used, Tensor):  # top-1 counts only the tokens marked used
+        tokens = used.reshape(-1).sum(dtype=torch.int64)
+    return Routing(counts=exp_counts, kept_counts=kept, tokens=tokens)
+
+
+def autoep_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
+    """One TokenChoiceTopKRouter forward -> Routing(counts=num_tokens_per_expert [E], tokens=T)."""
+    return Routing(counts=out[2], tokens=out[1].shape[0])
+
+
+def _ep_rank(layer: nn.Module, ep_size: int) -> int:
+    """This process's rank in the layer's expert-parallel group (group set by set_deepspeed_parallelism)."""
+    dist = torch.distributed
+    if ep_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return 0
+    group = getattr(layer, "ep_group", None)
+    if group is not None:
+        return dist.get_rank(group=group)
+    return dist.get_rank() % ep_size  # DeepSpeed's default: EP groups of consecutive ranks
+
+
+def _version() -> str | None:
+    ds = sys.modules.get("deepspeed")
+    return getattr(ds, "__version__", None)
+
+
+class DeepSpeedAdapter(Adapter):
+    """Finds DeepSpeed MoE gates (`TopKGate`) and AutoEP routers (`TokenChoiceTopKRouter`)."""
+
+    name = "deepspeed"
+
+    def describe(self) -> str:
+        return "deepspeed TopKGate / TokenChoiceTopKRouter"
+
+    def find(self, model: nn.Module) -> list[GateSpec]:
+        if "deepspeed" not in sys.modules:
+            return []
+        specs = []
+        sharded = sys.modules.get("deepspeed.moe.sharded_moe")
+        if sharded is not None:
+            specs += self._topk_gates(model, sharded)
+        ep_router = sys.modules.get("deepspeed.moe.ep_router")
+        if ep_router is not None:
+            specs += self._autoep_routers(model, ep_router)
+        return specs
+
+    def _topk_gates(self, model: nn.Module, sharded: Any) -> list[GateSpec]:
+        layers = {id(m.gate): m for m in model.modules() if isinstance(m, sharded.MOELayer)}
+        out = []
+        for name, g in model.named_modules():
+            if not isinstance(g, sharded.TopKGate):
+                continue
+            E = g.wg.out_features
+            layer = layers.get(id(g))
+            ep = int(getattr(layer, "ep_size", 1) or 1)
+            local = int(getattr(layer, "num_local_experts", E // ep) or E)
+            out.append(GateSpec(
+                module=g, name=name, num_experts=E, top_k=int(g.k), counts=gate_routing,
+                has_kept=bool(g.drop_tokens), framework="deepspeed", framework_version=_version(),
+                expert_to_rank=[e // local for e in range(E)] if ep > 1 else None,
+                ep_size=ep, ep_rank=_ep_rank(layer, ep) if layer is not None else 0,
+            ))
+        return out
+
+    def _autoep_routers(self, model: nn.Module, ep_router: Any) -> list[GateSpec]:
+        owners = {}
+        for m in model.modules():
+            r = getattr(m, "router", None)
+            if isinstance(r, ep_router.TokenChoiceTopKRouter) and hasattr(m, "ep_size"):
+                owners[id(r)] = m
+        out = []
+        for name, r in model.named_modules():
+            if not isinstance(r, ep_router.TokenChoiceTopKRouter):
+                continue
+            owner = owners.get(id(r))
+            ep = int(getattr(owner, "ep_size", 1) or 1)
+            out.append(GateSpec(
+                module=r, name=name, num_experts=int(r.num_experts), top_k=int(r.top_k), counts=autoep_routing,
+                framework="deepspeed", framework_version=_version(),
+                expert_to_rank=_autoep_placement(owner, ep, int(r.num_experts)) if ep > 1 else None,
+                ep_size=ep, ep_rank=int(getattr(owner, "ep_rank", 0) or 0),
+            ))
+        return out
+
+
+def _autoep_placement(owner: nn.Module, ep_size: int, num_experts: int) -> list[int]:
+    """[E] EP rank of each expert from the AutoEP placement descriptor (contiguous if unreadable)."""
+    desc = getattr(owner, "expert_placement_descriptor", None)
+    try:
+        from deepspeed.checkpoint.autoep_affine import autoep_experts_for_rank
+
+        e2r = [-1] * num_experts
+        for r in range(ep_size):
+            for e in autoep_experts_for_rank(desc, r):
+                e2r[int(e)] = r
+        if min(e2r) >= 0:
+            return e2r
+    except Exception:  # older DeepSpeed without descriptors: the legacy contiguous layout
+        pass
+    local = max(1, num_experts // ep_size)
+    return [e // local for e in range(num_experts)]
+
+
+ADAPTER: Adapter = DeepSpeedAdapter()
+
+__all__ = ["ADAPTER", "DeepSpeedAdapter", "autoep_routing", "bincount_device", "gate_routing"]
