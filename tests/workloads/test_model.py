@@ -1,0 +1,188 @@
+import math
+
+import pytest
+import torch
+
+from moeload.errors import InputError
+from moeload.workloads import (
+    MoEGPT,
+    MoELayer,
+    TopKRouter,
+    WorkloadConfig,
+    attention_maps,
+    build_model,
+    reference_counts,
+)
+from moeload.workloads.model import expert_capacity, slot_positions
+
+
+def _router(E=8, k=2, cf=None, H=16, seed=0):
+    torch.manual_seed(seed)
+    return TopKRouter(H, E, k, cf)
+
+
+def test_router_output_invariants_without_capacity():
+    r = _router()
+    out = r(torch.randn(50, 16))
+    assert out.weights.shape == (50, 2) and out.indices.shape == (50, 2) and out.probs.shape == (50, 8)
+    assert out.indices.dtype == torch.int64 and out.kept.dtype == torch.bool
+    assert torch.allclose(out.weights.sum(-1), torch.ones(50))
+    assert torch.allclose(out.probs.sum(-1), torch.ones(50))
+    assert bool(out.kept.all())
+    assert ((out.indices >= 0) & (out.indices < 8)).all()
+    assert (out.indices[:, 0] != out.indices[:, 1]).all()
+    assert out.aux_loss.shape == ()
+    counts = torch.bincount(out.indices.reshape(-1), minlength=8)
+    assert int(counts.sum()) == 50 * 2
+
+
+def test_aux_loss_is_one_when_router_is_uniform_and_has_gradient():
+    r = _router(E=4, k=1)
+    torch.nn.init.zeros_(r.gate.weight)
+    x = torch.randn(64, 16)
+    assert math.isclose(float(r(x).aux_loss), 1.0, rel_tol=1e-6)
+    torch.nn.init.normal_(r.gate.weight)
+    r(x).aux_loss.backward()
+    assert r.gate.weight.grad is not None and r.gate.weight.grad.abs().sum() > 0
+
+
+def test_slot_positions_match_python_queue():
+    torch.manual_seed(1)
+    T, k, E = 40, 2, 5
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    pos = slot_positions(idx, E)
+    fill = [0] * E
+    expected = torch.empty(T, k, dtype=torch.int64)
+    for j in range(k):  # choice-major, token-minor
+        for t in range(T):
+            e = int(idx[t, j])
+            expected[t, j] = fill[e]
+            fill[e] += 1
+    assert torch.equal(pos, expected)
+
+
+@pytest.mark.parametrize("cf", [0.25, 0.5, 1.0, 2.0])
+def test_capacity_respected(cf):
+    r = _router(E=8, k=2, cf=cf)
+    torch.nn.init.normal_(r.gate.weight, std=1.0)  # skewed routing so that drops happen
+    out = r(torch.randn(100, 16))
+    cap = expert_capacity(100, 2, 8, cf)
+    kept = torch.bincount(out.indices[out.kept], minlength=8)
+    routed = torch.bincount(out.indices.reshape(-1), minlength=8)
+    assert int(routed.sum()) == 200
+    assert (kept <= cap).all()
+    assert torch.equal(kept, torch.minimum(routed, torch.tensor(cap)))
+    if cf <= 0.5:
+        assert int(kept.sum()) < 200
+
+
+def _naive_moe(layer: MoELayer, x):
+    flat = x.reshape(-1, x.shape[-1])
+    r = layer.router(flat)
+    out = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for j in range(layer.router.top_k):
+            if r.kept[t, j]:
+                e = int(r.indices[t, j])
+                out[t] += r.weights[t, j] * layer.experts.expert(e, flat[t : t + 1])[0]
+    return out.view(x.shape)
+
+
+@pytest.mark.parametrize("cf", [None, 0.5])
+def test_moe_layer_matches_per_token_loop(cf):
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 4, 2, cf)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 9, 16)
+    y, aux = layer(x)
+    assert torch.allclose(y, _naive_moe(layer, x), atol=1e-5)
+    y.sum().backward()
+    assert layer.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_router_has_no_data_dependent_ops():
+    """Dynamo with fullgraph=True refuses .item(), .nonzero() and boolean-mask indexing (graph breaks)."""
+    r = _router(cf=1.0)
+    compiled = torch.compile(r, backend="eager", fullgraph=True, dynamic=False)
+    x = torch.randn(32, 16)
+    out, ref = compiled(x), r(x)
+    assert torch.equal(out.indices, ref.indices) and torch.equal(out.kept, ref.kept)
+    assert torch.allclose(out.weights, ref.weights)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_router_does_not_sync_on_cuda():
+    r = _router(cf=1.0).cuda()
+    x = torch.randn(256, 16, device="cuda")
+    r(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        r(x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_model_paths_and_moe_placement():
+    cfg = WorkloadConfig.from_name("tiny", n_layers=4, moe_every=2)
+    model = build_model(cfg)
+    assert list(model.routers()) == ["blocks.1.moe.router", "blocks.3.moe.router"]
+    assert hasattr(model.blocks[0], "mlp") and not hasattr(model.blocks[0], "moe")
+
+
+@pytest.mark.parametrize(
+    "name, n_moe, E, H, heads",
+    [("gpt3-small-moe", 6, 16, 768, 12), ("gpt3-medium-moe", 12, 128, 1024, 16), ("cpu-demo", 4, 8, 128, 4)],
+)
+def test_named_configs_shapes(name, n_moe, E, H, heads):
+    cfg = WorkloadConfig.from_name(name)
+    with torch.device("meta"):
+        model = MoEGPT(cfg)
+    routers = model.routers()
+    assert len(routers) == n_moe
+    assert all(r.num_experts == E and r.top_k == 2 for r in routers.values())
+    assert model.wte.weight.shape[1] == H and model.blocks[0].attn.n_heads == heads
+
+
+def test_bad_config_and_tokens_raise_input_error():
+    with pytest.raises(InputError, match="unknown"):
+        WorkloadConfig.from_name("nope")
+    with pytest.raises(InputError, match="top_k"):
+        WorkloadConfig.from_name("tiny", top_k=9)
+    model = build_model("tiny")
+    with pytest.raises(InputError, match="seq_len"):
+        model(torch.zeros(1, 33, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("cf", [None, 0.5])
+def test_reference_counts(cf):
+    cfg = WorkloadConfig.from_name("tiny", n_layers=4, moe_every=2, capacity_factor=cf)
+    model = build_model(cfg, seed=3)
+    tokens = torch.randint(0, 256, (3, 20))
+    counts = reference_counts(model, tokens)
+    assert list(counts) == ["blocks.1.moe.router", "blocks.3.moe.router"]
+    cap = expert_capacity(60, 2, 4, cf) if cf else None
+    for routed, kept in counts.values():
+        assert routed.shape == (4,) and routed.sum() == 3 * 20 * 2
+        assert (kept <= routed).all()
+        if cf is None:
+            assert (kept == routed).all()
+        else:
+            assert (kept <= cap).all()
+
+
+def test_attention_maps_are_causal_and_match_sdpa():
+    model = build_model("tiny", seed=1)
+    model.train()
+    tokens = torch.randint(0, 256, (12,))
+    maps = attention_maps(model, tokens)
+    assert maps.shape == (2, 4, 12, 12)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 4, 12))
+    assert torch.all(maps.triu(1) == 0)
+    assert model.training
+    with torch.no_grad():
+        attn, x = model.blocks[0].attn, model.blocks[0].ln1(model.embed(tokens[None]))
+        _, _, v = attn._qkv(x)
+        explicit = attn.proj((maps[0][None] @ v).transpose(1, 2).reshape(x.shape))
+        assert torch.allclose(explicit, attn(x), atol=1e-5)
