@@ -367,7 +367,7 @@ def _contiguous(num_experts: int, ep_size: int) -> list[int]:
 
 
 def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
-    """One collective: out [R, *inp.shape] <- inp of every rank."""
+    """One collective: out [R, *inp.shape] <- inp of every rank (gathered as a concatenation on dim 0)."""
     dist = torch.distributed
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, inp, group=group)
+    fn(out.view(-1, *inp.shape[1:]), inp, group=group)

@@ -27,6 +27,15 @@ def reference(model: torch.nn.Module, x: torch.Tensor) -> tuple[np.ndarray, np.n
     return np.stack([v[0] for v in r.values()]), np.stack([v[1] for v in r.values()])
 
 
+@torch.no_grad()
+def sgd(model: torch.nn.Module, lr: float = 0.05) -> None:
+    """Plain SGD step + zero_grad (torch.optim's first use imports torch._dynamo: seconds per process)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.add_(p.grad, alpha=-lr)
+            p.grad = None
+
+
 class Loop:
     """A hand-written training loop over the embedded workload; returns reference counts per step."""
 
@@ -34,7 +43,6 @@ class Loop:
         self.cfg = cfg
         self.model = build_model(cfg, seed)
         self.data = batches(cfg, seed if data_seed is None else data_seed)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05)
 
     def step(self, tracer=None, micro: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """One optimizer step of `micro` micro-batches -> reference (routed, kept) [L, E] summed."""
@@ -44,8 +52,7 @@ class Loop:
             r, k = reference(self.model, x)
             routed, kept = routed + r, kept + k
             (self.model(x, y).loss / micro).backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        sgd(self.model)
         if tracer is not None:
             tracer.step()
         return routed, kept

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+from conftest import sgd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -117,7 +118,6 @@ def own_counts(model: Net, x: torch.Tensor) -> np.ndarray:
 
 def run(model: Net, tracer: LoadTracer, steps: int, seed: int = 0) -> np.ndarray:
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref = []
     for _ in range(steps):
         x = torch.randn(16, H, generator=gen)
@@ -126,8 +126,7 @@ def run(model: Net, tracer: LoadTracer, steps: int, seed: int = 0) -> np.ndarray
             ref.append(own_counts(model, x))
             model.train()
         model(x).backward()
-        opt.step()
-        opt.zero_grad()
+        sgd(model, lr=0.1)
         tracer.step()
     return np.stack(ref)
 
