@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import typer
 from rich.console import Console
@@ -17,6 +16,11 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from moeload.errors import InputError, MoeloadError
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import UsageError
 
 EXIT_USER_ERROR = 2
 
@@ -36,19 +40,31 @@ def console() -> Console:
 
 def fail(message: str) -> None:
     """Print one error line to stderr and exit with code 2 (user error)."""
-    click.echo(f"moeload: error: {message}", err=True)
+    typer.echo(f"moeload: error: {message}", err=True)
     raise typer.Exit(EXIT_USER_ERROR)
 
 
 class ErrorGroup(TyperGroup):
-    """Top-level group: a MoeloadError or a file error becomes one stderr line and exit code 2.
+    """Top-level group: a MoeloadError, a file error or a usage error becomes one stderr line and
+    exit code 2.
 
     Anything else is a bug and keeps its traceback.
     """
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as e:
+            if not e.format_message().strip():  # no arguments at all: help was printed
+                raise
+            fail(_one_line(f"moeload: {e.format_message()} (see moeload --help)"))
+
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "moeload"
+            fail(_one_line(f"{where}: {e.format_message()} (see {where} --help)"))
         except MoeloadError as e:
             fail(_one_line(str(e)))
         except OSError as e:
@@ -151,7 +167,7 @@ def to_jsonable(x: Any) -> Any:
 
 
 def print_json(obj: Any) -> None:
-    click.echo(json.dumps(to_jsonable(obj), indent=2))
+    typer.echo(json.dumps(to_jsonable(obj), indent=2))
 
 
 def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> Table:

@@ -251,6 +251,20 @@ def test_bad_arguments_give_exit_2_and_one_line(args, needle, trace_dir, tmp_pat
     _one_line_error(r, needle)
 
 
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--bogus"], "No such option: --bogus"),
+        (["predcit", "x"], "No such command 'predcit'"),
+        (["info"], "Missing argument"),
+        (["predict", "{t}", "--horizon", "0"], "--horizon"),
+        (["summary", "{t}", "--no-such-flag"], "No such option"),
+    ],
+)
+def test_usage_errors_are_one_line_too(args, needle, trace_dir):
+    _one_line_error(runner.invoke(app, [a.format(t=trace_dir) for a in args]), needle)
+
+
 def test_import_malformed_file_names_the_line(tmp_path):
     src = tmp_path / "router_trace_rank0.jsonl"
     src.write_text('{"step": 0, "layer": 0, "top_indices": [[1, 2]]}\n{"step": 1, "layer": 0, "top_indices": [[1, 2]\n')
