@@ -65,7 +65,8 @@ class LoadTracer:
     Arguments (keyword-only after ``path``): path: trace directory (appended to if it holds the same
     model); sink: ``fn(FlushedBlock)`` called on the writer thread after each block (every rank);
     flush_every: steps per block; record_eval; kept: record kept (after capacity dropping) counts
-    where the gates report them; ranks: "auto" | True | False; group: process group; gates: module
+    when a gate's adapter reports drops (True), never (False), or always ("always": gates without
+    drop information record kept = routed; generic gates read a kept field from their output); ranks: "auto" | True | False; group: process group; gates: module
     path patterns and gate_types: classes for the generic adapter (with num_experts / top_k where
     the module does not tell); adapters: replaces auto-discovery; device: of the count buffer
     (default: the first gate's parameters); model_name, tokens_per_step, extra: manifest fields.
@@ -78,7 +79,7 @@ class LoadTracer:
         *,
         flush_every: int = 100,
         record_eval: bool = False,
-        kept: bool = True,
+        kept: bool | str = True,
         ranks: str | bool = "auto",
         sink: Callable[[FlushedBlock], None] | None = None,
         group: Any = None,
@@ -95,6 +96,8 @@ class LoadTracer:
     ) -> None:
         if not isinstance(flush_every, int) or flush_every < 1:
             raise InputError(f"flush_every={flush_every!r}: must be a positive integer")
+        if kept not in (True, False, "always"):
+            raise InputError(f"kept={kept!r}: expected True, False or 'always'")
         if ranks not in ("auto", True, False):
             raise InputError(f"ranks={ranks!r}: expected 'auto', True or False")
         if path is None and sink is None:
@@ -108,10 +111,11 @@ class LoadTracer:
         self.fsync = fsync
         tried = list(registered_adapters() if adapters is None else adapters)
         if gates or gate_types:
-            tried.insert(0, GenericAdapter(gates or (), gate_types or (), num_experts=num_experts, top_k=top_k))
+            tried.insert(0, GenericAdapter(gates or (), gate_types or (), num_experts=num_experts, top_k=top_k,
+                                           has_kept=kept == "always"))
         self.specs: list[GateSpec] = discover(model, tried)
         self.layers = [s.name for s in self.specs]
-        self.kept = bool(kept) and any(s.has_kept for s in self.specs)
+        self.kept = kept == "always" or (bool(kept) and any(s.has_kept for s in self.specs))
         self.layout = Layout.make(self.layers, [s.num_experts for s in self.specs], self.kept, record_eval)
         self.world_size, self.rank = 1, 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
