@@ -264,6 +264,10 @@ def report(
             + f"<p>{'Whole model stable from step ' + str(mb) if mb >= 0 else 'No final stable phase for the whole model.'}</p>"
         )
         step(f"<img alt='fluctuation' src='data:image/png;base64,{_png(_fig_fluctuation(d, None))}'>")
+        if t.manifest.ep_size > 1:
+            parts.append(f"<h2>Per-GPU load, layer {d.layers[0]} (recorded expert placement, "
+                         f"{t.manifest.ep_size} expert-parallel ranks)</h2>"
+                         f"<img alt='gpu load' src='data:image/png;base64,{_png(_fig_gpu_load(d, 0))}'>")
         for j in per_layer:
             li = d.layers[j]
             step(f"<h2>Layer {li}: {html.escape(t.layers[li])}</h2>"
