@@ -54,3 +54,9 @@ def optimal_split(phy2log: np.ndarray, weight: np.ndarray, num_gpus: int) -> np.
     busy = unit_total[phy2log] > 0
     share[busy] = x[busy] / unit_total[phy2log][busy]
     return share
+
+
+def split_loads(phy2log: np.ndarray, share: np.ndarray, weight: np.ndarray, num_gpus: int) -> np.ndarray:
+    """`phy2log, share: [R]`, `weight: [E]` -> `[num_gpus]` GPU loads of one layer."""
+    gpu = np.arange(phy2log.size) // (phy2log.size // num_gpus)
+    return np.bincount(gpu, weights=weight[phy2log] * share, minlength=num_gpus)

@@ -5,7 +5,10 @@ Per layer it builds two candidates and keeps the better one under the chosen spl
    while that lowers the larger of the two loads (even split), then re-split optimally (LP);
 2. the Fair-Copying plan (best-effort assignment, copies of the busiest GPU's heaviest unit, LP
    split).
-With `split="even"` only candidate 1 is used, without the LP re-split.
+then improves the better one by local search under the optimal split: copy a unit of the busiest
+GPU into a slot whose unit has another copy, or swap a slot of the busiest GPU with any other slot,
+taking the first move that lowers the LP optimum, for at most `search` LP evaluations per layer.
+With `split="even"` only candidate 1 is used, without the LP re-split or the search.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import numpy as np
 
 from moeload.errors import InputError
 from moeload.placement._placement import Placement, even_share, imbalance_of
-from moeload.placement._split import optimal_split
+from moeload.placement._split import optimal_split, split_loads
 from moeload.placement.eplb import plan_eplb
 from moeload.placement.fair_copying import plan_fair_copying
 
@@ -49,10 +52,57 @@ def swap_refine(phy2log: np.ndarray, per_slot: np.ndarray, num_gpus: int, max_ro
     return phy2log
 
 
-def plan_balanced(weight: np.ndarray, num_gpus: int, num_replicas: int, *, split: str = "chosen") -> Placement:
-    """Best of refined EPLB and Fair-Copying per layer for `weight: [L, E]`."""
+def split_search(
+    phy2log: np.ndarray, w: np.ndarray, num_gpus: int, max_evals: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Local search over one layer's copy layout `phy2log: [R]` for loads `w: [E]`, optimal split.
+
+    Returns the improved `phy2log: [R]` and its `share: [R]`.
+    """
+    gpu = np.arange(phy2log.size) // (phy2log.size // num_gpus)
+    share = optimal_split(phy2log, w, num_gpus)
+    load = split_loads(phy2log, share, w, num_gpus)
+    evals = 0
+    while evals < max_evals and imbalance_of(load) > 1 + 1e-9:
+        top = int(np.argmax(load))
+        amount = w[phy2log] * share
+        mine = np.flatnonzero(gpu == top)
+        mine = mine[np.argsort(-amount[mine], kind="stable")]
+        others = np.flatnonzero(gpu != top)
+        others = others[np.lexsort((amount[others], load[gpu[others]]))]  # lightest GPUs first
+        copies = np.bincount(phy2log, minlength=w.size)
+        trials = []
+        for a in mine:  # copy a busy unit over a slot whose unit keeps another copy
+            if amount[a] > 0:
+                for s in others:
+                    if copies[phy2log[s]] >= 2 and phy2log[a] not in phy2log[gpu == gpu[s]]:
+                        trials.append((s, a, False))
+        trials += [(a, s, True) for a in mine for s in others if phy2log[s] != phy2log[a]]
+        improved = False
+        for s, a, swap in trials[: max_evals - evals]:
+            trial = phy2log.copy()
+            trial[s] = phy2log[a]
+            if swap:
+                trial[a] = phy2log[s]
+            evals += 1
+            trial_share = optimal_split(trial, w, num_gpus)
+            trial_load = split_loads(trial, trial_share, w, num_gpus)
+            if imbalance_of(trial_load) < imbalance_of(load) - 1e-9:
+                phy2log, share, load, improved = trial, trial_share, trial_load, True
+                break
+        if not improved:
+            break
+    return phy2log, share
+
+
+def plan_balanced(
+    weight: np.ndarray, num_gpus: int, num_replicas: int, *, split: str = "chosen", search: int = 200
+) -> Placement:
+    """Best of refined EPLB and Fair-Copying per layer for `weight: [L, E]`, then local search."""
     if split not in ("chosen", "even"):
         raise InputError(f"split: expected 'chosen' or 'even', got {split!r}")
+    if not isinstance(search, (int, np.integer)) or search < 0:
+        raise InputError(f"search: expected a non-negative number of LP evaluations, got {search!r}")
     num_experts = weight.shape[1]
     base = plan_eplb(weight, num_gpus, num_replicas)
     per_slot = np.take_along_axis(weight, base.phy2log, 1) * base.share
@@ -63,8 +113,11 @@ def plan_balanced(weight: np.ndarray, num_gpus: int, num_replicas: int, *, split
     refined = Placement(phy2log, share, num_gpus, weight, "balanced")
     fair = plan_fair_copying(weight, num_gpus, num_replicas)
     take_fair = imbalance_of(fair.gpu_load) < imbalance_of(refined.gpu_load) - 1e-12
-    return Placement(
-        np.where(take_fair[:, None], fair.phy2log, refined.phy2log),
-        np.where(take_fair[:, None], fair.share, refined.share),
-        num_gpus, weight, "balanced", {"split": split, "fair_copying_layers": take_fair},
-    )
+    start = np.where(take_fair[:, None], fair.phy2log, refined.phy2log)
+    if search > 0:
+        found = [split_search(p, w, num_gpus, search) for p, w in zip(start, weight)]
+        phy2log, share = np.stack([f[0] for f in found]), np.stack([f[1] for f in found])
+    else:
+        phy2log, share = start, np.where(take_fair[:, None], fair.share, refined.share)
+    return Placement(phy2log, share, num_gpus, weight, "balanced",
+                     {"split": split, "search": search, "fair_copying_layers": take_fair})
