@@ -41,6 +41,11 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
+def _one_hot(indices: Tensor, num_experts: int) -> Tensor:
+    """``[...]`` int64 -> ``[..., E]`` int64; unlike ``F.one_hot`` it never reads values on the host."""
+    return (indices[..., None] == torch.arange(num_experts, device=indices.device)).long()
+
+
 def slot_positions(indices: Tensor, num_experts: int) -> Tensor:
     """0-based arrival position of each route in its expert's queue.
 
@@ -48,7 +53,7 @@ def slot_positions(indices: Tensor, num_experts: int) -> Tensor:
     first choices in token order, then all second choices, and so on. One cumsum, no host sync.
     """
     T, k = indices.shape
-    onehot = F.one_hot(indices.t().reshape(-1), num_experts)  # [k*T, E]
+    onehot = _one_hot(indices.t().reshape(-1), num_experts)  # [k*T, E]
     pos = onehot.cumsum(0) - 1
     return (pos * onehot).sum(-1).view(k, T).t()
 
@@ -73,7 +78,7 @@ class TopKRouter(nn.Module):
         probs = logits.softmax(-1)
         top, indices = probs.topk(k, dim=-1)  # [T, k]
         weights = top / top.sum(-1, keepdim=True)
-        routed_frac = F.one_hot(indices, E).sum((0, 1)).float() / max(T * k, 1)  # [E]
+        routed_frac = _one_hot(indices, E).sum((0, 1)).float() / max(T * k, 1)  # [E]
         aux_loss = E * (routed_frac * probs.mean(0)).sum()
         if self.capacity_factor is None:
             kept = torch.ones_like(indices, dtype=torch.bool)
