@@ -2,7 +2,8 @@
 
 Only host-known facts (shapes, dtypes) are checked; values never leave the device: no `.item()`,
 no boolean-mask indexing, no `nonzero`, no `bincount` (it syncs on CUDA). Top-k indices go through
-one `index_add_`, with -1 (no expert) and out-of-range ids sent to the layer's spare bin E.
+one `index_add_` at `clamp(id, -1, E) + 1`: -1 (no expert) and dropped routes land in bin 0, ids
+>= E in bin E + 1, expert e in bin e + 1.
 """
 
 from __future__ import annotations
@@ -11,16 +12,6 @@ import torch
 from torch import Tensor
 
 from moeload.tracing.adapters.base import Routing
-
-_ONES: dict[torch.device, Tensor] = {}
-
-
-def _one(device: torch.device) -> Tensor:
-    t = _ONES.get(device)
-    if t is None:
-        t = _ONES[device] = torch.ones(1, dtype=torch.int64, device=device)
-    return t
-
 
 def as_routing(r: Routing | Tensor) -> Routing:
     """A bare tensor -> Routing: 1-D -> counts [E]; 2-D integer -> indices [T, k]; 2-D bool/float -> mask [T, E]."""
@@ -40,8 +31,9 @@ def as_routing(r: Routing | Tensor) -> Routing:
 def accumulate(r: Routing | Tensor, routed: Tensor, kept: Tensor | None, num_experts: int, top_k: int) -> None:
     """Add one forward's routing to this step's rows of one layer.
 
-    routed, kept: [W] int64 rows, W >= num_experts + 2: bins [0, E) experts, bin E no expert /
-    dropped, last bin tokens (kept's last bin unused). kept None: routed only.
+    routed, kept: [W] int64 rows of the current step for one layer, W >= num_experts + 3: bin 0 no
+    expert / dropped, bins [1, E] experts 0..E-1, bin E + 1 out-of-range ids, last bin tokens
+    (kept's last bin unused). kept None: routed only.
     Raises ValueError on a malformed routing (shape or dtype), before touching the rows.
     """
     r = as_routing(r)
@@ -55,12 +47,12 @@ def accumulate(r: Routing | Tensor, routed: Tensor, kept: Tensor | None, num_exp
         if keep is not None and keep.numel() != idx.numel():
             raise ValueError(f"kept has shape {tuple(keep.shape)}, indices {tuple(idx.shape)}")
         tokens = idx.shape[0] if r.tokens is None else r.tokens
-        i = idx.reshape(-1).to(dev, torch.int64, non_blocking=True).clamp(-1, E).remainder_(E + 1)
-        ones = _one(dev).expand(i.numel())
+        i = idx.reshape(-1).to(dev, torch.int64, non_blocking=True).clamp(-1, E).add_(1)
+        ones = torch.ones_like(i)
         routed.index_add_(0, i, ones)
         if kept is not None:
             if keep is not None:
-                i = torch.where(keep.reshape(-1).to(dev, non_blocking=True).bool(), i, E)
+                i = torch.where(keep.reshape(-1).to(dev, non_blocking=True).bool(), i, 0)
             kept.index_add_(0, i, ones)
     elif r.mask is not None:
         m = r.mask
@@ -68,12 +60,12 @@ def accumulate(r: Routing | Tensor, routed: Tensor, kept: Tensor | None, num_exp
             raise ValueError(f"routing map must be [T, {E}], got shape {tuple(m.shape)}")
         c = m.to(dev, non_blocking=True).sum(0, dtype=torch.int64)
         tokens = m.shape[0] if r.tokens is None else r.tokens
-        routed[:E].add_(c)
+        routed[1 : E + 1].add_(c)
         if kept is not None:
             km = r.kept_mask
             if km is not None and tuple(km.shape) != tuple(m.shape):
                 raise ValueError(f"kept_mask has shape {tuple(km.shape)}, routing map {tuple(m.shape)}")
-            kept[:E].add_(c if km is None else km.to(dev, non_blocking=True).sum(0, dtype=torch.int64))
+            kept[1 : E + 1].add_(c if km is None else km.to(dev, non_blocking=True).sum(0, dtype=torch.int64))
     elif r.counts is not None:
         if r.counts.dim() != 1 or r.counts.shape[0] != E:
             raise ValueError(f"expert counts must be [{E}], got shape {tuple(r.counts.shape)}")
@@ -81,10 +73,10 @@ def accumulate(r: Routing | Tensor, routed: Tensor, kept: Tensor | None, num_exp
             raise ValueError(f"kept_counts must be [{E}], got shape {tuple(r.kept_counts.shape)}")
         c = r.counts.to(dev, torch.int64, non_blocking=True)
         tokens = torch.div(c.sum(), top_k, rounding_mode="floor") if r.tokens is None else r.tokens
-        routed[:E].add_(c)
+        routed[1 : E + 1].add_(c)
         if kept is not None:
             kc = c if r.kept_counts is None else r.kept_counts.to(dev, torch.int64, non_blocking=True)
-            kept[:E].add_(kc)
+            kept[1 : E + 1].add_(kc)
     else:
         raise ValueError("Routing holds neither indices, mask nor counts")
     if isinstance(tokens, Tensor):

@@ -2,9 +2,9 @@
 
 Block layout (device and host): `[F, P, L, W]` int64 for one rank, `[R, F, P, L, W]` after the
 gather; F = flush_every slots (steps), P planes (train routed, train kept, eval routed, eval kept;
-see `Layout`), L layers, W = E_max + 3 columns: experts [0, E_max), the spare bin E_max (no expert
-/ dropped; layers with fewer experts use their own bin E), a disabled-layer flag (routed planes),
-tokens (last column, routed planes).
+see `Layout`), L layers, W = E_max + 4 columns: 0 no expert / dropped, [1, E_max] experts, E + 1
+out-of-range ids (a layer with E < E_max uses its padding), a disabled-layer flag (routed planes),
+tokens (last column, routed planes). See `accumulate`.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Layout:
 
     @property
     def width(self) -> int:
-        return max(self.experts_per_layer) + 3
+        return max(self.experts_per_layer) + 4
 
     @staticmethod
     def make(layers: list[str], experts_per_layer: list[int], kept: bool, record_eval: bool) -> Layout:
@@ -172,8 +172,8 @@ class BlockWriter:
         for split, pr, pk in (("train", lay.routed, lay.kept), ("eval", lay.eval_routed, lay.eval_kept)):
             if pr is None:
                 continue
-            routed, tokens = a[:, :, pr, :, :E], a[:, :, pr, :, TOKENS_COL]
-            kept = a[:, :, pk, :, :E] if pk is not None else None
+            routed, tokens = a[:, :, pr, :, 1 : E + 1], a[:, :, pr, :, TOKENS_COL]
+            kept = a[:, :, pk, :, 1 : E + 1] if pk is not None else None
             steps, times = job.steps, job.times
             if split == "eval":
                 seen = tokens.sum((1, 2)) > 0

@@ -196,17 +196,17 @@ def test_accumulate_matches_numpy(T, k, E, seed):
     rng = np.random.default_rng(seed)
     idx = rng.integers(-1, E, size=(T, k))
     kept = rng.random((T, k)) < 0.7
-    W = E + 3
+    W = E + 4
     routed_row, kept_row = torch.zeros(W, dtype=torch.int64), torch.zeros(W, dtype=torch.int64)
     accumulate(Routing(indices=torch.from_numpy(idx), kept=torch.from_numpy(kept)), routed_row, kept_row, E, k)
     ok = idx >= 0
-    np.testing.assert_array_equal(routed_row[:E].numpy(), np.bincount(idx[ok], minlength=E))
-    np.testing.assert_array_equal(kept_row[:E].numpy(), np.bincount(idx[ok & kept], minlength=E))
-    assert routed_row[E] == (~ok).sum() and routed_row[-1] == T
+    np.testing.assert_array_equal(routed_row[1 : E + 1].numpy(), np.bincount(idx[ok], minlength=E))
+    np.testing.assert_array_equal(kept_row[1 : E + 1].numpy(), np.bincount(idx[ok & kept], minlength=E))
+    assert routed_row[0] == (~ok).sum() and routed_row[-1] == T
     mask = torch.from_numpy(rng.random((T, E)) < 0.3)
     before = routed_row.clone()
     accumulate(mask, routed_row, None, E, k)
-    np.testing.assert_array_equal((routed_row - before)[:E].numpy(), mask.numpy().sum(0))
+    np.testing.assert_array_equal((routed_row - before)[1 : E + 1].numpy(), mask.numpy().sum(0))
 
 
 def test_accumulate_rejects_malformed_routing_before_touching_rows():
