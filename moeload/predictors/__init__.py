@@ -7,7 +7,7 @@ lstm (torch, imported only when fitted).
 
 from __future__ import annotations
 
-from moeload.predictors import arima, damped_trend, ema, kalman, last, sw_avg  # noqa: F401
+from moeload.predictors import arima, damped_trend, ema, kalman, last, lstm, ridge, state_aware, sw_avg  # noqa: F401
 from moeload.predictors.base import Predictor
 from moeload.predictors.registry import available, get, register
 

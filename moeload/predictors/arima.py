@@ -202,6 +202,8 @@ class Arima(Predictor):
         """(differenced standardised series [n, T-d], scale [n], fittable mask [n])."""
         p, d, q = self.order_
         y = self.series_
+        if y.shape[1] - d < 2:
+            return np.zeros((y.shape[0], max(y.shape[1] - d, 0))), np.zeros(y.shape[0]), np.zeros(y.shape[0], bool)
         w = np.diff(y, n=d, axis=1)
         mean = w.mean(axis=1, keepdims=True) if d == 0 else np.zeros((y.shape[0], 1))
         scale = (w - mean).std(axis=1)

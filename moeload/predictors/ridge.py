@@ -1,0 +1,101 @@
+"""`ridge`: direct forecast of the horizon-average proportion by ridge regression on window means.
+
+For an origin t (steps seen) and each (layer, expert) series, the features are the means over the
+last w steps for w in `windows`, minus the reference mean over the last `windows[ref]` steps; the
+target is the mean over the next H steps minus the same reference. A linear combination of window
+means is a kernel over the history, so the model can learn both smoothing and drift
+extrapolation (e.g. 2 m_200 - m_1000). One model is pooled over all experts and layers and over
+origins every `stride` steps of the history (and of extra runs passed to `fit([...])`), fitted
+with scikit-learn `RidgeCV` (leave-one-out choice of the penalty) when `predict(H)` is first
+called for a horizon H. The forecast is that horizon-average, held flat for H steps. Where the
+history is too short for targets H steps ahead, the model is trained for the longest horizon the
+history allows (at least half the history); with fewer than `min_origins` origins it falls back
+to the reference window mean.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from moeload.predictors._util import check_int
+from moeload.predictors._windows import cumsum0, window_mean
+from moeload.predictors.base import Predictor
+from moeload.predictors.registry import register
+
+
+def window_features(c: np.ndarray, ends: np.ndarray, windows: Sequence[int], ref: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features [n_ends, L, E, len(windows) - 1] and reference [n_ends, L, E] from cumsum c."""
+    means = np.stack([window_mean(c, ends, w) for w in windows], axis=-1)
+    refv = means[..., ref]
+    feats = np.delete(means, ref, axis=-1) - refv[..., None]
+    return feats, refv
+
+
+@register("ridge")
+class RidgeWindows(Predictor):
+    """Ridge regression of the future horizon-average on multi-scale window means, pooled over experts."""
+
+    multi_run = True
+
+    def __init__(self, *, windows: Sequence[int] = (1, 10, 50, 200, 500, 1000, 2000, 4000), ref: int = 3,
+                 stride: int = 25, alphas: Sequence[float] = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0),
+                 max_samples: int = 200_000, min_origins: int = 4, seed: int = 0) -> None:
+        super().__init__(windows=windows, ref=ref, stride=stride, alphas=alphas, max_samples=max_samples,
+                         min_origins=min_origins, seed=seed)
+
+    def _fit_runs(self, runs: Sequence[np.ndarray]) -> None:
+        self.windows_ = [check_int("windows", w) for w in self.windows]
+        check_int("ref", self.ref, 0)
+        self.extra_runs_ = [r for r in runs[:-1]]
+        self.models_: dict[int, tuple[object, int] | None] = {}
+
+    def _fit(self, p: np.ndarray) -> None:
+        self._fit_runs([p])
+
+    def _update(self, new_p: np.ndarray) -> None:
+        self.models_ = {}
+
+    def _samples(self, p: np.ndarray, horizon: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+        c = cumsum0(p)
+        T = p.shape[0]
+        ends = np.arange(max(1, min(self.windows_)), T - horizon + 1, stride)
+        if ends.size == 0:
+            return np.zeros((0, len(self.windows_) - 1)), np.zeros(0)
+        X, refv = window_features(c, ends, self.windows_, self.ref)
+        y = window_mean(c, ends + horizon, horizon) - refv
+        keep = np.broadcast_to(self.mask_[None], y.shape)
+        return X[keep], y[keep]
+
+    def _train(self, horizon: int):
+        from sklearn.linear_model import RidgeCV
+
+        T = self.history_.shape[0]
+        h_eff = min(horizon, max(1, T // 2))
+        n_series = int(self.mask_.sum())
+        runs = self.extra_runs_ + [self.history_]
+        n_origins = sum(max(0, r.shape[0] - h_eff) for r in runs)
+        stride = max(check_int("stride", self.stride), int(np.ceil(n_origins * n_series / self.max_samples)))
+        parts = [self._samples(r, min(horizon, r.shape[0] // 2) if r is self.history_ else horizon, stride)
+                 for r in runs]
+        X = np.concatenate([a for a, _ in parts])
+        y = np.concatenate([b for _, b in parts])
+        if X.shape[0] < check_int("min_origins", self.min_origins) * max(n_series, 1):
+            return None
+        scale = X.std(axis=0) + 1e-12
+        model = RidgeCV(alphas=tuple(self.alphas), fit_intercept=True).fit(X / scale, y)
+        return model, scale
+
+    def _predict(self, horizon: int) -> np.ndarray:
+        if horizon not in self.models_:
+            self.models_[horizon] = self._train(horizon)
+        c = cumsum0(self.history_[-max(self.windows_) :])
+        X, refv = window_features(c, np.array([c.shape[0] - 1]), self.windows_, self.ref)
+        fitted = self.models_[horizon]
+        out = refv[0]
+        if fitted is not None:
+            model, scale = fitted
+            L, E, k = X.shape[1:]
+            out = out + model.predict(X[0].reshape(-1, k) / scale).reshape(L, E)
+        return np.broadcast_to(out, (horizon,) + out.shape).copy()
