@@ -173,3 +173,4 @@ def compare(
     if forecast.any():
         table.loc[table.loc[forecast, "imbalance"].idxmin(), "best_forecast"] = True
     return table
+
