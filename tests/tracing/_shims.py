@@ -1,7 +1,8 @@
-"""Test-only shims that let the real megatron-core MoE code run on a CPU-only torch build.
+"""Test-only shims that let the real megatron-core and DeepSpeed code run on a CPU-only torch build.
 
 Nothing here changes what the router computes: each shim replaces one CUDA-only call or fills one
-name that a missing optional dependency leaves undefined. Used by tests/tracing/test_megatron.py only.
+name that a missing optional dependency leaves undefined; the world helpers set up and fully undo
+a 1-process torch.distributed world. Used by tests/tracing/test_megatron.py and test_callbacks.py.
 """
 
 from __future__ import annotations
@@ -53,3 +54,42 @@ def gloo_world_of_one() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def deepspeed_world_of_one() -> Iterator[None]:
+    """`deepspeed.init_distributed("gloo")` as a 1-process world, undone on exit (for engine tests)."""
+    import deepspeed
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.ops
+    from deepspeed.utils import groups
+
+    saved_ops = deepspeed.ops.__dict__.get("__compatible_ops__")
+    # Tells DeepSpeed that none of its C++ ops is buildable. Without it, init_distributed on a
+    # CPU-only torch compiles the shared-memory allreduce op `deepspeed_shm_comm` (30 s to 3 min
+    # on 2 cores, cached afterwards under ~/.cache/torch_extensions) after probing every op with
+    # the compiler; gloo then does the collectives itself.
+    deepspeed.ops.__compatible_ops__ = {}
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deepspeed.init_distributed("gloo")
+        yield
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        ds_comm.cdb = None  # DeepSpeed's handle on the destroyed world
+        for d in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
+                  groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+            d.clear()
+        groups._WORLD_GROUP = None
+        if saved_ops is None:
+            deepspeed.ops.__dict__.pop("__compatible_ops__", None)
+        else:
+            deepspeed.ops.__compatible_ops__ = saved_ops
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
