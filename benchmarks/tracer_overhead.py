@@ -1,7 +1,7 @@
 """Step time of the embedded MoE workload with and without LoadTracer, measured in the same run.
 
 Two identical models (same seed, same batches, same optimizer) are stepped alternately in blocks of
-``--block`` steps: one has a LoadTracer attached, the other has none. Every step is timed on its own
+``--block`` steps, in ABBA order: one has a LoadTracer attached, the other has none. Every step is timed on its own
 (``torch.cuda.synchronize`` before and after on CUDA, for both arms alike), so machine noise hits
 both arms equally and the overhead is a mean of paired differences:
 
@@ -155,20 +155,13 @@ def main(argv: list[str] | None = None) -> dict:
             tracer.step()
 
         arms = [("traced", traced_step), ("plain", step_p)]
-        i = {"traced": 0, "plain": 0}
-        turn = 0
         t_start = time.perf_counter()
-        while min(i.values()) < total:
-            name, fn = arms[turn % 2]
-            for _ in range(args.block):
-                if i[name] >= total:
-                    break
-                b = steps_data[i[name]]
-                dt = timed(lambda: fn(b), device)
-                if i[name] >= args.warmup:
-                    times[name].append(dt)
-                i[name] += 1
-            turn += 1
+        for r, start in enumerate(range(0, total, args.block)):
+            for name, fn in arms if r % 2 == 0 else arms[::-1]:  # ABBA: neither arm always runs first
+                for j in range(start, min(start + args.block, total)):
+                    dt = timed(lambda: fn(steps_data[j]), device)
+                    if j >= args.warmup:
+                        times[name].append(dt)
         wall = time.perf_counter() - t_start
         tracer.close()
         t = open_trace(trace_path)
@@ -200,8 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     stem = f"tracer_overhead_{cfg.name}_{args.device}"
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    title = (f"LoadTracer overhead, {cfg.name} on {args.device} ({dev_name}), flush_every={args.flush_every}: "
-             f"{summary['overhead_pct']:+.2f} % [{summary['overhead_ci95_pct'][0]:+.2f}, {summary['overhead_ci95_pct'][1]:+.2f}]")
+    title = (f"LoadTracer overhead, {cfg.name} on {dev_name}, flush_every={args.flush_every}: "
+             f"{summary['overhead_pct']:+.2f} % (95 % CI {summary['overhead_ci95_pct'][0]:+.2f} .. {summary['overhead_ci95_pct'][1]:+.2f})")
     figure(traced, plain, summary, title, out_dir / f"{stem}.png")
     s = summary
     print(f"config {cfg.name}, device {args.device} ({dev_name}), {s['n_pairs']} step pairs, flush_every {args.flush_every}")
