@@ -12,8 +12,6 @@ Means over t use the steps where y is valid, for f as well, so both sides cover 
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 METRICS = ("mae_pp", "rmse_pp", "mre", "havg_mae_pp", "maxload_err")
@@ -35,29 +33,30 @@ def error_metrics(f: np.ndarray, y: np.ndarray, experts: np.ndarray, gpu_map: np
     n_eval [L] (valid steps). Layers with no valid step get NaN."""
     H, L, E = y.shape
     emask = (np.arange(E)[None, :] < np.asarray(experts)[:, None]) & (gpu_map >= 0)  # [L, E]
-    valid = ~np.isnan(y).any(-1)  # [H, L]
-    use = valid[:, :, None] & emask[None]  # [H, L, E]
-    err = np.where(use, f - np.nan_to_num(y), np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        out = {
-            "mae_pp": 100 * np.nanmean(np.abs(err), axis=(0, 2)),
-            "rmse_pp": 100 * np.sqrt(np.nanmean(err**2, axis=(0, 2))),
-        }
-        pos = use & (np.nan_to_num(y) > 0)
-        rel = np.where(pos, np.abs(err) / np.where(pos, y, 1.0), np.nan)
-        out["mre"] = np.nanmean(rel, axis=(0, 2))
-        fbar = np.nanmean(np.where(use, f, np.nan), axis=0)  # [L, E]
-        ybar = np.nanmean(np.where(use, y, np.nan), axis=0)
-        out["havg_mae_pp"] = 100 * np.nanmean(np.abs(fbar - ybar), axis=1)
+    valid = ~np.isnan(y[:, :, 0])  # [H, L]; rows are all NaN (no tokens) or all numbers
+    n_eval = valid.sum(0)  # [L]
+    w = valid[:, :, None] & emask[None]  # [H, L, E] entries that count
+    y0 = np.where(w, y, 0.0)
+    f0 = np.where(w, f, 0.0)
+    ad = np.abs(f0 - y0)
+    n_ent = np.maximum(n_eval * emask.sum(1), 1)  # [L]
+    pos = y0 > 0
+    rel = np.divide(ad, y0, out=np.zeros_like(ad), where=pos)
+    nv = np.maximum(n_eval, 1)[:, None]
+    fbar, ybar = f0.sum(0) / nv, y0.sum(0) / nv  # [L, E]
+    out = {
+        "mae_pp": 100 * ad.sum((0, 2)) / n_ent,
+        "rmse_pp": 100 * np.sqrt((ad * ad).sum((0, 2)) / n_ent),
+        "mre": np.where(pos.any((0, 2)), rel.sum((0, 2)) / np.maximum(pos.sum((0, 2)), 1), np.nan),
+        "havg_mae_pp": 100 * np.abs(fbar - ybar).sum(1) / np.maximum(emask.sum(1), 1),
+    }
     G = int(gpu_map.max()) + 1
     onehot = (gpu_map[:, :, None] == np.arange(G)[None, None, :]) & emask[:, :, None]  # [L, E, G]
-    Fg = np.einsum("le,leg->lg", np.nan_to_num(fbar), onehot)
-    Yg = np.einsum("le,leg->lg", np.nan_to_num(ybar), onehot)
+    Fg = np.einsum("le,leg->lg", fbar, onehot)
+    Yg = np.einsum("le,leg->lg", ybar, onehot)
     ymax = Yg.max(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         out["maxload_err"] = np.abs(Fg.max(1) - ymax) / ymax
-    n_eval = valid.sum(0)
     for k in out:
         out[k] = np.where(n_eval > 0, out[k], np.nan)
     out["n_eval"] = n_eval

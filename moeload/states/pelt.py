@@ -2,15 +2,16 @@
 
 Signal: the run is cut into non-overlapping blocks of b steps (b = max(block, ceil(S / max_points))
 so PELT sees at most `max_points` points); per block and expert, the range (or variance) of the
-expert's proportion within the block; mean over experts; natural log. PELT with the "l2" cost finds
-changes of the mean log level, penalty = pen * sigma^2 * log(n), sigma the noise of the signal
-estimated from its first differences (MAD / 0.6745 / sqrt 2), so the rule is scale-free.
+expert's proportion within the block; mean over experts; natural log. PELT with an l2 cost finds
+changes of the mean log level (cost from cumulative sums), penalty = pen * sigma^2 * log(n),
+sigma the noise of the signal estimated from its first differences (MAD / 0.6745 / sqrt 2), so the rule is scale-free.
 A segment is stable when its mean log level is within log(factor) of the lowest segment level
 (segments shorter than min_size blocks cannot occur). Offline only: it sees the whole run.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any
@@ -22,6 +23,32 @@ from moeload.states.base import StateResult, finish
 from moeload.states._input import LoadInput, int_param, pos_param
 
 
+@functools.lru_cache(maxsize=None)
+def _cost_class() -> type:
+    """The cost class, built on first use so that importing moeload.states skips ruptures."""
+    from ruptures.base import BaseCost
+
+    class _CumsumL2(BaseCost):
+        """ruptures cost: squared deviations from the segment mean in O(1) by cumulative sums (the
+        built-in "l2" cost recomputes each slice, which makes PELT slow on long signals)."""
+
+        model = "cumsum_l2"
+        min_size = 1
+
+        def fit(self, signal: np.ndarray) -> "_CumsumL2":
+            y = np.asarray(signal, dtype=np.float64).reshape(len(signal), -1)
+            self.signal = y
+            self.c1 = np.concatenate([np.zeros((1, y.shape[1])), np.cumsum(y, 0)])
+            self.c2 = np.concatenate([np.zeros((1, y.shape[1])), np.cumsum(y * y, 0)])
+            return self
+
+        def error(self, start: int, end: int) -> float:
+            s1 = self.c1[end] - self.c1[start]
+            return float((self.c2[end] - self.c2[start] - s1 * s1 / (end - start)).sum())
+
+    return _CumsumL2
+
+
 class PeltRule:
     """block: minimum block length (steps); max_points: cap on the signal length; stat: "range" |
     "var"; pen: penalty multiplier; min_size: shortest segment in blocks; factor: stable band above
@@ -30,7 +57,7 @@ class PeltRule:
     name = "pelt"
     causal = False
 
-    def __init__(self, block: int = 20, max_points: int = 500, stat: str = "range", pen: float = 4.0,
+    def __init__(self, block: int = 20, max_points: int = 250, stat: str = "range", pen: float = 4.0,
                  min_size: int = 3, factor: float = 1.5) -> None:
         self.block = int_param(block, "block", 2)
         self.max_points = int_param(max_points, "max_points", 10)
@@ -80,7 +107,8 @@ class PeltRule:
             d = np.diff(y)
             sigma = np.median(np.abs(d - np.median(d))) / 0.6745 / math.sqrt(2)
             sigma = max(sigma, 1e-3)
-            algo = ruptures.Pelt(model="l2", min_size=min(self.min_size, max(1, nb // 2)), jump=1).fit(y[:, None])
+            ms = min(self.min_size, max(1, nb // 2))
+            algo = ruptures.Pelt(custom_cost=_cost_class()(), min_size=ms, jump=1).fit(y[:, None])
             bkps = algo.predict(pen=self.pen * sigma**2 * math.log(nb))
             starts = [0] + bkps[:-1]
             levels = [y[a:c].mean() for a, c in zip(starts, bkps)]

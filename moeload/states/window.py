@@ -133,37 +133,41 @@ class WindowRule:
         return self.reference != "late" and not self.center
 
     # -- statistics -------------------------------------------------------------------------
-    def _agg(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        x = np.where(mask, x, np.nan)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(x, -1) if self.agg == "mean" else np.nanmax(x, -1)
+    def _agg(self, x: np.ndarray) -> np.ndarray:
+        return x.mean(-1) if self.agg == "mean" else x.max(-1)
 
     def statistic(self, p: np.ndarray, inp: LoadInput, assignments: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         """Trailing-window layer statistic [S, L] and, for reference="noise", its noise level [S, L]."""
         w = self.window
-        mask = np.arange(p.shape[2])[None, None, :] < inp.experts[None, :, None]
-        mean, var, n = rolling_var(p, w)
-        if self.stat == "range":
-            per = rolling_extreme(p, w, np.fmax) - rolling_extreme(p, w, np.fmin)
-        else:
-            per = var
+        S, L, _ = p.shape
+        if self.reference == "noise" and assignments is None:
+            raise InputError("reference='noise' needs routed assignments per step: pass integer counts, a Trace or tokens=")
+        valid = ~np.isnan(p[:, :, 0])  # [S, L]; rows are all NaN or all numbers
+        n = rolling_sum(valid.astype(np.float64), w)  # [S, L] steps with tokens in each window
         ok = n >= self.min_periods
         ok[: w - 1] = False  # a window must span w steps
-        per = np.where(ok, per, np.nan)
-        fluct = self._agg(per, mask)
-        if self.reference != "noise":
-            return fluct, None
-        if assignments is None:
-            raise InputError("reference='noise' needs routed assignments per step: pass integer counts, a Trace or tokens=")
-        with np.errstate(divide="ignore"):
-            inv_n = np.where(assignments > 0, 1.0 / np.where(assignments > 0, assignments, 1), np.nan)
-        inv_mean = rolling_var(inv_n, w)[0]  # [S, L]
-        k = inp.top_k[None, :, None].astype(np.float64)
-        sig2 = np.maximum(mean * (1 - np.minimum(k * mean, 1.0)), 0.0) * inv_mean[..., None]
-        ref = sig2 if self.stat == "var" else d2(n, w) * np.sqrt(sig2)
-        ref = np.where(ok, ref, np.nan)
-        return fluct, self._agg(ref, mask)
+        fluct = np.full((S, L), np.nan)
+        noise = np.full((S, L), np.nan) if self.reference == "noise" else None
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for li in range(L):
+                x = np.ascontiguousarray(p[:, li, : int(inp.experts[li])])  # [S, E_l]
+                if self.stat == "range":
+                    per = rolling_extreme(x, w, np.fmax) - rolling_extreme(x, w, np.fmin)
+                else:
+                    per = rolling_var(x, w)[1]
+                fluct[:, li] = np.where(ok[:, li], self._agg(per), np.nan)
+                if noise is None:
+                    continue
+                a = assignments[:, li]
+                inv_n = np.where(a > 0, 1.0 / np.where(a > 0, a, 1), np.nan)
+                inv_mean = rolling_sum(inv_n, w) / n[:, li]  # [S]
+                mean = rolling_sum(x, w) / n[:, li, None]  # [S, E_l]
+                k = float(inp.top_k[li])
+                sig2 = np.maximum(mean * (1 - np.minimum(k * mean, 1.0)), 0.0) * inv_mean[:, None]
+                ref = sig2 if self.stat == "var" else d2(n[:, li], w)[:, None] * np.sqrt(sig2)
+                noise[:, li] = np.where(ok[:, li], self._agg(ref), np.nan)
+        return fluct, noise
 
     def codes(self, fluct: np.ndarray, thr: np.ndarray) -> np.ndarray:
         """Evidence codes [S, L] from statistic and entry threshold."""
