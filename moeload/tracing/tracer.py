@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
 import warnings
@@ -192,6 +193,8 @@ class LoadTracer:
         self._writer.preallocate(self._gathered if self._gathered is not None else self._buf)
         for li, spec in enumerate(self.specs):
             self._handles[li] = spec.module.register_forward_hook(self._make_hook(li, spec))
+        if self.world_size == 1:  # a forgotten close() still writes the last block at interpreter exit
+            atexit.register(self.close)
         return self
 
     # ---- hot path ---------------------------------------------------------------------------------
@@ -235,7 +238,8 @@ class LoadTracer:
     def step(self) -> None:
         """Close one optimizer step (all counted forwards since the previous call); flush every `flush_every`."""
         if self._buf is None:
-            self.start()
+            raise InputError("LoadTracer.step() before start() (or after close()): use `with tracer:` or tracer.start() "
+                             "before the first forward, so that step's forwards are counted")
         self._times[self._slot] = time.time()
         self._slot += 1
         if self._slot == self.flush_every:
@@ -283,12 +287,14 @@ class LoadTracer:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)
         for h in self._handles.values():
             h.remove()
         self._handles.clear()
         if self._writer is not None:
             self._flush(collective)
             self._writer.close()
+        self._buf = self._gathered = None
         if self._warn_writer:
             self._warn_writer = False
             warnings.warn(f"moeload: trace writing failed ({self.errors[-1]}); see tracer.errors", RuntimeWarning, stacklevel=2)

@@ -184,3 +184,42 @@ def test_manifest_notes_and_rank_map(tmp_path):
     assert meta["model_name"] == "tiny-drop"
     assert meta["world_size"] == 1 and meta["ranks_recorded"] is False and meta["ep_size"] == 1
     assert meta["extra"]["gate_classes"] == ["TopKRouter"]
+
+
+def test_exit_on_exception_flushes_partial_block_and_step_needs_start(tmp_path):
+    lp = Loop()
+    with pytest.raises(RuntimeError, match="boom"):
+        with LoadTracer(lp.model, tmp_path / "t", flush_every=10) as tr:
+            ref_r, _ = lp.run(3, tr)
+            raise RuntimeError("boom")
+    t = open_trace(tmp_path / "t")
+    assert t.steps.tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(t.counts(), ref_r)
+    with pytest.raises(InputError, match="before start"):
+        tr.step()
+    with pytest.raises(InputError, match="before start"):
+        LoadTracer(lp.model, tmp_path / "u").step()
+
+
+def test_adapter_expert_to_rank_map_reaches_the_manifest(tmp_path):
+    from moeload.tracing import Adapter, GateSpec, Routing
+
+    class ShardedRouters(Adapter):
+        """An adapter that knows expert parallelism: experts 0, 2 on EP rank 0; 1, 3 on EP rank 1."""
+
+        name = "sharded-test"
+
+        def find(self, model):
+            return [
+                GateSpec(m, n, m.num_experts, m.top_k, lambda mod, i, o: Routing(indices=o.indices),
+                         framework="sharded-test", expert_to_rank=[0, 1, 0, 1], ep_size=2)
+                for n, m in model.routers().items()
+            ]
+
+    lp = Loop()
+    with LoadTracer(lp.model, tmp_path / "t", adapters=[ShardedRouters()], flush_every=2) as tr:
+        ref_r, _ = lp.run(2, tr)
+    t = open_trace(tmp_path / "t")
+    assert t.meta["ep_size"] == 2 and t.meta["expert_to_rank"] == [[0, 1, 0, 1]] * 2
+    assert t.meta["framework"] == "sharded-test" and t.meta["count_kind"] == "routed"
+    np.testing.assert_array_equal(t.gpu_loads(), np.stack([ref_r[..., 0::2].sum(-1), ref_r[..., 1::2].sum(-1)], -1))
