@@ -176,7 +176,7 @@ def backtest_errors(
             raise InputError(f"backtest_errors: predictor(s) {unknown} not in df; have {sorted(set(stats['predictor']))}")
     horizons = sorted(stats["horizon"].unique())
     combos = [(hz, ph) for hz in horizons for ph in phases]
-    ax = c.new_axes(ax, (max(6.0, 1.2 + 0.35 * len(names) * len(combos)), 3.8))
+    ax = c.new_axes(ax, (min(12.0, max(6.0, 1.2 + 0.35 * len(names) * len(combos))), 3.8))
     colors = c.line_colors(len(horizons))
     hatches = {"all": "", "stable": "//", "transient": ".."}
     width = 0.8 / len(combos)

@@ -11,22 +11,21 @@ from moeload.errors import InputError
 from moeload.plots import _common as c
 
 
-def _layer_proportions(data: Any, layer: int | str, steps: Any, name: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """-> (p [S, E] in %, step numbers [S], layer label) from a Trace, [S, L, E] or [S, E]."""
+def _layer_proportions(data: Any, layer: int | str, steps: Any, name: str) -> tuple[np.ndarray, np.ndarray, int, str]:
+    """-> (p [S, E] in %, step numbers [S], layer index, label) from a Trace, [S, L, E] or [S, E]."""
     if c.is_trace(data):
         p = data.proportions(steps=steps, layers=[layer])[:, 0]
-        li = layer if isinstance(layer, int) else data.layers.index(layer)
+        li = data.layers.index(layer) if isinstance(layer, str) else int(layer) % data.num_layers
         p = p[:, : data.experts_per_layer[li]]
         s = c.trace_steps(data, steps).astype(np.float64)
-        return p * 100, s, f"layer {li} ({data.layers[li]})"
+        return p * 100, s, li, f"layer {li} ({data.layers[li]})"
     a = c.array(data, name, (2, 3))
-    label = ""
-    if a.ndim == 3:
-        if not isinstance(layer, int) or not -a.shape[1] <= layer < a.shape[1]:
-            raise InputError(f"layer={layer!r}: {name} has {a.shape[1]} layers; pass an index")
-        label = f"layer {layer % a.shape[1]}"
-        a = a[:, layer]
-    return a * 100, c.step_numbers(steps, len(a)), label
+    if a.ndim == 2:
+        return a * 100, c.step_numbers(steps, len(a)), 0, ""
+    if not isinstance(layer, (int, np.integer)) or not -a.shape[1] <= layer < a.shape[1]:
+        raise InputError(f"layer={layer!r}: {name} has {a.shape[1]} layers; pass an index")
+    li = int(layer) % a.shape[1]
+    return a[:, li] * 100, c.step_numbers(steps, len(a)), li, f"layer {li}"
 
 
 def load_heatmap(
@@ -45,7 +44,7 @@ def load_heatmap(
     More than `max_points` steps are averaged over bins of consecutive steps (said on the figure).
     Returns the Axes; the colour bar is `ax.images[0].colorbar`.
     """
-    p, s, label = _layer_proportions(data, layer, steps, "load_heatmap: data")
+    p, s, _, label = _layer_proportions(data, layer, steps, "load_heatmap: data")
     S, E = p.shape
     ax = c.new_axes(ax, (9, 3.6))
     xs, pb, b = c.bin_rows(s, p, max_points)
@@ -76,12 +75,11 @@ def load_heatmap(
 def _labels_of(labels: Any, layer: int, n: int) -> np.ndarray | None:
     if labels is None:
         return None
-    if hasattr(labels, "labels"):  # a states.StateResult
-        labels = np.asarray(labels.labels)
-        labels = labels[:, layer] if labels.ndim == 2 else labels
-    lab = np.asarray(labels)
+    lab = np.asarray(labels.labels if hasattr(labels, "labels") else labels)  # [S], [S, L] or a StateResult
     if lab.ndim == 2 and lab.shape[1] == 1:
         lab = lab[:, 0]
+    elif lab.ndim == 2 and layer < lab.shape[1]:
+        lab = lab[:, layer]
     if lab.shape != (n,):
         raise InputError(f"labels: expected [S={n}] booleans (True = stable), got shape {lab.shape}")
     return lab.astype(bool)
@@ -100,12 +98,12 @@ def proportions_over_time(
     """Each expert's share over training, with transient / stable phases shaded.
 
     p: proportions [S, E], [S, L, E] (pick `layer`) or a Trace; steps: [S] step numbers (or a
-    step selection for a Trace); labels: [S] bool (True = stable) or a `states.StateResult`
-    (its column `layer`). experts: which experts to draw (default all). Returns the Axes.
+    step selection for a Trace); labels: [S] bool (True = stable), or [S, L] / a
+    `states.StateResult` (column `layer` is used). experts: which experts to draw (default all). Returns the Axes.
     """
-    x, s, label = _layer_proportions(p, layer, steps, "proportions_over_time: p")
+    x, s, li, label = _layer_proportions(p, layer, steps, "proportions_over_time: p")
     S, E = x.shape
-    lab = _labels_of(labels, layer if isinstance(layer, int) else 0, S)
+    lab = _labels_of(labels, li, S)
     sel = list(range(E)) if experts is None else [int(e) for e in experts]
     if any(not 0 <= e < E for e in sel):
         raise InputError(f"experts={list(experts)}: indices must be in [0, {E})")

@@ -11,9 +11,15 @@ from moeload.plots import _common as c
 
 
 def _series(x: Any, name: str, layer: int) -> tuple[np.ndarray | None, np.ndarray]:
-    """-> (loads [S, G] or None, imbalance [S]) from [S, G], [S, L, G], [S] or a placement Evaluation."""
+    """-> (loads [S, G] or None, imbalance [S]) from [S, G], [S, L, G], [S], a placement
+    Evaluation (its gpu_load) or a ReplayResult (its step_imbalance [S, L])."""
     if hasattr(x, "gpu_load") and hasattr(x, "imbalance"):
         x = x.gpu_load
+    elif hasattr(x, "step_imbalance"):
+        imb = c.array(x.step_imbalance, f"{name}.step_imbalance", (2,))
+        if not -imb.shape[1] <= layer < imb.shape[1]:
+            raise InputError(f"layer={layer}: {name} has {imb.shape[1]} layers")
+        return None, imb[:, layer]
     a = c.array(x, name, (1, 2, 3))
     if a.ndim == 3:
         if not -a.shape[1] <= layer < a.shape[1]:
@@ -44,9 +50,9 @@ def gpu_load(
     """Per-GPU load (top) and imbalance max / mean over GPUs (bottom) over training.
 
     loads: one run's per-GPU loads [S, G] (or [S, L, G] / a `placement.Evaluation`: pick
-    `layer`) or its imbalance series [S]. before, after: two runs over the same steps to compare,
-    e.g. the recorded placement and a new plan replayed on the same counts; with both, `loads`
-    is left out. One run with G <= 16 GPUs draws a line per GPU; a comparison draws each run's
+    `layer`), its imbalance series [S], or a `placement.ReplayResult` (its step_imbalance).
+    before, after: two such runs over the same steps to compare, e.g. the recorded placement and
+    a new plan replayed on the same counts; with both, `loads` is left out. One run with G <= 16 GPUs draws a line per GPU; a comparison draws each run's
     busiest GPU, mean and min..max band. axes: two Axes to draw on (default a new figure).
     Returns the Figure.
     """
