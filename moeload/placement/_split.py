@@ -20,10 +20,13 @@ def water_fill(base: np.ndarray, amount: float) -> np.ndarray:
     return np.maximum(level - base, 0.0)
 
 
-def optimal_split(phy2log: np.ndarray, weight: np.ndarray, num_gpus: int) -> np.ndarray:
+def optimal_split(phy2log: np.ndarray, weight: np.ndarray, num_gpus: int, *, even_tiebreak: bool = False) -> np.ndarray:
     """Split that minimises the max GPU load for one layer's copies (a linear program).
 
     phy2log: [R] unit of each slot (slot s on GPU s // (R / num_gpus)); weight: [E].
+    even_tiebreak: among the optimal splits take the one closest (L1) to the even split (a second
+    LP), so that copies share a unit's work as evenly as the optimum allows: step-to-step noise of
+    a unit is then spread over its copies instead of landing on one of them.
     Returns `share: [R]`, the fraction of its unit's load each slot serves (even for idle units).
     """
     from scipy.optimize import linprog
@@ -50,10 +53,29 @@ def optimal_split(phy2log: np.ndarray, weight: np.ndarray, num_gpus: int) -> np.
     if res.status != 0:
         return share
     x = np.maximum(res.x[:num_slots], 0.0)
+    if even_tiebreak:
+        x = _closest_to_even(x, phy2log, w, slot_gpu, num_gpus, res.x[-1], share, linprog)
     unit_total = np.bincount(phy2log, weights=x, minlength=num_experts)
     busy = unit_total[phy2log] > 0
     share[busy] = x[busy] / unit_total[phy2log][busy]
     return share
+
+
+def _closest_to_even(x, phy2log, w, slot_gpu, num_gpus, level, even, linprog):
+    """Second stage: keep every GPU at or below `level`, minimise sum |x - even split|."""
+    from scipy.sparse import csr_matrix, hstack, identity, vstack
+
+    n = phy2log.shape[0]
+    target = w[phy2log] * even
+    eye = identity(n, format="csr")
+    a_eq = hstack([csr_matrix((np.ones(n), (phy2log, np.arange(n))), shape=(w.shape[0], n)),
+                   csr_matrix((w.shape[0], n))])
+    gpu_rows = csr_matrix((np.ones(n), (slot_gpu, np.arange(n))), shape=(num_gpus, n))
+    a_ub = vstack([hstack([gpu_rows, csr_matrix((num_gpus, n))]),  # GPU load <= level
+                   hstack([eye, -eye]), hstack([-eye, -eye])])  # |x - target| <= d
+    b_ub = np.r_[np.full(num_gpus, level * (1 + 1e-9) + 1e-12), target, -target]
+    res = linprog(np.r_[np.zeros(n), np.ones(n)], A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=w, method="highs")
+    return np.maximum(res.x[:n], 0.0) if res.status == 0 else x
 
 
 def split_loads(phy2log: np.ndarray, share: np.ndarray, weight: np.ndarray, num_gpus: int) -> np.ndarray:

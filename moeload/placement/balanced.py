@@ -8,6 +8,7 @@ Per layer it builds two candidates and keeps the better one under the chosen spl
 then improves the better one by local search under the optimal split: copy a unit of the busiest
 GPU into a slot whose unit has another copy, or swap a slot of the busiest GPU with any other slot,
 taking the first move that lowers the LP optimum, for at most `search` LP evaluations per layer.
+The final split is the optimal one closest to even (`optimal_split(..., even_tiebreak=True)`).
 With `split="even"` only candidate 1 is used, without the LP re-split or the search.
 """
 
@@ -114,10 +115,9 @@ def plan_balanced(
     fair = plan_fair_copying(weight, num_gpus, num_replicas)
     take_fair = imbalance_of(fair.gpu_load) < imbalance_of(refined.gpu_load) - 1e-12
     start = np.where(take_fair[:, None], fair.phy2log, refined.phy2log)
+    phy2log = start
     if search > 0:
-        found = [split_search(p, w, num_gpus, search) for p, w in zip(start, weight)]
-        phy2log, share = np.stack([f[0] for f in found]), np.stack([f[1] for f in found])
-    else:
-        phy2log, share = start, np.where(take_fair[:, None], fair.share, refined.share)
+        phy2log = np.stack([split_search(p, w, num_gpus, search)[0] for p, w in zip(start, weight)])
+    share = np.stack([optimal_split(p, w, num_gpus, even_tiebreak=True) for p, w in zip(phy2log, weight)])
     return Placement(phy2log, share, num_gpus, weight, "balanced",
                      {"split": split, "search": search, "fair_copying_layers": take_fair})

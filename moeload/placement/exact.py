@@ -88,7 +88,7 @@ def _chosen_layer(w: np.ndarray, num_gpus: int, slots: int, time_limit: float):
         while len(hosted[k]) < slots:
             hosted[k].append(hosted[k][0])
     phy2log = np.array([u for h in hosted for u in h], dtype=np.int64)
-    return phy2log, optimal_split(phy2log, w, num_gpus), optimal
+    return phy2log, optimal_split(phy2log, w, num_gpus, even_tiebreak=True), optimal
 
 
 def _even_layer(w: np.ndarray, num_gpus: int, slots: int, time_limit: float):

@@ -30,30 +30,73 @@ def _layer(w: np.ndarray, num_gpus: int, num_replicas: int) -> tuple[np.ndarray,
         amount[g][int(unit)] = float(w[unit])
         loads[g] += w[unit]
     for _ in range(num_replicas - w.shape[0]):
-        has_room = np.array([len(h) < slots for h in hosted])
-        unit, target = _pick_copy(hosted, amount, loads, has_room, w)
-        hosted[target].append(unit)
-        amount[target].setdefault(unit, 0.0)
-        gpus = [g for g in range(num_gpus) if unit in amount[g]]
-        base = np.array([loads[g] - amount[g][unit] for g in gpus])
-        for g, x in zip(gpus, water_fill(base, float(w[unit]))):
-            loads[g] += x - amount[g][unit]
-            amount[g][unit] = float(x)
+        _copy_once(hosted, amount, loads, slots, w)
     slot_unit = np.array([u for h in hosted for u in h], dtype=np.int64)
     # A unit held twice by one GPU (only when nothing else fits) shares that GPU's amount.
     return slot_unit, np.array([amount[g][u] / h.count(u) for g, h in enumerate(hosted) for u in h])
 
 
-def _pick_copy(hosted, amount, loads, has_room, w) -> tuple[int, int]:
-    """The unit to copy (heaviest part of the busiest GPU that can go elsewhere) and its target GPU."""
-    for g in np.argsort(-loads, kind="stable"):
-        for unit in sorted(amount[g], key=lambda u: -amount[g][u]):
-            targets = np.flatnonzero(has_room & np.array([unit not in a for a in amount]))
-            if targets.size and amount[g][unit] > 0:
-                return unit, int(targets[np.argmin(loads[targets])])
+def _spread(amount, loads, unit: int, total: float) -> None:
+    """Water-fill `unit`'s `total` load over the GPUs that hold it (in place)."""
+    gpus = [g for g in range(len(amount)) if unit in amount[g]]
+    base = np.array([loads[g] - amount[g][unit] for g in gpus])
+    for g, x in zip(gpus, water_fill(base, total)):
+        loads[g] += x - amount[g][unit]
+        amount[g][unit] = float(x)
+
+
+def _copy_once(hosted, amount, loads, slots: int, w: np.ndarray) -> None:
+    """Add one copy: the busiest GPU's heaviest unit goes to the lightest GPU without it.
+
+    If that GPU is full, its lightest unit first moves to the lightest GPU with a free slot
+    (when that lowers the resulting maximum more than copying to a GPU with room does).
+    """
+    room = [g for g in range(len(hosted)) if len(hosted[g]) < slots]
+    top = int(np.argmax(loads))
+    for unit in sorted(amount[top], key=lambda u: -amount[top][u]):
+        without = [g for g in range(len(hosted)) if unit not in amount[g]]
+        if not without or amount[top][unit] <= 0:
+            continue
+        options = []  # (resulting max load, target, relocation (unit, from, to) or None)
+        direct = [g for g in without if g in room]
+        if direct:
+            options.append((_trial(hosted, amount, loads, unit, min(direct, key=loads.__getitem__), None, w), 0, None))
+        full = min((g for g in without if g not in room), key=loads.__getitem__, default=None)
+        if full is not None:
+            v = min(amount[full], key=amount[full].get)
+            dest = [g for g in room if v not in amount[g]]
+            if dest:
+                move = (v, full, min(dest, key=loads.__getitem__))
+                options.append((_trial(hosted, amount, loads, unit, full, move, w), 1, move))
+        if options:
+            _, _, move = min(options, key=lambda o: (o[0], o[1]))
+            target = min(direct, key=loads.__getitem__) if move is None else move[1]
+            _apply(hosted, amount, loads, unit, target, move, w)
+            return
     # Every unit already sits on every GPU with room: duplicate the heaviest unit in place.
-    targets = np.flatnonzero(has_room)
-    return int(np.argmax(w)), int(targets[np.argmin(loads[targets])])
+    _apply(hosted, amount, loads, int(np.argmax(w)), min(room, key=loads.__getitem__), None, w)
+
+
+def _apply(hosted, amount, loads, unit, target, move, w) -> None:
+    if move is not None:
+        v, src, dst = move
+        hosted[src].remove(v)
+        hosted[dst].append(v)
+        x = amount[src].pop(v)
+        amount[dst][v] = x
+        loads[src] -= x
+        loads[dst] += x
+    hosted[target].append(unit)
+    amount[target].setdefault(unit, 0.0)
+    _spread(amount, loads, unit, float(w[unit]))
+
+
+def _trial(hosted, amount, loads, unit, target, move, w) -> float:
+    h = [list(x) for x in hosted]
+    a = [dict(x) for x in amount]
+    ld = loads.copy()
+    _apply(h, a, ld, unit, target, move, w)
+    return float(ld.max())
 
 
 def plan_fair_copying(
@@ -67,7 +110,7 @@ def plan_fair_copying(
     for w in weight:
         slot_unit, amount = _layer(w, num_gpus, num_replicas)
         if lp_split:
-            share = optimal_split(slot_unit, w, num_gpus)
+            share = optimal_split(slot_unit, w, num_gpus, even_tiebreak=True)
         else:
             share = np.where(w[slot_unit] > 0, amount / np.where(w[slot_unit] > 0, w[slot_unit], 1.0), 0.0)
             idle = w[slot_unit] <= 0

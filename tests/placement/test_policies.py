@@ -117,8 +117,11 @@ def test_fair_copying_splits_a_hot_unit_unevenly_to_level_gpus():
     copied = placement.plan(w, 3, 9, "fair_copying")
     assert best_effort.imbalance[0] == pytest.approx(11 / (16 / 3))  # two slots: the hot head plus a 1
     assert copied.imbalance[0] == pytest.approx(1.0)
-    hot = copied.share[0][copied.phy2log[0] == 0]
-    assert hot.size >= 2 and not np.allclose(hot, hot[0])  # uneven split
+    for lp_split in (True, False):  # 2 GPUs, 4 slots: only an uneven split of the 9 levels them
+        pl = placement.plan(np.array([9.0, 3, 1]), 2, 4, "fair_copying", lp_split=lp_split)
+        assert pl.imbalance[0] == pytest.approx(1.0)
+        hot = np.sort(pl.share[0][pl.phy2log[0] == 0])
+        assert hot.size == 2 and hot[1] - hot[0] > 0.1
 
 
 def test_water_fill_levels_and_conserves():
