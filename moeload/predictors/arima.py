@@ -13,9 +13,10 @@ Two engines, same model (no constant when d >= 1, a mean when d = 0, as statsmod
   agreement with statsmodels (tolerance documented in the tests).
 
 Both engines fit each series after dividing it by the standard deviation of its d-th difference
-(the model is scale-equivariant; this only helps the optimisers) and fall back to the last value
-(d >= 1; the mean for d = 0) for a series that is constant or shorter than `3 * (p + q) + 10 + d`
-steps after `max_history` is applied.
+(the model is scale-equivariant; this only helps the optimisers). A series whose d-th difference
+is constant (a constant or, for d >= 1, exactly polynomial series) continues that difference; a
+series shorter than `3 * (p + q) + 10 + d` steps (after `max_history`) gets its last value (d >= 1)
+or its mean (d = 0).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from moeload.predictors.registry import register
 
 
 # --- batched CSS estimation ---------------------------------------------------------------------
+_ONE = np.ones(1)
+
+
 def _lags(x: np.ndarray, k: int, start: int) -> np.ndarray:
     """x: [n, T] -> [n, T - start, k] with [:, t, i] = x[:, start + t - 1 - i]."""
     T = x.shape[1]
@@ -39,8 +43,9 @@ def _lags(x: np.ndarray, k: int, start: int) -> np.ndarray:
 
 def _lstsq(X: np.ndarray, y: np.ndarray, ridge: float = 1e-8) -> np.ndarray:
     """Batched least squares. X: [n, N, k], y: [n, N] -> [n, k]."""
-    G = np.einsum("ntk,ntl->nkl", X, X)
-    b = np.einsum("ntk,nt->nk", X, y)
+    Xt = X.transpose(0, 2, 1)
+    G = Xt @ X
+    b = (Xt @ y[:, :, None])[..., 0]
     G += ridge * (np.trace(G, axis1=1, axis2=2)[:, None, None] / G.shape[1] + 1e-12) * np.eye(G.shape[1])
     return np.linalg.solve(G, b[..., None])[..., 0]
 
@@ -67,27 +72,33 @@ def _residuals(w: np.ndarray, beta: np.ndarray, p: int, q: int) -> np.ndarray:
     """CSS residuals e_t = w_t - sum phi_i w_{t-i} - sum theta_j e_{t-j}, t >= p. -> [n, T - p]."""
     from scipy.signal import lfilter
 
-    ar = w[:, p:] - np.einsum("ntk,nk->nt", _lags(w, p, p), beta[:, :p]) if p else w.copy()
+    T = w.shape[1]
+    ar = w[:, p:].copy()
+    for i in range(p):
+        ar -= beta[:, i : i + 1] * w[:, p - 1 - i : T - 1 - i]
     if q == 0:
         return ar
-    out = np.empty_like(ar)
+    a = np.concatenate([np.ones((w.shape[0], 1)), beta[:, p:]], axis=1)
     for i in range(w.shape[0]):
-        out[i] = lfilter([1.0], np.r_[1.0, beta[i, p:]], ar[i])
-    return out
+        ar[i] = lfilter(_ONE, a[i], ar[i])
+    return ar
 
 
 def _jacobian(w: np.ndarray, e: np.ndarray, beta: np.ndarray, p: int, q: int) -> np.ndarray:
-    """d e / d beta: [n, T - p, p + q] (MA-filtered lagged values and lagged residuals)."""
+    """d e / d beta: [n, p + q, T - p] (MA-filtered lagged values and lagged residuals)."""
     from scipy.signal import lfilter
 
-    parts = [_lags(w, p, p)] if p else []
+    n, T = w.shape
+    N = T - p
+    X = np.zeros((n, p + q, N))
+    for i in range(p):
+        X[:, i] = -w[:, p - 1 - i : T - 1 - i]
+    for j in range(q):
+        X[:, p + j, j + 1 :] = -e[:, : N - j - 1]
     if q:
-        e_pad = np.concatenate([np.zeros((e.shape[0], q)), e], axis=1)
-        parts.append(_lags(e_pad, q, q))
-    X = -np.concatenate(parts, axis=2)  # [n, N, k]
-    if q:
-        for i in range(w.shape[0]):
-            X[i] = lfilter([1.0], np.r_[1.0, beta[i, p:]], X[i], axis=0)
+        a = np.concatenate([np.ones((n, 1)), beta[:, p:]], axis=1)
+        for i in range(n):
+            X[i] = lfilter(_ONE, a[i], X[i], axis=-1)
     return X
 
 
@@ -119,9 +130,9 @@ def css_fit(w: np.ndarray, p: int, q: int, maxiter: int = 50, tol: float = 1e-9)
         idx = np.flatnonzero(active)
         if idx.size == 0 or k == 0:
             break
-        J = _jacobian(w[idx], e[idx], beta[idx], p, q)
-        G = np.einsum("ntk,ntl->nkl", J, J)
-        g = np.einsum("ntk,nt->nk", J, e[idx])
+        J = _jacobian(w[idx], e[idx], beta[idx], p, q)  # [n, k, N]
+        G = J @ J.transpose(0, 2, 1)
+        g = (J @ e[idx][:, :, None])[..., 0]
         diag = np.einsum("nkk->nk", G)
         A = G + (lam[idx, None] * (diag + 1e-9))[:, :, None] * np.eye(k)
         new = beta[idx] - np.linalg.solve(A, g[..., None])[..., 0]
@@ -230,7 +241,7 @@ class Arima(Predictor):
         p, d, q = self.order_
         y = self.series_
         n = y.shape[0]
-        fc = np.repeat(y[:, -1:] if d else y.mean(axis=1, keepdims=True), horizon, axis=1)  # fallback
+        fc = self._fallback(horizon)
         if self.engine == "batched":
             ok = self._fit_ok
             if ok.any():
@@ -243,18 +254,33 @@ class Arima(Predictor):
         L, E = self.history_.shape[1:]
         return fc.T.reshape(horizon, L, E)
 
+    def _fallback(self, horizon: int) -> np.ndarray:
+        """Series too short: last value (d >= 1) or mean (d = 0); constant d-th difference: continued."""
+        p, d, q = self.order_
+        y = self.series_
+        fc = np.repeat(y[:, -1:] if d else y.mean(axis=1, keepdims=True), horizon, axis=1)
+        if d and y.shape[1] > d + 1:
+            w = np.diff(y, n=d, axis=1)
+            const = np.ptp(w, axis=1) <= 1e-12 * np.maximum(np.abs(y).max(axis=1), 1e-300)
+            if const.any():
+                fc[const] = _undifference(y[const], np.repeat(w[const, -1:], horizon, axis=1), d)
+        return fc
+
     def _levels(self, y: np.ndarray, f: np.ndarray, d: int) -> np.ndarray:
         if d == 0:
             return f + y.mean(axis=1, keepdims=True)
         return _undifference(y, f, d)
 
     def _fit_statsmodels(self) -> None:
-        from statsmodels.tsa.arima.model import ARIMA
-
         _, self._scale, ok = self._prepare()
-        self._sm_results = {}
-        for i in np.flatnonzero(ok):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = ARIMA(self.series_[i] / self._scale[i], order=self.order_)
-                self._sm_results[int(i)] = model.fit(low_memory=True)
+        self._sm_results = {int(i): statsmodels_fit(self.series_[i] / self._scale[i], self.order_)
+                            for i in np.flatnonzero(ok)}
+
+
+def statsmodels_fit(y: np.ndarray, order: tuple[int, int, int]):
+    """The reference fit of one series y: [T] (statsmodels ARIMA, exact likelihood), warnings silenced."""
+    from statsmodels.tsa.arima.model import ARIMA
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ARIMA(y, order=order).fit(low_memory=True)

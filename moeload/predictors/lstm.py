@@ -14,6 +14,7 @@ round-trip the weights, hyperparameters and history. torch is imported only insi
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -144,8 +145,8 @@ class LSTMPredictor(Predictor):
         import torch
 
         self._check_fitted()
-        torch.save({"params": self.get_params(), "state": self.net_.state_dict(), "history": self.history_,
-                    "mask": self.mask_}, Path(path))
+        torch.save({"params": self.get_params(), "state": self.net_.state_dict(),
+                    "history": torch.from_numpy(self.history_), "mask": torch.from_numpy(self.mask_)}, Path(path))
 
     @classmethod
     def load(cls, path: str | Path) -> "LSTMPredictor":
@@ -153,12 +154,12 @@ class LSTMPredictor(Predictor):
         import torch
 
         try:
-            blob: dict[str, Any] = torch.load(Path(path), weights_only=False)
+            blob: dict[str, Any] = torch.load(Path(path), weights_only=True)  # tensors and plain types only
             obj = cls(**blob["params"])
-            obj._set_state(np.asarray(blob["history"]), np.asarray(blob["mask"]))
+            obj._set_state(blob["history"].numpy(), blob["mask"].numpy())
             net = _build(obj.history_.shape[1] * obj.history_.shape[2], int(obj.hidden)).double()
             net.load_state_dict(blob["state"])
-        except (OSError, KeyError, RuntimeError, TypeError, EOFError) as exc:
+        except (OSError, KeyError, RuntimeError, TypeError, EOFError, AttributeError, pickle.UnpicklingError) as exc:
             raise InputError(f"{path}: not a saved lstm predictor ({exc})") from None
         obj.net_ = net.eval()
         return obj

@@ -3,7 +3,8 @@
 The history is cut into blocks of `block` steps (aligned to the end). For k = 1, 2, ... blocks
 back, the mean of the last k blocks is compared with the mean of the k blocks before them; the
 noise of a block mean is estimated robustly per series from differences of consecutive block
-means. The smallest k whose two-sample z statistic exceeds `threshold` marks the last shift; the
+means. The smallest k whose two-sample z statistic exceeds `threshold` says a shift lies within
+the newest 2k blocks; it is placed at the best single split of those blocks (CUSUM statistic). The
 forecast is the mean of the last max(k, `min_blocks`) blocks (all of the history, up to
 `max_window` steps, when no shift is found: a stable phase gets a long average, a transient or
 drifting phase a short one). With `trend=True` a least-squares slope over that window,
@@ -36,9 +37,19 @@ def last_shift_window(p: np.ndarray, block: int, threshold: float, min_blocks: i
     before = (c[2 * k] - c[k]) / k[:, None, None]
     stat = np.abs(recent - before) / (sd[None] * np.sqrt(2.0 / k)[:, None, None])
     hit = stat > threshold  # [K, L, E]
-    first = np.where(hit.any(axis=0), hit.argmax(axis=0) + 1, n)  # blocks since last shift
-    blocks = np.maximum(first, min_blocks)
-    return np.minimum(blocks * block + (T - n * block) * (first == n), max_window).astype(np.int64)
+    found = hit.any(axis=0)
+    first = np.where(found, hit.argmax(axis=0) + 1, n)  # blocks back of the first significant test
+    # locate the change inside the newest m = 2 * first blocks: best single split (CUSUM statistic)
+    m = np.minimum(2 * first, n)
+    j = np.arange(1, n)[:, None, None]  # candidate split: newest j blocks vs the rest of the m
+    cm = np.take_along_axis(c, m[None], axis=0)[0]
+    cj = c[1:n]
+    rest = np.maximum(m[None] - j, 1)
+    split = np.abs(cj / j - (cm[None] - cj) / rest) * np.sqrt(j * rest / m[None])
+    split = np.where(j < m[None], split, -np.inf)
+    last = np.where(found, split.argmax(axis=0) + 1, n)
+    blocks = np.maximum(last, min_blocks)
+    return np.minimum(blocks * block + (T - n * block) * (last == n), max_window).astype(np.int64)
 
 
 @register("state_aware")
