@@ -66,6 +66,21 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def hook_cost(hooked, bare, x: torch.Tensor, device: torch.device, rounds: int = 30, calls: int = 50) -> dict:
+    """Per-forward cost of the tracer's hook: the same router forward with and without it, interleaved.
+
+    hooked, bare: routers with identical weights, `hooked` under a running LoadTracer; x: [T, H].
+    """
+    per = {"hooked": [], "bare": []}
+    with torch.no_grad():
+        for r in range(rounds):
+            for name, mod in [("hooked", hooked), ("bare", bare)][:: 1 if r % 2 == 0 else -1]:
+                dt = timed(lambda: [mod(x) for _ in range(calls)], device)
+                per[name].append(dt / calls)
+    h, b = np.median(per["hooked"]), np.median(per["bare"])
+    return {"router_forward_us": float(1e6 * b), "hook_us": float(1e6 * (h - b)), "rounds": rounds, "calls": calls}
+
+
 def summarize(traced: np.ndarray, plain: np.ndarray) -> dict:
     """traced, plain: [n] paired step times (s) -> means, medians, overhead % with a 95 % t-interval."""
     from scipy import stats
@@ -168,8 +183,19 @@ def main(argv: list[str] | None = None) -> dict:
         assert len(t.steps) == total and not tracer.errors, tracer.errors
         trace_bytes = t.size_bytes
 
+    # the hook's cost per gate forward, measured apart from the noise of whole steps
+    probe = LoadTracer(plain_model, sink=lambda block: None, flush_every=10**6).start()
+    with torch.no_grad():
+        x = plain_model.blocks[cfg.moe_layers[0]].ln2(plain_model.embed(steps_data[0][0][0])).reshape(-1, cfg.d_model)
+    hooks = hook_cost(plain_model.routers()[probe.layers[0]], traced_model.routers()[probe.layers[0]], x, device)
+    probe.close()
+
     traced, plain = np.asarray(times["traced"]), np.asarray(times["plain"])
     summary = summarize(traced, plain)
+    summary["hook_us_per_gate_forward"] = hooks["hook_us"]
+    summary["hook_estimate_pct"] = float(
+        100 * hooks["hook_us"] * 1e-6 * len(cfg.moe_layers) * args.micro_batches / summary["plain_median_s"]
+    )
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     result = {
         "config": cfg.name,
@@ -188,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         "trace_bytes": trace_bytes,
         "wall_s": wall,
         "summary": summary,
+        "hook_timing": hooks,
         "traced_s": traced.tolist(),
         "plain_s": plain.tolist(),
     }
@@ -202,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  with tracer:    mean {1e3 * s['traced_mean_s']:.2f} ms, median {1e3 * s['traced_median_s']:.2f} ms")
     print(f"  overhead: {s['overhead_pct']:+.2f} % (95 % CI {s['overhead_ci95_pct'][0]:+.2f} .. {s['overhead_ci95_pct'][1]:+.2f} %), "
           f"medians {s['overhead_median_pct']:+.2f} %")
+    print(f"  hook: {hooks['hook_us']:.1f} us per gate forward (router forward {hooks['router_forward_us']:.1f} us) "
+          f"x {len(cfg.moe_layers)} MoE layers = {s['hook_estimate_pct']:.3f} % of a median plain step")
     print(f"  wrote {out_dir / stem}.json and .png")
     return result
 
