@@ -46,7 +46,8 @@ class LoadTracer:
     under ``no_grad`` in the reentrant variant), the recompute does not. Eval-mode forwards are
     ignored, or counted in the "eval" split at the current step number with ``record_eval=True``.
     Everything counted between two ``step()`` calls is one step (micro-batches are summed). Steps
-    are numbered from 0, or from the step restored by ``load_state_dict``.
+    are numbered from 0, or from the step restored by ``load_state_dict``. Hooks are installed by
+    ``start()`` (or ``with``); ``step()`` before it raises InputError.
 
     Hot path: hooks add into a preallocated device buffer ``[flush_every, planes, L, E + 3]`` with
     ``index_add_`` / ``add_`` only (no host sync, no I/O); ``step()`` advances a host-side slot
