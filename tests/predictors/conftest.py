@@ -19,3 +19,9 @@ def drifting(T: int = 300, L: int = 2, E: int = 6, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="session")
 def history() -> np.ndarray:
     return drifting()
+
+
+@pytest.fixture(scope="session")
+def make_drifting():
+    """The `drifting(T, L, E, seed)` generator, for tests that need other sizes."""
+    return drifting
