@@ -160,3 +160,33 @@ def test_evaluate_rejects_mismatched_shape():
     pl = placement.plan(np.ones((2, 4)), num_gpus=2, policy="eplb")
     with pytest.raises(InputError, match=r"\(3, 4\)"):
         pl.evaluate(np.ones((3, 4)))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(0, 50), min_size=8, max_size=8))
+def test_hierarchical_eplb_keeps_each_group_on_one_node(loads):
+    w = np.array(loads, float)
+    pl = placement.plan(w, num_gpus=4, num_replicas=12, policy="eplb", num_groups=4, num_nodes=2)
+    _check_invariants(pl, w[None], 12)
+    node_of_slot = np.arange(12) // 6
+    for group in range(4):
+        nodes = np.unique(node_of_slot[np.isin(pl.phy2log[0], [2 * group, 2 * group + 1])])
+        assert nodes.size == 1
+    group_load = w.reshape(4, 2).sum(1)
+    node_load = pl.gpu_load[0].reshape(2, 2).sum(1)
+    assert sorted(node_load) == sorted([group_load[list(p)].sum() for p in _pairs_of(pl, group_load)])
+
+
+def _pairs_of(pl, group_load):
+    """The two groups on each node, read off the plan."""
+    node_of_slot = np.arange(12) // 6
+    return [sorted({int(u) // 2 for u in pl.phy2log[0][node_of_slot == n]}) for n in range(2)]
+
+
+def test_placement_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, moeload.placement; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
