@@ -54,7 +54,7 @@ def trainer(tmp_path, model, cb, max_steps, **kw):
 def test_trainer_callback(tmp_path):
     model = tiny_model("mixtral")
     path = tmp_path / "t"
-    cb = MoeLoadCallback(path, flush_every=2, tensorboard=tmp_path / "tb")
+    cb = MoeLoadCallback(path, flush_every=2, tensorboard=True)  # -> <output_dir>/moeload-tb
     routers = [m for n, m in model.named_modules() if n.endswith("mlp.gate")]
     take = TakeReference(Reference(routers))
     trainer(tmp_path, model, [cb, take], 3, save_strategy="steps", save_steps=2).train()
@@ -63,7 +63,7 @@ def test_trainer_callback(tmp_path):
     assert t.layers == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     np.testing.assert_array_equal(t.counts(), np.stack(take.steps))
     assert (t.counts().sum(-1) == 2 * B * P * K).all()  # 2 micro-batches of B x P tokens, top-2
-    check_tensorboard(tmp_path / "tb", path, [1, 2], [slice(0, 2), slice(2, 3)])
+    check_tensorboard(tmp_path / "out" / "moeload-tb", path, [1, 2], [slice(0, 2), slice(2, 3)])
 
     # resume from checkpoint-2 in a new Trainer: numbering follows state.global_step
     resumed = tiny_model("mixtral")

@@ -2,7 +2,7 @@
 
 Trace steps are the Trainer's optimizer steps (`state.global_step - 1`), so gradient accumulation
 sums micro-batches into one step and a resumed run continues its numbering. Metrics go to
-TensorBoard (`tensorboard=` a directory; `True`: the Trainer's `logging_dir`) and W&B.
+TensorBoard (`tensorboard=` a directory; `True`: `<logging_dir or output_dir>/moeload-tb`) and W&B.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ class MoeLoadCallback(TrainerCallback):
         if self.session.path is None and self.session._user_sink is None:
             self.session.path = os.path.join(args.output_dir, "moeload")
         if self._tb_from_args:
-            self.session.tensorboard = os.path.join(args.logging_dir or args.output_dir, "moeload")
+            logdir = getattr(args, "logging_dir", None) or args.output_dir  # 5.x has no logging_dir
+            self.session.tensorboard = os.path.join(logdir, "moeload-tb")
         self.session.open(model)
 
     def on_step_end(self, args, state, control, **kwargs):
