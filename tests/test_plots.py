@@ -120,6 +120,17 @@ def test_heatmap_uneven_steps_use_a_mesh():
     assert ax.get_xlim()[1] >= 6
 
 
+def test_heatmap_colour_scale_clips_a_rare_hot_spot():
+    p = np.full((400, 64), 1 / 64)
+    p[:80] = 0.5 / 63
+    p[:80, 0] = 0.5  # one expert holds half the load for 80 steps: 0.3% of the cells
+    ax = plots.load_heatmap(p)
+    vmin, vmax = ax.images[0].get_clim()
+    assert vmin == 0 and vmax < 50 and ax.images[0].colorbar.extend == "max"
+    ax2 = plots.load_heatmap(p, vmax=60.0)
+    assert ax2.images[0].get_clim()[1] == 60.0 and ax2.images[0].colorbar.extend == "neither"
+
+
 def test_heatmap_rejects_bad_input():
     with pytest.raises(InputError, match="load_heatmap: data"):
         plots.load_heatmap(np.zeros(5))
@@ -372,3 +383,15 @@ def test_gpu_load_long_input_is_binned_and_fast(big):
 def test_importing_plots_does_not_import_matplotlib():
     code = "import sys, moeload.plots; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gpu_load_of_replays(trace):
+    c = trace.counts()
+    static = placement.replay(c, num_gpus=4, num_replicas=8, policy="contiguous", replan_every=len(c))
+    replanned = placement.replay(c, num_gpus=4, num_replicas=12, policy="eplb", replan_every=200, window=200)
+    fig = plots.gpu_load(before=static, after=replanned, steps=trace.steps, layer=2, labels=("static", "eplb"))
+    (ax,) = fig.axes
+    np.testing.assert_allclose(lines_labelled(ax, "static")[0].get_ydata(), static.step_imbalance[:, 2])
+    np.testing.assert_allclose(lines_labelled(ax, "eplb")[0].get_ydata(), replanned.step_imbalance[:, 2])
+    with pytest.raises(InputError, match="layer=5"):
+        plots.gpu_load(static, layer=5)

@@ -168,4 +168,4 @@ def step_axis(ax: Any) -> None:
 
     lo, hi = ax.get_xlim()
     if max(abs(lo), abs(hi)) >= 10_000:
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v else "0"))

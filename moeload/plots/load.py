@@ -36,13 +36,16 @@ def load_heatmap(
     steps: Any = None,
     max_points: int = c.MAX_POINTS,
     cmap: str = "viridis",
+    vmax: float | None = None,
 ) -> Any:
     """Heatmap of one layer's expert load: training step (x) x expert (y), colour = share in %.
 
     data: proportions [S, E], [S, L, E] (pick `layer`) or a Trace (then `steps` is a step
     selection as in `Trace.proportions`; otherwise `steps` [S] gives the step numbers of the rows).
     More than `max_points` steps are averaged over bins of consecutive steps (said on the figure).
-    Returns the Axes; the colour bar is `ax.images[0].colorbar`.
+    vmax: top of the colour scale in % (default: the 99.5th percentile, so that one hot expert
+    does not flatten the rest; the colour bar then shows an arrow for clipped values).
+    Returns the Axes; the colour bar is `ax.images[0].colorbar` (or the mesh's for uneven steps).
     """
     p, s, _, label = _layer_proportions(data, layer, steps, "load_heatmap: data")
     S, E = p.shape
@@ -50,13 +53,16 @@ def load_heatmap(
     xs, pb, b = c.bin_rows(s, p, max_points)
     edges = c.edges_of(xs)
     d = np.diff(xs)
-    vmax = float(np.nanmax(pb)) if np.isfinite(pb).any() else 100.0 / E
+    finite = pb[np.isfinite(pb)]
+    top = float(finite.max()) if finite.size else 100.0 / E
+    if vmax is None:
+        vmax = max(float(np.percentile(finite, 99.5)) if finite.size else top, 100.0 / E)
     if len(d) < 2 or np.allclose(d, d[0], rtol=1e-3):
         im = ax.imshow(pb.T, aspect="auto", origin="lower", interpolation="nearest", cmap=cmap,
                        extent=(edges[0], edges[-1], -0.5, E - 0.5), vmin=0, vmax=vmax)
     else:
         im = ax.pcolormesh(edges, np.arange(E + 1) - 0.5, pb.T, cmap=cmap, vmin=0, vmax=vmax)
-    cb = ax.figure.colorbar(im, ax=ax, pad=0.01)
+    cb = ax.figure.colorbar(im, ax=ax, pad=0.01, extend="max" if top > vmax * 1.001 else "neither")
     cb.set_label("share of routed tokens (%)")
     cb.ax.axhline(100.0 / E, color="white", lw=1.5)
     cb.ax.axhline(100.0 / E, color="black", lw=0.8, ls="--")
