@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import weakref
 from typing import Any
 
@@ -46,7 +47,7 @@ class TracingSession:
         """Build and start the tracer on `model` (once); later calls return the same tracer."""
         if self.tracer is not None:
             return self.tracer
-        if self.tensorboard is not None or self.wandb is not False:
+        if self.tensorboard is not None or self.wandb or (self.wandb is None and "wandb" in sys.modules):
             self.metrics = MetricLogger(self.tensorboard, wandb=self.wandb)
         self.tracer = LoadTracer(model, self.path, sink=self._sink, **self.tracer_kwargs)
         if self.metrics is not None:

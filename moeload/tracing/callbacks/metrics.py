@@ -8,6 +8,7 @@ only on the rank that writes the trace (rank 0).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,7 +74,7 @@ class MetricLogger:
     Each block's counts are summed over its steps and ranks and logged at its last step, as
     `moeload/<layer>/<metric>` and `moeload/all/<metric>` (mean over layers). tensorboard: a log
     directory or a `SummaryWriter`; wandb: log to the active `wandb.run` (None: if wandb is imported
-    and a run is active). `history` keeps (step, {tag: value}) of every logged block.
+    and a run is active). `last` holds (step, {tag: value}) of the last logged block.
     """
 
     def __init__(
@@ -91,7 +92,7 @@ class MetricLogger:
         self.experts_per_layer = experts_per_layer
         self.expert_to_rank = expert_to_rank
         self.per_layer = per_layer
-        self.history: list[tuple[int, dict[str, float]]] = []
+        self.last: tuple[int, dict[str, float]] | None = None
         self._tb = None
         self._own_tb = False
         if self.enabled and tensorboard is not None:
@@ -104,15 +105,12 @@ class MetricLogger:
                 self._tb = tensorboard
         self._wandb = None
         if self.enabled and wandb is not False:
-            try:
+            wb = sys.modules.get("wandb")
+            if wb is None and wandb:
                 import wandb as wb
-            except ImportError:
-                if wandb:
-                    raise
-            else:
-                if wb.run is not None:
-                    self._wandb = wb
-                    wb.define_metric("moeload/*", step_metric="moeload/step")
+            if wb is not None and getattr(wb, "run", None) is not None:
+                self._wandb = wb
+                wb.define_metric("moeload/*", step_metric="moeload/step")
 
     def configure(self, layers: Sequence[str], experts_per_layer: Sequence[int], expert_to_rank: Any) -> None:
         """Take the layer names and sizes from the tracer's manifest (where not given)."""
@@ -127,7 +125,7 @@ class MetricLogger:
         counts = block.routed.sum((0, 1))
         scalars = self.scalars(counts)
         step = int(block.steps[-1])
-        self.history.append((step, scalars))
+        self.last = (step, scalars)
         if self._tb is not None:
             for tag, v in scalars.items():
                 self._tb.add_scalar(tag, v, step)
