@@ -145,7 +145,9 @@ def compare(
     Rows: static contiguous (no replicas); EPLB with a moving average at vLLM's defaults (window
     1000, re-plan every 3000 steps); each of `policies` with each candidate predictor, re-planned
     every `replan_every` steps (the lowest realised imbalance is flagged `best_forecast`); each of
-    `policies` with the oracle (future mean loads).
+    `policies` with the oracle (future mean loads). Every forecast scenario starts from a plan for
+    uniform loads at step 0, so a trace shorter than `vllm_replan_every` steps shows the vLLM row
+    without any load-informed plan.
     """
     num_experts = counts.shape[2]
     scenarios: list[tuple[str, dict]] = []
