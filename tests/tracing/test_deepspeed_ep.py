@@ -24,6 +24,7 @@ from moeload import open_trace  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_two_ranks_expert_parallel(tmp_path):
     out = tmp_path / "ds.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
