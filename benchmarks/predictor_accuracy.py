@@ -28,16 +28,17 @@ from _predictor_synth import synthetic_proportions  # noqa: E402
 from moeload import predictors  # noqa: E402
 
 SW_WINDOWS = (10, 30, 100, 300, 1000, 3000, 10000)
+SA_TREND = ("state_aware", {"threshold": 6.0, "trend": True, "trend_reach": 2000})
 GRID = {
-    "ema": [{"halflife": h} for h in (50, 150, 500, 1500)],
+    "ema": [{"halflife": h} for h in (50, 150, 500)],
     "kalman": [{"pool": pl} for pl in ("series", "layer")],
-    "damped_trend": [{"alpha": a, "beta": b, "phi": f} for a, b, f in
-                     itertools.product((0.003, 0.01, 0.03), (0.0003, 0.001, 0.003), (0.995, 0.999))],
-    "state_aware": [{"threshold": t, "trend": tr, "trend_reach": r} for t, tr, r in
-                    itertools.product((3.0, 4.0, 6.0), (False, True), (500, 2000))
-                    if tr or r == 500],
-    "ridge": [{}],
+    "damped_trend": [{"alpha": a, "beta": b, "phi": 0.999} for a, b in itertools.product((0.003, 0.01, 0.03), (0.0003, 0.001))],
+    "state_aware": [{"threshold": t, "trend": tr, "trend_reach": 2000} for t, tr in itertools.product((4.0, 6.0), (False, True))],
+    "ridge": [{"train_window": w} for w in (None, 2000, 3000)],
+    "combo": [{"members": (("ridge", {"train_window": w}), SA_TREND) + extra}
+              for w, extra in itertools.product((2000, 3000), ((), ("damped_trend",)))],
     "arima": [{"max_history": 2000}],
+    "lstm": [{}],
 }
 
 

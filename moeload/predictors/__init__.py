@@ -1,13 +1,24 @@
 """Forecasts of expert load proportions: `get(name, **hyper).fit(p).predict(horizon)`.
 
 Every predictor takes p: [T, L, E] proportions and returns [horizon, L, E] rows on the simplex.
-Families (one module each): last, sw_avg, ema, kalman, damped_trend, arima, ridge, state_aware,
+Families (one module each): last, sw_avg, ema, kalman, damped_trend, arima, ridge, state_aware, combo,
 lstm (torch, imported only when fitted).
 """
 
 from __future__ import annotations
 
-from moeload.predictors import arima, damped_trend, ema, kalman, last, lstm, ridge, state_aware, sw_avg  # noqa: F401
+from moeload.predictors import (  # noqa: F401
+    arima,
+    combo,
+    damped_trend,
+    ema,
+    kalman,
+    last,
+    lstm,
+    ridge,
+    state_aware,
+    sw_avg,
+)
 from moeload.predictors.base import Predictor
 from moeload.predictors.registry import available, get, register
 

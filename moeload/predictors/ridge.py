@@ -5,7 +5,8 @@ last w steps for w in `windows`, minus the reference mean over the last `windows
 target is the mean over the next H steps minus the same reference. A linear combination of window
 means is a kernel over the history, so the model can learn both smoothing and drift
 extrapolation (e.g. 2 m_200 - m_1000). One model is pooled over all experts and layers and over
-origins every `stride` steps of the history (and of extra runs passed to `fit([...])`), fitted
+origins every `stride` steps of the history (the newest `train_window` steps of origins when set;
+and of extra runs passed to `fit([...])`), fitted
 with scikit-learn `RidgeCV` (leave-one-out choice of the penalty) when `predict(H)` is first
 called for a horizon H. The forecast is that horizon-average, held flat for H steps. Where the
 history is too short for targets H steps ahead, the model is trained for the longest horizon the
@@ -41,9 +42,9 @@ class RidgeWindows(Predictor):
 
     def __init__(self, *, windows: Sequence[int] = (1, 10, 50, 200, 500, 1000, 2000, 4000), ref: int = 3,
                  stride: int = 25, alphas: Sequence[float] = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0),
-                 max_samples: int = 200_000, min_origins: int = 4, seed: int = 0) -> None:
+                 max_samples: int = 200_000, min_origins: int = 4, train_window: int | None = 2000) -> None:
         super().__init__(windows=windows, ref=ref, stride=stride, alphas=alphas, max_samples=max_samples,
-                         min_origins=min_origins, seed=seed)
+                         min_origins=min_origins, train_window=train_window)
 
     def _fit_runs(self, runs: Sequence[np.ndarray]) -> None:
         self.windows_ = [check_int("windows", w) for w in self.windows]
@@ -60,7 +61,10 @@ class RidgeWindows(Predictor):
     def _samples(self, p: np.ndarray, horizon: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
         c = cumsum0(p)
         T = p.shape[0]
-        ends = np.arange(max(1, min(self.windows_)), T - horizon + 1, stride)
+        first = max(1, min(self.windows_))
+        if self.train_window is not None:
+            first = max(first, T - horizon - check_int("train_window", self.train_window))
+        ends = np.arange(T - horizon, first - 1, -stride)[::-1]
         if ends.size == 0:
             return np.zeros((0, len(self.windows_) - 1)), np.zeros(0)
         X, refv = window_features(c, ends, self.windows_, self.ref)

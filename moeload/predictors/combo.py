@@ -1,0 +1,58 @@
+"""`combo`: the average of several predictors' forecasts (forecast combination).
+
+Averaging forecasts whose errors are not perfectly correlated lowers the error of the mean share;
+members are given as names (default hyperparameters) or (name, hyper) pairs, and `weights`
+(default equal) must be non-negative.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from moeload.errors import InputError
+from moeload.predictors.base import Predictor
+from moeload.predictors.registry import get, register
+
+DEFAULT = (("ridge", {"train_window": 2000}), ("state_aware", {"trend": True, "threshold": 6.0, "trend_reach": 2000}))
+
+
+@register("combo")
+class Combination(Predictor):
+    """Weighted mean of member forecasts; members fitted and updated alongside."""
+
+    multi_run = True
+
+    def __init__(self, *, members: Sequence[Any] = DEFAULT, weights: Sequence[float] | None = None) -> None:
+        super().__init__(members=members, weights=weights)
+
+    def _make(self) -> list[Predictor]:
+        out = []
+        for m in self.members:
+            name, hyper = (m, {}) if isinstance(m, str) else (m[0], dict(m[1]))
+            if name == "combo":
+                raise InputError("members: a combo cannot contain a combo")
+            out.append(get(name, **hyper))
+        if not out:
+            raise InputError("members: give at least one predictor")
+        w = np.ones(len(out)) if self.weights is None else np.asarray(self.weights, dtype=np.float64)
+        if w.shape != (len(out),) or (w < 0).any() or w.sum() <= 0:
+            raise InputError(f"weights: need {len(out)} non-negative numbers, got {self.weights!r}")
+        self.weights_ = w / w.sum()
+        return out
+
+    def _fit_runs(self, runs: Sequence[np.ndarray]) -> None:
+        self.members_ = self._make()
+        for m in self.members_:
+            m.fit(list(runs) if m.multi_run and len(runs) > 1 else runs[-1])
+
+    def _fit(self, p: np.ndarray) -> None:
+        self._fit_runs([p])
+
+    def _update(self, new_p: np.ndarray) -> None:
+        for m in self.members_:
+            m.update(new_p)
+
+    def _predict(self, horizon: int) -> np.ndarray:
+        return sum(w * m.predict(horizon) for w, m in zip(self.weights_, self.members_))
