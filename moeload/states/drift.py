@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from moeload.states.base import ENTER, EXIT, UNKNOWN, StateResult, finish, hysteresis
 from moeload.states._input import LoadInput, int_param, pos_param
@@ -40,6 +39,8 @@ class DriftTest:
 
     def test_pair(self, a: np.ndarray, b: np.ndarray, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """a, b: [w, L, E] windows -> (X2/df [L], p-value [L]); NaN where untestable."""
+        from scipy import stats
+
         L = a.shape[1]
         ratio, pval = np.full(L, np.nan), np.full(L, np.nan)
         for li in range(L):
