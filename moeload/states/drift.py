@@ -5,9 +5,11 @@ last step of window k >= 1 the mean proportions of windows k-1 (A) and k (B) are
 Pearson-type statistic that allows for over-dispersed multinomial noise:
   X2 = sum_e (mB_e - mA_e)^2 / (pbar_e * phi * (1/nA + 1/nB)),   df = E' - 1,
 pbar_e the pooled mean, nA, nB the valid steps, E' experts with pbar_e > 0 and
-phi = sum_e (sA_e^2 + sB_e^2) / 2 / pbar_e / (E' - 1) the per-step noise scale estimated from the
-within-window variances (for multinomial noise with n assignments phi = 1/n, so the test reduces to
-Pearson's chi-square; real routing noise is larger, and phi absorbs it).
+phi = sum_e (dA_e + dB_e) / 4 / pbar_e / (E' - 1) the per-step noise scale, dA_e the mean squared
+successive difference of expert e inside window A (von Neumann: E[d] = 2 sigma^2 for independent
+noise, and a slow drift inside the window barely inflates it, unlike the window variance). For
+multinomial noise with n assignments phi = 1/n and the test is Pearson's chi-square; real routing
+noise is larger, and phi absorbs it.
 Evidence: ENTER when the p-value > alpha (no significant drift), EXIT otherwise; steps between
 tests carry no evidence. Hysteresis with min_run tests. Causal: streaming gives the same labels.
 The fluctuation reported is X2 / df (about 1 under no drift), held until the next test.
@@ -56,7 +58,8 @@ class DriftTest:
             df = int(use.sum()) - 1
             if df < 1:
                 continue
-            phi = ((xa.var(0, ddof=1) + xb.var(0, ddof=1))[use] / 2 / pbar[use]).sum() / df
+            msd = (np.diff(xa, axis=0) ** 2).mean(0) + (np.diff(xb, axis=0) ** 2).mean(0)  # 2 x 2 sigma^2
+            phi = (msd[use] / 4 / pbar[use]).sum() / df
             if phi <= 0:
                 x2 = 0.0 if np.allclose(ma, mb) else np.inf
             else:
