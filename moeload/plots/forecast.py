@@ -176,7 +176,9 @@ def backtest_errors(
             raise InputError(f"backtest_errors: predictor(s) {unknown} not in df; have {sorted(set(stats['predictor']))}")
     horizons = sorted(stats["horizon"].unique())
     combos = [(hz, ph) for hz in horizons for ph in phases]
-    ax = c.new_axes(ax, (min(12.0, max(6.0, 1.2 + 0.35 * len(names) * len(combos))), 3.8))
+    per_group = max(0.3 * len(combos), 0.075 * max(len(str(n)) for n in names) + 0.2)  # inches
+    rotate = per_group * len(names) > 10.5
+    ax = c.new_axes(ax, (min(12.0, max(6.0, 1.5 + per_group * len(names))), 4.4 if rotate else 3.8))
     colors = c.line_colors(len(horizons))
     hatches = {"all": "", "stable": "//", "transient": ".."}
     width = 0.8 / len(combos)
@@ -192,7 +194,7 @@ def backtest_errors(
                       error_kw={"elinewidth": 0.8, "ecolor": "0.25"}, label=label)
         if len(names) * len(combos) <= 24:
             ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
-    ax.set_xticks(x, names, rotation=20 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+    ax.set_xticks(x, names, rotation=25 if rotate else 0, ha="right" if rotate else "center")
     ax.set_xlim(-0.6, len(names) - 0.4)
     ax.margins(y=0.12)
     ax.set_xlabel("predictor (best first)" if predictors is None else "predictor")
