@@ -207,6 +207,18 @@ def test_rolling_fluctuation_repeats_rows_without_tokens():
         plots.rolling_fluctuation(p, 1)
 
 
+def test_rolling_fluctuation_leaves_out_padded_experts():
+    rng = np.random.default_rng(5)
+    p = np.zeros((25, 2, 6))
+    p[:, 0] = rng.dirichlet(np.ones(6), size=25)
+    p[:, 1, :4] = rng.dirichlet(np.ones(4), size=25)  # layer 1 has 4 experts, 2 padding columns
+    got = plots.rolling_fluctuation(p, 5, experts=[6, 4])
+    np.testing.assert_allclose(got[:, 1], brute_fluct(p[:, 1:, :4], 5, "range", "mean")[:, 0])
+    np.testing.assert_allclose(got[:, 0], brute_fluct(p[:, :1], 5, "range", "mean")[:, 0])
+    with pytest.raises(InputError, match="experts"):
+        plots.rolling_fluctuation(p, 5, experts=[6, 7])
+
+
 def test_fluctuation_from_trace_with_boundaries(trace):
     ax = plots.fluctuation(trace, window=50, boundaries=[300, -1, 500])
     vlines = [ln for ln in ax.get_lines() if "stable from" in ln.get_label()]

@@ -105,7 +105,8 @@ def proportions_over_time(
 
     p: proportions [S, E], [S, L, E] (pick `layer`) or a Trace; steps: [S] step numbers (or a
     step selection for a Trace); labels: [S] bool (True = stable), or [S, L] / a
-    `states.StateResult` (column `layer` is used). experts: which experts to draw (default all). Returns the Axes.
+    `states.StateResult` (column `layer` is used). experts: which experts to draw (default all).
+    Returns the Axes.
     """
     x, s, li, label = _layer_proportions(p, layer, steps, "proportions_over_time: p")
     S, E = x.shape
@@ -141,23 +142,34 @@ def proportions_over_time(
     return ax
 
 
-def rolling_fluctuation(p: np.ndarray, window: int, stat: str = "range", agg: str = "mean") -> np.ndarray:
+def rolling_fluctuation(
+    p: np.ndarray, window: int, stat: str = "range", agg: str = "mean", experts: Sequence[int] | None = None
+) -> np.ndarray:
     """Per-layer fluctuation of proportions p: [S, L, E] over trailing windows of `window` rows.
 
     Each expert's share over the window gives a range (max - min, stat="range") or a standard
     deviation (stat="std"), in percentage points; `agg` ("mean" or "max") combines the experts, as
-    in `states.detect(method="window")`. Returns [S, L]; the first window - 1 rows are NaN.
-    All-NaN rows (no tokens) repeat the previous row.
+    in `states.detect(method="window")`. experts: [L] experts per layer, where layers have fewer
+    than E (the columns past them are padding and left out). Returns [S, L]; the first window - 1
+    rows are NaN. All-NaN rows (no tokens) repeat the previous row.
     """
     if stat not in ("range", "std"):
         raise InputError(f"stat={stat!r}: choose 'range' or 'std'")
     if agg not in ("mean", "max"):
         raise InputError(f"agg={agg!r}: choose 'mean' or 'max'")
-    combine = np.mean if agg == "mean" else np.max
     if int(window) < 2:
         raise InputError(f"window={window}: must be at least 2 steps")
-    x = np.asarray(p, dtype=np.float64) * 100
-    S = len(x)
+    x = c.array(p, "rolling_fluctuation: p", (3,)) * 100
+    S, L, E = x.shape
+    n_exp = np.full(L, E) if experts is None else np.asarray(experts, dtype=np.int64).reshape(-1)
+    if len(n_exp) != L or (n_exp < 1).any() or (n_exp > E).any():
+        raise InputError(f"experts: expected [L={L}] counts in 1..{E}, got {experts!r}")
+    pad = np.arange(E)[None, None, :] >= n_exp[None, :, None]  # [1, L, E]
+
+    def combine(v: np.ndarray) -> np.ndarray:
+        v = np.where(pad, np.nan, v)
+        return np.nanmean(v, axis=2) if agg == "mean" else np.nanmax(v, axis=2)
+
     valid = ~np.isnan(x).all(axis=2, keepdims=True)
     idx = np.maximum.accumulate(np.where(valid, np.arange(S)[:, None, None], 0), axis=0)
     x = np.nan_to_num(np.take_along_axis(x, np.broadcast_to(idx, x.shape), axis=0))
@@ -168,13 +180,13 @@ def rolling_fluctuation(p: np.ndarray, window: int, stat: str = "range", agg: st
 
         o = (w - 1) // 2  # shift the filter left: output t covers rows t - w + 1 .. t
         rng = maximum_filter1d(x, w, axis=0, origin=o) - minimum_filter1d(x, w, axis=0, origin=o)
-        out[w - 1 :] = combine(rng[w - 1 :], axis=2)
+        out[w - 1 :] = combine(rng[w - 1 :])
     else:
         c1 = np.concatenate([np.zeros((1,) + x.shape[1:]), np.cumsum(x, axis=0)])
         c2 = np.concatenate([np.zeros((1,) + x.shape[1:]), np.cumsum(x * x, axis=0)])
         s1, s2 = c1[w:] - c1[:-w], c2[w:] - c2[:-w]
         var = np.maximum(s2 / w - (s1 / w) ** 2, 0.0)
-        out[w - 1 :] = combine(np.sqrt(var), axis=2)
+        out[w - 1 :] = combine(np.sqrt(var))
     return out
 
 
@@ -212,7 +224,7 @@ def fluctuation(
     elif c.is_trace(data):
         layer_names = layer_names or [f"{i}: {n}" for i, n in enumerate(data.layers)]
         s_arr = c.trace_steps(data, steps)
-        stat_v = rolling_fluctuation(data.proportions(steps=steps), window, stat, agg)
+        stat_v = rolling_fluctuation(data.proportions(steps=steps), window, stat, agg, data.experts_per_layer)
         steps = s_arr
         ylabel = _stat_label(stat, agg)
     else:
