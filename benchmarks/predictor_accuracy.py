@@ -35,8 +35,7 @@ GRID = {
     "damped_trend": [{"alpha": a, "beta": b, "phi": 0.999} for a, b in itertools.product((0.003, 0.01, 0.03), (0.0003, 0.001))],
     "state_aware": [{"threshold": t, "trend": tr, "trend_reach": 2000} for t, tr in itertools.product((4.0, 6.0), (False, True))],
     "ridge": [{"train_window": w} for w in (None, 2000, 3000)],
-    "combo": [{"members": (("ridge", {"train_window": w}), SA_TREND) + extra}
-              for w, extra in itertools.product((2000, 3000), ((), ("damped_trend",)))],
+    "combo": [{"members": (("ridge", {"train_window": 2000}), SA_TREND), "weights": (w, 1 - w)} for w in (0.5, 0.75)],
     "arima": [{"max_history": 2000}],
     "lstm": [{}],
 }

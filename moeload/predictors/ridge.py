@@ -10,8 +10,9 @@ and of extra runs passed to `fit([...])`), fitted
 with scikit-learn `RidgeCV` (leave-one-out choice of the penalty) when `predict(H)` is first
 called for a horizon H. The forecast is that horizon-average, held flat for H steps. Where the
 history is too short for targets H steps ahead, the model is trained for the longest horizon the
-history allows (at least half the history); with fewer than `min_origins` origins it falls back
-to the reference window mean.
+history allows (half the history; stretching that shift linearly to H was tried and overshoots
+decelerating drift). With fewer than `min_origins` origins per series it falls back to the
+reference window mean.
 """
 
 from __future__ import annotations
