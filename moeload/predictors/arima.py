@@ -9,8 +9,15 @@ Two engines, same model (no constant when d >= 1, a mean when d = 0, as statsmod
   and lagged residuals), refined by Levenberg-Marquardt on the CSS objective; the residual and
   Jacobian recursions are IIR filters (scipy.signal.lfilter), the normal equations are solved as
   one batched linear system. Steps that would make the AR part non-stationary or the MA part
-  non-invertible are rejected. See `benchmarks/predictor_speed.py` for the speed and the
-  agreement with statsmodels (tolerance documented in the tests).
+  non-invertible are rejected.
+
+Agreement and speed (benchmarks/predictor_speed.py; ARIMA(5,1,5), 2000-step synthetic histories,
+1000-step forecasts, 8 + 8 random series): the horizon-average forecasts differ by a median 0.003 to
+0.005 and at most 0.021 of the series' step noise sd(p_t - p_{t-1}); single forecast steps by at
+most 0.17 of it. In another 16-series check one series differed by 1.2 sd: CSS and the exact
+likelihood of an over-parameterised ARMA can settle in different optima. Documented tolerance:
+0.25 sd for the horizon average and 1.0 sd per step on at least two thirds of the series
+(tests/predictors/test_arima.py). Batched is 86-87x faster (CPU time) at 12 x 128 and 58 x 256.
 
 Both engines fit each series after dividing it by the standard deviation of its d-th difference
 (the model is scale-equivariant; this only helps the optimisers). A series whose d-th difference

@@ -123,8 +123,8 @@ class Predictor:
 
     # --- public API --------------------------------------------------------------------------
     def fit(self, p: Any) -> "Predictor":
-        """Fit on proportions p: [T, L, E] (a list of such runs where `multi_run`). Returns self."""
-        if isinstance(p, (list, tuple)) and len(p) > 0 and np.ndim(p[0]) >= 2:
+        """Fit on proportions p: [T, L, E] (a list of such arrays, one per run, where `multi_run`). Returns self."""
+        if isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(r, np.ndarray) and r.ndim >= 2 for r in p):
             if not self.multi_run and len(p) > 1:
                 raise InputError(
                     f"p: {self.name or type(self).__name__} fits one run, got a list of {len(p)}; "
