@@ -9,7 +9,8 @@ forecast is the mean of the last max(k, `min_blocks`) blocks (all of the history
 `max_window` steps, when no shift is found: a stable phase gets a long average, a transient or
 drifting phase a short one). With `trend=True` a least-squares slope over that window,
 shrunk towards 0 by its t statistic (factor max(0, 1 - 4 / t^2)) and damped to at most `trend_reach`
-steps, is extrapolated to each future step. Self-contained: does not need `moeload.states`.
+steps, is extrapolated to each future step (defaults tuned on synthetic seed 0 with
+benchmarks/predictor_accuracy.py). Self-contained: does not need `moeload.states`.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def last_shift_window(p: np.ndarray, block: int, threshold: float, min_blocks: i
 class StateAwareWindow(Predictor):
     """Mean since the last detected shift per (layer, expert), optionally with a shrunk trend."""
 
-    def __init__(self, *, block: int = 50, threshold: float = 4.0, min_blocks: int = 4,
-                 max_window: int = 8000, trend: bool = False, trend_reach: int = 1000) -> None:
+    def __init__(self, *, block: int = 50, threshold: float = 6.0, min_blocks: int = 4,
+                 max_window: int = 8000, trend: bool = True, trend_reach: int = 2000) -> None:
         super().__init__(block=block, threshold=threshold, min_blocks=min_blocks, max_window=max_window,
                          trend=trend, trend_reach=trend_reach)
 
