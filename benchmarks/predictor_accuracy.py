@@ -76,9 +76,9 @@ def errors(p: np.ndarray, boundary: int, name: str, hyper: dict, horizons, n_ori
             ha, ps = [], []
             for t in ts:
                 f = predictors.get(name, **hyper).fit(p[:t]).predict(H)
-                truth = p[t : t + H]
-                ha.append(np.abs(f.mean(0) - truth.mean(0)).mean())
-                ps.append(np.abs(f - truth).mean())
+                truth = p[t : t + H]  # steps without tokens (NaN rows) are left out of the truth
+                ha.append(np.nanmean(np.abs(f.mean(0) - np.nanmean(truth, axis=0))))
+                ps.append(np.nanmean(np.abs(f - truth)))
             res[(phase, H)] = (float(np.mean(ha)), float(np.mean(ps)))
     return res
 
