@@ -99,8 +99,17 @@ class Experts(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(num_experts, d_model))
 
     def expert(self, e: int, x: Tensor) -> Tensor:
-        """Expert ``e`` applied to ``x: [n, H]`` -> ``[n, H]``."""
+        """Expert ``e`` applied to ``x: [n, H]`` -> ``[n, H]`` (reference path, for checks)."""
         return F.gelu(x @ self.w1[e] + self.b1[e]) @ self.w2[e] + self.b2[e]
+
+    def forward(self, chunks: list[Tensor]) -> list[Tensor]:
+        """Expert ``e`` applied to ``chunks[e]: [n_e, H]`` -> ``[n_e, H]``, for all ``E`` experts.
+
+        Weights are split with one ``unbind`` per tensor, so backward writes each stacked gradient
+        once (indexing ``w1[e]`` per expert would materialise ``E`` full-size gradients).
+        """
+        params = zip(self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0))
+        return [F.gelu(c @ w1 + b1) @ w2 + b2 for c, (w1, b1, w2, b2) in zip(chunks, params)]
 
 
 class MoELayer(nn.Module):
@@ -130,8 +139,7 @@ class MoELayer(nn.Module):
         n_kept = sum(sizes[:E])
         token_of = order[:n_kept] // k
         chunks = flat[token_of].split(sizes[:E])
-        outs = [self.experts.expert(e, c) for e, c in enumerate(chunks) if c.shape[0] > 0]
-        y = torch.cat(outs) if outs else flat.new_zeros(0, shape[-1])
+        y = torch.cat(self.experts(list(chunks)))  # [n_kept, H]
         w = r.weights.reshape(-1)[order[:n_kept]].to(y.dtype)
         out = y.new_zeros(flat.shape[0], shape[-1]).index_add_(0, token_of, y * w[:, None])
         return out.view(shape), r.aux_loss
