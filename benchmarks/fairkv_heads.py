@@ -48,12 +48,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("docs/figures/fairkv_heads.png"))
     ap.add_argument("--save-budgets", type=Path, help="write the [L, H] budgets as .npy")
+    ap.add_argument("--budgets", type=Path, help="read [L, H] budgets from .npy instead of training")
     args = ap.parse_args()
 
     from moeload.placement import head_placement_table
 
     start = time.perf_counter()
-    budgets = trained_budgets(args.steps, args.heads, args.budget, args.sequences, args.seed)
+    if args.budgets:
+        budgets = np.load(args.budgets)
+    else:
+        budgets = trained_budgets(args.steps, args.heads, args.budget, args.sequences, args.seed)
     if args.save_budgets:
         np.save(args.save_budgets, budgets)
     print("per-head budgets (rows = layers):")
@@ -72,10 +76,11 @@ def main() -> None:
     order = [s for s in ("standard", "best_effort", "fair_copying", "balanced", "exact") if s in pivot]
     pivot[order].plot.bar(ax=ax, rot=0)
     ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_ylim(0.95, max(1.05, float(pivot.to_numpy().max()) + 0.05))
     ax.set_xlabel("tensor-parallel size")
     ax.set_ylabel("max / mean rank load (mean over layers)")
     ax.set_title(f"Ada-KV budgets of a trained MoE GPT ({args.heads} heads)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
