@@ -11,7 +11,7 @@ for seed in 0 1; do
   gpus=$([ "$seed" = 0 ] && echo 0,1 || echo 2,3)
   CUDA_VISIBLE_DEVICES=$gpus torchrun --nproc_per_node 2 --master_port $((29500 + seed)) \
     experiments/train_ds.py --config "experiments/$name/config.json" --seed "$seed" \
-    --out "runs/$name-s$seed.moeload" --time-budget "$budget" --overhead-blocks 4 \
+    --out "runs/$name-s$seed.moeload" --time-budget "$budget" --overhead-blocks ${OVERHEAD_BLOCKS:-4} \
     > "$out/$name-s$seed.log" 2>&1 &
   pids+=($!)
 done
