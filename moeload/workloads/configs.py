@@ -2,8 +2,10 @@
 
 ``cpu-demo``
     4 layers, d_model 128, 4 heads, MoE in every layer (4 MoE layers), 8 experts, top-2, expert
-    width 256, seq 128, batch 16. Trains on 2 CPU cores in about 2-3 minutes for ~500 steps; the
-    expert loads go through a visible transient (warmup, fast router drift) and then settle.
+    width 256, seq 128, batch 16 (2048 tokens/step). 500 steps on 2 CPU threads took 135-193 s
+    (shared machine); loss 5.48 -> 1.99, val 1.90 nats/byte. Expert loads go through a visible
+    transient and settle: the mean rolling range (window 10) of expert proportions fell from
+    0.19-0.28 in the first 10% of steps to 0.038-0.043 in the last 20%, in every MoE layer.
 ``tiny``
     2 layers (1 MoE), d_model 32, 4 experts, top-2, seq 32, batch 4: a step takes milliseconds.
     For unit tests.
