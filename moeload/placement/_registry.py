@@ -29,6 +29,13 @@ def available() -> list[str]:
     return sorted(_POLICIES)
 
 
+def options(policy: str) -> list[str]:
+    """Keyword options that `policy` accepts."""
+    if policy not in _POLICIES:
+        raise InputError(f"policy: unknown {policy!r}; available: {', '.join(available())}")
+    return [p.name for p in inspect.signature(_POLICIES[policy]).parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+
 def plan(
     weight: np.ndarray,
     num_gpus: int = 8,
@@ -43,14 +50,11 @@ def plan(
     policy: one of `available()`; `opts` are that policy's keyword options (e.g. eplb's
     `num_groups`, `num_nodes`; exact's `split`, `time_limit`; balanced's `split`).
     """
-    if policy not in _POLICIES:
-        raise InputError(f"policy: unknown {policy!r}; available: {', '.join(available())}")
+    allowed = options(policy)
     w = check_weight(weight)
     num_replicas = w.shape[1] if num_replicas is None else num_replicas
     check_sizes(w.shape[1], num_gpus, num_replicas)
-    fn = _POLICIES[policy]
-    allowed = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
     unknown = sorted(set(opts) - set(allowed))
     if unknown:
         raise InputError(f"policy {policy!r}: unknown option(s) {unknown}; it accepts {allowed}")
-    return fn(w, int(num_gpus), int(num_replicas), **opts)
+    return _POLICIES[policy](w, int(num_gpus), int(num_replicas), **opts)

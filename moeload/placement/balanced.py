@@ -97,9 +97,20 @@ def split_search(
 
 
 def plan_balanced(
-    weight: np.ndarray, num_gpus: int, num_replicas: int, *, split: str = "chosen", search: int = 200
+    weight: np.ndarray,
+    num_gpus: int,
+    num_replicas: int,
+    *,
+    split: str = "chosen",
+    search: int = 200,
+    samples: np.ndarray | None = None,
 ) -> Placement:
-    """Best of refined EPLB and Fair-Copying per layer for `weight: [L, E]`, then local search."""
+    """Best of refined EPLB and Fair-Copying per layer for `weight: [L, E]`, then local search.
+
+    samples: optional [T, L, E] per-step loads (e.g. the recent history); then each layer keeps,
+    of the chosen-split plan, the refined even-split plan and plain EPLB, the one with the lowest
+    mean per-step max / mean load on them (step-to-step noise can favour even splits).
+    """
     if split not in ("chosen", "even"):
         raise InputError(f"split: expected 'chosen' or 'even', got {split!r}")
     if not isinstance(search, (int, np.integer)) or search < 0:
@@ -119,5 +130,18 @@ def plan_balanced(
     if search > 0:
         phy2log = np.stack([split_search(p, w, num_gpus, search)[0] for p, w in zip(start, weight)])
     share = np.stack([optimal_split(p, w, num_gpus, even_tiebreak=True) for p, w in zip(phy2log, weight)])
-    return Placement(phy2log, share, num_gpus, weight, "balanced",
-                     {"split": split, "search": search, "fair_copying_layers": take_fair})
+    chosen = Placement(phy2log, share, num_gpus, weight, "balanced",
+                       {"split": split, "search": search, "fair_copying_layers": take_fair})
+    if samples is None:
+        return chosen
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.ndim != 3 or samples.shape[1:] != weight.shape:
+        raise InputError(f"samples: expected shape [T, {weight.shape[0]}, {weight.shape[1]}], got {samples.shape}")
+    refined_even = Placement(refined.phy2log, even_share(refined.phy2log, num_experts), num_gpus, weight)
+    candidates = [chosen, refined_even, base]
+    score = np.stack([c.evaluate(samples).imbalance.mean(0) for c in candidates])  # [3, L]
+    pick = np.argmin(score, axis=0)  # ties keep the chosen split
+    rows = np.arange(weight.shape[0])
+    return Placement(np.stack([c.phy2log for c in candidates])[pick, rows],
+                     np.stack([c.share for c in candidates])[pick, rows], num_gpus, weight, "balanced",
+                     {**chosen.info, "picked": np.array(["chosen", "refined_even", "eplb"])[pick]})

@@ -4,7 +4,8 @@ At step t0 = 0, K, 2K, ... the loads of the next K steps are forecast from the l
 steps (a `moeload.predictors` predictor on proportions, averaged over the horizon), a placement is
 planned, and each of the next K steps is scored by its per-layer max / mean GPU load under that
 placement (each step's slowest GPU sets its time). Step 0 has no history and plans for uniform
-loads; `oracle=True` plans for the true mean counts of the coming K steps instead.
+loads; `oracle=True` plans for the true mean counts of the coming K steps instead. Policies that
+accept per-step `samples` (balanced) get the history window (the coming steps for the oracle).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pandas as pd
 
 from moeload.errors import InputError
 from moeload.placement._placement import Placement, imbalance_of
-from moeload.placement._registry import plan
+from moeload.placement._registry import options, plan
 
 
 @dataclass
@@ -92,16 +93,20 @@ def replay(
     step_imbalance = np.empty((num_steps, num_layers))
     rows = []
     previous: Placement | None = None
+    use_samples = "samples" in options(policy) and "samples" not in policy_kwargs
     for start in range(0, num_steps, replan_every):
         stop = min(start + replan_every, num_steps)
+        extra = {}
         if oracle:
             weight = counts[start:stop].sum(axis=0)
+            extra = {"samples": counts[start:stop]} if use_samples else {}
         elif start == 0:
             weight = np.ones((num_layers, num_experts))
         else:
             history = counts[max(0, start - window) if window else 0 : start]
             weight = _forecast(history, stop - start, predictor, predictor_kwargs)
-        pl = plan(weight, num_gpus, num_replicas, policy, **policy_kwargs)
+            extra = {"samples": history} if use_samples else {}
+        pl = plan(weight, num_gpus, num_replicas, policy, **policy_kwargs, **extra)
         realised = pl.evaluate(counts[start:stop])
         step_imbalance[start:stop] = realised.imbalance
         rows.append({

@@ -190,3 +190,16 @@ def test_placement_does_not_import_torch():
     code = "import sys, moeload.placement; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_balanced_with_samples_is_no_worse_per_step_than_eplb_on_them():
+    rng = np.random.default_rng(3)
+    mean = rng.dirichlet(np.ones(8), size=2) * 1000
+    samples = rng.poisson(mean[None] * rng.uniform(0.5, 1.5, size=(40, 2, 8)))
+    w = samples.mean(0)
+    picked = placement.plan(w, 4, 12, "balanced", samples=samples)
+    for other in (placement.plan(w, 4, 12, "eplb"), placement.plan(w, 4, 12, "balanced")):
+        assert np.all(picked.evaluate(samples).imbalance.mean(0) <= other.evaluate(samples).imbalance.mean(0) + 1e-12)
+    _check_invariants(picked, w, 12)
+    with pytest.raises(InputError, match=r"samples: expected shape \[T, 2, 8\]"):
+        placement.plan(w, 4, 12, "balanced", samples=samples[:, 0])
