@@ -47,7 +47,7 @@ def test_checkpointing_gives_same_losses():
     assert np.allclose(plain.losses, ckpt.losses, rtol=1e-5)
 
 
-def test_progress_bar_and_given_model(capsys):
+def test_progress_bar_and_given_model():
     model = build_model("tiny", seed=5)
     before = model.wte.weight.detach().clone()
     res = train("tiny", steps=3, model=model, progress=True, log_every=1)
