@@ -138,9 +138,10 @@ def moe_bench(args, torch, dist, device) -> dict:
         contiguous_all = placement.plan(np.ones(counts.shape[1:]), world, num_experts, "contiguous")
         layer = int(np.argmax(contiguous_all.evaluate(future).imbalance.mean(0)))
     weight = hist[:, layer].mean(0)
+    opts = {"samples": hist[:, [layer]]} if "samples" in placement.options(args.policy) else {}
     plans = {
         "contiguous": placement.plan(weight, world, num_experts, "contiguous"),
-        args.policy: placement.plan(weight, world, num_experts + args.extra_per_gpu * world, args.policy),
+        args.policy: placement.plan(weight, world, num_experts + args.extra_per_gpu * world, args.policy, **opts),
     }
     rows = future[:, layer]
     totals = np.rint(rows / np.maximum(rows.sum(1, keepdims=True), 1) * args.tokens_per_step).astype(np.int64)
