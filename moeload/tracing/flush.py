@@ -85,9 +85,10 @@ class _Job(NamedTuple):
 class BlockWriter:
     """Copies blocks off the device (on the caller's thread, async on CUDA) and writes them on a thread.
 
-    writer: TraceWriter (None on ranks that do not write); sink: called with each FlushedBlock;
-    on_error(message): called on the thread when writing or the sink fails (training continues);
-    ranks_recorded: keep one row per rank, else sum over ranks.
+    writer: TraceWriter (None on ranks that do not write); sink: called with each FlushedBlock
+    (more with `add_sink`), after the block is written; on_error(message): called on the thread when
+    writing or a sink fails (training continues; a failing sink does not stop the writing or the
+    other sinks); ranks_recorded: keep one row per rank, else sum over ranks.
     """
 
     def __init__(
@@ -102,7 +103,7 @@ class BlockWriter:
     ) -> None:
         self.layout = layout
         self.writer = writer
-        self.sink = sink
+        self.sinks: tuple[Callable[[FlushedBlock], None], ...] = () if sink is None else (sink,)
         self.ranks_recorded = ranks_recorded
         self.on_error = on_error
         self.notes = notes
@@ -114,6 +115,10 @@ class BlockWriter:
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="moeload-trace-writer", daemon=True)
         self._thread.start()
+
+    def add_sink(self, fn: Callable[[FlushedBlock], None]) -> None:
+        """Also call `fn` with every block written from now on (the thread reads a new tuple: no lock)."""
+        self.sinks = (*self.sinks, fn)
 
     def preallocate(self, like: Tensor, n: int = 2) -> None:
         for _ in range(n):
@@ -190,8 +195,12 @@ class BlockWriter:
                 if split == "train" and self.writer.manifest.tokens_per_step is None:
                     self.writer.manifest.tokens_per_step = int(block.tokens[0, :, 0].sum())
                     self._dirty = True
-            if self.sink is not None:
-                self.sink(block)
+            for fn in self.sinks:
+                try:
+                    fn(block)
+                except Exception as e:
+                    name = getattr(fn, "__qualname__", type(fn).__name__)
+                    self.on_error(f"sink {name} failed on {split} steps {steps[0]}..{steps[-1]}: {type(e).__name__}: {e}")
         self._update_manifest()
         self.last_flushed_step = int(job.steps[-1])
 

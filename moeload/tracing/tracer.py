@@ -60,12 +60,28 @@ class LoadTracer:
     than one rank, parts hold one row per rank (``ranks=False``: the sum only). ``close()`` inside a
     failing ``with`` block skips the collective, so a crashed distributed run loses its partial block.
 
+    Resume after a crash: a run that dies after flushing steps past its last checkpoint, and resumes
+    from that checkpoint (``load_state_dict`` with the checkpoint's ``state_dict()``, or a callback
+    numbering steps by the framework's counter), writes those step numbers again into the same
+    ``path``. Nothing is deleted: the store keeps both parts and readers take each step from the
+    part written last, so the trace shows the resumed run's counts for the replayed steps and the
+    first run's for steps the second run has not reached (yet). Sinks see only the new blocks.
+
+    Count kinds (manifest ``count_kind``): "routed" where every gate shows its routes before
+    capacity dropping; "both" where at least one gate also reports drops (and ``kept`` allows),
+    then the ``kept`` column of other gates equals their routed counts; "kept" where every gate's
+    routing is taken after dropping (``GateSpec.count_kind == "kept"``, e.g. megatron-core with a
+    capacity factor): both columns then hold those kept counts. Where layers differ, the manifest
+    says "both" and ``extra.layer_count_kinds`` lists each layer's kind ([L] of "routed" | "kept" |
+    "both"); the ``routed`` column of a "kept" layer holds its kept counts.
+
     Failures never reach training: an exception in a hook disables that layer (hook removed, one
     warning, noted in the manifest's ``extra.disabled_layers``); a writer failure (e.g. disk full)
     warns once and is listed in ``errors``. A killed process loses only its unflushed steps.
 
     Arguments (keyword-only after ``path``): path: trace directory (appended to if it holds the same
-    model); sink: ``fn(FlushedBlock)`` called on the writer thread after each block (every rank);
+    model); sink: ``fn(FlushedBlock)`` called on the writer thread after each block (every rank; more
+    with ``add_sink``; an exception in a sink is reported like a writer failure and skips nothing else);
     flush_every: steps per block; record_eval; kept: record kept (after capacity dropping) counts
     when a gate's adapter reports drops (True), never (False), or always ("always": gates without
     drop information record kept = routed; generic gates read a kept field from their output); ranks: "auto" | True | False; group: process group; gates: module
@@ -109,6 +125,7 @@ class LoadTracer:
         self.flush_every = flush_every
         self.record_eval = record_eval
         self.sink = sink
+        self._sinks: list[Callable[[FlushedBlock], None]] = [] if sink is None else [sink]
         self.group = group
         self.fsync = fsync
         tried = list(registered_adapters() if adapters is None else adapters)
@@ -117,7 +134,9 @@ class LoadTracer:
                                            has_kept=kept == "always"))
         self.specs: list[GateSpec] = discover(model, tried)
         self.layers = [s.name for s in self.specs]
-        self.kept = kept == "always" or (bool(kept) and any(s.has_kept for s in self.specs))
+        self.layer_count_kinds = layer_count_kinds(self.specs, kept)
+        self.count_kind = trace_count_kind(self.layer_count_kinds)
+        self.kept = self.count_kind != "routed"
         self.layout = Layout.make(self.layers, [s.num_experts for s in self.specs], self.kept, record_eval)
         self.world_size, self.rank = 1, 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -167,11 +186,24 @@ class LoadTracer:
             world_size=self.world_size,
             ep_size=ep,
             expert_to_rank=maps,
-            count_kind="both" if self.kept else "routed",
+            count_kind=self.count_kind,
             ranks_recorded=self.ranks_recorded,
             flush_every=self.flush_every,
-            extra={**extra, "record_eval": self.record_eval, "gate_classes": sorted({type(s.module).__name__ for s in specs})},
+            extra={**extra, "record_eval": self.record_eval, "gate_classes": sorted({type(s.module).__name__ for s in specs}),
+                   **({"layer_count_kinds": self.layer_count_kinds} if len(set(self.layer_count_kinds)) > 1 else {})},
         )
+
+    def add_sink(self, fn: Callable[[FlushedBlock], None]) -> Callable[[FlushedBlock], None]:
+        """Also call `fn(block)` on the writer thread after each block is written, as the `sink` argument
+        is (every rank; blocks flushed before this call are not replayed). Returns `fn`."""
+        if not callable(fn):
+            raise InputError(f"add_sink: expected a callable taking a FlushedBlock, got {type(fn).__name__}")
+        if self._closed:
+            raise InputError("add_sink after close(): this tracer flushes no more blocks")
+        self._sinks.append(fn)
+        if self._writer is not None:
+            self._writer.add_sink(fn)
+        return fn
 
     def start(self) -> LoadTracer:
         """Allocate the device buffer, open the trace, install the hooks. Idempotent."""
@@ -188,9 +220,11 @@ class LoadTracer:
             writer = TraceWriter(self.path, self.manifest, fsync=self.fsync)
             self.manifest = writer.manifest
         self._writer = BlockWriter(
-            self.layout, writer=writer, sink=self.sink, ranks_recorded=self.ranks_recorded,
+            self.layout, writer=writer, sink=None, ranks_recorded=self.ranks_recorded,
             on_error=self._on_writer_error, notes=self._notes,
         )
+        for fn in self._sinks:
+            self._writer.add_sink(fn)
         self._writer.preallocate(self._gathered if self._gathered is not None else self._buf)
         for li, spec in enumerate(self.specs):
             self._handles[li] = spec.module.register_forward_hook(self._make_hook(li, spec))
@@ -370,6 +404,26 @@ class StepCallback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tracer.load_state_dict(state)
+
+
+def layer_count_kinds(specs: Sequence[GateSpec], kept: bool | str = True) -> list[str]:
+    """[L] what the trace holds for each gate: "kept" (its routing is taken after capacity dropping,
+    `GateSpec.count_kind == "kept"`; whatever `kept` says, since that is all it shows), "both" (routed
+    and kept: the gate reports drops and kept=True, or kept="always") or "routed"."""
+    out = []
+    for s in specs:
+        kind = s.count_kind or "routed"
+        if kind not in ("routed", "kept"):
+            raise ValueError(f"GateSpec {s.name!r}: count_kind={kind!r}, expected None, 'routed' or 'kept'")
+        if kind == "routed" and (kept == "always" or (bool(kept) and s.has_kept)):
+            kind = "both"
+        out.append(kind)
+    return out
+
+
+def trace_count_kind(kinds: Sequence[str]) -> str:
+    """The manifest's `count_kind` for per-layer kinds: the common kind, or "both" where layers differ."""
+    return kinds[0] if len(set(kinds)) == 1 else "both"
 
 
 def _contiguous(num_experts: int, ep_size: int) -> list[int]:

@@ -53,7 +53,10 @@ class GateSpec:
     -> Routing | Tensor for one forward; has_kept: the routing carries capacity-drop information;
     framework / framework_version: e.g. ("deepspeed", "0.19.8"); expert_to_rank: [E] expert-
     parallel rank holding each expert, where known; ep_size / ep_rank: expert-parallel group size
-    and this process's rank in it (1 / 0 without expert parallelism).
+    and this process's rank in it (1 / 0 without expert parallelism); count_kind: what the
+    routing's main counts (`indices` / `mask` / `counts`) are: "routed" (router decisions before
+    capacity dropping; None means this) or "kept" (the gate's output is taken after dropping, e.g.
+    megatron-core with a capacity factor; the trace then labels the layer's counts as kept).
     """
 
     module: nn.Module
@@ -67,8 +70,11 @@ class GateSpec:
     expert_to_rank: Sequence[int] | None = None
     ep_size: int = 1
     ep_rank: int = 0
+    count_kind: str | None = None
 
     def __post_init__(self) -> None:
+        if self.count_kind not in (None, "routed", "kept"):
+            raise ValueError(f"GateSpec {self.name!r}: count_kind={self.count_kind!r}, expected None, 'routed' or 'kept'")
         if self.num_experts < 1 or self.top_k < 1:
             raise ValueError(f"GateSpec {self.name!r}: num_experts={self.num_experts}, top_k={self.top_k} must be >= 1")
         if self.expert_to_rank is not None:
