@@ -1,10 +1,11 @@
 """FairKV-style placement (arXiv 2502.15804): best-effort assignment plus Fair-Copying.
 
 Best-effort: units go heaviest first to the lightest GPU with a free slot (LPT), at most
-ceil(E / G) per GPU so that every GPU keeps room for copies. Fair-Copying: each
-extra slot copies the heaviest unit of the most loaded GPU onto the lightest GPU with a free slot,
-and the unit's work is split between its copies by water-filling (data parallel, uneven split);
-finally the split of all copies is re-solved jointly as a linear program (`lp_split=True`).
+ceil(E / G) per GPU so that every GPU keeps room for copies. Fair-Copying: each extra slot copies
+the heaviest unit of the most loaded GPU onto the lightest GPU that lacks it (if that GPU is full,
+its lightest unit moves to a GPU with room, when that gives the lower maximum), and the unit's work
+is split between its copies by water-filling (data parallel, uneven split); finally the split of
+all copies is re-solved jointly as a linear program (`lp_split=True`), optimal and closest to even.
 """
 
 from __future__ import annotations
