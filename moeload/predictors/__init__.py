@@ -2,13 +2,14 @@
 
 Every predictor takes p: [T, L, E] proportions and returns [horizon, L, E] rows on the simplex.
 Families (one module each): last, sw_avg, ema, kalman, damped_trend, arima, ridge, state_aware, combo,
-lstm (torch, imported only when fitted).
+blend (weights learned on other runs with `blend.learn_blend`), lstm (torch, imported only when fitted).
 """
 
 from __future__ import annotations
 
 from moeload.predictors import (  # noqa: F401
     arima,
+    blend,
     combo,
     damped_trend,
     ema,
