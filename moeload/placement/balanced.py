@@ -1,15 +1,18 @@
 """moeload's own policy: EPLB replication and packing, swap refinement, then the best split.
 
-Per layer it builds two candidates and keeps the better one under the chosen split:
+Per layer it builds two candidates under the chosen split:
 1. EPLB's global plan, refined by pairwise slot swaps between the busiest GPU and any other GPU
-   while that lowers the larger of the two loads (even split), then re-split optimally (LP);
+   while that lowers the larger of the two loads, and by moving replicas from light units to the
+   heavy units of the busiest GPU (re-packing each time) while that lowers the maximum (even
+   split, at most `search` re-packs), then re-split optimally (LP);
 2. the Fair-Copying plan (best-effort assignment, copies of the busiest GPU's heaviest unit, LP
    split).
-then improves the better one by local search under the optimal split: copy a unit of the busiest
-GPU into a slot whose unit has another copy, or swap a slot of the busiest GPU with any other slot,
-taking the first move that lowers the LP optimum, for at most `search` LP evaluations per layer.
+then improves both by local search under the optimal split and keeps the better end point: copy
+a unit of the busiest GPU into a slot whose unit has another copy, or swap a slot of the busiest
+GPU with any other slot, taking the first move that lowers the LP optimum, for at most `search`
+LP evaluations per start and layer.
 The final split is the optimal one closest to even (`optimal_split(..., even_tiebreak=True)`).
-With `split="even"` only candidate 1 is used, without the LP re-split or the search.
+With `split="even"` only candidate 1 is used, without the LP re-split or the split search.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 from moeload.errors import InputError
 from moeload.placement._placement import Placement, even_share, imbalance_of
 from moeload.placement._split import optimal_split, split_loads
-from moeload.placement.eplb import plan_eplb
+from moeload.placement.eplb import balanced_packing, plan_eplb
 from moeload.placement.fair_copying import plan_fair_copying
 
 
@@ -50,6 +53,56 @@ def swap_refine(phy2log: np.ndarray, per_slot: np.ndarray, num_gpus: int, max_ro
         a, b = move
         phy2log[[a, b]] = phy2log[[b, a]]
         per_slot[[a, b]] = per_slot[[b, a]]
+    return phy2log
+
+
+def _pack_even(w: np.ndarray, count: np.ndarray, num_gpus: int) -> tuple[np.ndarray, float]:
+    """Replica counts `count: [E]` -> EPLB packing + swap refinement: `phy2log: [R]`, max GPU load."""
+    phy2mlog = np.repeat(np.arange(w.size), count)
+    per_replica = w[phy2mlog] / count[phy2mlog]
+    pack, rank = balanced_packing(per_replica, num_gpus)
+    order = np.empty_like(phy2mlog)
+    order[pack * (phy2mlog.size // num_gpus) + rank] = np.arange(phy2mlog.size)
+    phy2log = swap_refine(phy2mlog[order], per_replica[order], num_gpus)
+    return phy2log, float((w[phy2log] / count[phy2log]).reshape(num_gpus, -1).sum(1).max())
+
+
+def count_search(phy2log: np.ndarray, w: np.ndarray, num_gpus: int, max_evals: int, top: int = 3) -> np.ndarray:
+    """Even split: move one replica from a light unit to a heavy one while the max GPU load drops.
+
+    Heavy: the `top` units with the largest per-replica load on the busiest GPU; light: the `top`
+    units with two or more replicas and the smallest per-replica load. Each trial re-packs (EPLB
+    packing + swaps). Returns the best `phy2log: [R]` found within `max_evals` trials.
+    """
+    count = np.bincount(phy2log, minlength=w.size)
+    per_slot = w[phy2log] / count[phy2log]
+    best = float(per_slot.reshape(num_gpus, -1).sum(1).max())
+    mean = w.sum() / num_gpus
+    evals = 0
+    while evals < max_evals and mean > 0 and best > mean * (1 + 1e-3):
+        slots = phy2log.size // num_gpus
+        busiest = int(np.argmax((w[phy2log] / count[phy2log]).reshape(num_gpus, -1).sum(1)))
+        on_top = phy2log[busiest * slots : (busiest + 1) * slots]
+        heavy = [int(u) for u in on_top[np.argsort(-(w[on_top] / count[on_top]), kind="stable")]][:top]
+        spare = np.flatnonzero(count >= 2)
+        light = spare[np.argsort(w[spare] / count[spare], kind="stable")][:top]
+        improved = False
+        for a in dict.fromkeys(heavy):
+            for b in light:
+                if a == b or evals >= max_evals:
+                    continue
+                trial = count.copy()
+                trial[a] += 1
+                trial[b] -= 1
+                evals += 1
+                layout, value = _pack_even(w, trial, num_gpus)
+                if value < best * (1 - 1e-9):
+                    phy2log, count, best, improved = layout, trial, value, True
+                    break
+            if improved:
+                break
+        if not improved:
+            break
     return phy2log
 
 
@@ -119,16 +172,22 @@ def plan_balanced(
     base = plan_eplb(weight, num_gpus, num_replicas)
     per_slot = np.take_along_axis(weight, base.phy2log, 1) * base.share
     phy2log = np.stack([swap_refine(p, s, num_gpus) for p, s in zip(base.phy2log, per_slot)])
+    if search > 0:
+        phy2log = np.stack([count_search(p, w, num_gpus, search) for p, w in zip(phy2log, weight)])
     if split == "even":
         return Placement(phy2log, even_share(phy2log, num_experts), num_gpus, weight, "balanced", {"split": split})
     share = np.stack([optimal_split(p, w, num_gpus) for p, w in zip(phy2log, weight)])
     refined = Placement(phy2log, share, num_gpus, weight, "balanced")
     fair = plan_fair_copying(weight, num_gpus, num_replicas)
     take_fair = imbalance_of(fair.gpu_load) < imbalance_of(refined.gpu_load) - 1e-12
-    start = np.where(take_fair[:, None], fair.phy2log, refined.phy2log)
-    phy2log = start
-    if search > 0:
-        phy2log = np.stack([split_search(p, w, num_gpus, search)[0] for p, w in zip(start, weight)])
+    phy2log = np.where(take_fair[:, None], fair.phy2log, refined.phy2log)
+    if search > 0:  # search from both starts; keep the better end point
+        ends = [[split_search(p, w, num_gpus, search) for p, w in zip(start.phy2log, weight)]
+                for start in (refined, fair)]
+        value = np.array([[imbalance_of(split_loads(p, sh, w, num_gpus)) for (p, sh), w in zip(e, weight)]
+                          for e in ends])  # [2, L]
+        take_fair = value[1] < value[0] - 1e-12
+        phy2log = np.stack([ends[int(f)][i][0] for i, f in enumerate(take_fair)])
     share = np.stack([optimal_split(p, w, num_gpus, even_tiebreak=True) for p, w in zip(phy2log, weight)])
     chosen = Placement(phy2log, share, num_gpus, weight, "balanced",
                        {"split": split, "search": search, "fair_copying_layers": take_fair})
