@@ -104,6 +104,24 @@ def test_kalman_gain_grows_with_level_noise() -> None:
     assert m.gain_[0, 0] > 10 * m.gain_[1, 0]
 
 
+def test_kalman_block_estimate_sees_level_noise_under_correlated_noise() -> None:
+    # random-walk level + AR(1) noise (rho 0.8): the lag-1 moment estimator takes the noise's slow
+    # wander for level noise (q far too high); on 50-step means the noise is nearly white again
+    rng = np.random.default_rng(3)
+    T, sd_eta = 6000, 5e-4
+    level = 0.5 + np.cumsum(rng.normal(0, sd_eta, T))
+    ar = np.zeros(T)
+    e = rng.normal(0, 1e-2, T)
+    for t in range(1, T):
+        ar[t] = 0.8 * ar[t - 1] + e[t]
+    p = two_expert(np.clip(level + ar, 0.01, 0.99))
+    white = predictors.get("kalman", pool="series").fit(p)
+    blocked = predictors.get("kalman", pool="series", block=50).fit(p)
+    q_true = sd_eta**2 / (1e-2**2 / (1 - 0.8) ** 2)  # level noise / long-run noise variance per step
+    assert white.q_[0, 0] > 100 * q_true
+    assert 0.2 * q_true < blocked.q_[0, 0] < 5 * q_true
+
+
 def test_state_aware_window_starts_at_a_level_shift() -> None:
     rng = np.random.default_rng(1)
     x = np.r_[np.full(3000, 0.3), np.full(1000, 0.5)] + rng.normal(0, 0.01, 4000)
