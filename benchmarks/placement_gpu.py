@@ -8,7 +8,9 @@
 (b) Decode attention: per-head KV lengths from Ada-KV budgets of the trained embedded model (or
     --head-budgets FILE.npy, [L, H]); each rank runs one decode step of its heads (SDPA, q length
     1, --batch sequences; a copied head serves its share of the sequences). Standard TP
-    (contiguous heads) vs Fair-Copying (one extra head slot per rank, uneven split).
+    (contiguous heads) vs Fair-Copying (one extra head slot per rank, uneven split). With the
+    defaults (8 heads, 4 layers, KV 8192, batch 128) the KV tensors of both plans take ~34 GB in
+    all, split over the ranks.
 Both print the measured speedup next to the simulator's prediction (max rank load ratio) and write
 results.json and results.md to --out.
 
@@ -45,8 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--head-budgets", type=Path, help="[L, H] .npy; default: train the embedded model")
     ap.add_argument("--train-steps", type=int, default=150)
-    ap.add_argument("--kv-mean", type=int, default=4096, help="mean KV length per head")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--kv-mean", type=int, default=8192, help="mean KV length per head")
+    ap.add_argument("--batch", type=int, default=128, help="decode sequences (big enough that each "
+                    "head's kernel is memory-bound, not launch-bound)")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--attn-iters", type=int, default=30)
     ap.add_argument("--skip-moe", action="store_true")
@@ -146,13 +149,14 @@ def moe_bench(args, torch, dist, device) -> dict:
     rows = future[:, layer]
     totals = np.rint(rows / np.maximum(rows.sum(1, keepdims=True), 1) * args.tokens_per_step).astype(np.int64)
     work = {k: split_counts(totals, p.phy2log[0], p.share[0]) for k, p in plans.items()}
-    gen = torch.Generator(device="cpu").manual_seed(rank)
+    torch.manual_seed(rank)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    x = torch.randn(int(max(w.max() for w in work.values())) + 1, args.d_model, generator=gen).to(device, dtype)
+    new = dict(device=device, dtype=dtype)  # generated on the device: no host copies of big tensors
+    x = torch.randn(int(max(w.max() for w in work.values())) + 1, args.d_model, **new)
     per_gpu = {k: p.slots_per_gpu for k, p in plans.items()}
     n_weights = max(per_gpu.values())
-    w1 = [torch.randn(args.d_model, args.d_ff, generator=gen).to(device, dtype) * 0.02 for _ in range(n_weights)]
-    w2 = [torch.randn(args.d_ff, args.d_model, generator=gen).to(device, dtype) * 0.02 for _ in range(n_weights)]
+    w1 = [torch.randn(args.d_model, args.d_ff, **new) * 0.02 for _ in range(n_weights)]
+    w2 = [torch.randn(args.d_ff, args.d_model, **new) * 0.02 for _ in range(n_weights)]
     clock = Clock(torch, device)
 
     def run(step: int, name: str) -> float:
@@ -220,7 +224,8 @@ def attn_bench(args, torch, dist, device) -> dict:
     seqs = {k: np.stack([split_counts(np.full((1, num_heads), args.batch), p.phy2log[i], p.share[i])[0]
                          for i in range(num_layers)]) for k, p in plans.items()}  # [L, R] sequences
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    gen = torch.Generator(device="cpu").manual_seed(rank)
+    torch.manual_seed(rank)
+    new = dict(device=device, dtype=dtype)
     tensors = {}
     for name, p in plans.items():
         slots = p.slots_per_gpu
@@ -230,8 +235,8 @@ def attn_bench(args, torch, dist, device) -> dict:
             for s in range(rank * slots, (rank + 1) * slots):
                 n, length = int(seqs[name][layer, s]), int(kv[layer, p.phy2log[layer, s]])
                 if n:
-                    q = torch.randn(n, 1, 1, args.head_dim, generator=gen).to(device, dtype)
-                    k = torch.randn(n, 1, length, args.head_dim, generator=gen).to(device, dtype)
+                    q = torch.randn(n, 1, 1, args.head_dim, **new)
+                    k = torch.randn(n, 1, length, args.head_dim, **new)
                     mine.append((q, k, torch.randn_like(k)))
             per_layer.append(mine)
         tensors[name] = per_layer
