@@ -1,0 +1,102 @@
+"""experiments/results/make_results.py end to end on a cut-down copy of the real GPU traces."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moeload import open_trace, predictors
+from moeload.evaluation import METRICS
+from moeload.trace import Manifest, TraceWriter
+
+ROOT = Path(__file__).resolve().parents[2]
+TRACES = ROOT / "experiments" / "traces"
+SETUP = "gpt3-small-moe"
+STEPS = 600
+
+
+def _cut(src: Path, dst: Path, steps: int, json_steps: int) -> None:
+    """Copy the first `steps` steps of a trace (per-rank routed and kept counts) and a JSON summary
+    that counts `json_steps` steps (fewer than the trace holds, as for a reused output directory)."""
+    t = open_trace(src)
+    d = t.manifest.to_dict()
+    d["sessions"] = []
+    man = Manifest.from_dict(d)
+    sel = (0, steps)
+    with TraceWriter(dst, man) as w:
+        w.write_block(np.arange(steps), t.rank_counts(steps=sel), kept=t.rank_counts(steps=sel, kind="kept"))
+    summary = json.loads(Path(str(src) + ".json").read_text())
+    summary["steps"] = json_steps
+    Path(str(dst) + ".json").write_text(json.dumps(summary))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not (TRACES / f"{SETUP}-s0.moeload").exists():
+        pytest.skip("committed GPU traces are not present")
+    tmp = tmp_path_factory.mktemp("results")
+    for seed, n in ((0, STEPS - 100), (1, STEPS)):
+        _cut(TRACES / f"{SETUP}-s{seed}.moeload", tmp / f"{SETUP}-s{seed}.moeload", STEPS, n)
+    out = tmp / "out"
+    cmd = [sys.executable, str(ROOT / "experiments" / "results" / "make_results.py"), "--traces", str(tmp),
+           "--out", str(out), "--setup", SETUP, "--horizons", "25,50", "--origin-every", "50", "--sw-windows", "10,50"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_table_has_every_predictor_metric_and_phase(results: Path) -> None:
+    js = json.loads((results / "results.json").read_text())[SETUP]
+    md = (results / "results.md").read_text()
+    for seed in ("0", "1"):
+        rows = js["summary"][seed]
+        names = {r["predictor"] for r in rows}
+        assert names == set(predictors.available())
+        for name in names:
+            for h in (25, 50):
+                got = [r for r in rows if r["predictor"] == name and r["horizon"] == h]
+                assert {r["phase"] for r in got} == {"all", "stable", "transient"}, (name, h)
+                for r in got:
+                    assert all(r[m] is not None and np.isfinite(r[m]) and r[m] >= 0 for m in METRICS), (name, h, r)
+        sw = [r for r in rows if r["predictor"] == "sw_avg"]
+        assert all(r["havg_mae_pp_vs_sw_avg"] == pytest.approx(1.0) for r in sw)
+    for name in predictors.available():
+        assert f"| {name} |" in md
+    for metric in METRICS:
+        assert metric in md
+    assert "## Headline check" in md and "Answer for gpt3-small-moe:" in md
+    assert set(js["sw_avg_windows"]["0"].values()) <= {10, 50}
+
+
+def test_steps_beyond_the_json_summary_are_dropped(results: Path) -> None:
+    js = json.loads((results / "results.json").read_text())[SETUP]
+    assert js["runs"]["0"]["steps_used"] == STEPS - 100
+    assert js["runs"]["1"]["steps_used"] == STEPS
+    assert any("are dropped" in n for n in js["runs"]["0"]["notes"])
+    assert js["runs"]["1"]["notes"] == []
+
+
+def test_phases_and_fluctuation_per_layer(results: Path) -> None:
+    js = json.loads((results / "results.json").read_text())[SETUP]
+    L = 6
+    for seed in ("0", "1"):
+        b = js["phases"][seed]["window"]["boundaries"]
+        assert len(b) == L and all(-1 <= x < STEPS for x in b)
+        fl = js["fluctuation"][seed]
+        assert sorted({r["window"] for r in fl}) == [10, 100, 200]
+        assert len(fl) == 3 * L
+        assert all(r["range_early"] > 0 and r["range_late"] > 0 for r in fl)
+
+
+def test_figures_exist(results: Path) -> None:
+    js = json.loads((results / "results.json").read_text())[SETUP]
+    assert len(js["figures"]) == 6
+    for f in js["figures"]:
+        p = results / f
+        assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+    assert (results / "backtest_rows.csv.gz").stat().st_size > 0
