@@ -1,21 +1,25 @@
-"""Private backtest of the predictors against SW_Avg at its best window (tune on one trace, report on another).
+"""Backtest of the predictors against SW_Avg at its best window: tune on one run, report on another.
 
-Error that counts: MAE over (layer, expert) of the horizon-average proportion (mean load share over
-the next H steps) for H in --horizons, averaged over rolling origins inside each phase. Phases:
-synthetic traces -> transient = origins before 3 * tau steps; real traces -> moeload.states.detect
-boundaries when that module exists, else the first --transient-frac of the trace.
-Each family's configuration is chosen on the --tune trace (smallest worst-cell error ratio to the best
-SW_Avg over the phase x horizon cells, since the target must hold in every cell) and reported on the --report trace, where SW_Avg gets its best
-window per cell (chosen on the report trace itself, i.e. in its favour).
+Protocol (the forecasts issue). Error = havg_mae_pp of moeload.evaluation (100 x MAE over experts of
+the mean share over the next H steps), per layer, averaged over (origin, layer) pairs of a phase.
+Origins every --every steps from --min-history on, where origin + H <= steps. Phase of a pair =
+moeload.states window label of that layer at the step before the origin (evaluation.backtest's
+default). For each direction A -> B of --traces: every family's configuration (a small grid; for
+`blend` the weights, learned by ridge on origins of A) is chosen per horizon on A (smallest
+worst-phase error ratio to SW_Avg's best window on A, since the target must hold in both phases)
+and reported on B. SW_Avg gets its best window and sliding mode per (horizon, phase) cell chosen
+on B itself, i.e. in its favour. Per-step errors (mae_pp) are reported but nothing is tuned on them.
 
-  .venv/bin/python benchmarks/predictor_accuracy.py                     # synthetic seeds 0 (tune) / 1 (report)
-  .venv/bin/python benchmarks/predictor_accuracy.py --tune A.moeload --report B.moeload
+  .venv/bin/python benchmarks/predictor_accuracy.py --traces experiments/traces/gpt3-small-moe-s0.moeload,experiments/traces/gpt3-small-moe-s1.moeload
+  .venv/bin/python benchmarks/predictor_accuracy.py --traces synthetic:0,synthetic:1          # synthetic runs
+  options: --horizons 1000,2000 --every 125 --min-history 250 --families ... --json OUT --figure PNG
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -25,104 +29,202 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _predictor_synth import synthetic_proportions  # noqa: E402
 
-from moeload import predictors  # noqa: E402
+from moeload.evaluation import backtest  # noqa: E402
+from moeload.predictors.blend import learn_blend  # noqa: E402
 
-SW_WINDOWS = (10, 30, 100, 300, 1000, 3000, 10000)
+SW = [{"window": w, "slide": s} for w, s in itertools.product((25, 50, 100, 200, 400, 800, 1600, 3200), (True, False))]
 SA_TREND = ("state_aware", {"threshold": 6.0, "trend": True, "trend_reach": 2000})
 GRID = {
-    "ema": [{"halflife": h} for h in (50, 150, 500)],
-    "kalman": [{"pool": pl} for pl in ("series", "layer")],
-    "damped_trend": [{"alpha": a, "beta": b, "phi": 0.999} for a, b in itertools.product((0.003, 0.01, 0.03), (0.0003, 0.001))],
+    "ema": [{"halflife": h} for h in (25, 50, 100, 200)],
+    "kalman": [{"pool": "layer", "block": b} for b in (1, 25, 50)],
+    "damped_trend": [{"alpha": a, "beta": b, "phi": 0.999} for a, b in itertools.product((0.005, 0.01, 0.03), (0.0003, 0.001))],
     "state_aware": [{"threshold": t, "trend": tr, "trend_reach": 2000} for t, tr in itertools.product((4.0, 6.0), (False, True))],
-    "ridge": [{"train_window": w} for w in (None, 2000, 3000)],
+    "ridge": [{"train_window": w} for w in (None, 1000)],
     "combo": [{"members": (("ridge", {"train_window": 2000}), SA_TREND), "weights": (w, 1 - w)} for w in (0.5, 0.75)],
+    "blend": [{"uniform_term": u, "by_phase": b} for u, b in itertools.product((False, True), (False, True))],  # weights learned on the tuning run
     "arima": [{"max_history": 2000}],
     "lstm": [{}],
 }
+DEFAULT_FAMILIES = "ema,kalman,damped_trend,state_aware,ridge,combo,blend"
 
 
-def load(spec: str) -> tuple[np.ndarray, int, str]:
-    """(proportions [T, L, E], first stable step, label)."""
+def load(spec: str) -> np.ndarray:
+    """Proportions [T, L, E] of a trace path or `synthetic:SEED[:DRIFT]`."""
     if spec.startswith("synthetic:"):
         parts = spec.split(":")
-        drift = float(parts[2]) if len(parts) > 2 else 0.4
-        return synthetic_proportions(12000, 4, 16, seed=int(parts[1]), drift=drift), 4500, spec
+        return synthetic_proportions(12000, 4, 16, seed=int(parts[1]), drift=float(parts[2]) if len(parts) > 2 else 0.4)
     from moeload import open_trace
 
-    p = open_trace(spec).proportions()
-    try:
-        from moeload import states
-
-        b = states.detect(p).boundaries
-        boundary = int(np.median(b[b >= 0])) if (b >= 0).any() else p.shape[0] // 4
-    except Exception:  # noqa: BLE001 - states may not exist yet
-        boundary = int(p.shape[0] * 0.25)
-    return p, boundary, spec
+    return open_trace(spec).proportions()
 
 
-def origins(T: int, boundary: int, H: int, n: int) -> dict[str, np.ndarray]:
-    lo = 200
+def cells(p: np.ndarray, spec, H: int, org: np.ndarray) -> dict[str, tuple[float, float, int]]:
+    """{phase: (mean havg_mae_pp, mean mae_pp, n pairs)} of one predictor spec at horizon H."""
+    o = org[org + H <= p.shape[0]]
+    df = backtest(p, [spec], horizons=[H], origins=o)
+    return {ph: (float(g["havg_mae_pp"].mean()), float(g["mae_pp"].mean()), len(g)) for ph, g in df.groupby("phase")}
+
+
+def peek(p: np.ndarray, H: int, org: np.ndarray, k: int = 100) -> dict:
+    """Bounds, not predictors: forecasts that see k steps past the origin (mean of p[o - k : o + k] and of
+    p[o : o + k]). What they miss is drift that happens later inside the horizon."""
+    from moeload import states
+
+    lab = states.detect(p).labels  # [S, L], phase at step o - 1 as in evaluation.backtest
     out = {}
-    out["transient"] = np.unique(np.linspace(lo, max(lo, boundary - 1), n).astype(int))
-    out["stable"] = np.unique(np.linspace(boundary, T - H, n).astype(int))
-    return {k: v[v + H <= T] for k, v in out.items()}
+    for name, lo, hi in ((f"peek_centred_{k}", -k, k), (f"peek_next_{k}", 0, k)):
+        acc: dict[str, list] = {}
+        for o in org:
+            err = 100 * np.nanmean(np.abs(np.nanmean(p[o + lo : o + hi], 0) - np.nanmean(p[o : o + H], 0)), axis=1)  # [L]
+            for li, st in enumerate(lab[o - 1]):
+                acc.setdefault("stable" if st else "transient", []).append(err[li])
+        out[name] = {"spec": name, **{ph: (float(np.mean(v)), float("nan"), len(v)) for ph, v in acc.items()}}
+    return out
 
 
-def errors(p: np.ndarray, boundary: int, name: str, hyper: dict, horizons, n_origins: int) -> dict:
-    """{(phase, H): (horizon-average MAE, per-step MAE)} averaged over origins."""
-    res = {}
-    for H in horizons:
-        for phase, ts in origins(p.shape[0], boundary, H, n_origins).items():
-            ha, ps = [], []
-            for t in ts:
-                f = predictors.get(name, **hyper).fit(p[:t]).predict(H)
-                truth = p[t : t + H]  # steps without tokens (NaN rows) are left out of the truth
-                ha.append(np.nanmean(np.abs(f.mean(0) - np.nanmean(truth, axis=0))))
-                ps.append(np.nanmean(np.abs(f - truth)))
-            res[(phase, H)] = (float(np.mean(ha)), float(np.mean(ps)))
-    return res
+def configs(fam: str, tune: np.ndarray, H: int, args) -> list[tuple[str, dict]]:
+    if fam != "blend":
+        return [(fam, h) for h in GRID[fam]]
+    return [("blend", learn_blend(tune, H, **h, min_history=100, stride=25)) for h in GRID[fam]]
+
+
+def direction(tune: np.ndarray, report: np.ndarray, args, fams: list[str]) -> dict:
+    """Results of tuning on `tune` and reporting on `report`: {H: {"sw": ..., name: ...}}."""
+    out = {}
+    for H in args.horizons:
+        org = np.arange(args.min_history, max(tune.shape[0], report.shape[0]), args.every)
+        sw_t = {c: min(v) for c, v in _collect(tune, [("sw_avg", s) for s in SW], H, org).items()}
+        sw_r = _collect(report, [("sw_avg", s) for s in SW], H, org)
+        res = {"sw": {ph: min(v) for ph, v in sw_r.items()}}
+        res.update(peek(report, H, org[org + H <= report.shape[0]], k=min(100, max(1, H // 4))))
+        for fam in fams:
+            t0 = time.time()
+            cand = configs(fam, tune, H, args)
+            scored = []
+            for spec in cand:
+                e = cells(tune, spec, H, org)
+                scored.append((max(e[ph][0] / sw_t[ph][0] for ph in e), spec))
+            spec = min(scored, key=lambda s: s[0])[1]
+            e = cells(report, spec, H, org)
+            res[fam] = {"spec": _short(spec), **{ph: v for ph, v in e.items()}}
+            print(f"  H={H} {fam:13s} {_short(spec)} ({time.time() - t0:.0f}s)", flush=True)
+        out[H] = res
+    return out
+
+
+def _collect(p, specs, H, org) -> dict[str, list]:
+    """{phase: [(havg, mae, n, spec-label), ...]} for several specs."""
+    acc: dict[str, list] = {}
+    for spec in specs:
+        for ph, v in cells(p, spec, H, org).items():
+            acc.setdefault(ph, []).append((*v, _short(spec)))
+    return acc
+
+
+def _short(spec) -> str:
+    name, h = spec
+    if name == "blend":
+        fmt = lambda c: "[" + ", ".join(f"{v:.2f}" for v in c) + "]"  # noqa: E731
+        extra = f", coef_transient={fmt(h['coef_transient'])}" if "coef_transient" in h else ""
+        return f"blend(uniform_term={h['uniform_term']}, coef={fmt(h['coef'])}{extra})"
+    if name == "sw_avg":
+        return f"w={h['window']}{'' if h['slide'] else ' flat'}"
+    if name == "combo":
+        return f"combo(weights={h['weights']})"
+    return name + "(" + ", ".join(f"{k}={v}" for k, v in h.items()) + ")"
+
+
+def table(results: dict, fams: list[str], labels: list[str]) -> str:
+    """Markdown: one column per (direction, horizon, phase); cell = havg_mae_pp (change vs best SW_Avg)."""
+    cols = [(d, H, ph) for d in results for H in results[d] for ph in ("transient", "stable") if ph in results[d][H]["sw"]]
+    head = "| predictor | " + " | ".join(f"{d} H={H} {ph}" for d, H, ph in cols) + " |"
+    lines = [head, "|---|" + "---|" * len(cols)]
+    lines.append("| SW_Avg, best window on the report run | " + " | ".join(
+        f"{results[d][H]['sw'][ph][0]:.3f} ({results[d][H]['sw'][ph][3]})" for d, H, ph in cols) + " |")
+    for fam in [*fams, *[k for k in next(iter(next(iter(results.values())).values())) if k.startswith("peek")]]:
+        row = []
+        for d, H, ph in cols:
+            e, b = results[d][H][fam].get(ph), results[d][H]["sw"][ph]
+            row.append("-" if e is None else f"{e[0]:.3f} ({100 * (1 - e[0] / b[0]):+.1f}%)")
+        lines.append(f"| {fam + (' (bound, sees the future)' if fam.startswith('peek') else '')} | " + " | ".join(row) + " |")
+    lines.append("| pairs (origin x layer) | " + " | ".join(str(results[d][H]["sw"][ph][2]) for d, H, ph in cols) + " |")
+    return "\n".join(lines)
+
+
+def figure(results: dict, fams: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [(d, H, ph) for d in results for H in results[d] for ph in ("transient", "stable") if ph in results[d][H]["sw"]]
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cols) + 3), 4.5))
+    x = np.arange(len(cols))
+    bounds = [k for k in results[cols[0][0]][cols[0][1]] if k.startswith("peek")]
+    names = [*fams, *bounds]
+    width = 0.8 / len(names)
+    colors = plt.get_cmap("tab10")
+    for i, fam in enumerate(names):
+        v = [100 * (1 - results[d][H][fam][ph][0] / results[d][H]["sw"][ph][0]) if ph in results[d][H][fam] else np.nan
+             for d, H, ph in cols]
+        bound = fam.startswith("peek")
+        ax.bar(x - 0.4 + width * (i + 0.5), np.clip(v, -60, None), width, color="0.75" if bound else colors(i % 10),
+               hatch="//" if i == len(names) - 1 and bound else None, edgecolor="0.4" if bound else None,
+               label=fam + (" (bound: sees future steps)" if bound else ""))
+    ax.axhline(20, color="k", ls="--", lw=1, label="target +20 %")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x, [f"{d}\nH={H}\n{ph}" for d, H, ph in cols], fontsize=8)
+    ax.set_ylabel("havg_mae_pp reduction vs best SW_Avg (%)\n(bars clipped at -60 %)")
+    ax.set_title("Forecast error vs SW_Avg at its best window (tuned on one run, reported on the other)")
+    ax.legend(fontsize=7, ncol=4, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tune", default="synthetic:0")
-    ap.add_argument("--report", default="synthetic:1")
+    ap.add_argument("--traces", default="synthetic:0,synthetic:1", help="two runs A,B: tune A report B, then B -> A")
+    ap.add_argument("--one-way", action="store_true", help="only A -> B")
     ap.add_argument("--horizons", default="1000,2000")
-    ap.add_argument("--origins", type=int, default=6)
-    ap.add_argument("--families", default=",".join(GRID))
+    ap.add_argument("--every", type=int, default=125)
+    ap.add_argument("--min-history", type=int, default=250)
+    ap.add_argument("--families", default=DEFAULT_FAMILIES)
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--figure", default=None, help="write a bar chart (PNG) here")
     args = ap.parse_args()
-    horizons = [int(h) for h in args.horizons.split(",")]
+    args.horizons = [int(h) for h in args.horizons.split(",")]
     fams = args.families.split(",")
-    tune, report = load(args.tune), load(args.report)
-    print(f"tune {tune[2]} {tune[0].shape} boundary {tune[1]}; report {report[2]} {report[0].shape} boundary {report[1]}")
-
-    def sw_best(tr):
-        per = {w: errors(tr[0], tr[1], "sw_avg", {"window": w}, horizons, args.origins) for w in SW_WINDOWS}
-        cells = per[SW_WINDOWS[0]].keys()
-        return {c: min((per[w][c][0], w, per[w][c][1]) for w in SW_WINDOWS) for c in cells}
-
-    sw_tune, sw_rep = sw_best(tune), sw_best(report)
-    cells = sorted(sw_rep)
-    print("SW_Avg best (report):", {f"{c[0]}@{c[1]}": (round(v[0] * 1e4, 2), v[1]) for c, v in sw_rep.items()})
-    rows = []
-    for fam in fams:
-        t0 = time.time()
-        scored = []
-        for hyper in GRID[fam]:
-            e = errors(tune[0], tune[1], fam, hyper, horizons, args.origins)
-            scored.append((max(e[c][0] / sw_tune[c][0] for c in cells), hyper))  # worst cell: the target is every cell
-        best = min(scored, key=lambda s: s[0])[1]
-        e = errors(report[0], report[1], fam, best, horizons, args.origins)
-        rows.append((fam, best, e))
-        print(f"{fam:13s} {best} ({time.time() - t0:.0f}s)", flush=True)
-    print("\n| predictor (tuned on %s) | " % tune[2] + " | ".join(f"{c[0]} H={c[1]}" for c in cells) + " |")
-    print("|---|" + "---|" * len(cells))
-    print("| sw_avg best window | " + " | ".join(f"{sw_rep[c][0] * 1e4:.2f} (w={sw_rep[c][1]})" for c in cells) + " |")
-    for fam, best, e in rows:
-        print(f"| {fam} | " + " | ".join(f"{e[c][0] * 1e4:.2f} ({100 * (1 - e[c][0] / sw_rep[c][0]):+.0f}%)" for c in cells) + " |")
-    print("\nhorizon-average MAE x1e4 (lower is better); (+x%) = error reduction vs best SW_Avg on the report trace")
-    print("per-step MAE x1e4: sw_best " + ", ".join(f"{sw_rep[c][2] * 1e4:.1f}" for c in cells) + "; " +
-          "; ".join(f"{fam} " + ", ".join(f"{e[c][1] * 1e4:.1f}" for c in cells) for fam, _, e in rows))
+    specs = args.traces.split(",")
+    runs = [load(s) for s in specs]
+    labels = [Path(s).name.removesuffix(".moeload") for s in specs]
+    common = 0  # strip the common prefix of the run names ("gpt3-small-moe-s0" -> "s0")
+    while common < min(map(len, labels)) - 1 and len({x[common] for x in labels}) == 1:
+        common += 1
+    common = labels[0][:common].rfind("-") + 1
+    labels = [x[common:] for x in labels]
+    pairs = [(0, 1)] if args.one_way else [(0, 1), (1, 0)]
+    results = {}
+    for a, b in pairs:
+        name = f"{labels[a]}->{labels[b]}"
+        print(f"{name}: tune {runs[a].shape}, report {runs[b].shape}", flush=True)
+        results[name] = direction(runs[a], runs[b], args, fams)
+    print("\nhavg_mae_pp (percentage points, lower is better); (x%) = error reduction vs SW_Avg at its best window"
+          " (window, chosen on the report run per cell)\n")
+    print(table(results, fams, labels))
+    print("\nper-step mae_pp (not tuned for):")
+    for d in results:
+        for H in results[d]:
+            print(f"  {d} H={H}: " + "; ".join(
+                f"{k} " + "/".join(f"{results[d][H][k][ph][1]:.3f}" for ph in ("transient", "stable") if ph in results[d][H][k])
+                for k in ["sw", *fams]) + "  (transient/stable)")
+    print("\nchosen configurations:")
+    for d in results:
+        for H in results[d]:
+            print(f"  {d} H={H}: " + "; ".join(f"{k}: {results[d][H][k]['spec']}" for k in fams))
+    if args.json:
+        Path(args.json).write_text(json.dumps({d: {str(H): v for H, v in r.items()} for d, r in results.items()}, indent=1))
+    if args.figure:
+        figure(results, fams, args.figure)
 
 
 if __name__ == "__main__":
