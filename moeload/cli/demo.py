@@ -131,17 +131,40 @@ def analyse(con, trace) -> dict:
         from moeload import evaluation
     except ImportError:
         evaluation = None
-    if evaluation is not None and S >= 200:
+    if evaluation is not None and S >= 100:
         h = (max(10, S // 10), max(20, S // 5))
-        preds = ["last", "sw_avg", "ema", "damped_trend", "kalman", "arima"]
+        preds = ["last", "sw_avg", "ema", "arima", "damped_trend", "ridge", "state_aware", "combo"]
         from moeload import predictors
 
         preds = [x for x in preds if x in predictors.available()]
         con.print(f"\n[bold]Forecasts[/]: rolling-origin backtest, horizons {h[0]} and {h[1]} steps "
                   "(the paper uses 1,000 and 2,000 on longer runs)")
         df = evaluation.backtest(trace, predictors=preds, horizons=h, min_history=S // 4, every=max(10, S // 20))
-        con.print(evaluation.format_table(df))
-        out["backtest"] = evaluation.summarize(df)
+        summ = evaluation.summarize(df)
+        piv = summ.pivot_table(index="predictor", columns=["horizon", "phase"], values="havg_mae_pp")
+        piv = piv.sort_values(piv.columns[0])
+        piv.columns = [f"H={h} {ph}" for h, ph in piv.columns]
+        con.print("error of the horizon-average load share (havg_mae_pp, percentage points; lower is better;"
+                  " every metric: moeload backtest TRACE)")
+        con.print(piv.to_string(float_format=lambda x: f"{x:.3f}"))
+        out["backtest"] = summ
+    try:
+        from moeload import placement
+    except ImportError:
+        placement = None
+    if placement is not None and S >= 100:
+        counts = trace.counts()
+        E = counts.shape[2]
+        G = 4 if E % 4 == 0 else 2
+        con.print(f"\n[bold]Placement[/]: replay of the trace on {G} GPUs with {E + G} expert slots "
+                  f"(one replica slot per GPU), re-planned every {S // 10} steps")
+        table = placement.compare(counts, G, E + G, replan_every=max(10, S // 10), window=max(20, S // 5),
+                                  vllm_window=max(20, S // 5), vllm_replan_every=max(30, S // 3))
+        cols = [c for c in ("scenario", "imbalance", "segment_imbalance", "moves_per_replan") if c in table.columns]
+        con.print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        con.print("(imbalance: realised max/mean GPU load per step, averaged; segment_imbalance: of the loads summed over each re-plan period; the vLLM row uses "
+                  "window and re-plan period scaled to this short trace)")
+        out["placement"] = table
     return out
 
 
@@ -154,6 +177,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
         flush_every: int = typer.Option(50, "--flush-every", help="Steps per trace part."),
+        threads: int = typer.Option(2, "--threads", help="torch CPU threads (1 is faster on a busy machine)."),
         no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     ) -> None:
         """Train the embedded MoE GPT on real local text with tracing on, then summarise the trace.
@@ -161,4 +185,4 @@ def register(app: typer.Typer) -> None:
         Example: moeload demo --out runs/demo.moeload
         """
         run_demo(out, config=config, steps=steps, seed=seed, device=device, flush_every=flush_every,
-                 progress=not no_progress)
+                 threads=threads, progress=not no_progress)
