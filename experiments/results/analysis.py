@@ -25,7 +25,7 @@ PAPER_ERRORS = {
     "gpt3-small-moe": {1000: {"sw_avg": "≈0.25", "arima": "≈0.5", "lstm": "<1"}},
     "gpt3-medium-moe": {1000: {"sw_avg": "≈1.3", "arima": "≈1.4"}, 2000: {"sw_avg": "≈1.7–1.8"}},
 }
-PAPER_STABLE = {"gpt3-small-moe": "≈5,000 iterations", "gpt3-medium-moe": "not stated as a number"}
+PAPER_STABLE = {"gpt3-small-moe": "≈5,000 iterations", "gpt3-medium-moe": "no number given for this model"}
 
 
 @dataclass

@@ -92,7 +92,7 @@ def error_over_time(rows: dict[int, pd.DataFrame], boundaries: dict[int, int], h
             ax.set_ylabel(f"{metric} (mean over layers)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper", fontsize=8)
-    fig.suptitle(f"{setup}: forecast error at each origin (tested on the seed shown; SW_Avg window and LSTM "
+    fig.suptitle(f"{setup}: forecast error at each origin (tested on the seed shown; SW_Avg window, LSTM and blend "
                  f"weights from the other seed)", fontsize=11)
     return _save(fig, path)
 

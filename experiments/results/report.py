@@ -32,7 +32,7 @@ def _runs(results: dict[str, Any]) -> list[str]:
             s = run.summary
             ov = s.get("overhead", {})
             blocks = " ".join(f"{t:.0f}/{u:.0f}" for t, u in zip(ov.get("traced_ms", []), ov.get("untraced_ms", [])))
-            rows.append([name, str(seed), f"{len(run.steps):,}" + (f" (trace {int(run.summary.get('steps', 0)):,})" if False else ""),
+            rows.append([name, str(seed), f"{len(run.steps):,}",
                          _f(s.get("steps_per_s")), _f(s.get("train_s"), 4), f"{_f(s.get('loss_first'))} → {_f(s.get('loss_last'))}",
                          f"{s.get('gpu', '?')} × {s.get('world_size', '?')}",
                          (f"{ov['overhead_pct']:+.2f} % ({blocks})" if blocks else "not measured")])
@@ -48,7 +48,7 @@ def _phases(name: str, r: dict[str, Any]) -> list[str]:
             rows.append([str(seed), method + (" (default)" if method == "window" else ""),
                          *[f"{b:,}" if b >= 0 else "none" for b in res.boundaries],
                          f"{res.model_boundary:,}" if res.model_boundary >= 0 else "none"])
-    out = [f"Paper: stable from {A.PAPER_STABLE[name]}. Ours: first step of each layer's final stable phase "
+    out = [f"Paper's stable point: {A.PAPER_STABLE[name]}. Ours: first step of each layer's final stable phase "
            f"(window rule w = 100, range, reference 'late', c = 1.5; PELT as a cross-check), out of "
            f"{len(r['runs'][0].steps):,} / {len(r['runs'][1].steps):,} steps.", ""]
     return out + _table(["seed", "rule", *[f"L{i}" for i in range(L)], "model"], rows)
@@ -104,7 +104,9 @@ def _forecast(name: str, r: dict[str, Any]) -> list[str]:
                        for s, c in r["choice"].items())
            + f". LSTM ({setup.lstm}) trained on the other seed's whole run, tested on this one. ARIMA "
            f"{setup.arima.get('order')} engine `{setup.arima.get('engine')}` (batched CSS; statsmodels is the reference "
-           f"engine), max_history {setup.arima.get('max_history', 'all')}. Others: registry defaults.", ""]
+           f"engine), max_history {setup.arima.get('max_history', 'all')}. blend: weights from `learn_blend` on the other "
+           f"seed per horizon, by phase. kalman is refitted at every origin (its `update` keeps the gains estimated at "
+           f"the first origin); the others are fitted once and updated. Other hyperparameters: registry defaults.", ""]
     names = _order(sorted(set(summ[0]["predictor"])))
     key = {s: d.set_index(["predictor", "horizon", "phase"]) for s, d in summ.items()}
     out.append("**havg_mae_pp (headline metric), tested on seed 0 / seed 1** (percentage points of share; lower is better)")
