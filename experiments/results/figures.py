@@ -86,7 +86,7 @@ def error_over_time(rows: dict[int, pd.DataFrame], boundaries: dict[int, int], h
             if b > 0:
                 ax.axvspan(ax.get_xlim()[0], b, color="0.9", zorder=0, label="before model boundary")
             ax.set_yscale("log")
-            plots_ticks(ax)
+            _plain_log_ticks(ax)
             ax.set_title(f"seed {seed}, horizon {h:,}", loc="left", fontsize=10)
             ax.set_xlabel("forecast origin (step)")
             ax.set_ylabel(f"{metric} (mean over layers)")
@@ -97,7 +97,7 @@ def error_over_time(rows: dict[int, pd.DataFrame], boundaries: dict[int, int], h
     return _save(fig, path)
 
 
-def plots_ticks(ax: Any) -> None:
+def _plain_log_ticks(ax: Any) -> None:
     """Plain numbers on a log y axis."""
     from matplotlib.ticker import FormatStrFormatter, LogLocator
 

@@ -29,6 +29,7 @@ import figures as F  # noqa: E402
 from report import write_report  # noqa: E402
 
 from moeload import evaluation  # noqa: E402
+from moeload.errors import MoeloadError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,7 +69,7 @@ def run_setup(setup: A.Setup, a: argparse.Namespace, log: Any) -> dict[str, Any]
             log(f"  note: {n}")
     ph = {seed: A.phases(r) for seed, r in runs.items()}
     fl = {seed: A.fluctuation_table(r) for seed, r in runs.items()}
-    log(f"  phases: " + "; ".join(f"s{s} window boundaries {p['window'].boundaries.tolist()}" for s, p in ph.items()))
+    log("  phases: " + "; ".join(f"s{s} window boundaries {p['window'].boundaries.tolist()}" for s, p in ph.items()))
     rows, choice, summ = {}, {}, {}
     for seed in (0, 1):
         other = 1 - seed
@@ -108,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     for name in names:
         log(f"{name}")
-        results[name] = run_setup(configure(name, a), a, log)
+        try:
+            results[name] = run_setup(configure(name, a), a, log)
+        except MoeloadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     all_rows = pd.concat([r["rows"][s].assign(setup=n, test_seed=s) for n, r in results.items() for s in (0, 1)],
                          ignore_index=True)
     all_rows.to_csv(a.out / "backtest_rows.csv.gz", index=False, float_format="%.6g")
