@@ -9,6 +9,7 @@ mkdir -p "$out" runs
 pids=()
 for seed in 0 1; do
   gpus=$([ "$seed" = 0 ] && echo 0,1 || echo 2,3)
+  rm -rf "runs/$name-s$seed.moeload" "runs/$name-s$seed.moeload.json"  # never append to an earlier attempt
   CUDA_VISIBLE_DEVICES=$gpus torchrun --nproc_per_node 2 --master_port $((29500 + seed)) \
     experiments/train_ds.py --config "experiments/$name/config.json" --seed "$seed" \
     --out "runs/$name-s$seed.moeload" --time-budget "$budget" --overhead-blocks ${OVERHEAD_BLOCKS:-4} \

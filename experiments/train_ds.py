@@ -100,6 +100,9 @@ def main() -> None:
     ap.add_argument("--override", action="append", default=[], help="key=value workload override (tests)")
     a = ap.parse_args()
 
+    if Path(a.out).exists():
+        raise SystemExit(f"{a.out}: already exists; a new run must not append to another run's trace "
+                         "(remove it, or pick another --out)")
     spec = json.loads(Path(a.config).read_text())
     overrides = dict(spec["workload"])
     for kv in a.override:
