@@ -67,19 +67,46 @@ def cells(p: np.ndarray, spec, H: int, org: np.ndarray) -> dict[str, tuple[float
 
 def peek(p: np.ndarray, H: int, org: np.ndarray, k: int = 100) -> dict:
     """Bounds, not predictors: forecasts that see k steps past the origin (mean of p[o - k : o + k] and of
-    p[o : o + k]). What they miss is drift that happens later inside the horizon."""
+    p[o : o + k]). What they miss is drift that happens later inside the horizon. Keys "peek_centred", "peek_next"."""
     from moeload import states
 
     lab = states.detect(p).labels  # [S, L], phase at step o - 1 as in evaluation.backtest
     out = {}
-    for name, lo, hi in ((f"peek_centred_{k}", -k, k), (f"peek_next_{k}", 0, k)):
+    for name, lo, hi in (("peek_centred", -k, k), ("peek_next", 0, k)):
         acc: dict[str, list] = {}
         for o in org:
             err = 100 * np.nanmean(np.abs(np.nanmean(p[o + lo : o + hi], 0) - np.nanmean(p[o : o + H], 0)), axis=1)  # [L]
             for li, st in enumerate(lab[o - 1]):
                 acc.setdefault("stable" if st else "transient", []).append(err[li])
-        out[name] = {"spec": name, **{ph: (float(np.mean(v)), float("nan"), len(v)) for ph, v in acc.items()}}
+        out[name] = {"spec": f"{name} k={k}", **{ph: (float(np.mean(v)), float("nan"), len(v)) for ph, v in acc.items()}}
+    # a reference, not a bound: every expert of a layer at 1 / E_l (perfect balance), which needs no history
+    acc = {}
+    n_exist = np.maximum((~np.isnan(p)).any(axis=0).sum(axis=1), 1)  # [L]
+    for o in org:
+        exists = (~np.isnan(p[o : o + H])).any(axis=0)  # [L, E]
+        err = 100 * np.nanmean(np.where(exists, np.abs(1.0 / n_exist[:, None] - np.nanmean(p[o : o + H], 0)), np.nan), axis=1)
+        for li, st in enumerate(lab[o - 1]):
+            acc.setdefault("stable" if st else "transient", []).append(err[li])
+    out["uniform"] = {"spec": "uniform", **{ph: (float(np.mean(v)), float("nan"), len(v)) for ph, v in acc.items()}}
     return out
+
+
+def diagnose(p: np.ndarray, label: str, block: int = 100) -> str:
+    """How predictable the drift is: rms change of `block`-step means over lags, the rms a
+    change would have if steps were independent, and corr(past change, future change)."""
+    n = p.shape[0] // block
+    b = np.nanmean(p[: n * block].reshape(n, block, *p.shape[1:]), axis=1)  # [n, L, E]
+    lags = [k for k in (1, 2, 5, 10, 20) if k < n]
+    rms = [1e4 * float(np.sqrt(np.nanmean((b[k:] - b[:-k]) ** 2))) for k in lags]
+    white = 1e4 * float(np.sqrt(2 * np.nanmean(np.nanvar(np.diff(p, axis=0), axis=0) / 2) / block))
+    # past b[t-1] - b[t-3], future b[t+1] - b[t]: no block shared, so block noise cannot correlate them
+    past = (b[2:-2] - b[:-4]).ravel() if n > 4 else np.zeros(0)
+    fut = (b[4:] - b[3:-1]).ravel() if n > 4 else np.zeros(0)
+    ok = np.isfinite(past) & np.isfinite(fut)
+    corr = float(np.corrcoef(past[ok], fut[ok])[0, 1]) if ok.sum() > 2 else float("nan")
+    return (f"{label}: rms change of {block}-step means x1e4 at lags {[k * block for k in lags]}: "
+            f"{', '.join(f'{v:.1f}' for v in rms)} (independent steps would give {white:.1f} at every lag); "
+            f"corr(b[t-1] - b[t-3], b[t+1] - b[t]) of those means b = {corr:+.2f}")
 
 
 def configs(fam: str, tune: np.ndarray, H: int, args) -> list[tuple[str, dict]]:
@@ -141,12 +168,15 @@ def table(results: dict, fams: list[str], labels: list[str]) -> str:
     lines = [head, "|---|" + "---|" * len(cols)]
     lines.append("| SW_Avg, best window on the report run | " + " | ".join(
         f"{results[d][H]['sw'][ph][0]:.3f} ({results[d][H]['sw'][ph][3]})" for d, H, ph in cols) + " |")
-    for fam in [*fams, *[k for k in next(iter(next(iter(results.values())).values())) if k.startswith("peek")]]:
+    for fam in [*fams, "uniform", "peek_centred", "peek_next"]:
         row = []
         for d, H, ph in cols:
             e, b = results[d][H][fam].get(ph), results[d][H]["sw"][ph]
             row.append("-" if e is None else f"{e[0]:.3f} ({100 * (1 - e[0] / b[0]):+.1f}%)")
-        lines.append(f"| {fam + (' (bound, sees the future)' if fam.startswith('peek') else '')} | " + " | ".join(row) + " |")
+        bound = {"peek_centred": " (bound: mean of p[o-k : o+k], k = min(100, H/4), sees the future)",
+                 "peek_next": " (bound: mean of p[o : o+k], sees the future)",
+                 "uniform": " (reference: 1/E for every expert)"}
+        lines.append(f"| {fam + bound.get(fam, '')} | " + " | ".join(row) + " |")
     lines.append("| pairs (origin x layer) | " + " | ".join(str(results[d][H]["sw"][ph][2]) for d, H, ph in cols) + " |")
     return "\n".join(lines)
 
@@ -160,17 +190,18 @@ def figure(results: dict, fams: list[str], path: str) -> None:
     cols = [(d, H, ph) for d in results for H in results[d] for ph in ("transient", "stable") if ph in results[d][H]["sw"]]
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cols) + 3), 4.5))
     x = np.arange(len(cols))
-    bounds = [k for k in results[cols[0][0]][cols[0][1]] if k.startswith("peek")]
-    names = [*fams, *bounds]
+    names = [*fams, "uniform", "peek_centred", "peek_next"]
     width = 0.8 / len(names)
     colors = plt.get_cmap("tab10")
     for i, fam in enumerate(names):
         v = [100 * (1 - results[d][H][fam][ph][0] / results[d][H]["sw"][ph][0]) if ph in results[d][H][fam] else np.nan
              for d, H, ph in cols]
         bound = fam.startswith("peek")
-        ax.bar(x - 0.4 + width * (i + 0.5), np.clip(v, -60, None), width, color="0.75" if bound else colors(i % 10),
-               hatch="//" if i == len(names) - 1 and bound else None, edgecolor="0.4" if bound else None,
-               label=fam + (" (bound: sees future steps)" if bound else ""))
+        color = "0.75" if bound else ("k" if fam == "uniform" else colors(i % 10))
+        ax.bar(x - 0.4 + width * (i + 0.5), np.clip(v, -60, None), width, color=color,
+               hatch="//" if fam == "peek_next" else None, edgecolor="0.4" if bound else None,
+               label=fam + (" (bound: sees k = min(100, H/4) future steps)" if bound else
+                            " (reference: 1/E)" if fam == "uniform" else ""))
     ax.axhline(20, color="k", ls="--", lw=1, label="target +20 %")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(x, [f"{d}\nH={H}\n{ph}" for d, H, ph in cols], fontsize=8)
@@ -202,6 +233,8 @@ def main() -> None:
         common += 1
     common = labels[0][:common].rfind("-") + 1
     labels = [x[common:] for x in labels]
+    for r, lab in zip(runs, labels):
+        print(diagnose(r, lab), flush=True)
     pairs = [(0, 1)] if args.one_way else [(0, 1), (1, 0)]
     results = {}
     for a, b in pairs:
