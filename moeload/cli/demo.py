@@ -137,6 +137,9 @@ def analyse(con, trace) -> dict:
         from moeload import predictors
 
         preds = [x for x in preds if x in predictors.available()]
+        # EMA's default half-life (200 steps) is for long runs; scale it to this short trace
+        scaled = {"ema": {"halflife": max(5, S // 20)}}
+        preds = [(x, scaled[x]) if x in scaled else x for x in preds]
         con.print(f"\n[bold]Forecasts[/]: rolling-origin backtest, horizons {h[0]} and {h[1]} steps "
                   "(the paper uses 1,000 and 2,000 on longer runs)")
         df = evaluation.backtest(trace, predictors=preds, horizons=h, min_history=S // 4, every=max(10, S // 20))
