@@ -247,7 +247,6 @@ class Arima(Predictor):
     def _predict(self, horizon: int) -> np.ndarray:
         p, d, q = self.order_
         y = self.series_
-        n = y.shape[0]
         fc = self._fallback(horizon)
         if self.engine == "batched":
             ok = self._fit_ok

@@ -18,7 +18,6 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
 
 from moeload.tracing.adapters.base import Adapter, GateSpec, Routing
 
