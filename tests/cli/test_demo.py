@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import pandas as pd
-import torch
 
 from moeload import open_trace
 from moeload.cli.demo import run_demo
 
 
 def test_demo_trains_traces_and_analyses(tmp_path, capsys):
-    torch.set_num_threads(1)
     out = tmp_path / "demo.moeload"
     s = run_demo(out, config="tiny", steps=120, flush_every=25, threads=1, progress=False)
     text = capsys.readouterr().out

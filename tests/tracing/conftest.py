@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from moeload.workloads import batches, build_model, get_config, reference_counts
@@ -61,12 +60,3 @@ class Loop:
         """-> reference routed, kept [steps, L, E]."""
         out = [self.step(tracer, micro) for _ in range(steps)]
         return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The tiny workload is faster on one thread, and far faster when other processes share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -6,15 +6,6 @@ from moeload.errors import InputError
 from moeload.workloads import WorkloadConfig, batches, build_model, evaluate, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls: one thread is fastest, and robust when other jobs share the cores
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_loss_decreases_on_tiny():
     res = train("tiny", steps=25, seed=0, progress=False)
     assert res.losses.shape == (25,)
