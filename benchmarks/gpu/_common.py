@@ -206,6 +206,17 @@ def check_and_summarize(args, ref: RefCounts, tracer: Any, trace_path: str, worl
     return summary
 
 
+def fresh_trace_path(out: str, rank: int) -> str:
+    """`<out>.trace`, emptied by rank 0 before any rank traces into it (a collective: all ranks call it)."""
+    path = out + ".trace"
+    if rank == 0:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
 def timed_steps(n: int, step_fn, device: torch.device) -> float | None:
     """Mean ms per call of step_fn over n calls (synchronizes before and after: outside guarded regions)."""
     if n <= 0:

@@ -17,7 +17,7 @@ Sync check: `torch.cuda.set_sync_debug_mode(--sync-mode)` only inside the tracer
 from __future__ import annotations
 
 import torch
-from _common import RefCounts, SyncGuard, base_args, check_and_summarize, init, timed_steps
+from _common import RefCounts, SyncGuard, base_args, check_and_summarize, fresh_trace_path, init, timed_steps
 from torch import nn
 
 
@@ -96,12 +96,7 @@ def main() -> None:
     base = timed_steps(args.baseline_steps, opt_step, device)
     guard = SyncGuard(args.sync_mode, device)
     guard.install(LoadTracer)
-    trace_path = args.out + ".trace"
-    if rank == 0:
-        import shutil
-
-        shutil.rmtree(trace_path, ignore_errors=True)
-    torch.distributed.barrier()
+    trace_path = fresh_trace_path(args.out, rank)
     first = engine.global_steps  # trace steps are numbered by the engine's optimizer steps
     tracing = trace_engine(engine, trace_path, flush_every=args.flush_every)
     guard.wrap_step(tracing.tracer)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from _common import RefCounts, SyncGuard, base_args, check_and_summarize, init, timed_steps
+from _common import RefCounts, SyncGuard, base_args, check_and_summarize, fresh_trace_path, init, timed_steps
 from torch import nn
 
 
@@ -118,12 +118,7 @@ def main() -> None:
     base = timed_steps(args.baseline_steps, opt_step, device)
     guard = SyncGuard(args.sync_mode, device)
     guard.install(LoadTracer)
-    trace_path = args.out + ".trace"
-    if rank == 0:
-        import shutil
-
-        shutil.rmtree(trace_path, ignore_errors=True)
-    dist.barrier()
+    trace_path = fresh_trace_path(args.out, rank)
     tracer = LoadTracer(model, trace_path, flush_every=args.flush_every).start()
     guard.wrap_step(tracer)
     ref.enabled = True

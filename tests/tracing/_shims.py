@@ -2,15 +2,19 @@
 
 Nothing here changes what the router computes: each shim replaces one CUDA-only call or fills one
 name that a missing optional dependency leaves undefined; the world helpers set up and fully undo
-a 1-process torch.distributed world. Used by tests/tracing/test_megatron.py and test_callbacks.py.
+a 1-process torch.distributed world. Used by tests/tracing/test_megatron.py, test_callbacks.py and the two-rank EP tests.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -42,6 +46,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_ep_script(script: str, out: Path, *args: str) -> dict:
+    """Run benchmarks/gpu/<script> on 2 gloo ranks at tiny sizes; -> its JSON summary (asserts it exited 0)."""
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(root / "benchmarks/gpu" / script), "--out", str(out), "--device", "cpu", "--hidden", "16",
+           "--experts", "4", "--tokens", "32", "--steps", "3", "--flush-every", "2", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=root)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 @contextlib.contextmanager

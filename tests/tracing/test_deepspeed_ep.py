@@ -8,31 +8,17 @@ are checked once more from the outside.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 pytest.importorskip("deepspeed")
-from _shims import free_port  # noqa: E402
+from _shims import run_ep_script  # noqa: E402
 
 from moeload import open_trace  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
 @pytest.mark.slow
 def test_two_ranks_expert_parallel(tmp_path):
-    out = tmp_path / "ds.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "benchmarks/gpu/ds_ep_trace.py"), "--out", str(out), "--device", "cpu", "--hidden", "16",
-           "--experts", "4", "--tokens", "32", "--steps", "3", "--baseline-steps", "1", "--flush-every", "2"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    s = json.loads(out.read_text())
+    s = run_ep_script("ds_ep_trace.py", tmp_path / "ds.json", "--baseline-steps", "1")
     assert s["ok"] and s["world_size"] == 2 and s["ep_size"] == 2 and s["first_step"] == 1
     t = open_trace(s["trace"])
     assert t.steps.tolist() == [1, 2, 3] and t.meta["count_kind"] == "both"

@@ -7,31 +7,17 @@ against its own recomputed top-k intersected with the routing map; checked again
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 pytest.importorskip("megatron.core")
-from _shims import free_port  # noqa: E402
+from _shims import run_ep_script  # noqa: E402
 
 from moeload import open_trace  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
 @pytest.mark.slow
 def test_two_ranks_expert_parallel(tmp_path):
-    out = tmp_path / "mc.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "benchmarks/gpu/mcore_ep_trace.py"), "--out", str(out), "--device", "cpu", "--hidden", "16",
-           "--experts", "4", "--tokens", "32", "--steps", "3", "--baseline-steps", "0", "--flush-every", "2"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    s = json.loads(out.read_text())
+    s = run_ep_script("mcore_ep_trace.py", tmp_path / "mc.json", "--baseline-steps", "0")
     assert s["ok"] and s["world_size"] == 2 and s["ep_size"] == 2
     t = open_trace(s["trace"])
     assert t.steps.tolist() == [0, 1, 2] and t.layers == ["0.router", "1.router"]
