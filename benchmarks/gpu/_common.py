@@ -56,6 +56,7 @@ class SyncGuard:
         self.mode = mode if device.type == "cuda" else "off"
         self.warnings = 0
         self.entered = 0
+        self.messages: list[str] = []
 
     @contextlib.contextmanager
     def __call__(self):
@@ -71,7 +72,9 @@ class SyncGuard:
                 yield
             finally:
                 torch.cuda.set_sync_debug_mode(prev)
-        self.warnings += sum("synchroniz" in str(x.message) for x in w)
+        hits = [f"{x.category.__name__} {x.filename}:{x.lineno}: {x.message}" for x in w if "synchroniz" in str(x.message)]
+        self.warnings += len(hits)
+        self.messages.extend(m for m in hits if m not in self.messages and len(self.messages) < 5)
 
     def install(self, tracer_cls: Any) -> None:
         """Guard every forward hook the tracer creates from now on (wraps `_make_hook`)."""
@@ -197,7 +200,8 @@ def check_and_summarize(args, ref: RefCounts, tracer: Any, trace_path: str, worl
         "expert_max_over_mean": (c.max(-1) / c.mean(-1)).tolist(),
         "kept_fraction": (t.counts(kind="kept").sum() / t.counts().sum()) if kept else None,
         "tracer": {"flushes": tracer.flushes, "collectives": tracer.collectives, "errors": tracer.errors},
-        "sync_check": {"mode": guard.mode, "guarded_regions": guard.entered, "sync_warnings": guard.warnings},
+        "sync_check": {"mode": guard.mode, "guarded_regions": guard.entered, "sync_warnings": guard.warnings,
+                       "sync_warning_messages": guard.messages},
         "timing_ms_per_step": timing,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
