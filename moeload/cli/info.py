@@ -62,6 +62,9 @@ def info_data(t) -> dict:
         "world_size": m.world_size,
         "ep_size": m.ep_size,
         "ranks_recorded": m.ranks_recorded,
+        "gaps": [list(g) for g in t.gaps()],
+        "missing_steps": sum(b - a + 1 for a, b in t.gaps()),
+        **{k: m.extra[k] for k in FAULT_KEYS if k in m.extra},
         "manifest": t.meta,
     }
 
@@ -84,7 +87,83 @@ def info_rows(t, d: dict) -> list[list[str]]:
          + (", per-rank counts recorded" if m.ranks_recorded else "")],
         ["tokens / step", str(m.tokens_per_step) if m.tokens_per_step else "-"],
         ["started", m.start_time],
+        *fault_rows(t.gaps(), m.extra),
     ]
+
+
+FAULT_KEYS = ("lost_steps", "dropped_blocks", "conservation", "disabled_layers", "hook_errors", "tracing_stopped")
+
+
+def _ranges(rs: list, limit: int = 4) -> str:
+    shown = ", ".join(f"{a}..{b}" if a != b else f"{a}" for a, b in rs[:limit])
+    return shown + (f", ... ({len(rs)} ranges)" if len(rs) > limit else "")
+
+
+def _clip(x: object, n: int = 100) -> str:
+    s = " ".join(str(x).split())
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def fault_rows(gaps: list[tuple[int, int]], extra: dict) -> list[list[str]]:
+    """(field, value) rows for step gaps and the fault notes tracing writes into manifest `extra`.
+
+    Only what is present; a note of an unexpected shape is shown as clipped text, never an error.
+    """
+    rows = []
+    if gaps:
+        n = sum(b - a + 1 for a, b in gaps)
+        rows.append(["gaps", f"{n} step(s) missing in {len(gaps)} range(s): {_ranges(gaps)}"])
+    for key in FAULT_KEYS:
+        if key not in extra:
+            continue
+        try:
+            text = _FAULT_TEXT[key](extra[key])
+        except (TypeError, KeyError, AttributeError, ValueError, IndexError):
+            text = _clip(extra[key])
+        rows.append([key.replace("_", " "), text])
+    return rows
+
+
+def _lost(v: list) -> str:
+    n = sum(int(d["last"]) - int(d["first"]) + 1 for d in v)
+    shown = "; ".join(f"{d['first']}..{d['last']} {d.get('split', 'train')} ({_clip(d.get('reason', '?'), 60)})" for d in v[:3])
+    return f"{n} step(s) in {len(v)} range(s): {shown}" + ("; ..." if len(v) > 3 else "")
+
+
+def _conservation(v: dict) -> str:
+    viol = v.get("violations") or []
+    total = int(v.get("violations_total", len(viol)))
+    text = f"{int(v.get('checked_blocks', 0))} block(s) checked, {total} violation(s)"
+    for d in viol[:2]:
+        rank = "" if d.get("rank") is None else f" rank {d['rank']}"
+        text += f"; {d['layer']} steps {d['first']}..{d['last']}{rank}: {_clip(d.get('problem', '?'), 60)}"
+    return text + ("; ..." if total > 2 else "")
+
+
+def _disabled(v: dict) -> str:
+    items = list(v.items())
+    shown = "; ".join(
+        f"{name} at step {d.get('step', '?')}" + (f" ranks {d['ranks']}" if d.get("ranks") else "")
+        + f": {_clip(d.get('reason', '?'), 60)}"
+        for name, d in items[:3]
+    )
+    return f"{len(items)} layer(s): {shown}" + ("; ..." if len(items) > 3 else "")
+
+
+def _hook_errors(v: dict) -> str:
+    items = list(v.items())
+    shown = "; ".join(f"{name}: {_clip(msg, 60)}" for name, msg in items[:3])
+    return f"{len(items)} layer(s): {shown}" + ("; ..." if len(items) > 3 else "")
+
+
+_FAULT_TEXT = {
+    "lost_steps": _lost,
+    "dropped_blocks": lambda v: str(int(v)),
+    "conservation": _conservation,
+    "disabled_layers": _disabled,
+    "hook_errors": _hook_errors,
+    "tracing_stopped": lambda v: f"at step {v['step']}: {_clip(v.get('reason', '?'))}",
+}
 
 
 def _compact(xs: list[int]) -> str:

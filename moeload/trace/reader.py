@@ -144,6 +144,14 @@ class Trace:
         """[S] recorded training step numbers, sorted."""
         return self.steps_of("train")
 
+    def gaps(self, split: str = "train") -> list[tuple[int, int]]:
+        """Missing step ranges (first, last inclusive) between the first and last recorded step."""
+        s = self.steps_of(split)
+        if len(s) < 2:
+            return []
+        jump = np.flatnonzero(np.diff(s) > 1)
+        return [(int(s[i]) + 1, int(s[i + 1]) - 1) for i in jump]
+
     # ---- selections -------------------------------------------------------------------------
     def _select_steps(self, steps: StepSel, split: str) -> tuple[np.ndarray, np.ndarray]:
         all_steps, owner = self._owner.get(split, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
