@@ -28,6 +28,10 @@ JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON in
 STEPS_OPTION = typer.Option(
     None, "--steps", metavar="START:STOP", help="Step-number range to use (stop exclusive), e.g. 1000:5000, :2000, 500:."
 )
+SKIP_BAD_PARTS_OPTION = typer.Option(
+    False, "--skip-bad-parts", help="Leave out unreadable or inconsistent parts (one warning lists them; their steps "
+    "become gaps) instead of failing on them."
+)
 LAYERS_OPTION = typer.Option(
     None, "--layers", metavar="LIST", help="Comma-separated layer indices or module paths, e.g. 0,3 (default: all)."
 )
@@ -77,11 +81,24 @@ def _one_line(s: str) -> str:
     return " ".join(s.split()) or "unknown error"
 
 
-def open_trace_arg(path: Path):
-    """Open a trace given on the command line (TraceFormatError names the path on failure)."""
+def open_trace_arg(path: Path, skip_bad_parts: bool = False):
+    """Open a trace given on the command line (TraceFormatError names the path on failure).
+
+    With skip_bad_parts, every part is checked now and the parts left out are reported as one
+    `moeload: warning:` line on stderr.
+    """
+    import warnings
+
     from moeload.trace import open_trace
 
-    return open_trace(path)
+    t = open_trace(path, skip_bad_parts=skip_bad_parts)
+    if skip_bad_parts:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t.bad_parts  # noqa: B018 - builds the step index, which checks every part
+        for w in caught:
+            typer.echo(f"moeload: warning: {_one_line(str(w.message))}", err=True)
+    return t
 
 
 def parse_steps(spec: str | None) -> tuple[int | None, int | None] | None:

@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from moeload.cli._common import LAYERS_OPTION, STEPS_OPTION, console, load_window, open_trace_arg, progress_status
+from moeload.cli._common import (
+    LAYERS_OPTION,
+    SKIP_BAD_PARTS_OPTION,
+    STEPS_OPTION,
+    console,
+    load_window,
+    open_trace_arg,
+    progress_status,
+)
 from moeload.errors import InputError
 
 FORMATS = ("csv", "npy", "npz")
@@ -68,6 +76,7 @@ def export(
     fmt: str = typer.Option(None, "--format", help="csv, npy or npz (default: from the file suffix)."),
     steps: str = STEPS_OPTION,
     layers: str = LAYERS_OPTION,
+    skip_bad_parts: bool = SKIP_BAD_PARTS_OPTION,
 ) -> None:
     """Export counts or proportions of a step range and layer selection.
 
@@ -75,7 +84,7 @@ def export(
     """
     if what not in ("counts", "proportions"):
         raise InputError(f"--what {what!r}: expected 'counts' or 'proportions'")
-    t = open_trace_arg(trace)
+    t = open_trace_arg(trace, skip_bad_parts)
     with progress_status(f"exporting {what}"):
         step_nums, lay, arr = load_window(t, steps, layers, what=what)
         used = write_array(out, arr, what, steps=step_nums, layer_ids=lay, trace=t, fmt=fmt)

@@ -14,6 +14,7 @@ import numpy as np
 import typer
 
 from moeload.cli._common import (
+    SKIP_BAD_PARTS_OPTION,
     STEPS_OPTION,
     console,
     fmt,
@@ -153,6 +154,7 @@ def plot(
     horizon: int = typer.Option(100, "--horizon", min=1, help="Forecast horizon in steps."),
     at: int = typer.Option(None, "--at", metavar="STEP", help="Forecast origin (default: end of the trace)."),
     predictors_: str = typer.Option("last,sw_avg,ema", "--predictors", help="Predictors of the backtest figure."),
+    skip_bad_parts: bool = SKIP_BAD_PARTS_OPTION,
 ) -> None:
     """Draw figures of a trace to PNG or SVG files, one file per figure (and per layer).
 
@@ -166,7 +168,7 @@ def plot(
     bad = [n for n in names if n not in FIGURES]
     if bad:
         raise InputError(f"figure(s) {bad}: unknown; choose from {', '.join(FIGURE_NAMES)} or all")
-    t = open_trace_arg(trace)
+    t = open_trace_arg(trace, skip_bad_parts)
     d = Data(t, steps, _data_layers(t, layers), predictor, horizon, at, predictors_)
     per_layer = range(len(d.layers)) if layers is not None else range(1)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,6 +230,7 @@ def report(
     at: int = typer.Option(None, "--at", metavar="STEP", help="Forecast origin (default: end of the trace)."),
     backtest: bool = typer.Option(False, "--backtest", help="Also run a backtest of --predictors (slower)."),
     predictors_: str = typer.Option("last,sw_avg,ema", "--predictors", help="Predictors of the backtest section."),
+    skip_bad_parts: bool = SKIP_BAD_PARTS_OPTION,
 ) -> None:
     """One self-contained HTML page (figures embedded as PNG, tables inline; viewable offline).
 
@@ -235,7 +238,7 @@ def report(
     """
     from moeload.cli.info import info_data, info_rows, summary_data, summary_rows
 
-    t = open_trace_arg(trace)
+    t = open_trace_arg(trace, skip_bad_parts)
     out = out or Path(f"{t.path.name}.html")
     if out.parent and not out.parent.exists():
         raise InputError(f"{out}: directory {out.parent} does not exist")

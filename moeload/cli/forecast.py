@@ -14,6 +14,7 @@ from moeload.cli._common import (
     JSON_OPTION,
     LAYERS_OPTION,
     PARAM_OPTION,
+    SKIP_BAD_PARTS_OPTION,
     console,
     open_trace_arg,
     parse_layers,
@@ -108,6 +109,7 @@ def predict(
     out: Path = typer.Option(None, "--out", "-o", help="Write the forecast [H, L, E] to .npy, .npz or .csv."),
     as_json: bool = JSON_OPTION,
     _list: bool = typer.Option(False, "--list", callback=list_predictors, is_eager=True, help="List predictors and exit."),
+    skip_bad_parts: bool = SKIP_BAD_PARTS_OPTION,
 ) -> None:
     """Forecast expert load proportions from the end of a trace (or from --at STEP).
 
@@ -116,7 +118,7 @@ def predict(
 
     Example: moeload predict runs/exp1.moeload --predictor ema -p alpha=0.05 --horizon 500 --at 4000
     """
-    t = open_trace_arg(trace)
+    t = open_trace_arg(trace, skip_bad_parts)
     f = make_forecast(t, predictor, parse_params(param), horizon, at, layers, history)
     experts = [t.experts_per_layer[i] for i in f.layers]
     errs = _forecast_errors(f, experts)
@@ -183,6 +185,7 @@ def backtest(
     layers: str = LAYERS_OPTION,
     out: Path = typer.Option(None, "--out", "-o", help="Write every backtest row to this CSV file."),
     as_json: bool = JSON_OPTION,
+    skip_bad_parts: bool = SKIP_BAD_PARTS_OPTION,
 ) -> None:
     """Rolling-origin backtest of predictors (moeload.evaluation.backtest) and its summary table.
 
@@ -190,7 +193,7 @@ def backtest(
     """
     from moeload import evaluation, predictors
 
-    t = open_trace_arg(trace)
+    t = open_trace_arg(trace, skip_bad_parts)
     names = [x.strip() for x in predictors_.split(",") if x.strip()]
     unknown = [n for n in names if n not in predictors.available()]
     if unknown or not names:
@@ -245,6 +248,7 @@ def plan(
     layers: str = LAYERS_OPTION,
     out: Path = typer.Option(None, "--out", "-o", help="Write the plan (phy2log, replica counts, loads) to a JSON file."),
     as_json: bool = JSON_OPTION,
+    skip_bad_parts: bool = SKIP_BAD_PARTS_OPTION,
 ) -> None:
     """Expert placement plan from a trace's forecast (moeload.placement.plan).
 
@@ -256,7 +260,7 @@ def plan(
     """
     from moeload import placement
 
-    t = open_trace_arg(trace)
+    t = open_trace_arg(trace, skip_bad_parts)
     if policy not in placement.available():
         raise InputError(f"--policy: unknown {policy!r}; available: {', '.join(placement.available())}")
     opts = parse_params(option, "--option")

@@ -10,6 +10,7 @@ from moeload.cli._common import (
     JSON_OPTION,
     LAYERS_OPTION,
     PARAM_OPTION,
+    SKIP_BAD_PARTS_OPTION,
     STEPS_OPTION,
     console,
     human_bytes,
@@ -25,12 +26,12 @@ from moeload.cli._common import (
 TRACE_ARG = typer.Argument(..., help="Trace directory (holds manifest.json and parts/).", show_default=False)
 
 
-def info(trace: Path = TRACE_ARG, as_json: bool = JSON_OPTION) -> None:
+def info(trace: Path = TRACE_ARG, as_json: bool = JSON_OPTION, skip_bad_parts: bool = SKIP_BAD_PARTS_OPTION) -> None:
     """Manifest, size on disk, steps, layers, experts and ranks of a trace.
 
     Example: moeload info runs/exp1.moeload --json
     """
-    t = open_trace_arg(trace)
+    t = open_trace_arg(trace, skip_bad_parts)
     d = info_data(t)
     if as_json:
         print_json(d)
@@ -63,6 +64,7 @@ def info_data(t) -> dict:
         "ep_size": m.ep_size,
         "ranks_recorded": m.ranks_recorded,
         "gaps": [list(g) for g in t.gaps()],
+        "bad_parts": [{"path": str(p), "problem": why} for p, why in t.bad_parts],
         "missing_steps": sum(b - a + 1 for a, b in t.gaps()),
         **{k: m.extra[k] for k in FAULT_KEYS if k in m.extra},
         "manifest": t.meta,
@@ -87,6 +89,8 @@ def info_rows(t, d: dict) -> list[list[str]]:
          + (", per-rank counts recorded" if m.ranks_recorded else "")],
         ["tokens / step", str(m.tokens_per_step) if m.tokens_per_step else "-"],
         ["started", m.start_time],
+        *([["skipped parts", "; ".join(f"{Path(b['path']).name} ({b['problem']})" for b in d["bad_parts"])]]
+          if d["bad_parts"] else []),
         *fault_rows(t.gaps(), m.extra),
     ]
 
@@ -176,12 +180,13 @@ def summary(
     layers: str = LAYERS_OPTION,
     method: str = typer.Option("window", "--method", help="Phase detector of moeload.states (window, pelt, test)."),
     as_json: bool = JSON_OPTION,
+    skip_bad_parts: bool = SKIP_BAD_PARTS_OPTION,
 ) -> None:
     """Per-layer imbalance (max/mean, CV, min/max), hottest and coldest experts, phase boundaries.
 
     Example: moeload summary runs/exp1.moeload --steps 0:5000 --layers 0,1
     """
-    t = open_trace_arg(trace)
+    t = open_trace_arg(trace, skip_bad_parts)
     out = summary_data(t, steps, layers, method)
     rows_json = out["layers"]
     if as_json:
@@ -250,6 +255,7 @@ def states_cmd(
     method: str = typer.Option("window", "--method", help="Detector: window, pelt or test (moeload.states)."),
     param: list[str] = PARAM_OPTION,
     as_json: bool = JSON_OPTION,
+    skip_bad_parts: bool = SKIP_BAD_PARTS_OPTION,
 ) -> None:
     """Transient / stable phases per layer: boundary, stable share and the runs of each state.
 
@@ -257,7 +263,7 @@ def states_cmd(
     """
     from moeload import states
 
-    t = open_trace_arg(trace)
+    t = open_trace_arg(trace, skip_bad_parts)
     step_nums, lay, c = load_window(t, steps, layers, what="counts")
     with progress_status("detecting phases"):
         r = states.detect(c, method=method, steps=step_nums, **parse_params(param))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -11,12 +12,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from moeload.errors import TraceFormatError
+from moeload.trace.checks import check_part, index_part, list_lengths, read_columns, rows_problem
 from moeload.trace.manifest import PARTS_DIR, Manifest, read_manifest
 from moeload.trace.writer import PART_RE
 
+SKIP_HINT = "; open_trace(..., skip_bad_parts=True) or --skip-bad-parts reads the other parts"
 StepSel = None | slice | range | tuple[int, int] | Sequence[int] | np.ndarray
 LayerSel = None | int | str | Sequence[int | str]
 
@@ -31,9 +33,15 @@ class _Part:
     last: int
 
 
-def open_trace(path: str | os.PathLike) -> Trace:
-    """Open a trace directory written by moeload (or an importer). Reads only the manifest now."""
-    return Trace(path)
+def open_trace(path: str | os.PathLike, *, skip_bad_parts: bool = False) -> Trace:
+    """Open a trace directory written by moeload (or an importer). Reads only the manifest now.
+
+    A part that cannot be read or does not match the manifest makes every read that touches its
+    step range raise TraceFormatError naming it; the rest of the trace stays readable. With
+    skip_bad_parts=True every part is checked in full on the first read, bad parts are left out
+    with one warning and listed in `trace.bad_parts`, and their steps show up in `gaps()`.
+    """
+    return Trace(path, skip_bad_parts=skip_bad_parts)
 
 
 class Trace:
@@ -45,8 +53,9 @@ class Trace:
     than the widest layer are zero-padded.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, skip_bad_parts: bool = False) -> None:
         self.path = Path(path)
+        self.skip_bad_parts = bool(skip_bad_parts)
         self.manifest: Manifest = read_manifest(self.path)
         pdir = self.path / PARTS_DIR
         parts: list[_Part] = []
@@ -89,6 +98,15 @@ class Trace:
         return [p.path for p in self._parts]
 
     @property
+    def bad_parts(self) -> list[tuple[Path, str]]:
+        """(path, problem) of each part that cannot be read or does not match the manifest.
+
+        Complete with skip_bad_parts=True; otherwise only what the quick checks (footer, step
+        column, row count) found.
+        """
+        return [(self._parts[i].path, why) for i, why in sorted(self._index[1].items())]
+
+    @property
     def splits(self) -> list[str]:
         return sorted({p.split for p in self._parts})
 
@@ -103,38 +121,60 @@ class Trace:
         )
 
     # ---- step index -------------------------------------------------------------------------
-    def _read(self, part: _Part, columns: list[str], filt: Any = None) -> pa.Table:
-        try:
-            return pq.read_table(part.path, columns=columns, filters=filt)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise TraceFormatError(f"{part.path}: unreadable Parquet part ({str(e).splitlines()[0]})") from None
-        except KeyError as e:
-            raise TraceFormatError(f"{part.path}: missing column {e}") from None
-
     @cached_property
-    def _owner(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Per split: (steps [S] sorted, owning part index [S]); later parts replace earlier ones."""
+    def _index(self) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[int, str]]:
+        """({split: (steps [S] sorted, owning part index [S])}, {bad part index: problem}).
+
+        Later parts replace earlier ones step by step; a bad part still claims the range in its
+        name, so older copies of those steps do not reappear when it is skipped.
+        """
+        check = check_part if self.skip_bad_parts else index_part
+        found: dict[str, list[tuple[np.ndarray, int]]] = {}
+        bad: dict[int, str] = {}
+        for i, part in enumerate(self._parts):
+            try:
+                s = check(part.path, self.manifest, part.first, part.last)
+            except TraceFormatError as e:
+                bad[i] = str(e).removeprefix(f"{part.path}: ")
+                continue
+            found.setdefault(part.split, []).append((s, i))
         out = {}
-        for split in {p.split for p in self._parts}:
-            steps_all, owner_all = [], []
-            for i, part in enumerate(self._parts):
-                if part.split != split:
-                    continue
-                s = np.unique(self._read(part, ["step"]).column("step").to_numpy())
-                if len(s) and (s.min() < part.first or s.max() > part.last):
-                    raise TraceFormatError(f"{part.path}: steps {s.min()}..{s.max()} outside the range in its name")
-                steps_all.append(s)
-                owner_all.append(np.full(len(s), i))
-            s = np.concatenate(steps_all)
-            o = np.concatenate(owner_all)
+        for split, items in found.items():
+            s = np.concatenate([x for x, _ in items])
+            o = np.concatenate([np.full(len(x), i) for x, i in items])
             order = np.lexsort((o, s))  # by step, then part order; keep the last of each step
             s, o = s[order], o[order]
             last = np.r_[s[1:] != s[:-1], True]
-            out[split] = (s[last], o[last])
-        return out
+            s, o = s[last], o[last]
+            for bi in bad:
+                b = self._parts[bi]
+                if b.split == split:
+                    keep = ~((s >= b.first) & (s <= b.last) & (o < bi))
+                    s, o = s[keep], o[keep]
+            out[split] = (s, o)
+        if bad and self.skip_bad_parts:
+            listed = "; ".join(f"{self._parts[i].path.name} ({why})" for i, why in sorted(bad.items()))
+            warnings.warn(f"{self.path}: skipped {len(bad)} bad part(s): {listed}", stacklevel=4)
+        return out, bad
+
+    @property
+    def _owner(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return self._index[0]
+
+    def _touch(self, split: str, want: np.ndarray | None = None, lo: float = -np.inf, hi: float = np.inf) -> None:
+        """Raise TraceFormatError for a bad part whose step range meets the selection (default mode)."""
+        if self.skip_bad_parts:
+            return
+        for i, why in self._index[1].items():
+            b = self._parts[i]
+            if b.split != split or b.last < lo or b.first > hi:
+                continue
+            if want is None or np.any((want >= b.first) & (want <= b.last)):
+                raise TraceFormatError(f"{b.path}: {why} (steps {b.first}..{b.last}{SKIP_HINT})")
 
     def steps_of(self, split: str = "train") -> np.ndarray:
         """[S] recorded step numbers of one split, sorted."""
+        self._touch(split)
         if split not in self._owner:
             return np.zeros(0, dtype=np.int64)
         return self._owner[split][0].copy()
@@ -145,20 +185,35 @@ class Trace:
         return self.steps_of("train")
 
     def gaps(self, split: str = "train") -> list[tuple[int, int]]:
-        """Missing step ranges (first, last inclusive) between the first and last recorded step."""
+        """Missing step ranges (first, last inclusive) between the first and last recorded step.
+
+        With skip_bad_parts, the span also covers the step ranges named by skipped parts.
+        """
         s = self.steps_of(split)
+        ends = [(p.first, p.last) for p, _ in self._bad_part_items() if p.split == split]
+        if ends:
+            lo = min(min(a for a, _ in ends), s[0] if len(s) else np.inf)
+            hi = max(max(b for _, b in ends), s[-1] if len(s) else -np.inf)
+            s = np.r_[int(lo) - 1, s, int(hi) + 1]
+            jump = np.flatnonzero(np.diff(s) > 1)
+            return [(int(s[i]) + 1, int(s[i + 1]) - 1) for i in jump]
         if len(s) < 2:
             return []
         jump = np.flatnonzero(np.diff(s) > 1)
         return [(int(s[i]) + 1, int(s[i + 1]) - 1) for i in jump]
 
+    def _bad_part_items(self) -> list[tuple[_Part, str]]:
+        return [(self._parts[i], why) for i, why in sorted(self._index[1].items())]
+
     # ---- selections -------------------------------------------------------------------------
     def _select_steps(self, steps: StepSel, split: str) -> tuple[np.ndarray, np.ndarray]:
         all_steps, owner = self._owner.get(split, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
         if steps is None:
+            self._touch(split)
             keep = np.ones(len(all_steps), bool)
         elif isinstance(steps, (tuple, slice)) and not isinstance(steps, np.ndarray):
             start, stop = (steps.start, steps.stop) if isinstance(steps, slice) else steps
+            self._touch(split, lo=-np.inf if start is None else start, hi=np.inf if stop is None else stop - 1)
             keep = np.ones(len(all_steps), bool)
             if start is not None:
                 keep &= all_steps >= start
@@ -166,6 +221,7 @@ class Trace:
                 keep &= all_steps < stop
         else:
             want = np.asarray(list(steps) if isinstance(steps, range) else steps, dtype=np.int64).reshape(-1)
+            self._touch(split, want)
             missing = np.setdiff1d(want, all_steps)
             if len(missing):
                 raise TraceFormatError(
@@ -225,7 +281,10 @@ class Trace:
                 filt += [("step", ">=", int(mine.min())), ("step", "<=", int(mine.max()))]
             if len(lay) < self.num_layers:
                 filt.append(("layer", "in", lay.tolist()))
-            t = self._read(part, ["step", "layer", "rank", column], filt or None)
+            t = read_columns(part.path, ["step", "layer", "rank", column], filt or None)
+            problem = rows_problem(m, t)
+            if problem:
+                raise TraceFormatError(f"{part.path}: {problem} (steps {part.first}..{part.last}{SKIP_HINT})")
             s = t.column("step").to_numpy()
             lyr = t.column("layer").to_numpy()
             rows = np.isin(s, mine) & (lay_pos[lyr] >= 0)
@@ -238,7 +297,7 @@ class Trace:
             ri = np.maximum(rk, 0) if per_rank else np.zeros_like(rk)
             col = t.column(column)
             if is_list:
-                vals = _dense_lists(col, E, part.path)
+                vals = _dense_lists(col, E)
             else:
                 if col.null_count:
                     raise TraceFormatError(f"{part.path}: column {column!r} is not recorded in this trace")
@@ -328,18 +387,12 @@ class Trace:
         return df
 
 
-def _dense_lists(col: pa.ChunkedArray | pa.ListArray, E: int, where: Path) -> np.ndarray:
-    """list<int> column -> [N, E] int64, zero-padded where a row is shorter than E."""
-    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
-    if any(c.null_count for c in chunks):
-        raise TraceFormatError(f"{where}: a count list is null")
-    lengths = np.concatenate([np.diff(c.offsets.to_numpy()) for c in chunks]) if chunks else np.zeros(0, np.int64)
-    vals = np.concatenate([c.flatten().to_numpy(zero_copy_only=False) for c in chunks]) if chunks else np.zeros(0)
+def _dense_lists(col: pa.ChunkedArray | pa.ListArray, E: int) -> np.ndarray:
+    """list<int> column whose rows were checked by rows_problem -> [N, E] int64, zero-padded."""
+    lengths, vals, _ = list_lengths(col)
     n = len(lengths)
     if n and np.all(lengths == E):
         return vals.reshape(n, E).astype(np.int64, copy=False)
-    if np.any(lengths > E):
-        raise TraceFormatError(f"{where}: a row has {lengths.max()} experts, manifest says at most {E}")
     out = np.zeros((n, E), dtype=np.int64)
     starts = np.cumsum(lengths) - lengths
     rows = np.repeat(np.arange(n), lengths)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from moeload.cli import app
 from moeload.trace import open_trace
 
-COMMANDS = ["info", "summary", "states", "predict", "backtest", "plan", "export", "plot", "report", "import"]
+COMMANDS = ["info", "check", "summary", "states", "predict", "backtest", "plan", "export", "plot", "report", "import"]
 runner = CliRunner()
 
 

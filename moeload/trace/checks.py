@@ -1,0 +1,155 @@
+"""Checks of Parquet parts against their name and the manifest; every problem is one line of text.
+
+Quick checks (`index_part`) read the footer and the step column only: columns and types, steps
+inside the range in the part's name, rows = steps x layers x ranks. Row checks (`rows_problem`)
+look at the rows themselves: layer and rank ids, duplicate rows, count lists of exactly
+experts_per_layer[layer] non-negative entries. `check_part` runs both on a whole part.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moeload.errors import TraceFormatError
+from moeload.trace.manifest import Manifest
+
+# what pyarrow and numpy raise on bytes that are not a valid Parquet file (a corrupt footer or page
+# can surface as any of these)
+READ_ERRORS = (pa.ArrowException, OSError, ValueError, KeyError, IndexError, TypeError, EOFError, MemoryError)
+LIST_COLUMNS = ("routed", "kept")
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:200]
+
+
+def read_columns(path: Path, columns: list[str], filters: Any = None) -> pa.Table:
+    """Columns of one part; an unreadable file raises TraceFormatError naming it."""
+    try:
+        return pq.read_table(path, columns=columns, filters=filters)
+    except READ_ERRORS as e:
+        raise TraceFormatError(f"{path}: unreadable Parquet part ({_first_line(e)})") from None
+
+
+def required_columns(m: Manifest) -> list[str]:
+    return ["step", "layer", "rank", "routed"] + (["kept"] if m.count_kind != "routed" else [])
+
+
+def rows_per_step(m: Manifest) -> int:
+    """Rows each step has in a part: one per layer and recorded rank."""
+    return m.num_layers * (m.world_size if m.ranks_recorded else 1)
+
+
+def index_part(path: Path, m: Manifest, first: int, last: int) -> np.ndarray:
+    """Quick checks of one part -> [n] its distinct step numbers, sorted."""
+    try:
+        with pq.ParquetFile(path) as pf:
+            schema = pf.schema_arrow
+            num_rows = pf.metadata.num_rows
+            missing = [c for c in required_columns(m) if c not in schema.names]
+            if missing:
+                raise TraceFormatError(f"{path}: missing column(s) {missing}")
+            problem = _type_problem(schema)
+            if problem:
+                raise TraceFormatError(f"{path}: {problem}")
+            col = pf.read(columns=["step"]).column("step")
+    except READ_ERRORS as e:
+        raise TraceFormatError(f"{path}: unreadable Parquet part ({_first_line(e)})") from None
+    if col.null_count:
+        raise TraceFormatError(f"{path}: column 'step' has null values")
+    s = np.unique(col.to_numpy())
+    if len(s) and (s[0] < first or s[-1] > last):
+        raise TraceFormatError(f"{path}: steps {s[0]}..{s[-1]} outside the range in its name ({first}..{last})")
+    want = len(s) * rows_per_step(m)
+    if num_rows != want or len(col) != num_rows:
+        raise TraceFormatError(
+            f"{path}: {num_rows} rows, expected {len(s)} steps x {rows_per_step(m)} (layers x ranks) = {want}; "
+            "the part does not match the manifest"
+        )
+    return s.astype(np.int64)
+
+
+def _type_problem(schema: pa.Schema) -> str | None:
+    for name in ("step", "layer", "rank", "tokens"):
+        if name in schema.names and not pa.types.is_integer(schema.field(name).type):
+            return f"column {name!r} is {schema.field(name).type}, expected integers"
+    for name in LIST_COLUMNS:
+        if name in schema.names:
+            t = schema.field(name).type
+            if not (pa.types.is_list(t) and pa.types.is_integer(t.value_type)):
+                return f"column {name!r} is {t}, expected list<int>"
+    return None
+
+
+def list_lengths(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray, int]:
+    """list<int> column -> (lengths [N], flat values [sum(lengths)], number of null lists)."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    nulls = sum(c.null_count for c in chunks)
+    if not chunks:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+    lengths = np.concatenate([np.diff(c.offsets.to_numpy()) for c in chunks]).astype(np.int64)
+    vals = np.concatenate([c.flatten().to_numpy(zero_copy_only=False) for c in chunks])
+    return lengths, vals, nulls
+
+
+def rows_problem(m: Manifest, table: pa.Table) -> str | None:
+    """First problem of the rows of a part (columns step, layer, rank, any count columns), or None."""
+    for name in ("step", "layer", "rank"):
+        if table.column(name).null_count:
+            return f"column {name!r} has null values"
+    layer = table.column("layer").to_numpy()
+    rank = table.column("rank").to_numpy()
+    L = m.num_layers
+    if len(layer) and (layer.min() < 0 or layer.max() >= L):
+        return f"layer id {layer.min() if layer.min() < 0 else layer.max()} outside 0..{L - 1} (manifest has {L} layers)"
+    if m.ranks_recorded:
+        if len(rank) and (rank.min() < 0 or rank.max() >= m.world_size):
+            return f"rank {rank.min() if rank.min() < 0 else rank.max()} outside 0..{m.world_size - 1} (world_size)"
+    elif len(rank) and (rank != -1).any():
+        return "rank ids other than -1 in a trace of global counts (ranks_recorded is false)"
+    step = table.column("step").to_numpy().astype(np.int64)
+    key = np.stack([step, layer.astype(np.int64), rank.astype(np.int64)], 1)
+    if len(key) and len(np.unique(key, axis=0)) != len(key):
+        return "duplicate rows for one (step, layer, rank)"
+    epl = np.asarray(m.experts_per_layer, dtype=np.int64)
+    for name in LIST_COLUMNS:
+        if name not in table.column_names:
+            continue
+        lengths, vals, nulls = list_lengths(table.column(name))
+        if nulls:
+            return f"column {name!r} has null count lists"
+        bad = np.flatnonzero(lengths != epl[layer])
+        if len(bad):
+            i = bad[0]
+            return (f"{name} counts of layer {layer[i]} ({m.layers[layer[i]]!r}) have {lengths[i]} experts, "
+                    f"manifest says {epl[layer[i]]}")
+        if len(vals) and vals.min() < 0:
+            return f"column {name!r} holds a negative count ({vals.min()})"
+    if "tokens" in table.column_names:
+        tok = table.column("tokens")
+        if tok.null_count not in (0, len(tok)):
+            return "column 'tokens' is null in some rows only"
+        if tok.null_count == 0 and len(tok) and np.min(tok.to_numpy()) < 0:
+            return f"column 'tokens' holds a negative value ({np.min(tok.to_numpy())})"
+    return None
+
+
+def check_part(path: Path, m: Manifest, first: int, last: int) -> np.ndarray:
+    """Quick and row checks of a whole part -> [n] its steps; a problem raises TraceFormatError."""
+    steps = index_part(path, m, first, last)
+    try:
+        with pq.ParquetFile(path) as pf:
+            names = [c for c in ("step", "layer", "rank", "tokens", *LIST_COLUMNS) if c in pf.schema_arrow.names]
+            table = pf.read(columns=names)
+    except READ_ERRORS as e:
+        raise TraceFormatError(f"{path}: unreadable Parquet part ({_first_line(e)})") from None
+    problem = rows_problem(m, table)
+    if problem:
+        raise TraceFormatError(f"{path}: {problem}")
+    return steps
