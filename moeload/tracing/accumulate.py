@@ -3,7 +3,8 @@
 Only host-known facts (shapes, dtypes) are checked; values never leave the device: no `.item()`,
 no boolean-mask indexing, no `nonzero`, no `bincount` (it syncs on CUDA). Top-k indices go through
 one `index_add_` at `clamp(id, -1, E) + 1`: -1 (no expert) and dropped routes land in bin 0, ids
->= E in bin E + 1, expert e in bin e + 1.
+>= E in bin E + 1, expert e in bin e + 1. A NaN in the router probabilities (`Routing.probs`) is added
+to the NAN_COL bin as `isnan(probs).any()`, read by the writer thread when the block is flushed.
 """
 
 from __future__ import annotations
@@ -11,30 +12,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moeload.tracing.adapters.base import Routing
+from moeload.tracing.adapters.base import Routing, RoutingShapeError
+from moeload.tracing.flush import NAN_COL, TOKENS_COL
 
 def as_routing(r: Routing | Tensor) -> Routing:
     """A bare tensor -> Routing: 1-D -> counts [E]; 2-D integer -> indices [T, k]; 2-D bool/float -> mask [T, E]."""
     if isinstance(r, Routing):
         return r
     if not isinstance(r, Tensor):
-        raise ValueError(f"expected a Routing or a tensor, got {type(r).__name__}")
+        raise RoutingShapeError(f"expected a Routing or a tensor, got {type(r).__name__}")
     if r.dim() == 1:
         return Routing(counts=r)
     if r.dim() == 2 and (r.dtype == torch.bool or r.is_floating_point()):
         return Routing(mask=r)
     if r.dim() == 2:
         return Routing(indices=r)
-    raise ValueError(f"expected counts [E], indices [T, k] or a routing map [T, E], got shape {tuple(r.shape)}")
+    raise RoutingShapeError(f"expected counts [E], indices [T, k] or a routing map [T, E], got shape {tuple(r.shape)}")
 
 
 def accumulate(r: Routing | Tensor, routed: Tensor, kept: Tensor | None, num_experts: int, top_k: int) -> None:
     """Add one forward's routing to this step's rows of one layer.
 
-    routed, kept: [W] int64 rows of the current step for one layer, W >= num_experts + 3: bin 0 no
-    expert / dropped, bins [1, E] experts 0..E-1, bin E + 1 out-of-range ids, last bin tokens
-    (kept's last bin unused). kept None: routed only.
-    Raises ValueError on a malformed routing (shape or dtype), before touching the rows.
+    routed, kept: [W] int64 rows of the current step for one layer, W >= num_experts + 5: bin 0 no
+    expert / dropped, bins [1, E] experts 0..E-1, bin E + 1 out-of-range ids, NAN_COL forwards with
+    NaN probabilities, TOKENS_COL tokens (kept's last bins unused). kept None: routed only.
+    Raises RoutingShapeError (a ValueError) on a malformed routing (shape or dtype), before touching
+    the rows.
     """
     r = as_routing(r)
     E = num_experts
@@ -42,10 +45,10 @@ def accumulate(r: Routing | Tensor, routed: Tensor, kept: Tensor | None, num_exp
     if r.indices is not None:
         idx = r.indices if r.indices.dim() == 2 else r.indices.reshape(-1, 1)
         if idx.dim() != 2 or idx.is_floating_point() or idx.dtype == torch.bool or idx.is_complex():
-            raise ValueError(f"top-k indices must be an integer tensor [T, k], got {idx.dtype} {tuple(r.indices.shape)}")
+            raise RoutingShapeError(f"top-k indices must be an integer tensor [T, k], got {idx.dtype} {tuple(r.indices.shape)}")
         keep = r.kept
         if keep is not None and keep.numel() != idx.numel():
-            raise ValueError(f"kept has shape {tuple(keep.shape)}, indices {tuple(idx.shape)}")
+            raise RoutingShapeError(f"kept has shape {tuple(keep.shape)}, indices {tuple(idx.shape)}")
         tokens = idx.shape[0] if r.tokens is None else r.tokens
         i = idx.reshape(-1).to(dev, torch.int64, non_blocking=True).clamp(-1, E).add_(1)
         ones = torch.ones_like(i)
@@ -57,20 +60,20 @@ def accumulate(r: Routing | Tensor, routed: Tensor, kept: Tensor | None, num_exp
     elif r.mask is not None:
         m = r.mask
         if m.dim() != 2 or m.shape[1] != E:
-            raise ValueError(f"routing map must be [T, {E}], got shape {tuple(m.shape)}")
+            raise RoutingShapeError(f"routing map must be [T, {E}], got shape {tuple(m.shape)}")
         c = m.to(dev, non_blocking=True).sum(0, dtype=torch.int64)
         tokens = m.shape[0] if r.tokens is None else r.tokens
         routed[1 : E + 1].add_(c)
         if kept is not None:
             km = r.kept_mask
             if km is not None and tuple(km.shape) != tuple(m.shape):
-                raise ValueError(f"kept_mask has shape {tuple(km.shape)}, routing map {tuple(m.shape)}")
+                raise RoutingShapeError(f"kept_mask has shape {tuple(km.shape)}, routing map {tuple(m.shape)}")
             kept[1 : E + 1].add_(c if km is None else km.to(dev, non_blocking=True).sum(0, dtype=torch.int64))
     elif r.counts is not None:
         if r.counts.dim() != 1 or r.counts.shape[0] != E:
-            raise ValueError(f"expert counts must be [{E}], got shape {tuple(r.counts.shape)}")
+            raise RoutingShapeError(f"expert counts must be [{E}], got shape {tuple(r.counts.shape)}")
         if r.kept_counts is not None and tuple(r.kept_counts.shape) != (E,):
-            raise ValueError(f"kept_counts must be [{E}], got shape {tuple(r.kept_counts.shape)}")
+            raise RoutingShapeError(f"kept_counts must be [{E}], got shape {tuple(r.kept_counts.shape)}")
         c = r.counts.to(dev, torch.int64, non_blocking=True)
         tokens = torch.div(c.sum(), top_k, rounding_mode="floor") if r.tokens is None else r.tokens
         routed[1 : E + 1].add_(c)
@@ -78,7 +81,10 @@ def accumulate(r: Routing | Tensor, routed: Tensor, kept: Tensor | None, num_exp
             kc = c if r.kept_counts is None else r.kept_counts.to(dev, torch.int64, non_blocking=True)
             kept[1 : E + 1].add_(kc)
     else:
-        raise ValueError("Routing holds neither indices, mask nor counts")
+        raise RoutingShapeError("Routing holds neither indices, mask nor counts")
     if isinstance(tokens, Tensor):
         tokens = tokens.to(dev, torch.int64, non_blocking=True)
-    routed[-1:].add_(tokens)
+    routed[TOKENS_COL].add_(tokens)
+    p = r.probs
+    if isinstance(p, Tensor) and (p.is_floating_point() or p.is_complex()):
+        routed[NAN_COL].add_(torch.isnan(p).any().to(dev, non_blocking=True))

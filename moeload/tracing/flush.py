@@ -2,9 +2,11 @@
 
 Block layout (device and host): `[F, P, L, W]` int64 for one rank, `[R, F, P, L, W]` after the
 gather; F = flush_every slots (steps), P planes (train routed, train kept, eval routed, eval kept;
-see `Layout`), L layers, W = E_max + 4 columns: 0 no expert / dropped, [1, E_max] experts, E + 1
-out-of-range ids (a layer with E < E_max uses its padding), a disabled-layer flag (routed planes),
-tokens (last column, routed planes). See `accumulate`.
+see `Layout`), L layers, W = E_max + 5 columns: 0 no expert / dropped, [1, E_max] experts, E + 1
+out-of-range ids (a layer with E < E_max uses its padding), then (routed planes only) FLAG_COL: why
+the layer's hook was disabled in that step (DISABLED_ERROR / DISABLED_SHAPE, 0 while live), NAN_COL:
+forwards whose router probabilities held a NaN (added on the device), TOKENS_COL: tokens. See
+`accumulate`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,9 +27,20 @@ from torch import Tensor
 
 from moeload.trace import TraceWriter
 from moeload.trace.manifest import MANIFEST_NAME, write_json_atomic
+from moeload.trace.writer import part_name
 
-FLAG_COL = -2
+FLAG_COL = -3
+NAN_COL = -2
 TOKENS_COL = -1
+DISABLED_ERROR = 1
+"""FLAG_COL value: the adapter (or accumulation) raised."""
+DISABLED_SHAPE = 2
+"""FLAG_COL value: the router's output did not have the shape its adapter expects (RoutingShapeError)."""
+REASONS = {DISABLED_ERROR: "hook raised an exception", DISABLED_SHAPE: "unexpected router output shape"}
+NAN_REASON = "NaN router probabilities"
+VIOLATIONS_CAP = 100
+AUTO_PENDING_BYTES = 64 << 20
+AUTO_PENDING = (4, 64)
 
 
 class FlushedBlock(NamedTuple):
@@ -63,7 +77,7 @@ class Layout:
 
     @property
     def width(self) -> int:
-        return max(self.experts_per_layer) + 4
+        return max(self.experts_per_layer) + 5
 
     @staticmethod
     def make(layers: list[str], experts_per_layer: list[int], kept: bool, record_eval: bool) -> Layout:
@@ -86,10 +100,25 @@ class BlockWriter:
     """Copies blocks off the device (on the caller's thread, async on CUDA) and writes them on a thread.
 
     writer: TraceWriter (None on ranks that do not write); sink: called with each FlushedBlock
-    (more with `add_sink`), after the block is written; on_error(message): called on the thread when
-    writing or a sink fails (training continues; a failing sink does not stop the writing or the
-    other sinks); ranks_recorded: keep one row per rank, else sum over ranks.
+    (more with `add_sink`), after the block is written (also when writing it failed); on_error(message):
+    called on the thread when writing or a sink fails (training continues; a failing sink does not stop
+    the writing or the other sinks); ranks_recorded: keep one row per rank, else sum over ranks.
+    max_pending: host buffers, allocated by `preallocate`, so blocks copied and not yet written (None:
+    as many as fit in AUTO_PENDING_BYTES, within AUTO_PENDING); a block submitted while all are in use is dropped (counted, warned about once, its steps listed in
+    the manifest's `extra.lost_steps`), so `submit` never waits for the disk. closing(): True once the
+    tracer closes; the last block then waits for a buffer instead. top_k: [L] of each layer;
+    exact: [L] True where a layer's routes must add up to tokens x top_k (False where its counts
+    are taken after capacity dropping: at most that). See `check_conservation`.
+    A block whose part fails to be written (disk full, directory gone or read-only) is lost the same
+    way; the next block is tried again, and the manifest is rewritten as soon as it can be.
     """
+
+    event_timeout: float | None = None
+    """Seconds the thread waits for one block's device->host copy before giving the block up (None: no
+    limit); the tracer sets its `flush_timeout` here."""
+    stalled: str | None = None
+    """Set (on the thread) when a copy was given up: which steps and why."""
+    _stuck: Any = None
 
     def __init__(
         self,
@@ -100,6 +129,10 @@ class BlockWriter:
         ranks_recorded: bool,
         on_error: Callable[[str], None],
         notes: Callable[[], dict[str, Any]],
+        max_pending: int | None = None,
+        closing: Callable[[], bool] = lambda: False,
+        top_k: Sequence[int] | None = None,
+        exact: Sequence[bool] | None = None,
     ) -> None:
         self.layout = layout
         self.writer = writer
@@ -107,8 +140,29 @@ class BlockWriter:
         self.ranks_recorded = ranks_recorded
         self.on_error = on_error
         self.notes = notes
+        self.max_pending = max_pending
+        self.closing = closing
+        L = len(layout.layers)
+        self.top_k = [1] * L if top_k is None else [int(k) for k in top_k]
+        self.exact = [True] * L if exact is None else [bool(x) for x in exact]
         self.last_flushed_step: int | None = None
         self.disabled: dict[str, dict[str, Any]] = {}
+        self.nan_layers: queue.SimpleQueue[tuple[int, int, list[int]]] = queue.SimpleQueue()
+        self.dropped_blocks = 0
+        """Blocks dropped by this writer because all `max_pending` buffers were in use."""
+        self.buffers_allocated = 0
+        """Host buffers allocated so far (`max_pending`, plus replacements of a wrong shape)."""
+        ex = writer.manifest.extra if writer is not None else {}
+        self.lost_steps: list[dict[str, Any]] = [dict(e) for e in ex.get("lost_steps", []) if isinstance(e, dict)]
+        self._dropped_before = int(ex.get("dropped_blocks", 0) or 0)
+        cons = ex.get("conservation") if isinstance(ex.get("conservation"), dict) else {}
+        self.checked_blocks = int(cons.get("checked_blocks", 0) or 0)
+        self.violations: list[dict[str, Any]] = list(cons.get("violations", []))[:VIOLATIONS_CAP]
+        self.violations_total = int(cons.get("violations_total", len(self.violations)) or 0)
+        self._open_violations: dict[tuple, int] = {}
+        self._warned_drop = self._warned_conservation = False
+        self._manifest_failing = self._part_failing = False
+        self._lock = threading.Lock()
         self._written_notes: dict[str, Any] = {}
         self._dirty = False
         self._free: queue.SimpleQueue[Tensor] = queue.SimpleQueue()
@@ -120,21 +174,30 @@ class BlockWriter:
         """Also call `fn` with every block written from now on (the thread reads a new tuple: no lock)."""
         self.sinks = (*self.sinks, fn)
 
-    def preallocate(self, like: Tensor, n: int = 2) -> None:
-        for _ in range(n):
+    def preallocate(self, like: Tensor, n: int | None = None) -> None:
+        """Allocate the host buffers shaped like `like`: `n`, else `max_pending` (sets it where None)."""
+        if n is None and self.max_pending is None:
+            lo, hi = AUTO_PENDING
+            self.max_pending = max(lo, min(hi, AUTO_PENDING_BYTES // max(1, like.numel() * like.element_size())))
+        for _ in range(self.max_pending if n is None else n):
             self._free.put(self._host_like(like))
 
-    @staticmethod
-    def _host_like(src: Tensor) -> Tensor:
+    def _host_like(self, src: Tensor) -> Tensor:
+        self.buffers_allocated += 1
         return torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
 
-    def submit(self, src: Tensor, steps: np.ndarray, times: np.ndarray) -> None:
-        """Queue `src` ([F, P, L, W] or [R, F, P, L, W]) for writing; `src` may be reused right after."""
+    def submit(self, src: Tensor, steps: np.ndarray, times: np.ndarray) -> bool:
+        """Queue `src` ([F, P, L, W] or [R, F, P, L, W]) for writing; `src` may be reused right after.
+
+        Returns False where the block was dropped: all `max_pending` buffers still wait for the disk.
+        """
+        steps = np.asarray(steps, np.int64)
         try:
-            host = self._free.get_nowait()
-            if host.shape != src.shape:
-                host = self._host_like(src)
+            host = self._free.get(block=self.closing())
         except queue.Empty:
+            self._drop(steps)
+            return False
+        if host.shape != src.shape:  # replaces the buffer: the count of buffers stays the same
             host = self._host_like(src)
         event = None
         if src.is_cuda:
@@ -143,27 +206,99 @@ class BlockWriter:
             event.record()
         else:
             host.copy_(src)
-        self._jobs.put(_Job(host, event, np.asarray(steps, np.int64), np.asarray(times, np.float64)))
+        self._jobs.put(_Job(host, event, steps, np.asarray(times, np.float64)))
+        return True
+
+    def _drop(self, steps: np.ndarray) -> None:
+        """On the caller's thread: count the block, list its steps as lost, warn once."""
+        self.dropped_blocks += 1
+        reason = f"dropped: trace writer behind (all max_pending={self.max_pending} blocks still being written)"
+        first, last = int(steps[0]), int(steps[-1])
+        for split in ("train", "eval") if self.layout.eval_routed is not None else ("train",):
+            self._lose(split, first, last, reason)
+        if not self._warned_drop:
+            self._warned_drop = True
+            warnings.warn(
+                f"moeload: the trace writer is behind ({self.max_pending} blocks waiting for the disk); steps "
+                f"{first}..{last} were dropped and are listed in the manifest's extra.lost_steps (later drops are "
+                "counted there silently); training continues",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _lose(self, split: str, first: int, last: int, reason: str) -> None:
+        """Note steps first..last of `split` as lost; merges with the previous range of the same reason."""
+        with self._lock:
+            prev = next((e for e in reversed(self.lost_steps) if e.get("split") == split), None)
+            if prev is not None and prev.get("reason") == reason and prev.get("last") == first - 1:
+                prev["last"] = last
+            else:
+                self.lost_steps.append({"first": first, "last": last, "split": split, "reason": reason})
+            self._dirty = True
+
+    def _recover(self, split: str, first: int, last: int) -> None:
+        """Steps first..last of `split` were written (a resumed run replays them): no longer lost."""
+        with self._lock:
+            out = []
+            for e in self.lost_steps:
+                if e.get("split") != split or e["last"] < first or e["first"] > last:
+                    out.append(e)
+                    continue
+                out += [{**e, "last": first - 1}] if e["first"] < first else []
+                out += [{**e, "first": last + 1}] if e["last"] > last else []
+            if len(out) != len(self.lost_steps) or out != self.lost_steps:
+                self.lost_steps = out
+                self._dirty = True
 
     def close(self) -> None:
-        """Write everything queued, then stop the thread."""
+        """Write everything queued, then stop the thread; write the manifest's notes a last time."""
         self._jobs.put(None)
         self._thread.join()
+        self._dirty = True
+        self._update_manifest()
 
     def _run(self) -> None:
+        if self.writer is not None:
+            _warm_up_parquet()
         while True:
             job = self._jobs.get()
             if job is None:
                 return
             try:
-                if job.event is not None:
-                    while not job.event.query():  # polling: no host-device sync call at all
-                        time.sleep(0.0005)
-                self._write(job)
+                if self._copied(job):
+                    self._write(job)
             except Exception as e:
                 self.on_error(f"writing steps {job.steps[0]}..{job.steps[-1]} failed: {type(e).__name__}: {e}")
             finally:
                 self._free.put(job.host)
+            self._update_manifest()
+
+    def _copied(self, job: _Job) -> bool:
+        """Wait for the job's device->host copy by polling its event (no host-device sync call). False
+        where it is not done within `event_timeout` seconds (on CUDA the copy waits on the stream for the
+        flush's collective: a dead or slow NCCL peer), or at once while an earlier copy is still stuck
+        (the stream runs in order); the block's steps are then lost and `stalled` says why."""
+        if job.event is None or job.event.query():
+            return True
+        if self._stuck is not None and not self._stuck.query():
+            return self._give_up(job)
+        self._stuck = None
+        deadline = None if self.event_timeout is None else time.monotonic() + self.event_timeout
+        while not job.event.query():
+            if deadline is not None and time.monotonic() > deadline:
+                self._stuck = job.event
+                return self._give_up(job)
+            time.sleep(0.0005)
+        return True
+
+    def _give_up(self, job: _Job) -> bool:
+        reason = (f"device->host copy not done within flush_timeout={self.event_timeout:g} s "
+                  "(it waits for the flush collective: a dead or slow rank)")
+        for split in ("train", "eval") if self.layout.eval_routed is not None else ("train",):
+            self._lose(split, int(job.steps[0]), int(job.steps[-1]), reason)
+        if self.stalled is None:
+            self.stalled = f"steps {job.steps[0]}..{job.steps[-1]}: {reason}"
+        return False
 
     def _write(self, job: _Job) -> None:
         lay = self.layout
@@ -172,8 +307,14 @@ class BlockWriter:
             a = a[None]
         n = len(job.steps)
         a = a[:, :n].transpose(1, 0, 2, 3, 4)  # [S, R, P, L, W]
-        self._note_disabled(a[:, :, lay.routed, :, FLAG_COL], job.steps)
+        self._note_disabled(a, job.steps)
+        if self.writer is not None or job.host.ndim == 4:  # ranks without a writer skip a gathered block
+            try:
+                self._check(a, job.steps, rank_rows=job.host.ndim == 5)
+            except Exception as e:
+                self.on_error(f"conservation check of steps {job.steps[0]}..{job.steps[-1]} failed: {type(e).__name__}: {e}")
         E = max(lay.experts_per_layer)
+        written = True
         for split, pr, pk in (("train", lay.routed, lay.kept), ("eval", lay.eval_routed, lay.eval_kept)):
             if pr is None:
                 continue
@@ -190,35 +331,173 @@ class BlockWriter:
                 routed, tokens = routed.sum(1, keepdims=True), tokens.sum(1, keepdims=True)
                 kept = kept.sum(1, keepdims=True) if kept is not None else None
             block = FlushedBlock(split, steps.copy(), routed.copy(), None if kept is None else kept.copy(), tokens.copy(), times.copy())
-            if self.writer is not None:
-                self.writer.write_block(block.steps, block.routed, block.kept, block.tokens, split=split, times=block.times)
-                if split == "train" and self.writer.manifest.tokens_per_step is None:
-                    self.writer.manifest.tokens_per_step = int(block.tokens[0, :, 0].sum())
-                    self._dirty = True
+            if self.writer is not None and not self._write_part(block) and split == "train":
+                written = False
             for fn in self.sinks:
                 try:
                     fn(block)
                 except Exception as e:
                     name = getattr(fn, "__qualname__", type(fn).__name__)
                     self.on_error(f"sink {name} failed on {split} steps {steps[0]}..{steps[-1]}: {type(e).__name__}: {e}")
-        self._update_manifest()
-        self.last_flushed_step = int(job.steps[-1])
+        if written:
+            self.last_flushed_step = int(job.steps[-1])
 
-    def _note_disabled(self, flags: np.ndarray, steps: np.ndarray) -> None:
-        """flags: [S, R, L] > 0 where a layer's hook was disabled in that step on that rank."""
-        for s, r, li in zip(*np.nonzero(flags > 0)):
-            entry = self.disabled.setdefault(self.layout.layers[li], {"step": int(steps[s]), "ranks": []})
+    def _write_part(self, block: FlushedBlock) -> bool:
+        """One part of `block` -> True; where that fails (OSError), its steps are lost, no temporary file
+        stays behind, and False."""
+        w = self.writer
+        first, last = int(block.steps[0]), int(block.steps[-1])
+        tmp = w.parts_dir / f".{part_name(w._seq, w.writer_rank, block.split, int(block.steps.min()), int(block.steps.max()))}.tmp"
+        try:
+            w.write_block(block.steps, block.routed, block.kept, block.tokens, split=block.split, times=block.times)
+        except OSError as e:
+            if tmp.parent.is_dir():
+                tmp.unlink(missing_ok=True)
+            reason = f"{type(e).__name__}: " + (f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e))
+            self._lose(block.split, first, last, reason)
+            self._part_failing = True
+            self.on_error(f"writing {block.split} steps {first}..{last} failed ({reason}); these steps are lost "
+                          "(manifest extra.lost_steps), the next block is tried again")
+            return False
+        self._part_failing = False
+        self._recover(block.split, first, last)
+        if block.split == "train" and w.manifest.tokens_per_step is None:
+            w.manifest.tokens_per_step = int(block.tokens[0, :, 0].sum())
+            self._dirty = True
+        return True
+
+    def _note_disabled(self, a: np.ndarray, steps: np.ndarray) -> None:
+        """a: [S, R, P, L, W] host block; steps: [S]. Notes each layer disabled (FLAG_COL) or showing NaN
+        router probabilities (NAN_COL, train or eval) in `disabled` as {"step", "ranks", "reason"}; a layer
+        first seen with NaN goes to `nan_layers` ((layer index, step, ranks)) for the tracer's main thread,
+        which removes its hook (hooks are not removed from this thread)."""
+        lay = self.layout
+        nan = a[:, :, lay.routed, :, NAN_COL]
+        if lay.eval_routed is not None:
+            nan = nan + a[:, :, lay.eval_routed, :, NAN_COL]
+        flags = a[:, :, lay.routed, :, FLAG_COL]
+        found = [(s, r, li, REASONS.get(int(flags[s, r, li]), REASONS[DISABLED_ERROR])) for s, r, li in zip(*np.nonzero(flags))]
+        found += [(s, r, li, NAN_REASON) for s, r, li in zip(*np.nonzero(nan > 0))]
+        new_nan: dict[int, dict[str, Any]] = {}
+        for s, r, li, reason in sorted(found, key=lambda f: (f[0], f[1])):
+            name = lay.layers[li]
+            if name not in self.disabled and reason == NAN_REASON:
+                new_nan[li] = self.disabled.setdefault(name, {"step": int(steps[s]), "ranks": [], "reason": reason})
+            entry = self.disabled.setdefault(name, {"step": int(steps[s]), "ranks": [], "reason": reason})
             if int(r) not in entry["ranks"]:
                 entry["ranks"].append(int(r))
+        for li, entry in new_nan.items():
+            self.nan_layers.put((li, entry["step"], list(entry["ranks"])))
+
+    def _check(self, a: np.ndarray, steps: np.ndarray, rank_rows: bool) -> None:
+        """a: [S, R, P, L, W] host block; steps: [S]. Violations go to `violations` (runs of steps merged)."""
+        found = check_conservation(a, self.layout, self.top_k, self.exact)
+        first = None
+        with self._lock:
+            self.checked_blocks += 1
+            for li, si, q, problem, detail in sorted(found, key=lambda f: (f[0], f[2], f[3], f[1])):
+                step, rank = int(steps[si]), int(q) if rank_rows else None
+                key = (li, rank, problem)
+                last, idx = self._open_violations.get(key, (None, None))
+                if last != step - 1:
+                    self.violations_total += 1
+                    idx = None
+                    if len(self.violations) < VIOLATIONS_CAP:
+                        idx = len(self.violations)
+                        self.violations.append({"layer": self.layout.layers[li], "first": step, "last": step,
+                                                "rank": rank, "problem": f"{problem} ({detail} at step {step})"})
+                elif idx is not None:
+                    self.violations[idx]["last"] = step
+                self._open_violations[key] = (step, idx)
+                first = first or f"layer {self.layout.layers[li]!r} at step {step}: {problem} ({detail})"
+        if first is not None and not self._warned_conservation:
+            self._warned_conservation = True
+            warnings.warn(f"moeload: conservation check failed on {first}; flagged in the manifest's extra.conservation "
+                          "(later violations are recorded there, not warned about); nothing is dropped", RuntimeWarning)
+
+    def _flush_notes(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "lost_steps": copy.deepcopy(self.lost_steps),
+                "dropped_blocks": self._dropped_before + self.dropped_blocks,
+                "conservation": {"checked_blocks": self.checked_blocks, "violations": copy.deepcopy(self.violations),
+                                 "violations_total": self.violations_total},
+            }
 
     def _update_manifest(self) -> None:
+        """Write the manifest where its notes changed; where that fails, retry after the next block / at close."""
         if self.writer is None:
             return
-        notes = {**self.notes(), **({"disabled_layers": self.disabled} if self.disabled else {})}
-        if notes == self._written_notes and not self._dirty:
-            return
+        notes = {**self.notes(), **({"disabled_layers": self.disabled} if self.disabled else {}), **self._flush_notes()}
+        if _unchecked(notes) == _unchecked(self._written_notes) and not self._dirty:
+            return  # a new checked_blocks count alone waits for the next write (at the latest, close)
         m = self.writer.manifest
         m.extra.update(notes)
-        write_json_atomic(Path(self.writer.path) / MANIFEST_NAME, m.to_dict())
+        path = Path(self.writer.path) / MANIFEST_NAME
+        try:
+            write_json_atomic(path, m.to_dict())
+        except OSError as e:
+            tmp = path.with_name(f".{path.name}.tmp")
+            if tmp.parent.is_dir():
+                tmp.unlink(missing_ok=True)
+            self._dirty = True
+            if not self._manifest_failing and not self._part_failing:  # not the fault just reported
+                self._manifest_failing = True
+                self.on_error(f"writing {path} failed ({type(e).__name__}: {e.strerror or e}); "
+                              "retried after the next block and at close")
+            return
+        self._manifest_failing = False
         self._written_notes = copy.deepcopy(notes)
         self._dirty = False
+
+
+def _warm_up_parquet() -> None:
+    """Write a one-row Parquet table to memory: the first write's setup (about 0.2 s) then happens while
+    the first block is recorded, not while later blocks queue up behind it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": pa.array([0], pa.int64())}), pa.BufferOutputStream(), compression="zstd")
+
+
+def _unchecked(notes: dict[str, Any]) -> dict[str, Any]:
+    c = notes.get("conservation")
+    return {**notes, "conservation": {**c, "checked_blocks": None}} if isinstance(c, dict) else notes
+
+
+def check_conservation(
+    a: np.ndarray, layout: Layout, top_k: Sequence[int], exact: Sequence[bool]
+) -> list[tuple[int, int, int, str, str]]:
+    """Routes that do not add up, per (step, rank, layer) of one host block.
+
+    a: [S, R, P, L, W] int64 block; top_k, exact: [L]. For each routed plane (train, eval), the sum
+    over all bins (no expert / dropped, experts, out-of-range) must equal tokens x top_k (exact
+    layers; at most that for layers counted after capacity dropping); any route to an id >= E and
+    any kept count above the routed count of its expert is a violation. Rows of a disabled layer
+    (flag column) are skipped. Counts-form gates without tokens infer tokens = routes // top_k, so
+    only a sum that is no multiple of top_k shows there.
+    Returns (layer, step index, rank index, problem, detail) per violation.
+    """
+    out = []
+    planes = (("", layout.routed, layout.kept), ("eval ", layout.eval_routed, layout.eval_kept))
+    for li, E in enumerate(layout.experts_per_layer):
+        k = int(top_k[li])
+        live = a[:, :, layout.routed, li, FLAG_COL] == 0  # [S, R]
+        for pre, pr, pk in planes:
+            if pr is None:
+                continue
+            r = a[:, :, pr, li]  # [S, R, W]
+            tokens, routes, oob = r[..., TOKENS_COL], r[..., : E + 2].sum(-1), r[..., E + 1]
+            bad = routes != tokens * k if exact[li] else routes > tokens * k
+            op = "!=" if exact[li] else ">"
+            for s, q in zip(*np.nonzero(bad & live)):
+                out.append((li, int(s), int(q), f"{pre}routes {op} tokens x top_k",
+                            f"{routes[s, q]} routes for {tokens[s, q]} tokens x top_k {k}"))
+            for s, q in zip(*np.nonzero((oob > 0) & live)):
+                out.append((li, int(s), int(q), f"{pre}expert ids >= {E}", f"{oob[s, q]} routes"))
+            if pk is not None:
+                more = a[:, :, pk, li, 1 : E + 1] > r[..., 1 : E + 1]  # [S, R, E]
+                for s, q in zip(*np.nonzero(more.any(-1) & live)):
+                    out.append((li, int(s), int(q), f"{pre}kept > routed",
+                                f"experts {np.flatnonzero(more[s, q])[:8].tolist()}"))
+    return out

@@ -7,6 +7,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -16,8 +17,8 @@ from torch import nn
 from moeload.errors import InputError
 from moeload.trace import Manifest, TraceWriter
 from moeload.tracing.accumulate import accumulate
-from moeload.tracing.adapters import Adapter, GateSpec, GenericAdapter, discover, registered_adapters
-from moeload.tracing.flush import FLAG_COL, BlockWriter, FlushedBlock, Layout
+from moeload.tracing.adapters import Adapter, GateSpec, GenericAdapter, RoutingShapeError, discover, registered_adapters
+from moeload.tracing.flush import DISABLED_ERROR, DISABLED_SHAPE, FLAG_COL, NAN_REASON, REASONS, BlockWriter, FlushedBlock, Layout
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
@@ -75,9 +76,31 @@ class LoadTracer:
     says "both" and ``extra.layer_count_kinds`` lists each layer's kind ([L] of "routed" | "kept" |
     "both"); the ``routed`` column of a "kept" layer holds its kept counts.
 
-    Failures never reach training: an exception in a hook disables that layer (hook removed, one
-    warning, noted in the manifest's ``extra.disabled_layers``); a writer failure (e.g. disk full)
-    warns once and is listed in ``errors``. A killed process loses only its unflushed steps.
+    Failures never reach training. A hook fault disables that layer on that rank: its hook is
+    removed, one warning per layer, the manifest's ``extra.disabled_layers[layer] = {"step", "ranks",
+    "reason"}`` (and ``extra.hook_errors`` the message); other layers go on counting. Faults: the
+    adapter raises; the router's output has an unexpected shape (``RoutingShapeError``); NaN router
+    probabilities (adapters pass them as ``Routing.probs``; the hook adds ``isnan(probs).any()`` into the
+    block on the device, no host sync; the writer thread reads it when the block is flushed and the
+    hook is removed at the next ``step()`` on every rank, since every rank sees the gathered block).
+    A writer failure (e.g. disk full) warns once and is listed in ``errors``. A killed process loses
+    only its unflushed steps.
+
+    Dead or slow ranks (``flush_timeout``, seconds, default 300; None waits as long as the backend
+    does). CPU buffers (gloo): the flush's collective runs on a gloo group of the tracer's own (made
+    by ``start()``, with ``flush_timeout`` as its timeout, so it never mixes with training's
+    collectives) and ``step()`` waits at most ``flush_timeout`` for it. Where it times out or fails
+    (a dead peer fails it at once), this rank stops tracing: one warning, hooks removed, no more
+    collectives, the block's steps listed in ``extra.lost_steps``, ``extra.tracing_stopped = {"step",
+    "reason"}`` in the manifest (rank 0), blocks written before stay valid, training continues. A
+    late peer then fails its own collective and stops the same way. CUDA buffers (NCCL): the
+    collective never blocks the host; the device->host copy waits for it on the stream, and the
+    writer thread gives a block up after ``flush_timeout`` (steps in ``extra.lost_steps``, one warning;
+    tracing goes on in lockstep, so ``close()`` returns within about ``flush_timeout``). A dead NCCL
+    peer also stalls the training's own collectives: PyTorch's NCCL watchdog then aborts after the
+    process group's timeout (``init_process_group(timeout=...)``, 10 min by default for NCCL) and, with
+    ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3`` (the default), tears the process down; the trace keeps every
+    block written before.
 
     Arguments (keyword-only after ``path``): path: trace directory (appended to if it holds the same
     model); sink: ``fn(FlushedBlock)`` called on the writer thread after each block (every rank; more
@@ -87,7 +110,15 @@ class LoadTracer:
     drop information record kept = routed; generic gates read a kept field from their output); ranks: "auto" | True | False; group: process group; gates: module
     path patterns and gate_types: classes for the generic adapter (with num_experts / top_k where
     the module does not tell); adapters: replaces auto-discovery; device: of the count buffer
-    (default: the first gate's parameters); model_name, tokens_per_step, extra: manifest fields.
+    (default: the first gate's parameters); model_name, tokens_per_step, extra: manifest fields;
+    fsync: each part before it becomes visible; max_pending: blocks copied to host memory and not yet
+    written (the host buffers, allocated by ``start()``; default: as many as fit in 64 MiB, 4 to 64): a flush finding all of them still waiting
+    for the disk drops its block instead of waiting (counted in ``dropped_blocks``, warned about once,
+    listed in the manifest's ``extra.lost_steps``; the last block at ``close()`` waits instead).
+    Disk faults (directory gone or read-only, disk full) lose the failing block the same way
+    (``extra.lost_steps`` with the error); the next block is tried again. Every flushed block is checked
+    on the writer thread: routes of each (step, rank, layer) must add up to tokens x top_k; violations
+    are warned about once and listed in ``extra.conservation`` (nothing is dropped).
     """
 
     def __init__(
@@ -111,6 +142,8 @@ class LoadTracer:
         tokens_per_step: int | None = None,
         extra: dict[str, Any] | None = None,
         fsync: bool = True,
+        flush_timeout: float | None = 300.0,
+        max_pending: int | None = None,
     ) -> None:
         if not isinstance(flush_every, int) or flush_every < 1:
             raise InputError(f"flush_every={flush_every!r}: must be a positive integer")
@@ -120,6 +153,12 @@ class LoadTracer:
             raise InputError(f"ranks={ranks!r}: expected 'auto', True or False")
         if path is None and sink is None:
             raise InputError("LoadTracer: give a trace path or a sink (or both)")
+        if max_pending is not None and (not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1):
+            raise InputError(f"max_pending={max_pending!r}: must be None or a positive integer (blocks waiting for the writer)")
+        if flush_timeout is not None and (isinstance(flush_timeout, bool) or not isinstance(flush_timeout, (int, float))
+                                          or not flush_timeout > 0):
+            raise InputError(f"flush_timeout={flush_timeout!r}: must be a positive number of seconds or None")
+        self.flush_timeout = None if flush_timeout is None else float(flush_timeout)
         self.model = model
         self.path = None if path is None else os.fspath(path)
         self.flush_every = flush_every
@@ -128,6 +167,7 @@ class LoadTracer:
         self._sinks: list[Callable[[FlushedBlock], None]] = [] if sink is None else [sink]
         self.group = group
         self.fsync = fsync
+        self.max_pending = max_pending
         tried = list(registered_adapters() if adapters is None else adapters)
         if gates or gate_types:
             tried.insert(0, GenericAdapter(gates or (), gate_types or (), num_experts=num_experts, top_k=top_k,
@@ -158,6 +198,10 @@ class LoadTracer:
         self._hook_errors: dict[str, str] = {}
         self._warn_writer = False
         self._closed = False
+        self._pg: Any = group
+        self.tracing_stopped: dict[str, Any] | None = None
+        """{"step", "reason"} once a flush's collective failed or timed out on this rank (tracing stopped)."""
+        self._warned_stall = False
 
     # ---- setup ------------------------------------------------------------------------------------
     def _default_device(self) -> torch.device:
@@ -215,14 +259,19 @@ class LoadTracer:
         self._buf = torch.zeros(self.flush_every, P, L, W, dtype=torch.int64, device=self.device)
         if self.world_size > 1:
             self._gathered = torch.empty((self.world_size, *self._buf.shape), dtype=torch.int64, device=self.device)
+            if self._buf.device.type == "cpu":
+                self._pg = _tracer_group(self.group, self.flush_timeout)
         writer = None
         if self.path is not None and self.rank == 0:
             writer = TraceWriter(self.path, self.manifest, fsync=self.fsync)
             self.manifest = writer.manifest
         self._writer = BlockWriter(
             self.layout, writer=writer, sink=None, ranks_recorded=self.ranks_recorded,
-            on_error=self._on_writer_error, notes=self._notes,
+            on_error=self._on_writer_error, notes=self._notes, max_pending=self.max_pending,
+            closing=lambda: self._closed, top_k=[s.top_k for s in self.specs],
+            exact=[k != "kept" for k in self.layer_count_kinds],
         )
+        self._writer.event_timeout = self.flush_timeout
         for fn in self._sinks:
             self._writer.add_sink(fn)
         self._writer.preallocate(self._gathered if self._gathered is not None else self._buf)
@@ -250,28 +299,33 @@ class LoadTracer:
                 r = spec.counts(module, inputs, output)
                 accumulate(r, rows[pr, li], None if pk is None else rows[pk, li], spec.num_experts, spec.top_k)
             except Exception as e:
-                self._disable(li, e)
+                code = DISABLED_SHAPE if isinstance(e, RoutingShapeError) else DISABLED_ERROR
+                self._disable(li, f"{type(e).__name__}: {e}", code)
 
         return hook
 
-    def _disable(self, li: int, err: Exception) -> None:
+    def _disable(self, li: int, msg: str, code: int | None) -> None:
+        """On the main thread: remove layer `li`'s hook, note why, warn once per layer. code: the FLAG_COL
+        value written into this step's block (None for NaN: the writer thread found it in the block)."""
         handle = self._handles.pop(li, None)
         if handle is not None:
             handle.remove()
         name = self.layers[li]
-        msg = f"{type(err).__name__}: {err}"
+        if name in self._hook_errors:
+            return
         self._hook_errors[name] = msg
         self.errors.append(f"layer {name!r} at step {self.step_count}: {msg}")
-        if self._buf is not None:
-            self._buf[self._slot, self.layout.routed, li, FLAG_COL].fill_(1)
-        warnings.warn(
-            f"moeload: tracing of layer {name!r} disabled after an error in its hook ({msg}); training continues",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        if code is not None and self._buf is not None:
+            self._buf[self._slot, self.layout.routed, li, FLAG_COL].fill_(code)
+        reason = NAN_REASON if code is None else REASONS[code]
+        warnings.warn(f"moeload: tracing of layer {name!r} disabled ({reason}: {msg}); training continues",
+                      RuntimeWarning, stacklevel=3)
 
     def step(self) -> None:
         """Close one optimizer step (all counted forwards since the previous call); flush every `flush_every`."""
+        if self.tracing_stopped is not None and not self._closed:
+            self._first_step += 1
+            return
         if self._buf is None:
             raise InputError("LoadTracer.step() before start() (or after close()): use `with tracer:` or tracer.start() "
                              "before the first forward, so that step's forwards are counted")
@@ -279,6 +333,9 @@ class LoadTracer:
         self._slot += 1
         if self._slot == self.flush_every:
             self._flush()
+        w = self._writer
+        if (w.stalled is not None and not self._warned_stall) or not w.nan_layers.empty():
+            self._poll_writer()
         if self._warn_writer:
             self._warn_writer = False
             warnings.warn(f"moeload: trace writing failed ({self.errors[-1]}); training continues, see tracer.errors",
@@ -286,15 +343,21 @@ class LoadTracer:
 
     def _flush(self, collective: bool = True) -> None:
         n = self._slot
-        if n == 0 or self._buf is None or self._writer is None:
+        if n == 0 or self._buf is None or self._writer is None or self.tracing_stopped is not None:
             return
         src = self._buf
         if self._gathered is not None:
             if not collective:
                 self._reset(n)
                 return
-            _all_gather(self._gathered, self._buf, self.group)
+            first = self._first_step
             self.collectives += 1
+            try:
+                _all_gather(self._gathered, self._buf, self._pg, self.flush_timeout)
+            except Exception as e:  # timed out, or a peer is gone (gloo fails at once on a closed connection)
+                self._reset(n)
+                self._stop(first, first + n - 1, f"flush collective failed: {type(e).__name__}: {_first_line(e)}")
+                return
             src = self._gathered
         steps = np.arange(self._first_step, self._first_step + n, dtype=np.int64)
         self._writer.submit(src, steps, self._times[:n].copy())
@@ -306,6 +369,34 @@ class LoadTracer:
         self._first_step += n
         self._slot = 0
 
+    def _stop(self, first: int, last: int, reason: str) -> None:
+        """This rank stops tracing: hooks removed, no more collectives, steps first..last (the failed
+        block) lost; the writer writes what it holds and the manifest (`extra.tracing_stopped`)."""
+        self.tracing_stopped = {"step": first, "reason": reason}
+        for h in self._handles.values():
+            h.remove()
+        self._handles.clear()
+        for split in ("train", "eval") if self.layout.eval_routed is not None else ("train",):
+            self._writer._lose(split, first, last, reason)
+        self.errors.append(f"tracing stopped at step {first}: {reason}")
+        warnings.warn(f"moeload: tracing stopped on rank {self.rank} at step {first} ({reason}); later steps are not "
+                      "recorded (manifest extra.tracing_stopped), earlier blocks stay; training continues",
+                      RuntimeWarning, stacklevel=4)
+        self._writer.close()
+
+    def _poll_writer(self) -> None:
+        """On the main thread: disable the layers the writer thread found NaN in; warn once about a
+        block whose device->host copy was given up (NCCL: a dead or slow peer)."""
+        w = self._writer
+        while not w.nan_layers.empty():
+            li, step, ranks = w.nan_layers.get()
+            self._disable(li, f"NaN in the router probabilities at step {step} on rank(s) {ranks}", None)
+        if w.stalled is not None and not self._warned_stall:
+            self._warned_stall = True
+            self.errors.append(f"flush: {w.stalled}")
+            warnings.warn(f"moeload: a flushed block did not reach the host ({w.stalled}); its steps are listed in the "
+                          "manifest's extra.lost_steps; tracing and training continue", RuntimeWarning, stacklevel=3)
+
     # ---- errors and notes -------------------------------------------------------------------------
     def _on_writer_error(self, msg: str) -> None:
         first = not any(e.startswith("writer:") for e in self.errors)
@@ -314,7 +405,10 @@ class LoadTracer:
             self._warn_writer = True
 
     def _notes(self) -> dict[str, Any]:
-        return {"hook_errors": dict(self._hook_errors)} if self._hook_errors else {}
+        notes: dict[str, Any] = {"hook_errors": dict(self._hook_errors)} if self._hook_errors else {}
+        if self.tracing_stopped is not None:
+            notes["tracing_stopped"] = dict(self.tracing_stopped)
+        return notes
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def close(self, *, collective: bool = True) -> None:
@@ -329,6 +423,9 @@ class LoadTracer:
         if self._writer is not None:
             self._flush(collective)
             self._writer.close()
+            if self._writer.stalled is not None or not self._writer.nan_layers.empty():
+                self._poll_writer()
+                self._writer._update_manifest()
         self._buf = self._gathered = None
         if self._warn_writer:
             self._warn_writer = False
@@ -348,8 +445,13 @@ class LoadTracer:
 
     @property
     def last_flushed_step(self) -> int | None:
-        """Last step whose block the writer thread has finished (None before the first)."""
+        """Last step whose block the writer thread has written (None before the first)."""
         return None if self._writer is None else self._writer.last_flushed_step
+
+    @property
+    def dropped_blocks(self) -> int:
+        """Blocks this run dropped because `max_pending` blocks were still waiting for the writer."""
+        return 0 if self._writer is None else self._writer.dropped_blocks
 
     @property
     def disabled_layers(self) -> list[str]:
@@ -431,8 +533,38 @@ def _contiguous(num_experts: int, ep_size: int) -> list[int]:
     return [min(i // per, ep_size - 1) for i in range(num_experts)]
 
 
-def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: Any) -> None:
-    """One collective: out [R, *inp.shape] <- inp of every rank (gathered as a concatenation on dim 0)."""
+def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: Any, timeout: float | None = None) -> None:
+    """One collective: out [R, *inp.shape] <- inp of every rank (gathered as a concatenation on dim 0).
+
+    CPU tensors: waits at most `timeout` seconds (None: the group's own timeout) and raises the
+    backend's error (RuntimeError) when it times out or a peer is gone. CUDA tensors: only orders the
+    current stream after the collective (NCCL; a timeout would block the host), no host wait.
+    """
     dist = torch.distributed
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out.view(-1, *inp.shape[1:]), inp, group=group)
+    work = fn(out.view(-1, *inp.shape[1:]), inp, group=group, async_op=True)
+    if inp.is_cuda or timeout is None:
+        work.wait()
+    elif not work.wait(timedelta(seconds=timeout)):
+        raise RuntimeError(f"all_gather not done within flush_timeout={timeout:g} s")
+
+
+def _tracer_group(group: Any, timeout: float | None) -> Any:
+    """A gloo group of the same ranks as `group` (None: the world) for the tracer's own collectives, with
+    `timeout` (seconds) as its operation timeout: a flush that fails or times out there never leaves a
+    pending operation that could pair with training's collectives. Falls back to `group` (one warning)
+    where it cannot be made."""
+    dist = torch.distributed
+    try:
+        ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+        kw = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
+        return dist.new_group(ranks, backend="gloo", use_local_synchronization=True, **kw)
+    except Exception as e:
+        warnings.warn(f"moeload: no tracer process group ({type(e).__name__}: {_first_line(e)}); flushes use the "
+                      "training's group", RuntimeWarning, stacklevel=3)
+        return group
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:limit] if text else ""

@@ -166,7 +166,7 @@ def test_hook_error_disables_layer_warns_once_and_training_continues(tmp_path):
         with LoadTracer(model, tmp_path / "t", gate_types=(IndexRouter,), flush_every=3) as tr:
             ref = run(model, tr, 6)
     msgs = [str(x.message) for x in w if "disabled" in str(x.message)]
-    assert len(msgs) == 1 and "gates.0" in msgs[0] and "ValueError" in msgs[0]
+    assert len(msgs) == 1 and "gates.0" in msgs[0] and "RoutingShapeError" in msgs[0]
     assert tr.disabled_layers == ["gates.0"] and tr.step_count == 6
     t = open_trace(tmp_path / "t")
     c = t.counts()
@@ -175,7 +175,7 @@ def test_hook_error_disables_layer_warns_once_and_training_continues(tmp_path):
     assert (c[2:, 0] == 0).all()
     meta = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert "gates.0" in meta["extra"]["hook_errors"]
-    assert meta["extra"]["disabled_layers"]["gates.0"] == {"step": 2, "ranks": [0]}
+    assert meta["extra"]["disabled_layers"]["gates.0"] == {"step": 2, "ranks": [0], "reason": "unexpected router output shape"}
 
 
 def test_discover_orders_by_module_and_first_adapter_wins():

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from moeload.errors import NoGatingModulesError
-from moeload.tracing.adapters.base import Adapter, GateSpec, Routing, module_paths
+from moeload.tracing.adapters.base import Adapter, GateSpec, Routing, RoutingShapeError, module_paths
 from moeload.tracing.adapters.generic import GenericAdapter
 from moeload.tracing.adapters.workload import WorkloadAdapter
 
@@ -100,6 +100,7 @@ __all__ = [
     "GateSpec",
     "GenericAdapter",
     "Routing",
+    "RoutingShapeError",
     "WorkloadAdapter",
     "discover",
     "register_adapter",

@@ -28,8 +28,10 @@ class Routing(NamedTuple):
       optional `kept_counts: [E]`.
     `tokens`: tokens that reached the gate (int or [] tensor); inferred as T for top-k and map
     forms, and as `counts.sum() // top_k` for the counts form. Where no kept information is given,
-    kept = routed. A bare tensor returned by `GateSpec.counts` is read as: 1-D -> counts,
-    2-D integer -> indices, 2-D bool or floating -> mask.
+    kept = routed. `probs`: optional, any shape: the router's probabilities or logits, or a value
+    computed from all of them (e.g. its aux loss); a NaN in it is flagged on the device (no host
+    sync) and disables the layer when its block is flushed. A bare tensor returned by
+    `GateSpec.counts` is read as: 1-D -> counts, 2-D integer -> indices, 2-D bool or floating -> mask.
     """
 
     indices: Tensor | None = None
@@ -39,6 +41,13 @@ class Routing(NamedTuple):
     counts: Tensor | None = None
     kept_counts: Tensor | None = None
     tokens: int | Tensor | None = None
+    probs: Tensor | None = None
+
+
+class RoutingShapeError(ValueError):
+    """A gate's output does not have the shape or form its adapter expects (e.g. a framework version
+    that changed its router's outputs); the tracer disables that layer with reason "unexpected router
+    output shape"."""
 
 
 CountsFn = Callable[["nn.Module", tuple, Any], "Routing | Tensor"]
@@ -108,4 +117,4 @@ def module_paths(model: nn.Module) -> dict[int, str]:
     return out
 
 
-__all__ = ["Adapter", "CountsFn", "GateSpec", "Routing", "module_paths"]
+__all__ = ["Adapter", "CountsFn", "GateSpec", "Routing", "RoutingShapeError", "module_paths"]

@@ -8,7 +8,9 @@ TopKGate, two output forms:
   dispatch_mask [T, E, C] bool, exp_counts [E])`.
 `exp_counts` counts this rank's routes before capacity dropping: recorded as routed counts. Kept
 counts (after dropping) come from `indices >= 0` or `dispatch_mask.sum((0, 2))`, recorded where
-the gate drops tokens (`drop_tokens=True`). Everything stays on the gate's device.
+the gate drops tokens (`drop_tokens=True`). `l_aux` (a sum over the mean softmax of every expert)
+is NaN iff a probability is: it is passed on as `Routing.probs` for the NaN check. Everything
+stays on the gate's device.
 
 TokenChoiceTopKRouter returns `(top_scores [T, k], selected_experts [T, k], num_tokens_per_expert
 [E])`; it never drops, so routed counts only.
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from moeload.tracing.adapters.base import Adapter, GateSpec, Routing
+from moeload.tracing.adapters.base import Adapter, GateSpec, Routing, RoutingShapeError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -40,8 +42,10 @@ def bincount_device(idx: Tensor, num_experts: int) -> Tensor:
 
 
 def gate_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
-    """One TopKGate forward -> Routing(counts=exp_counts [E], kept_counts [E] where it drops, tokens)."""
+    """One TopKGate forward -> Routing(counts=exp_counts [E], kept_counts [E] where it drops, tokens, probs=l_aux)."""
     E = module.wg.out_features
+    if not isinstance(out, (tuple, list)):
+        raise RoutingShapeError(f"TopKGate returned {type(out).__name__}; expected a tuple of 7 (sparse_routes) or 4")
     if len(out) == 7:  # sparse_routes: indices [k, T]
         idx, exp_counts = out[3], out[6]
         T = idx.shape[-1]
@@ -51,17 +55,17 @@ def gate_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
         T = dispatch.shape[0]
         kept = dispatch.sum((0, 2), dtype=torch.int64) if module.drop_tokens else None
     else:
-        raise ValueError(f"TopKGate returned {len(out)} values; expected 7 (sparse_routes) or 4")
+        raise RoutingShapeError(f"TopKGate returned {len(out)} values; expected 7 (sparse_routes) or 4")
     tokens: int | Tensor = T
     used = inputs[1] if len(inputs) > 1 else None
     if module.k == 1 and isinstance(used, Tensor):  # top-1 counts only the tokens marked used
         tokens = used.reshape(-1).sum(dtype=torch.int64)
-    return Routing(counts=exp_counts, kept_counts=kept, tokens=tokens)
+    return Routing(counts=exp_counts, kept_counts=kept, tokens=tokens, probs=out[0])
 
 
 def autoep_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
-    """One TokenChoiceTopKRouter forward -> Routing(counts=num_tokens_per_expert [E], tokens=T)."""
-    return Routing(counts=out[2], tokens=out[1].shape[0])
+    """One TokenChoiceTopKRouter forward -> Routing(counts=num_tokens_per_expert [E], tokens=T, probs=top_scores)."""
+    return Routing(counts=out[2], tokens=out[1].shape[0], probs=out[0])
 
 
 def _ep_rank(layer: nn.Module, ep_size: int) -> int:

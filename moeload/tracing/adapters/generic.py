@@ -4,7 +4,8 @@ Modules are selected by module-path pattern (`fnmatch`, e.g. "*.router", "blocks
 type. The output may be a tensor, a tuple / list / NamedTuple, a dict, a dataclass or any object
 with attributes, or a `Routing`. Fields are looked up by name first (INDEX_NAMES, KEPT_NAMES,
 MASK_NAMES), then by kind: the first 2-D integer tensor is read as indices [T, k], else the first
-2-D bool tensor with E columns as a routing map [T, E].
+2-D bool tensor with E columns as a routing map [T, E]. A floating field named in PROB_NAMES goes
+along as `Routing.probs` for the NaN check.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from moeload.errors import InputError
-from moeload.tracing.adapters.base import Adapter, GateSpec, Routing
+from moeload.tracing.adapters.base import Adapter, GateSpec, Routing, RoutingShapeError
 
 INDEX_NAMES = ("indices", "topk_idx", "topk_indices", "top_k_index", "expert_indices", "selected_experts", "expert_index")
 KEPT_NAMES = ("kept", "keep", "kept_mask")
 MASK_NAMES = ("routing_map", "routing_mask", "dispatch_mask", "mask")
+PROB_NAMES = ("probs", "router_probs", "scores", "router_scores", "logits", "router_logits", "gates", "weights",
+              "aux_loss", "l_aux")
 EXPERT_ATTRS = ("num_experts", "n_experts", "num_local_experts", "n_routed_experts", "num_routed_experts")
 TOPK_ATTRS = ("top_k", "topk", "k", "num_experts_per_tok", "moe_router_topk", "router_topk")
 GATE_CHILDREN = ("gate", "wg", "linear", "proj", "weight_proj")
@@ -41,25 +44,27 @@ def _fields(out: Any) -> dict[str, Any]:
 
 
 def parse_output(out: Any, num_experts: int) -> Routing | Tensor:
-    """One gate output -> Routing (indices [T, k] + kept, or mask [T, E]); ValueError if none found."""
+    """One gate output -> Routing (indices [T, k] + kept, or mask [T, E]; probs where named);
+    RoutingShapeError (a ValueError) if none is found."""
     if isinstance(out, (Routing, Tensor)):
         return out
     fields = {k: v for k, v in _fields(out).items() if isinstance(v, Tensor)}
     named = {k.lower(): v for k, v in fields.items()}
     kept = next((named[n] for n in KEPT_NAMES if n in named), None)
+    probs = next((named[n] for n in PROB_NAMES if n in named and named[n].is_floating_point()), None)
     for n in INDEX_NAMES:
         if n in named:
-            return Routing(indices=named[n], kept=kept)
+            return Routing(indices=named[n], kept=kept, probs=probs)
     for n in MASK_NAMES:
         if n in named and named[n].dim() == 2 and named[n].shape[-1] == num_experts:
-            return Routing(mask=named[n])
+            return Routing(mask=named[n], probs=probs)
     for v in fields.values():
         if v.dim() == 2 and not v.is_floating_point() and v.dtype != torch.bool:
-            return Routing(indices=v, kept=kept)
+            return Routing(indices=v, kept=kept, probs=probs)
     for v in fields.values():
         if v.dim() == 2 and v.dtype == torch.bool and v.shape[-1] == num_experts:
-            return Routing(mask=v)
-    raise ValueError(
+            return Routing(mask=v, probs=probs)
+    raise RoutingShapeError(
         f"gate output {type(out).__name__} holds no [tokens, k] integer expert indices "
         f"and no [tokens, {num_experts}] bool routing map"
     )

@@ -10,7 +10,9 @@ A gating module is the `gate` or `router` child of a transformers module that al
 - transformers 4.x gates are an `nn.Linear` returning logits `[T, E]` and the block does the
   top-k (DBRX's router in 5.x as well): the adapter takes `topk(logits, k)` itself (softmax is
   monotonic, so this is the block's choice except for exact ties after rounding).
-HF MoE blocks do not drop tokens: routed counts only.
+HF MoE blocks do not drop tokens: routed counts only. The logits go along for the NaN check. Integer
+indices whose last dimension is not the discovered k (e.g. the router's `top_k` changed after the
+tracer was made) raise RoutingShapeError rather than being replaced by a top-k of the logits.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from moeload.tracing.adapters.base import Adapter, GateSpec, Routing, module_paths
+from moeload.tracing.adapters.base import Adapter, GateSpec, Routing, RoutingShapeError, module_paths
 
 GATE_ATTRS = ("gate", "router")
 EXPERT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -61,13 +63,17 @@ def make_routing(num_experts: int, top_k: int):
     def routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
         items = out if isinstance(out, (tuple, list)) else (out,)
         tensors = [t for t in items if isinstance(t, Tensor)]
-        for t in tensors:
-            if not t.is_floating_point() and t.dtype.is_signed and t.dim() >= 2 and t.shape[-1] == top_k:
-                return Routing(indices=t.reshape(-1, top_k))
-        for t in tensors:
-            if t.is_floating_point() and t.dim() >= 2 and t.shape[-1] == num_experts:
-                return Routing(indices=t.reshape(-1, num_experts).topk(top_k, dim=-1).indices)
-        raise ValueError(f"{type(module).__name__} output holds no [tokens, {top_k}] indices and no [tokens, {num_experts}] logits")
+        logits = next((t for t in tensors if t.is_floating_point() and t.dim() >= 2 and t.shape[-1] == num_experts), None)
+        ints = [t for t in tensors if not t.is_floating_point() and t.dtype.is_signed and t.dim() >= 2]
+        for t in ints:
+            if t.shape[-1] == top_k:
+                return Routing(indices=t.reshape(-1, top_k), probs=logits)
+        if ints:
+            raise RoutingShapeError(f"{type(module).__name__} returned expert indices of shape {tuple(ints[0].shape)}; "
+                                    f"expected [tokens, {top_k}] (top_k when the tracer was made)")
+        if logits is not None:
+            return Routing(indices=logits.reshape(-1, num_experts).topk(top_k, dim=-1).indices, probs=logits)
+        raise RoutingShapeError(f"{type(module).__name__} output holds no [tokens, {top_k}] indices and no [tokens, {num_experts}] logits")
 
     return routing
 

@@ -19,21 +19,24 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moeload.tracing.adapters.base import Adapter, GateSpec, Routing
+from moeload.tracing.adapters.base import Adapter, GateSpec, Routing, RoutingShapeError
 
 if TYPE_CHECKING:
     from torch import nn
 
 
 def router_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
-    """One TopKRouter forward -> Routing(mask=routing_map [T, E]) or Routing(indices=[T, k]) (< 0.10)."""
+    """One TopKRouter forward -> Routing(mask=routing_map [T, E]) or Routing(indices=[T, k]) (< 0.10);
+    probs [T, E] (or scores [T, k]) go along for the NaN check."""
+    if not isinstance(out, (tuple, list)) or len(out) < 2 or not all(isinstance(t, torch.Tensor) for t in out[:2]):
+        raise RoutingShapeError(f"TopKRouter returned {type(out).__name__}; expected (probs, routing_map)")
     probs, second = out[0], out[1]
     cfg = module.config
     if second.dtype == torch.bool or (second.is_floating_point() and second.shape[-1] == cfg.num_moe_experts):
         if cfg.moe_expert_capacity_factor is not None and getattr(cfg, "moe_pad_expert_input_to_capacity", False):
-            return Routing(mask=second & (probs != 0))
-        return Routing(mask=second)
-    return Routing(indices=second.reshape(-1, second.shape[-1]))
+            return Routing(mask=second & (probs != 0), probs=probs)
+        return Routing(mask=second, probs=probs)
+    return Routing(indices=second.reshape(-1, second.shape[-1]), probs=probs)
 
 
 def _ep(layer: nn.Module | None, num_experts: int) -> tuple[int, int]:

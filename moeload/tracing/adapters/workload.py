@@ -12,8 +12,8 @@ if TYPE_CHECKING:
 
 
 def _routing(module: nn.Module, inputs: tuple, out) -> Routing:
-    """RouterOutput(indices [T, k], kept [T, k], ...) -> Routing; kept only where capacity drops."""
-    return Routing(indices=out.indices, kept=out.kept if module.capacity_factor is not None else None)
+    """RouterOutput(indices [T, k], kept [T, k], probs [T, E], ...) -> Routing; kept only where capacity drops."""
+    return Routing(indices=out.indices, kept=out.kept if module.capacity_factor is not None else None, probs=out.probs)
 
 
 class WorkloadAdapter(Adapter):
