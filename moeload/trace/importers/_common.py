@@ -15,6 +15,8 @@ from moeload.trace.manifest import Manifest
 from moeload.trace.writer import TraceWriter
 
 BLOCK = 1000  # steps per Parquet part
+MAX_EXPERTS = 1 << 16  # an expert index at or above this is taken for corrupt input, not a model
+MAX_RANKS = 1 << 17  # likewise for a rank number
 
 
 @dataclasses.dataclass
@@ -56,18 +58,7 @@ def write(imp: Imported, dest: str | os.PathLike, source: str | os.PathLike) -> 
         raise InputError(f"{source}: no steps found to import")
     if imp.counts.shape[0] != S or imp.counts.ndim != 4:
         raise ValueError(f"importer bug: counts {imp.counts.shape} for {S} steps")
-    m = Manifest(
-        layers=imp.layers,
-        experts_per_layer=imp.experts_per_layer,
-        top_k=imp.top_k,
-        framework=imp.framework,
-        framework_version=imp.framework_version,
-        model_name=imp.model_name,
-        world_size=imp.world_size,
-        ep_size=imp.ep_size,
-        ranks_recorded=imp.ranks_recorded,
-        extra={"imported_from": str(source), **imp.extra},
-    )
+    m = _manifest(imp, source)
     order = np.argsort(imp.steps, kind="stable")
     steps, counts = imp.steps[order], imp.counts[order]
     with TraceWriter(d, m) as w:
@@ -76,19 +67,44 @@ def write(imp: Imported, dest: str | os.PathLike, source: str | os.PathLike) -> 
     return d
 
 
-def counts_array(x: Any, where: str) -> np.ndarray:
-    """Integer-valued, non-negative array -> int64; anything else is an InputError naming `where`."""
-    a = np.asarray(x)
+def _manifest(imp: Imported, source: str | os.PathLike) -> Manifest:
+    """The manifest of an import; a problem (e.g. two layers of one name) names the source file."""
+    try:
+        return Manifest(
+            layers=imp.layers,
+            experts_per_layer=imp.experts_per_layer,
+            top_k=imp.top_k,
+            framework=imp.framework,
+            framework_version=imp.framework_version,
+            model_name=imp.model_name,
+            world_size=imp.world_size,
+            ep_size=imp.ep_size,
+            ranks_recorded=imp.ranks_recorded,
+            extra={"imported_from": str(source), **imp.extra},
+        )
+    except TraceFormatError as e:
+        raise TraceFormatError(f"{source}: {str(e).removeprefix('manifest: ')}") from None
+
+
+def counts_array(x: Any, where: str, *, what: str = "counts", error: type[Exception] = InputError) -> np.ndarray:
+    """Integer-valued, non-negative array -> int64; anything else raises `error` naming `where`."""
+    try:
+        a = np.asarray(x)
+    except (ValueError, TypeError, OverflowError):  # ragged nested lists
+        raise error(f"{where}: {what} must be a rectangular array of integers") from None
     if a.dtype.kind == "f":
         if not np.isfinite(a).all():
-            raise InputError(f"{where}: counts contain NaN or inf")
+            raise error(f"{where}: {what} contain NaN or inf")
         if (a != np.round(a)).any():
-            raise InputError(f"{where}: counts must be whole numbers (got fractional values; proportions are not counts)")
+            raise error(f"{where}: {what} must be whole numbers (got fractional values; proportions are not counts)")
     elif a.dtype.kind not in "iub":
-        raise InputError(f"{where}: counts must be integers, got dtype {a.dtype}")
+        kind = "mixed or non-numeric values" if a.dtype.kind == "O" else f"dtype {a.dtype}"
+        raise error(f"{where}: {what} must be integers, got {kind}")
+    if a.size and a.dtype.kind in "fu" and a.max() >= 2**63:
+        raise error(f"{where}: {what} too large for int64 (max {a.max():.3g})")
     a = a.astype(np.int64)
     if (a < 0).any():
-        raise InputError(f"{where}: counts must be non-negative (min {a.min()})")
+        raise error(f"{where}: {what} must be non-negative (min {a.min()})")
     return a
 
 

@@ -13,6 +13,11 @@ from moeload.errors import InputError, TraceFormatError
 from moeload.trace.importers._common import Imported, counts_array
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
 def read_numpy(source: str | os.PathLike, *, top_k: int | None = None, first_step: int = 0) -> Imported:
     """Read counts from .npy / .npz. Steps default to first_step, first_step + 1, ..."""
     path = Path(source)
@@ -21,28 +26,32 @@ def read_numpy(source: str | os.PathLike, *, top_k: int | None = None, first_ste
     meta: dict[str, np.ndarray] = {}
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        raise TraceFormatError(f"{path}: not a NumPy .npy/.npz file ({str(e).splitlines()[0]})") from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            keys = list(loaded.files)
-            if "counts" in keys:
-                key = "counts"
-            elif len(keys) == 1:
-                key = keys[0]
-            else:
-                raise TraceFormatError(f"{path}: no 'counts' array (arrays: {keys})")
-            arr = loaded[key]
-            meta = {k: loaded[k] for k in ("steps", "layers", "experts_per_layer") if k in keys}
-    else:
-        arr = loaded
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                keys = list(loaded.files)
+                if "counts" in keys:
+                    key = "counts"
+                elif len(keys) == 1:
+                    key = keys[0]
+                else:
+                    raise TraceFormatError(f"{path}: no 'counts' array (arrays: {keys})")
+                arr = loaded[key]
+                meta = {k: loaded[k] for k in ("steps", "layers", "experts_per_layer") if k in keys}
+        else:
+            arr = loaded
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
+        raise TraceFormatError(f"{path}: not a NumPy .npy/.npz file ({_first_line(e)})") from None
     if arr.ndim != 3:
         raise TraceFormatError(f"{path}: expected counts of shape [steps, layers, experts], got {arr.shape}")
     counts = counts_array(arr, str(path))
     S, L, E = counts.shape
+    if L == 0 or E == 0:
+        raise TraceFormatError(f"{path}: counts of shape {counts.shape} hold no layer or no expert")
+    if first_step < 0:
+        raise InputError(f"--first-step {first_step}: must be >= 0")
     steps = np.arange(first_step, first_step + S, dtype=np.int64)
     if "steps" in meta:
-        steps = counts_array(meta["steps"], f"{path}: steps").reshape(-1)
+        steps = counts_array(meta["steps"], f"{path}: steps", what="step numbers").reshape(-1)
         if len(steps) != S or len(np.unique(steps)) != S:
             raise TraceFormatError(f"{path}: 'steps' must hold {S} distinct step numbers")
     names = [f"layer{i}" for i in range(L)]
@@ -52,9 +61,12 @@ def read_numpy(source: str | os.PathLike, *, top_k: int | None = None, first_ste
             raise TraceFormatError(f"{path}: 'layers' has {len(names)} names for {L} layers")
     experts = [E] * L
     if "experts_per_layer" in meta:
-        experts = [int(x) for x in np.asarray(meta["experts_per_layer"]).reshape(-1)]
+        experts = counts_array(meta["experts_per_layer"], f"{path}: experts_per_layer", what="values").reshape(-1).tolist()
         if len(experts) != L or max(experts) > E or min(experts) < 1:
             raise TraceFormatError(f"{path}: 'experts_per_layer' must hold {L} values in 1..{E}")
+        beyond = np.arange(E)[None, :] >= np.asarray(experts)[:, None]  # [L, E]
+        if (counts[:, beyond] > 0).any():
+            raise TraceFormatError(f"{path}: counts beyond a layer's experts_per_layer are not zero")
     return Imported(
         steps=steps,
         counts=counts[:, None],

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from moeload.errors import InputError, TraceFormatError
-from moeload.trace.importers._common import Imported, dense, int_field, jsonl_records
+from moeload.trace.importers._common import MAX_EXPERTS, MAX_RANKS, Imported, counts_array, dense, int_field, jsonl_records
 
 TPE_FILE = re.compile(r"^rank(\d+)\.jsonl$")
 ROUTER_FILE = re.compile(r"^router_trace_rank(\d+)\.jsonl$")
@@ -45,6 +45,8 @@ def _rank_files(source: Path, pattern: re.Pattern, subdir: str | None, what: str
     files = {int(m.group(1)): p for p in sorted(d.iterdir()) if (m := pattern.match(p.name))}
     if not files:
         raise InputError(f"{source}: no {what} files ({pattern.pattern}) found")
+    if max(files) >= MAX_RANKS:
+        raise InputError(f"{files[max(files)]}: rank {max(files)} is implausible (limit {MAX_RANKS})")
     return files
 
 
@@ -107,13 +109,11 @@ def read_tokens_per_expert(
         for no, rec in jsonl_records(path, ("iter", "layer", "tpe")):
             where = f"{path}:{no}"
             it = int_field(rec, "iter", where)
-            tpe = rec["tpe"]
-            try:
-                a = np.asarray(tpe, dtype=np.int64)
-            except (TypeError, ValueError):
-                raise TraceFormatError(f"{where}: 'tpe' must be a list of per-micro-batch integer lists") from None
-            if a.ndim != 2 or a.shape[1] == 0 or (a < 0).any():
+            a = counts_array(rec["tpe"], where, what="'tpe' counts", error=TraceFormatError)
+            if a.ndim != 2 or a.shape[1] == 0:
                 raise TraceFormatError(f"{where}: 'tpe' must be [micro-batches][local experts] non-negative integers")
+            if a.shape[1] * ep > MAX_EXPERTS:
+                raise TraceFormatError(f"{where}: {a.shape[1]} local experts x ep {ep} is implausible (limit {MAX_EXPERTS})")
             if num_local is None:
                 num_local = a.shape[1]
             elif a.shape[1] != num_local:
@@ -172,27 +172,27 @@ def read_router_trace(
         for no, rec in jsonl_records(path, ("step", "layer", "top_indices")):
             where = f"{path}:{no}"
             rank = int_field(rec, "rank", where) if "rank" in rec else file_rank
+            if rank >= world:
+                raise TraceFormatError(f"{where}: rank {rank} but the rank files found imply {world} ranks")
             if rank % tp_size:
                 continue
             step = int_field(rec, "step", where)
-            try:
-                idx = np.asarray(rec["top_indices"], dtype=np.int64)
-            except (TypeError, ValueError):
-                raise TraceFormatError(f"{where}: 'top_indices' must be [tokens][top-k] integers") from None
+            idx = counts_array(rec["top_indices"], where, what="'top_indices' expert indices", error=TraceFormatError)
             if idx.size == 0:
-                idx = idx.reshape(0, int(rec.get("topk") or 1))
+                topk = int_field(rec, "topk", where) if "topk" in rec else 1
+                idx = idx.reshape(0, max(topk, 1))
             if idx.ndim != 2:
                 raise TraceFormatError(f"{where}: 'top_indices' must be [tokens][top-k], got shape {idx.shape}")
-            if "num_tokens" in rec and rec["num_tokens"] != idx.shape[0]:
+            if "num_tokens" in rec and int_field(rec, "num_tokens", where) != idx.shape[0]:
                 raise TraceFormatError(f"{where}: num_tokens {rec['num_tokens']} but {idx.shape[0]} rows of top_indices")
-            if idx.size and idx.min() < 0:
-                raise TraceFormatError(f"{where}: negative expert index {idx.min()}")
             key = _layer_key(rec, rank // per_stage, where)
             k = idx.shape[1]
             if idx.shape[0] and topk_of.setdefault(key, k) != k:
                 raise TraceFormatError(f"{where}: top-k {k} differs from earlier records of this layer ({topk_of[key]})")
             if idx.size:
                 max_idx = max(max_idx, int(idx.max()))
+                if max_idx >= MAX_EXPERTS:
+                    raise TraceFormatError(f"{where}: expert index {max_idx} is implausible (limit {MAX_EXPERTS})")
             bc = np.bincount(idx.reshape(-1))
             prev = acc.get((step, rank, key))
             if prev is not None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from moeload.errors import InputError, TraceFormatError
-from moeload.trace.importers._common import Imported, counts_array
+from moeload.trace.importers._common import MAX_EXPERTS, MAX_RANKS, Imported, counts_array
 
 FILE = re.compile(r"^expert_distribution_recorder_(\d+(?:\.\d+)?)(?:_(\d+))?\.pt$")
 
@@ -55,10 +55,18 @@ def _load(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _np(x: Any, where: str) -> np.ndarray:
+def _np(x: Any, where: str, what: str = "counts") -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
-    return counts_array(x, where)
+    return counts_array(x, where, what=what)
+
+
+def _index(x: Any, where: str) -> int:
+    """A scalar id (int or 0-d tensor) -> non-negative int."""
+    a = _np(x, where, what="value")
+    if a.ndim != 0:
+        raise TraceFormatError(f"{where}: expected one integer, got shape {a.shape}")
+    return int(a)
 
 
 def read_sglang(source: str | os.PathLike, *, top_k: int | None = None, keep_empty_layers: bool = False) -> Imported:
@@ -103,7 +111,10 @@ def _stat(dumps: list[tuple[Path, dict]]):
         if blocks and c.shape[1:] != blocks[0].shape[1:]:
             raise TraceFormatError(f"{path}: logical_count shape {c.shape} differs from {dumps[0][0]}")
         blocks.append(c)
-        rates.append(d.get("average_utilization_rate_over_window"))
+        rate = d.get("average_utilization_rate_over_window")
+        if rate is not None and not isinstance(rate, (int, float)) and not (hasattr(rate, "numel") and rate.numel() == 1):
+            raise TraceFormatError(f"{path}: average_utilization_rate_over_window must be a number, got {type(rate).__name__}")
+        rates.append(rate)
     c = np.concatenate(blocks)
     steps = np.arange(len(c), dtype=np.int64)
     used = c.sum(axis=(1, 2)) > 0
@@ -123,9 +134,11 @@ def _detail(dumps: list[tuple[Path, dict]]):
             raise TraceFormatError(f"{path}: 'records' must be a list")
         if "last_physical_to_logical_map" not in d:
             raise TraceFormatError(f"{path}: missing 'last_physical_to_logical_map'")
-        p2l = _np(d["last_physical_to_logical_map"], f"{path}: last_physical_to_logical_map")
-        if p2l.ndim != 2:
-            raise TraceFormatError(f"{path}: last_physical_to_logical_map must be [layers, physical experts]")
+        p2l = _np(d["last_physical_to_logical_map"], f"{path}: last_physical_to_logical_map", what="expert ids")
+        if p2l.ndim != 2 or p2l.size == 0:
+            raise TraceFormatError(f"{path}: last_physical_to_logical_map must be [layers, physical experts], got {p2l.shape}")
+        if p2l.max() >= MAX_EXPERTS:
+            raise TraceFormatError(f"{path}: last_physical_to_logical_map holds expert {p2l.max()} (limit {MAX_EXPERTS})")
         n_log = int(p2l.max()) + 1
         if L is None:
             L, E = p2l.shape[0], n_log
@@ -140,7 +153,9 @@ def _detail(dumps: list[tuple[Path, dict]]):
                 raise TraceFormatError(f"{where}: global_physical_count {g.shape} does not match the map {p2l.shape}")
             logical = np.zeros((L, E), dtype=np.int64)
             np.add.at(logical, (np.arange(L)[:, None], p2l), g)
-            key = (int(r["forward_pass_id"]), int(r.get("rank", 0)))
+            key = (_index(r["forward_pass_id"], f"{where}.forward_pass_id"), _index(r.get("rank", 0), f"{where}.rank"))
+            if key[1] >= MAX_RANKS:
+                raise TraceFormatError(f"{where}: rank {key[1]} is implausible (limit {MAX_RANKS})")
             acc[key] = acc.get(key, 0) + logical
     if not acc:
         raise InputError(f"{dumps[0][0]}: no records")

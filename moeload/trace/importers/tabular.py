@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from moeload.errors import InputError, TraceFormatError
-from moeload.trace.importers._common import Imported, counts_array
+from moeload.trace.importers._common import MAX_EXPERTS, MAX_RANKS, Imported, counts_array
 
 REQUIRED = ("step", "layer", "expert", "count")
 
@@ -37,14 +37,19 @@ def read_csv(source: str | os.PathLike, *, num_experts: int | None = None, top_k
         raise TraceFormatError(f"{path}: missing column(s) {missing}; need {list(REQUIRED)}{hint}")
     if df.empty:
         raise InputError(f"{path}: no rows")
-    for c in ("step", "expert", "count") + (("rank",) if "rank" in df.columns else ()):
+    for c in ("step", "layer", "expert", "count") + (("rank",) if "rank" in df.columns else ()):
         if df[c].isna().any():
-            raise TraceFormatError(f"{path}: column {c!r} has empty cells")
+            raise TraceFormatError(f"{path}: column {c!r} has empty or NaN cells (row {int(df[c].isna().to_numpy().argmax()) + 2})")
+        if c == "layer":
+            continue
         try:
             num = pd.to_numeric(df[c]).to_numpy()
         except ValueError:
             raise TraceFormatError(f"{path}: column {c!r} must hold integers") from None
-        df[c] = counts_array(num, f"{path}: column {c!r}")
+        df[c] = counts_array(num, f"{path}: column {c!r}", what="values")
+    for c, limit in (("expert", MAX_EXPERTS), ("rank", MAX_RANKS)):
+        if c in df.columns and df[c].max() >= limit:
+            raise TraceFormatError(f"{path}: column {c!r} holds {df[c].max()}, implausibly large (limit {limit})")
     key = ["step", "layer", "expert"] + (["rank"] if "rank" in df.columns else [])
     dup = df.duplicated(key)
     if dup.any():
