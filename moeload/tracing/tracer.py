@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -565,6 +566,8 @@ def _tracer_group(group: Any, timeout: float | None) -> Any:
         return group
 
 
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:limit] if text else ""
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    """The gist of an error: its first line, without gloo's "[file:line] " prefix and advice."""
+    lines = str(e).strip().splitlines()
+    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]) if lines else ""
+    return text.split(". This is typically")[0][:limit]
