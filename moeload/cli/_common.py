@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click.exceptions import UsageError
 
 EXIT_USER_ERROR = 2
+_WARNINGS: list[str] = []  # one-line warnings of the running command
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
 STEPS_OPTION = typer.Option(
@@ -64,8 +65,12 @@ class ErrorGroup(TyperGroup):
             fail(_one_line(f"moeload: {e.format_message()} (see moeload --help)"))
 
     def invoke(self, ctx: typer.Context) -> Any:
+        _WARNINGS.clear()
         try:
-            return super().invoke(ctx)
+            out = super().invoke(ctx)
+            for w in _WARNINGS:  # printed after a successful command only: a failure is one line
+                typer.echo(f"moeload: warning: {w}", err=True)
+            return out
         except UsageError as e:
             where = e.ctx.command_path if e.ctx is not None else "moeload"
             fail(_one_line(f"{where}: {e.format_message()} (see {where} --help)"))
@@ -85,7 +90,7 @@ def open_trace_arg(path: Path, skip_bad_parts: bool = False):
     """Open a trace given on the command line (TraceFormatError names the path on failure).
 
     With skip_bad_parts, every part is checked now and the parts left out are reported as one
-    `moeload: warning:` line on stderr.
+    `moeload: warning:` line on stderr when the command succeeds.
     """
     import warnings
 
@@ -96,8 +101,7 @@ def open_trace_arg(path: Path, skip_bad_parts: bool = False):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             t.bad_parts  # noqa: B018 - builds the step index, which checks every part
-        for w in caught:
-            typer.echo(f"moeload: warning: {_one_line(str(w.message))}", err=True)
+        _WARNINGS.extend(_one_line(str(w.message)) for w in caught)
     return t
 
 

@@ -32,7 +32,7 @@ def _first_line(e: BaseException) -> str:
 def read_columns(path: Path, columns: list[str], filters: Any = None) -> pa.Table:
     """Columns of one part; an unreadable file raises TraceFormatError naming it."""
     try:
-        return pq.read_table(path, columns=columns, filters=filters)
+        return pq.read_table(path, columns=columns, filters=filters, page_checksum_verification=True)
     except READ_ERRORS as e:
         raise TraceFormatError(f"{path}: unreadable Parquet part ({_first_line(e)})") from None
 
@@ -49,7 +49,7 @@ def rows_per_step(m: Manifest) -> int:
 def index_part(path: Path, m: Manifest, first: int, last: int) -> np.ndarray:
     """Quick checks of one part -> [n] its distinct step numbers, sorted."""
     try:
-        with pq.ParquetFile(path) as pf:
+        with pq.ParquetFile(path, page_checksum_verification=True) as pf:
             schema = pf.schema_arrow
             num_rows = pf.metadata.num_rows
             missing = [c for c in required_columns(m) if c not in schema.names]
@@ -144,7 +144,7 @@ def check_part(path: Path, m: Manifest, first: int, last: int) -> np.ndarray:
     """Quick and row checks of a whole part -> [n] its steps; a problem raises TraceFormatError."""
     steps = index_part(path, m, first, last)
     try:
-        with pq.ParquetFile(path) as pf:
+        with pq.ParquetFile(path, page_checksum_verification=True) as pf:
             names = [c for c in ("step", "layer", "rank", "tokens", *LIST_COLUMNS) if c in pf.schema_arrow.names]
             table = pf.read(columns=names)
     except READ_ERRORS as e:

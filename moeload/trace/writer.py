@@ -171,7 +171,8 @@ class TraceWriter:
         final = self.parts_dir / name
         tmp = self.parts_dir / f".{name}.tmp"
         with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd", row_group_size=S * R)
+            # page CRCs let the reader tell a byte-flipped part from a valid one
+            pq.write_table(table, f, compression="zstd", row_group_size=S * R, write_page_checksum=True)
             if self.fsync:
                 f.flush()
                 os.fsync(f.fileno())

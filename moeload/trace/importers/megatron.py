@@ -201,6 +201,8 @@ def read_router_trace(
             acc[(step, rank, key)] = bc
     if not acc:
         raise InputError(f"{src}: no router trace records")
+    if num_experts is None and max_idx < 0:
+        raise InputError(f"{src}: no record routes any token, so the number of experts is unknown; give --num-experts")
     if num_experts is not None and max_idx >= num_experts:
         raise InputError(f"{src}: expert index {max_idx} >= --num-experts {num_experts}")
     E = num_experts or max_idx + 1
