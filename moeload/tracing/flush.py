@@ -11,6 +11,7 @@ forwards whose router probabilities held a NaN (added on the device), TOKENS_COL
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import queue
@@ -152,6 +153,8 @@ class BlockWriter:
         """Blocks dropped by this writer because all `max_pending` buffers were in use."""
         self.buffers_allocated = 0
         """Host buffers allocated so far (`max_pending`, plus replacements of a wrong shape)."""
+        self.write_seconds = 0.0
+        """Time the thread spent on blocks (check, parts, sinks, manifest): its busy time."""
         ex = writer.manifest.extra if writer is not None else {}
         self.lost_steps: list[dict[str, Any]] = [dict(e) for e in ex.get("lost_steps", []) if isinstance(e, dict)]
         self._dropped_before = int(ex.get("dropped_blocks", 0) or 0)
@@ -173,6 +176,11 @@ class BlockWriter:
     def add_sink(self, fn: Callable[[FlushedBlock], None]) -> None:
         """Also call `fn` with every block written from now on (the thread reads a new tuple: no lock)."""
         self.sinks = (*self.sinks, fn)
+
+    @property
+    def pending(self) -> int:
+        """Blocks submitted and not yet done by the thread (host buffers in use)."""
+        return (self.max_pending or 0) - self._free.qsize()
 
     def preallocate(self, like: Tensor, n: int | None = None) -> None:
         """Allocate the host buffers shaped like `like`: `n`, else `max_pending` (sets it where None)."""
@@ -264,6 +272,7 @@ class BlockWriter:
             job = self._jobs.get()
             if job is None:
                 return
+            t0 = time.perf_counter()
             try:
                 if self._copied(job):
                     self._write(job)
@@ -272,17 +281,18 @@ class BlockWriter:
             finally:
                 self._free.put(job.host)
             self._update_manifest()
+            self.write_seconds += time.perf_counter() - t0
 
     def _copied(self, job: _Job) -> bool:
         """Wait for the job's device->host copy by polling its event (no host-device sync call). False
         where it is not done within `event_timeout` seconds (on CUDA the copy waits on the stream for the
-        flush's collective: a dead or slow NCCL peer), or at once while an earlier copy is still stuck
-        (the stream runs in order); the block's steps are then lost and `stalled` says why."""
+        flush's collective: a dead or slow NCCL peer), or, once the tracer is closing, at once while an
+        earlier copy given up is still not done (the stream runs in order, so close() waits about
+        `event_timeout` at most); the block's steps are then lost and `stalled` says why."""
         if job.event is None or job.event.query():
             return True
-        if self._stuck is not None and not self._stuck.query():
+        if self._stuck is not None and not self._stuck.query() and self.closing():
             return self._give_up(job)
-        self._stuck = None
         deadline = None if self.event_timeout is None else time.monotonic() + self.event_timeout
         while not job.event.query():
             if deadline is not None and time.monotonic() > deadline:
@@ -351,8 +361,7 @@ class BlockWriter:
         try:
             w.write_block(block.steps, block.routed, block.kept, block.tokens, split=block.split, times=block.times)
         except OSError as e:
-            if tmp.parent.is_dir():
-                tmp.unlink(missing_ok=True)
+            _remove(tmp)
             reason = f"{type(e).__name__}: " + (f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e))
             self._lose(block.split, first, last, reason)
             self._part_failing = True
@@ -437,9 +446,7 @@ class BlockWriter:
         try:
             write_json_atomic(path, m.to_dict())
         except OSError as e:
-            tmp = path.with_name(f".{path.name}.tmp")
-            if tmp.parent.is_dir():
-                tmp.unlink(missing_ok=True)
+            _remove(path.with_name(f".{path.name}.tmp"))
             self._dirty = True
             if not self._manifest_failing and not self._part_failing:  # not the fault just reported
                 self._manifest_failing = True
@@ -449,6 +456,12 @@ class BlockWriter:
         self._manifest_failing = False
         self._written_notes = copy.deepcopy(notes)
         self._dirty = False
+
+
+def _remove(tmp: Path) -> None:
+    """Remove a temporary file left by a failed write, where the file system lets us."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
 
 
 def _warm_up_parquet() -> None:
