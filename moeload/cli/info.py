@@ -66,6 +66,7 @@ def info_data(t) -> dict:
         "gaps": [list(g) for g in t.gaps()],
         "bad_parts": [{"path": str(p), "problem": why} for p, why in t.bad_parts],
         "missing_steps": sum(b - a + 1 for a, b in t.gaps()),
+        "superseded": [list(g) for g in t.superseded()],
         **{k: m.extra[k] for k in FAULT_KEYS if k in m.extra},
         "manifest": t.meta,
     }
@@ -92,6 +93,8 @@ def info_rows(t, d: dict) -> list[list[str]]:
         *([["skipped parts", "; ".join(f"{Path(b['path']).name} ({b['problem']})" for b in d["bad_parts"])]]
           if d["bad_parts"] else []),
         *fault_rows(t.gaps(), m.extra),
+        *([["superseded", f"steps {_ranges(d['superseded'])} of an abandoned run, hidden since a resumed run "
+            "restarted before them"]] if d["superseded"] else []),
     ]
 
 

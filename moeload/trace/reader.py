@@ -56,6 +56,7 @@ class Trace:
     def __init__(self, path: str | os.PathLike, *, skip_bad_parts: bool = False) -> None:
         self.path = Path(path)
         self.skip_bad_parts = bool(skip_bad_parts)
+        self._stale: dict[str, list[tuple[int, int]]] = {}
         self.manifest: Manifest = read_manifest(self.path)
         pdir = self.path / PARTS_DIR
         parts: list[_Part] = []
@@ -151,7 +152,15 @@ class Trace:
                 if b.split == split:
                     keep = ~((s >= b.first) & (s <= b.last) & (o < bi))
                     s, o = s[keep], o[keep]
-            out[split] = (s, o)
+            stale = np.zeros(len(s), dtype=bool)
+            for first_seq, rank, sp, restart in self._restarts:
+                if sp != split:
+                    continue
+                seq = np.array([self._parts[i].seq for i in o], dtype=np.int64).reshape(-1)
+                wr = np.array([self._parts[i].writer_rank for i in o], dtype=np.int64).reshape(-1)
+                stale |= (seq < first_seq) & (wr == rank) & (s >= restart)
+            self._stale[split] = _ranges(s[stale])
+            out[split] = (s[~stale], o[~stale])
         if bad and self.skip_bad_parts:
             listed = "; ".join(f"{self._parts[i].path.name} ({why})" for i, why in sorted(bad.items()))
             warnings.warn(f"{self.path}: skipped {len(bad)} bad part(s): {listed}", stacklevel=4)
@@ -160,6 +169,37 @@ class Trace:
     @property
     def _owner(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return self._index[0]
+
+    @cached_property
+    def _restarts(self) -> list[tuple[int, int, str, int]]:
+        """[(first_seq, writer_rank, split, restart step)] of every later session that wrote a part.
+
+        A session (a writer opened on an existing trace, e.g. a run resumed from a checkpoint) whose
+        first step of a split is N supersedes what earlier sessions of the same writer rank wrote in
+        that split at steps >= N: those belong to an abandoned run, even where the new run has not
+        rewritten them (yet). Sessions without "first_seq" (older traces) are not considered.
+        """
+        starts = sorted({(int(x["first_seq"]), int(x.get("writer_rank", 0))) for x in self.manifest.sessions
+                         if isinstance(x, dict) and isinstance(x.get("first_seq"), int)})
+        out = []
+        for j, (first_seq, rank) in enumerate(starts):
+            nxt = min((f for f, r in starts[j + 1:] if r == rank), default=None)
+            for split in {p.split for p in self._parts}:
+                same = [p for p in self._parts if p.writer_rank == rank and p.split == split]
+                mine = [p.first for p in same if p.seq >= first_seq and (nxt is None or p.seq < nxt)]
+                if mine and any(p.seq < first_seq for p in same):
+                    out.append((first_seq, rank, split, min(mine)))
+        return out
+
+    def superseded(self, split: str = "train") -> list[tuple[int, int]]:
+        """Step ranges (first, last inclusive) hidden because a later session restarted before them.
+
+        A run resumed from a checkpoint at step N makes the steps >= N that the crashed run had
+        written stale at once (they belong to the abandoned run); the resumed run's own steps
+        replace them as it goes. Such steps are not returned by any read and are not gaps.
+        """
+        self._index  # noqa: B018 (computes the stale ranges)
+        return list(self._stale.get(split, []))
 
     def _touch(self, split: str, want: np.ndarray | None = None, lo: float = -np.inf, hi: float = np.inf) -> None:
         """Raise TraceFormatError for a bad part whose step range meets the selection (default mode)."""
@@ -401,3 +441,13 @@ def _dense_lists(col: pa.ChunkedArray | pa.ListArray, E: int) -> np.ndarray:
 
 
 __all__ = ["Trace", "open_trace"]
+
+
+def _ranges(steps: np.ndarray) -> list[tuple[int, int]]:
+    """steps [S] sorted -> [(first, last)] runs of consecutive step numbers."""
+    if len(steps) == 0:
+        return []
+    cut = np.flatnonzero(np.diff(steps) > 1)
+    firsts = np.r_[steps[0], steps[cut + 1]]
+    lasts = np.r_[steps[cut], steps[-1]]
+    return [(int(a), int(b)) for a, b in zip(firsts, lasts)]

@@ -68,7 +68,10 @@ class TraceWriter:
         mpath = self.path / MANIFEST_NAME
         if self.path.exists() and not self.path.is_dir():
             raise TraceFormatError(f"{self.path}: exists and is not a directory")
-        session = {"start_time": _now(), "pid": os.getpid(), "writer_rank": self.writer_rank}
+        self._seq = self._next_seq()
+        # first_seq: parts numbered from here on are this session's; the reader uses it to hide
+        # steps an abandoned earlier run wrote past the step this one restarted from
+        session = {"start_time": _now(), "pid": os.getpid(), "writer_rank": self.writer_rank, "first_seq": self._seq}
         if mpath.exists():
             old = read_manifest(self.path)
             old.check_compatible(manifest, where=str(self.path))
@@ -79,15 +82,28 @@ class TraceWriter:
             self.manifest = manifest
         self.manifest.validate(str(mpath))
         self.parts_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
         if write_manifest:
             write_json_atomic(mpath, self.manifest.to_dict())
-        self._seq = self._next_seq()
         self._lengths = np.asarray(self.manifest.experts_per_layer, dtype=np.int64)
         self.parts_written: list[Path] = []
 
     def _next_seq(self) -> int:
+        if not self.parts_dir.is_dir():
+            return 0
         seqs = [int(m.group(1)) for p in self.parts_dir.iterdir() if (m := PART_RE.match(p.name))]
         return max(seqs, default=-1) + 1
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete this writer rank's half-written parts left by a killed earlier session (readers
+        ignore them anyway; a new part could otherwise reuse such a name)."""
+        for p in self.parts_dir.glob(".part-*.tmp"):
+            m = PART_RE.match(p.name[1:].removesuffix(".tmp"))
+            if m and int(m.group(2)) == self.writer_rank:
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
 
     def write_block(
         self,

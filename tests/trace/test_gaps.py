@@ -29,9 +29,9 @@ def test_no_gaps_for_contiguous_short_or_empty_traces(tmp_path):
     assert _write(tmp_path / "c", []).gaps() == []
 
 
-def test_resumed_run_fills_a_gap_and_splits_are_separate(tmp_path):
+def test_resumed_run_supersedes_later_steps_and_splits_are_separate(tmp_path):
     _write(tmp_path / "t", [[0, 1, 2, 8, 9]])
-    t = _write(tmp_path / "t", [[3, 4, 5]])  # a resumed run writes the missing steps 3..5 (6, 7 stay lost)
-    assert t.gaps() == [(6, 7)]
+    t = _write(tmp_path / "t", [[3, 4, 5]])  # a run resumed at step 3: 8, 9 belong to the abandoned run
+    assert t.gaps() == [] and t.superseded() == [(8, 9)] and t.steps.tolist() == [0, 1, 2, 3, 4, 5]
     t = _write(tmp_path / "t", [[0, 4]], split="eval")
-    assert t.gaps("eval") == [(1, 3)] and t.gaps() == [(6, 7)]
+    assert t.gaps("eval") == [(1, 3)] and t.gaps() == [] and t.steps.tolist() == [0, 1, 2, 3, 4, 5]
