@@ -156,7 +156,9 @@ class BlockWriter:
         self.write_seconds = 0.0
         """Time the thread spent on blocks (check, parts, sinks, manifest): its busy time."""
         ex = writer.manifest.extra if writer is not None else {}
-        self.lost_steps: list[dict[str, Any]] = [dict(e) for e in ex.get("lost_steps", []) if isinstance(e, dict)]
+        self.lost_steps: list[dict[str, Any]] = [
+            dict(e) for e in ex.get("lost_steps", [])
+            if isinstance(e, dict) and isinstance(e.get("first"), int) and isinstance(e.get("last"), int)]
         self._dropped_before = int(ex.get("dropped_blocks", 0) or 0)
         cons = ex.get("conservation") if isinstance(ex.get("conservation"), dict) else {}
         self.checked_blocks = int(cons.get("checked_blocks", 0) or 0)
@@ -164,7 +166,7 @@ class BlockWriter:
         self.violations_total = int(cons.get("violations_total", len(self.violations)) or 0)
         self._open_violations: dict[tuple, int] = {}
         self._warned_drop = self._warned_conservation = False
-        self._manifest_failing = self._part_failing = False
+        self._manifest_failing = self._part_failing = self._submitted = False
         self._lock = threading.Lock()
         self._written_notes: dict[str, Any] = {}
         self._dirty = False
@@ -200,6 +202,9 @@ class BlockWriter:
         Returns False where the block was dropped: all `max_pending` buffers still wait for the disk.
         """
         steps = np.asarray(steps, np.int64)
+        if not self._submitted:
+            self._submitted = True
+            self._supersede(int(steps[0]))
         try:
             host = self._free.get(block=self.closing())
         except queue.Empty:
@@ -227,11 +232,11 @@ class BlockWriter:
         if not self._warned_drop:
             self._warned_drop = True
             warnings.warn(
-                f"moeload: the trace writer is behind ({self.max_pending} blocks waiting for the disk); steps "
+                f"moeload: the trace writer is behind (max_pending={self.max_pending} blocks not yet written); steps "
                 f"{first}..{last} were dropped and are listed in the manifest's extra.lost_steps (later drops are "
                 "counted there silently); training continues",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,  # _drop < submit < _flush < step < the caller
             )
 
     def _lose(self, split: str, first: int, last: int, reason: str) -> None:
@@ -244,17 +249,13 @@ class BlockWriter:
                 self.lost_steps.append({"first": first, "last": last, "split": split, "reason": reason})
             self._dirty = True
 
-    def _recover(self, split: str, first: int, last: int) -> None:
-        """Steps first..last of `split` were written (a resumed run replays them): no longer lost."""
+    def _supersede(self, first: int) -> None:
+        """This session starts at step `first` (a resumed run): readers ignore what earlier sessions wrote
+        from there on, so their lost steps from there on are no longer missing (called before any loss
+        of this session)."""
         with self._lock:
-            out = []
-            for e in self.lost_steps:
-                if e.get("split") != split or e["last"] < first or e["first"] > last:
-                    out.append(e)
-                    continue
-                out += [{**e, "last": first - 1}] if e["first"] < first else []
-                out += [{**e, "first": last + 1}] if e["last"] > last else []
-            if len(out) != len(self.lost_steps) or out != self.lost_steps:
+            out = [e if e["last"] < first else {**e, "last": first - 1} for e in self.lost_steps if e["first"] < first]
+            if out != self.lost_steps:
                 self.lost_steps = out
                 self._dirty = True
 
@@ -369,7 +370,6 @@ class BlockWriter:
                           "(manifest extra.lost_steps), the next block is tried again")
             return False
         self._part_failing = False
-        self._recover(block.split, first, last)
         if block.split == "train" and w.manifest.tokens_per_step is None:
             w.manifest.tokens_per_step = int(block.tokens[0, :, 0].sum())
             self._dirty = True

@@ -322,3 +322,55 @@ def test_conservation_holds_on_the_workload_with_capacity_dropping(tmp_path):
     t = open_trace(tmp_path / "t")
     assert (t.counts(kind="kept") < t.counts()).any()  # drops happened
     assert t.meta["extra"]["conservation"] == {"checked_blocks": 2, "violations": [], "violations_total": 0}
+
+
+def test_resume_keeps_earlier_losses_before_the_resume_point_only(tmp_path):
+    """A run resumed at step N supersedes what the first run wrote from N on (the reader's rule), so
+    the first run's lost steps from N on are no longer missing; those before N still are."""
+    path = tmp_path / "t"
+    lp = Loop()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with LoadTracer(lp.model, path, flush_every=5) as tr:
+            FakeFullDisk(tr, {5, 20})
+            lp.run(30, tr)
+    assert open_trace(path).gaps() == [(5, 9), (20, 24)]
+    with LoadTracer(lp.model, path, flush_every=5) as tr:  # resumed from a checkpoint at step 15
+        tr.load_state_dict({"step": 15})
+        lp.run(8, tr)
+    t = open_trace(path)
+    assert t.gaps() == [(5, 9)] and t.steps[-1] == 22
+    assert [(e["first"], e["last"]) for e in t.meta["extra"]["lost_steps"]] == [(5, 9)]
+    assert t.meta["extra"]["conservation"]["checked_blocks"] == 6 + 2  # both sessions
+
+
+class EvenStepsBad(Gate):
+    """Adds one route to an id >= E on every other training forward: one violation run per step."""
+
+    calls = 0
+
+    def forward(self, x):
+        idx = self.topk(x)
+        EvenStepsBad.calls += self.training
+        if self.training and EvenStepsBad.calls % 2:
+            idx[0, 0] = E
+        return {"expert_indices": idx}
+
+
+def test_conservation_entries_are_capped_and_counted(tmp_path):
+    from moeload.tracing.flush import VIOLATIONS_CAP
+
+    torch.manual_seed(0)
+    model = Net(EvenStepsBad())
+    steps = 2 * VIOLATIONS_CAP + 10
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with LoadTracer(model, tmp_path / "t", gate_types=(Gate,), flush_every=50) as tr:
+            for _ in range(steps):
+                model.route(torch.randn(T, H))
+                tr.step()
+    assert len([x for x in w if "conservation" in str(x.message)]) == 1
+    cons = open_trace(tmp_path / "t").meta["extra"]["conservation"]
+    assert len(cons["violations"]) == VIOLATIONS_CAP and cons["violations_total"] == steps // 2
+    assert [(v["first"], v["last"]) for v in cons["violations"][:3]] == [(0, 0), (2, 2), (4, 4)]
+    assert cons["checked_blocks"] == -(-steps // 50)
