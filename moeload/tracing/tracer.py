@@ -330,13 +330,13 @@ class LoadTracer:
         if self._buf is None:
             raise InputError("LoadTracer.step() before start() (or after close()): use `with tracer:` or tracer.start() "
                              "before the first forward, so that step's forwards are counted")
+        w = self._writer  # what the writer found in blocks before this step()'s flush: a fixed point to act
+        if (w.stalled is not None and not self._warned_stall) or not w.nan_layers.empty():
+            self._poll_writer()
         self._times[self._slot] = time.time()
         self._slot += 1
         if self._slot == self.flush_every:
             self._flush()
-        w = self._writer
-        if (w.stalled is not None and not self._warned_stall) or not w.nan_layers.empty():
-            self._poll_writer()
         if self._warn_writer:
             self._warn_writer = False
             warnings.warn(f"moeload: trace writing failed ({self.errors[-1]}); training continues, see tracer.errors",

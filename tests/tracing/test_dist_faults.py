@@ -174,8 +174,9 @@ class CopyEvent:
 def test_stuck_device_copy_is_given_up_after_the_timeout_and_close_returns(tmp_path, late):
     """NCCL path (the writer thread's wait for the copy): the copy of steps 3..5 never completes (dead
     peer) or completes 1 s late (slow peer), flush_timeout 0.5 s. The block is given up after 0.5 s (its
-    steps in extra.lost_steps, one warning); a later copy still stuck behind it is given up at once; once
-    the stream moves again, later blocks are written. close() never hangs; tracing itself goes on."""
+    steps in extra.lost_steps, one warning); a later copy still stuck behind it waits its own timeout, or
+    none once close() has begun; once the stream moves again, later blocks are written. close() never
+    hangs; tracing itself goes on."""
     lp = Loop()
     tr = LoadTracer(lp.model, tmp_path / "t", flush_every=3, flush_timeout=0.5).start()
     jobs = tr._writer._jobs

@@ -178,7 +178,7 @@ def test_deepspeed_gate_output_of_unexpected_shape(tmp_path, ds):
 
 # ---- megatron-core (TopKRouter) ----------------------------------------------------------------------
 pytest.importorskip("megatron.core")
-from test_megatron import mcore  # noqa: E402,F401  (the module-scoped fixture: 1-process gloo world + shims)
+from test_megatron import mcore  # noqa: F401  (the module-scoped fixture: 1-process gloo world + shims)
 
 
 @pytest.fixture
@@ -252,8 +252,8 @@ def test_nan_check_adds_no_host_sync_and_disables_the_layer(tmp_path):
         assert rec.seen == [] and "aten::isnan" in rec.ops
         tr.close()
     assert [str(m.message) for m in w if "disabled" in str(m.message)] == [
-        f"moeload: tracing of layer 'router' disabled ({NAN}: NaN in the router probabilities at step 1 on rank(s) [0]); "
-        "training continues"
+        (f"moeload: tracing of layer 'router' disabled ({NAN}: NaN in the router probabilities at step 1 on rank(s) [0]); "
+         "training continues")
     ]
     assert json.loads((tmp_path / "t" / "manifest.json").read_text())["extra"]["disabled_layers"] == {
         "router": {"step": 1, "ranks": [0], "reason": NAN}
