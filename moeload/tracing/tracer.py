@@ -66,8 +66,9 @@ class LoadTracer:
     from that checkpoint (``load_state_dict`` with the checkpoint's ``state_dict()``, or a callback
     numbering steps by the framework's counter), writes those step numbers again into the same
     ``path``. Nothing is deleted: the store keeps both parts and readers take each step from the
-    part written last, so the trace shows the resumed run's counts for the replayed steps and the
-    first run's for steps the second run has not reached (yet). Sinks see only the new blocks.
+    part written last; once the resumed run has written its first block (starting at step N), the
+    first run's steps >= N are superseded (hidden from reads, listed by ``Trace.superseded()``),
+    even those the resumed run has not reached yet. Sinks see only the new blocks.
 
     Count kinds (manifest ``count_kind``): "routed" where every gate shows its routes before
     capacity dropping; "both" where at least one gate also reports drops (and ``kept`` allows),

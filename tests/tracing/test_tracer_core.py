@@ -107,8 +107,9 @@ def test_add_sink_after_start_sees_later_blocks_and_a_failing_sink_stops_nothing
 
 def test_resume_after_crash_rewrites_steps_past_the_checkpoint(tmp_path):
     """Run 1 checkpoints at step 4 and dies after its block 6..8 is on disk; run 2 resumes from the
-    checkpoint (other data, so its counts differ) and rewrites steps 4..6. The trace holds run 2's
-    counts for 4..6 and run 1's for 0..3 and for 7..8, which run 2 has not reached."""
+    checkpoint (other data, so its counts differ) and rewrites steps 4..6. The trace holds run 1's
+    counts for 0..3 and run 2's for 4..6; run 1's 7..8 belong to the abandoned run and are
+    superseded (hidden, listed by `superseded()`), though run 2 has not reached them."""
     path = tmp_path / "t"
     run1 = Loop(data_seed=0)
     tr1 = LoadTracer(run1.model, path, flush_every=3).start()
@@ -128,8 +129,9 @@ def test_resume_after_crash_rewrites_steps_past_the_checkpoint(tmp_path):
         second, _ = run2.run(3, tr2)
     assert seen == [[4, 5, 6]]
     t = open_trace(path)
-    assert t.steps.tolist() == list(range(9)) and len(t.meta["sessions"]) == 2
+    assert t.steps.tolist() == list(range(7)) and len(t.meta["sessions"]) == 2
+    assert t.superseded() == [(7, 8)] and t.gaps() == []
     assert (second != first[4:7]).any()  # the replayed steps really differ
-    expected = np.concatenate([first[:4], second, first[7:]])
+    expected = np.concatenate([first[:4], second])
     np.testing.assert_array_equal(t.counts(), expected)
-    np.testing.assert_array_equal(t.counts(steps=[5, 8]), expected[[5, 8]])
+    np.testing.assert_array_equal(t.counts(steps=[1, 5]), expected[[1, 5]])
