@@ -66,7 +66,7 @@ def build(layers: int, experts: int, top_k: int, tokens: int) -> LoadModel:
 
 def run(model: LoadModel, tracer: LoadTracer, steps: int, on_step=None) -> dict[str, np.ndarray]:
     """Forward + tracer.step() `steps` times -> {"step_s": [steps] step() seconds, "pending": [flushes]}."""
-    x = torch.zeros(1)
+    x = torch.zeros(1, device=next(iter(model.buffers())).device)
     step_s = np.zeros(steps)
     pending = []
     F = tracer.flush_every
@@ -95,7 +95,7 @@ def dir_bytes(path: Path) -> int:
 
 def measure(a: argparse.Namespace, trace: Path) -> dict:
     torch.set_num_threads(1)
-    model = build(a.layers, a.experts, a.top_k, a.tokens)
+    model = build(a.layers, a.experts, a.top_k, a.tokens).to(a.device)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     tr = LoadTracer(model, trace, gate_types=(LoadGate,), flush_every=a.flush_every, max_pending=a.max_pending)
@@ -123,7 +123,7 @@ def measure(a: argparse.Namespace, trace: Path) -> dict:
     blocks = -(-a.steps // F)
     out = {
         "config": {"layers": a.layers, "experts": a.experts, "top_k": a.top_k, "tokens": a.tokens, "flush_every": F,
-                   "steps": a.steps, "max_pending": w.max_pending, "fsync": True, "torch_threads": 1,
+                   "steps": a.steps, "max_pending": w.max_pending, "fsync": True, "torch_threads": 1, "device": a.device,
                    "cpus": os.cpu_count()},
         "step": _stats(r["step_s"]),
         "flush_step": _stats(flush),
@@ -152,6 +152,7 @@ def measure(a: argparse.Namespace, trace: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=100_000)
+    ap.add_argument("--device", default="cpu", help="where the gates and the count buffer live (cuda: async copies)")
     ap.add_argument("--layers", type=int, default=58)
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--top-k", type=int, default=8)
