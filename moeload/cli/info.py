@@ -132,6 +132,8 @@ def fault_rows(gaps: list[tuple[int, int]], extra: dict) -> list[list[str]]:
 
 
 def _lost(v: list) -> str:
+    if not v:
+        return "none"
     n = sum(int(d["last"]) - int(d["first"]) + 1 for d in v)
     shown = "; ".join(f"{d['first']}..{d['last']} {d.get('split', 'train')} ({_clip(d.get('reason', '?'), 60)})" for d in v[:3])
     return f"{n} step(s) in {len(v)} range(s): {shown}" + ("; ..." if len(v) > 3 else "")
