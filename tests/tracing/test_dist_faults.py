@@ -201,3 +201,14 @@ def test_stuck_device_copy_is_given_up_after_the_timeout_and_close_returns(tmp_p
         assert lost == [(3, 8)] and t.steps.tolist() == [0, 1, 2]
     else:
         assert lost == [(3, 5)] and t.steps.tolist() == [0, 1, 2, 6, 7, 8] and t.gaps() == [(3, 5)]
+
+
+def test_flush_timeout_must_be_positive_seconds_or_none(tmp_path):
+    from moeload.errors import InputError
+
+    model = Loop().model
+    for bad in (0, -1.0, "300", True):
+        with pytest.raises(InputError, match="flush_timeout"):
+            LoadTracer(model, tmp_path / "t", flush_timeout=bad)
+    assert LoadTracer(model, tmp_path / "t", flush_timeout=None).flush_timeout is None
+    assert LoadTracer(model, tmp_path / "t").flush_timeout == 300.0
