@@ -41,6 +41,8 @@ import warnings
 from datetime import timedelta
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # moeload from this checkout, installed or not
 SCENARIOS = ("ok", "slow", "late", "dead", "dead-sync")
 FAULT_STEP = 5  # rank 1's fault comes before the step() that flushes steps 3..5
 
@@ -180,8 +182,7 @@ def run_scenario(args: argparse.Namespace, scenario: str) -> dict:
     for r in range(2):
         (d / f"{scenario}.rank{r}.json").unlink(missing_ok=True)
     env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     hard = args.pg_timeout + args.flush_timeout + args.late + 60  # 5 scenarios stay under 10 min
     t0 = time.time()
     procs = []
