@@ -265,7 +265,12 @@ class LoadTracer:
                 self._pg = _tracer_group(self.group, self.flush_timeout)
         writer = None
         if self.path is not None and self.rank == 0:
-            writer = TraceWriter(self.path, self.manifest, fsync=self.fsync)
+            try:
+                writer = TraceWriter(self.path, self.manifest, fsync=self.fsync)
+            except OSError as e:  # fail fast, before the first step: a configuration error, not a fault
+                self._buf = self._gathered = None
+                raise InputError(f"{self.path}: cannot open the trace directory "
+                                 f"({type(e).__name__}: {e.strerror or e}); choose a writable path") from None
             self.manifest = writer.manifest
         self._writer = BlockWriter(
             self.layout, writer=writer, sink=None, ranks_recorded=self.ranks_recorded,

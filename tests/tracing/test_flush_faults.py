@@ -374,3 +374,17 @@ def test_conservation_entries_are_capped_and_counted(tmp_path):
     assert len(cons["violations"]) == VIOLATIONS_CAP and cons["violations_total"] == steps // 2
     assert [(v["first"], v["last"]) for v in cons["violations"][:3]] == [(0, 0), (2, 2), (4, 4)]
     assert cons["checked_blocks"] == -(-steps // 50)
+
+
+def test_unusable_trace_path_at_start_is_one_clear_error_before_training(tmp_path):
+    """A path that cannot be a directory (a file is in the way) fails fast at start(), as a configuration
+    error naming the path, before any step; nothing is hooked."""
+    from moeload.errors import InputError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    tr = LoadTracer(Loop().model, blocker / "t.moeload")
+    with pytest.raises(InputError, match=r"t\.moeload: cannot open the trace directory") as ei:
+        tr.start()
+    assert "\n" not in str(ei.value)
+    assert not tr._handles
