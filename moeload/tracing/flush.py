@@ -101,7 +101,7 @@ class BlockWriter:
     """Copies blocks off the device (on the caller's thread, async on CUDA) and writes them on a thread.
 
     writer: TraceWriter (None on ranks that do not write); sink: called with each FlushedBlock
-    (more with `add_sink`), after the block is written (also when writing it failed); on_error(message):
+    (more with `add_sink`), after the block is written (also when writing it failed) and the manifest updated; on_error(message):
     called on the thread when writing or a sink fails (training continues; a failing sink does not stop
     the writing or the other sinks); ranks_recorded: keep one row per rank, else sum over ranks.
     max_pending: host buffers, allocated by `preallocate`, so blocks copied and not yet written (None:
@@ -274,15 +274,28 @@ class BlockWriter:
             if job is None:
                 return
             t0 = time.perf_counter()
+            blocks: list[FlushedBlock] = []
             try:
                 if self._copied(job):
-                    self._write(job)
+                    blocks = self._write(job)
             except Exception as e:
                 self.on_error(f"writing steps {job.steps[0]}..{job.steps[-1]} failed: {type(e).__name__}: {e}")
-            finally:
-                self._free.put(job.host)
+            # the manifest first, then the sinks, then the buffer: a sink (or a caller that sees the
+            # buffer free) finds the manifest's notes already covering this block
             self._update_manifest()
+            self._call_sinks(blocks)
+            self._free.put(job.host)
             self.write_seconds += time.perf_counter() - t0
+
+    def _call_sinks(self, blocks: list[FlushedBlock]) -> None:
+        for block in blocks:
+            for fn in self.sinks:
+                try:
+                    fn(block)
+                except Exception as e:
+                    name = getattr(fn, "__qualname__", type(fn).__name__)
+                    self.on_error(f"sink {name} failed on {block.split} steps {block.steps[0]}..{block.steps[-1]}: "
+                                  f"{type(e).__name__}: {e}")
 
     def _copied(self, job: _Job) -> bool:
         """Wait for the job's device->host copy by polling its event (no host-device sync call). False
@@ -311,7 +324,8 @@ class BlockWriter:
             self.stalled = f"steps {job.steps[0]}..{job.steps[-1]}: {reason}"
         return False
 
-    def _write(self, job: _Job) -> None:
+    def _write(self, job: _Job) -> list[FlushedBlock]:
+        """Check the block, write its parts -> the FlushedBlocks for the sinks (called by `_run`)."""
         lay = self.layout
         a = job.host.numpy()
         if a.ndim == 4:
@@ -326,6 +340,7 @@ class BlockWriter:
                 self.on_error(f"conservation check of steps {job.steps[0]}..{job.steps[-1]} failed: {type(e).__name__}: {e}")
         E = max(lay.experts_per_layer)
         written = True
+        out: list[FlushedBlock] = []
         for split, pr, pk in (("train", lay.routed, lay.kept), ("eval", lay.eval_routed, lay.eval_kept)):
             if pr is None:
                 continue
@@ -344,14 +359,10 @@ class BlockWriter:
             block = FlushedBlock(split, steps.copy(), routed.copy(), None if kept is None else kept.copy(), tokens.copy(), times.copy())
             if self.writer is not None and not self._write_part(block) and split == "train":
                 written = False
-            for fn in self.sinks:
-                try:
-                    fn(block)
-                except Exception as e:
-                    name = getattr(fn, "__qualname__", type(fn).__name__)
-                    self.on_error(f"sink {name} failed on {split} steps {steps[0]}..{steps[-1]}: {type(e).__name__}: {e}")
+            out.append(block)
         if written:
             self.last_flushed_step = int(job.steps[-1])
+        return out
 
     def _write_part(self, block: FlushedBlock) -> bool:
         """One part of `block` -> True; where that fails (OSError), its steps are lost, no temporary file
