@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class MoeloadError(Exception):
     """Base class of every error moeload raises on purpose."""
@@ -25,3 +27,11 @@ class NotFittedError(MoeloadError, ValueError):
 
 class NoGatingModulesError(MoeloadError, ValueError):
     """A model has no MoE gating module that any adapter recognises."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The gist of an error for a one-line message: its first line (the type's name if it has none),
+    without a leading "[file:line] " tag (gloo's) or gloo's advice, at most `limit` characters."""
+    lines = str(e).strip().splitlines()
+    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]) if lines else ""
+    return (text.split(". This is typically")[0] or type(e).__name__)[:limit]

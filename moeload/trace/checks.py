@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moeload.errors import TraceFormatError
+from moeload.errors import TraceFormatError, first_line
 from moeload.trace.manifest import Manifest
 
 # what pyarrow and numpy raise on bytes that are not a valid Parquet file (a corrupt footer or page
@@ -24,17 +24,13 @@ READ_ERRORS = (pa.ArrowException, OSError, ValueError, KeyError, IndexError, Typ
 LIST_COLUMNS = ("routed", "kept")
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return (s[0] if s else type(e).__name__)[:200]
-
 
 def read_columns(path: Path, columns: list[str], filters: Any = None) -> pa.Table:
     """Columns of one part; an unreadable file raises TraceFormatError naming it."""
     try:
         return pq.read_table(path, columns=columns, filters=filters, page_checksum_verification=True)
     except READ_ERRORS as e:
-        raise TraceFormatError(f"{path}: unreadable Parquet part ({_first_line(e)})") from None
+        raise TraceFormatError(f"{path}: unreadable Parquet part ({first_line(e)})") from None
 
 
 def required_columns(m: Manifest) -> list[str]:
@@ -60,7 +56,7 @@ def index_part(path: Path, m: Manifest, first: int, last: int) -> np.ndarray:
                 raise TraceFormatError(f"{path}: {problem}")
             col = pf.read(columns=["step"]).column("step")
     except READ_ERRORS as e:
-        raise TraceFormatError(f"{path}: unreadable Parquet part ({_first_line(e)})") from None
+        raise TraceFormatError(f"{path}: unreadable Parquet part ({first_line(e)})") from None
     if col.null_count:
         raise TraceFormatError(f"{path}: column 'step' has null values")
     s = np.unique(col.to_numpy())
@@ -148,7 +144,7 @@ def check_part(path: Path, m: Manifest, first: int, last: int) -> np.ndarray:
             names = [c for c in ("step", "layer", "rank", "tokens", *LIST_COLUMNS) if c in pf.schema_arrow.names]
             table = pf.read(columns=names)
     except READ_ERRORS as e:
-        raise TraceFormatError(f"{path}: unreadable Parquet part ({_first_line(e)})") from None
+        raise TraceFormatError(f"{path}: unreadable Parquet part ({first_line(e)})") from None
     problem = rows_problem(m, table)
     if problem:
         raise TraceFormatError(f"{path}: {problem}")

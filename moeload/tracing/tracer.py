@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import atexit
 import os
-import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from moeload.errors import InputError
+from moeload.errors import InputError, first_line
 from moeload.trace import Manifest, TraceWriter
 from moeload.tracing.accumulate import accumulate
 from moeload.tracing.adapters import Adapter, GateSpec, GenericAdapter, RoutingShapeError, discover, registered_adapters
+from moeload.tracing.collective import all_gather, tracer_group
 from moeload.tracing.flush import DISABLED_ERROR, DISABLED_SHAPE, FLAG_COL, NAN_REASON, REASONS, BlockWriter, FlushedBlock, Layout
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
@@ -262,7 +261,7 @@ class LoadTracer:
         if self.world_size > 1:
             self._gathered = torch.empty((self.world_size, *self._buf.shape), dtype=torch.int64, device=self.device)
             if self._buf.device.type == "cpu":
-                self._pg = _tracer_group(self.group, self.flush_timeout)
+                self._pg = tracer_group(self.group, self.flush_timeout)
         writer = None
         if self.path is not None and self.rank == 0:
             try:
@@ -360,10 +359,10 @@ class LoadTracer:
             first = self._first_step
             self.collectives += 1
             try:
-                _all_gather(self._gathered, self._buf, self._pg, self.flush_timeout)
+                all_gather(self._gathered, self._buf, self._pg, self.flush_timeout)
             except Exception as e:  # timed out, or a peer is gone (gloo fails at once on a closed connection)
                 self._reset(n)
-                self._stop(first, first + n - 1, f"flush collective failed: {type(e).__name__}: {_first_line(e)}")
+                self._stop(first, first + n - 1, f"flush collective failed: {type(e).__name__}: {first_line(e, 160)}")
                 return
             src = self._gathered
         steps = np.arange(self._first_step, self._first_step + n, dtype=np.int64)
@@ -538,42 +537,3 @@ def trace_count_kind(kinds: Sequence[str]) -> str:
 def _contiguous(num_experts: int, ep_size: int) -> list[int]:
     per = max(1, -(-num_experts // ep_size))
     return [min(i // per, ep_size - 1) for i in range(num_experts)]
-
-
-def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: Any, timeout: float | None = None) -> None:
-    """One collective: out [R, *inp.shape] <- inp of every rank (gathered as a concatenation on dim 0).
-
-    CPU tensors: waits at most `timeout` seconds (None: the group's own timeout) and raises the
-    backend's error (RuntimeError) when it times out or a peer is gone. CUDA tensors: only orders the
-    current stream after the collective (NCCL; a timeout would block the host), no host wait.
-    """
-    dist = torch.distributed
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    work = fn(out.view(-1, *inp.shape[1:]), inp, group=group, async_op=True)
-    if inp.is_cuda or timeout is None:
-        work.wait()
-    elif not work.wait(timedelta(seconds=timeout)):
-        raise RuntimeError(f"all_gather not done within flush_timeout={timeout:g} s")
-
-
-def _tracer_group(group: Any, timeout: float | None) -> Any:
-    """A gloo group of the same ranks as `group` (None: the world) for the tracer's own collectives, with
-    `timeout` (seconds) as its operation timeout: a flush that fails or times out there never leaves a
-    pending operation that could pair with training's collectives. Falls back to `group` (one warning)
-    where it cannot be made."""
-    dist = torch.distributed
-    try:
-        ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-        kw = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
-        return dist.new_group(ranks, backend="gloo", use_local_synchronization=True, **kw)
-    except Exception as e:
-        warnings.warn(f"moeload: no tracer process group ({type(e).__name__}: {_first_line(e)}); flushes use the "
-                      "training's group", RuntimeWarning, stacklevel=3)
-        return group
-
-
-def _first_line(e: BaseException, limit: int = 160) -> str:
-    """The gist of an error: its first line, without gloo's "[file:line] " prefix and advice."""
-    lines = str(e).strip().splitlines()
-    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]) if lines else ""
-    return text.split(". This is typically")[0][:limit]

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import threading
 import warnings
 from pathlib import Path
@@ -187,7 +186,7 @@ def test_real_full_disk_and_read_only_remount(tmp_path):
     child = tmp_path / "child.py"
     child.write_text(CHILD.format(tests=str(HERE)))
     r = subprocess.run(
-        ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size=256k tmpfs "$1" && exec "$2" "$3" "$1" "$4"', "sh",
+        ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=256k tmpfs "$1" && exec "$2" "$3" "$1" "$4"', "sh",
          str(mnt), sys.executable, str(child), str(out)],
         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

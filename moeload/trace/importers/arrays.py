@@ -9,13 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from moeload.errors import InputError, TraceFormatError
+from moeload.errors import InputError, TraceFormatError, first_line
 from moeload.trace.importers._common import Imported, counts_array
 
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
 
 
 def read_numpy(source: str | os.PathLike, *, top_k: int | None = None, first_step: int = 0) -> Imported:
@@ -40,7 +36,7 @@ def read_numpy(source: str | os.PathLike, *, top_k: int | None = None, first_ste
         else:
             arr = loaded
     except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise TraceFormatError(f"{path}: not a NumPy .npy/.npz file ({_first_line(e)})") from None
+        raise TraceFormatError(f"{path}: not a NumPy .npy/.npz file ({first_line(e)})") from None
     if arr.ndim != 3:
         raise TraceFormatError(f"{path}: expected counts of shape [steps, layers, experts], got {arr.shape}")
     counts = counts_array(arr, str(path))
