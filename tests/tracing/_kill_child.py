@@ -27,7 +27,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from conftest import TINY_DROP  # tests/tracing is this script's directory
+from _loop import TINY_DROP  # tests/tracing is this script's directory
 
 from moeload import LoadTracer
 from moeload.workloads import TopKRouter, batches, build_model

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Loop
+from _loop import Loop
 
 from moeload import LoadTracer, open_trace
 
@@ -32,7 +32,7 @@ WORKER = textwrap.dedent(
     import json, os, sys, time, warnings
     import numpy as np, torch, torch.distributed as dist
     torch.set_num_threads(1)
-    from conftest import Loop
+    from _loop import Loop
     from moeload import LoadTracer
     rank, path, out, mode, timeout, delay = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5]), float(sys.argv[6])
     dist.init_process_group("gloo", rank=rank, world_size=2)

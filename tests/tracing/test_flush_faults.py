@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Loop, sgd
+from _loop import Loop, sgd
 from torch import nn
 
 from moeload import LoadTracer, open_trace
@@ -126,7 +126,7 @@ def test_trace_directory_replaced_by_a_file_then_restored(tmp_path):
 CHILD = """
 import json, os, shutil, subprocess, sys, warnings
 sys.path.insert(0, {tests!r})
-from conftest import Loop
+from _loop import Loop
 from test_flush_faults import Seen
 from moeload import LoadTracer
 

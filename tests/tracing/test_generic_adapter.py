@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
-from conftest import sgd
+from _loop import sgd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_DROP
+from _loop import TINY_DROP
 
 from moeload import open_trace
 

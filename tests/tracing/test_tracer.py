@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_DROP, Loop
+from _loop import TINY_DROP, Loop
 from torch.utils.checkpoint import checkpoint
 
 from moeload import LoadTracer, open_trace

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import Loop
+from _loop import Loop
 
 from moeload import LoadTracer, open_trace
 from moeload.errors import InputError

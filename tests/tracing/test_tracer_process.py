@@ -28,7 +28,7 @@ KILLED = textwrap.dedent(
     from moeload.workloads import batches, build_model, get_config
     cfg = get_config("tiny")
     model, data = build_model(cfg), batches(cfg)
-    from conftest import sgd
+    from _loop import sgd
     tracer = LoadTracer(model, sys.argv[1], flush_every=3).start()
     while True:  # runs until killed
         x, y = next(data)
@@ -74,7 +74,7 @@ WORKER = textwrap.dedent(
     import sys, numpy as np, torch, torch.distributed as dist
     torch.set_num_threads(1)
     from torch.autograd.profiler import profile  # the legacy profiler: no kineto start-up cost
-    from conftest import Loop
+    from _loop import Loop
     from moeload import LoadTracer
     rank, path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo", rank=rank, world_size=2)
