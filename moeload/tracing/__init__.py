@@ -1,6 +1,14 @@
 """Recording expert load during training: LoadTracer (tracer.py) and gate adapters (adapters/)."""
 
-from moeload.tracing.adapters import Adapter, GateSpec, GenericAdapter, Routing, discover, register_adapter
+from moeload.tracing.adapters import (
+    Adapter,
+    GateSpec,
+    GenericAdapter,
+    Routing,
+    RoutingShapeError,
+    discover,
+    register_adapter,
+)
 from moeload.tracing.flush import FlushedBlock
 from moeload.tracing.tracer import LoadTracer, StepCallback
 
@@ -11,6 +19,7 @@ __all__ = [
     "GenericAdapter",
     "LoadTracer",
     "Routing",
+    "RoutingShapeError",
     "StepCallback",
     "discover",
     "register_adapter",
