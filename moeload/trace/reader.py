@@ -140,6 +140,8 @@ class Trace:
                 continue
             found.setdefault(part.split, []).append((s, i))
         out = {}
+        part_seq = np.array([p.seq for p in self._parts], dtype=np.int64)
+        part_rank = np.array([p.writer_rank for p in self._parts], dtype=np.int64)
         for split, items in found.items():
             s = np.concatenate([x for x, _ in items])
             o = np.concatenate([np.full(len(x), i) for x, i in items])
@@ -153,12 +155,11 @@ class Trace:
                     keep = ~((s >= b.first) & (s <= b.last) & (o < bi))
                     s, o = s[keep], o[keep]
             stale = np.zeros(len(s), dtype=bool)
-            for first_seq, rank, sp, restart in self._restarts:
-                if sp != split:
-                    continue
-                seq = np.array([self._parts[i].seq for i in o], dtype=np.int64).reshape(-1)
-                wr = np.array([self._parts[i].writer_rank for i in o], dtype=np.int64).reshape(-1)
-                stale |= (seq < first_seq) & (wr == rank) & (s >= restart)
+            restarts = [r for r in self._restarts if r[2] == split]
+            if restarts:
+                seq, wr = part_seq[o], part_rank[o]
+                for first_seq, rank, _, restart in restarts:
+                    stale |= (seq < first_seq) & (wr == rank) & (s >= restart)
             self._stale[split] = _ranges(s[stale])
             out[split] = (s[~stale], o[~stale])
         if bad and self.skip_bad_parts:
@@ -230,20 +231,13 @@ class Trace:
         With skip_bad_parts, the span also covers the step ranges named by skipped parts.
         """
         s = self.steps_of(split)
-        ends = [(p.first, p.last) for p, _ in self._bad_part_items() if p.split == split]
-        if ends:
+        ends = [(b.first, b.last) for b in (self._parts[i] for i in self._index[1]) if b.split == split]
+        if ends:  # the span reaches the skipped parts' ranges, so they show as gaps
             lo = min(min(a for a, _ in ends), s[0] if len(s) else np.inf)
             hi = max(max(b for _, b in ends), s[-1] if len(s) else -np.inf)
             s = np.r_[int(lo) - 1, s, int(hi) + 1]
-            jump = np.flatnonzero(np.diff(s) > 1)
-            return [(int(s[i]) + 1, int(s[i + 1]) - 1) for i in jump]
-        if len(s) < 2:
-            return []
         jump = np.flatnonzero(np.diff(s) > 1)
         return [(int(s[i]) + 1, int(s[i + 1]) - 1) for i in jump]
-
-    def _bad_part_items(self) -> list[tuple[_Part, str]]:
-        return [(self._parts[i], why) for i, why in sorted(self._index[1].items())]
 
     # ---- selections -------------------------------------------------------------------------
     def _select_steps(self, steps: StepSel, split: str) -> tuple[np.ndarray, np.ndarray]:
