@@ -8,6 +8,8 @@ experts_per_layer[layer] non-negative entries. `check_part` runs both on a whole
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,22 @@ READ_ERRORS = (pa.ArrowException, OSError, ValueError, KeyError, IndexError, Typ
 LIST_COLUMNS = ("routed", "kept")
 
 
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn what pyarrow raises on a damaged file into one TraceFormatError naming `path` (a
+    TraceFormatError raised inside passes unchanged: it is itself a ValueError)."""
+    try:
+        yield
+    except TraceFormatError:
+        raise
+    except READ_ERRORS as e:
+        raise TraceFormatError(f"{path}: unreadable Parquet part ({first_line(e)})") from None
+
 
 def read_columns(path: Path, columns: list[str], filters: Any = None) -> pa.Table:
     """Columns of one part; an unreadable file raises TraceFormatError naming it."""
-    try:
+    with reading(path):
         return pq.read_table(path, columns=columns, filters=filters, page_checksum_verification=True)
-    except READ_ERRORS as e:
-        raise TraceFormatError(f"{path}: unreadable Parquet part ({first_line(e)})") from None
 
 
 def required_columns(m: Manifest) -> list[str]:
@@ -44,19 +55,16 @@ def rows_per_step(m: Manifest) -> int:
 
 def index_part(path: Path, m: Manifest, first: int, last: int) -> np.ndarray:
     """Quick checks of one part -> [n] its distinct step numbers, sorted."""
-    try:
-        with pq.ParquetFile(path, page_checksum_verification=True) as pf:
-            schema = pf.schema_arrow
-            num_rows = pf.metadata.num_rows
-            missing = [c for c in required_columns(m) if c not in schema.names]
-            if missing:
-                raise TraceFormatError(f"{path}: missing column(s) {missing}")
-            problem = _type_problem(schema)
-            if problem:
-                raise TraceFormatError(f"{path}: {problem}")
-            col = pf.read(columns=["step"]).column("step")
-    except READ_ERRORS as e:
-        raise TraceFormatError(f"{path}: unreadable Parquet part ({first_line(e)})") from None
+    with reading(path), pq.ParquetFile(path, page_checksum_verification=True) as pf:
+        schema = pf.schema_arrow
+        num_rows = pf.metadata.num_rows
+        missing = [c for c in required_columns(m) if c not in schema.names]
+        if missing:
+            raise TraceFormatError(f"{path}: missing column(s) {missing}")
+        problem = _type_problem(schema)
+        if problem:
+            raise TraceFormatError(f"{path}: {problem}")
+        col = pf.read(columns=["step"]).column("step")
     if col.null_count:
         raise TraceFormatError(f"{path}: column 'step' has null values")
     s = np.unique(col.to_numpy())
@@ -139,12 +147,9 @@ def rows_problem(m: Manifest, table: pa.Table) -> str | None:
 def check_part(path: Path, m: Manifest, first: int, last: int) -> np.ndarray:
     """Quick and row checks of a whole part -> [n] its steps; a problem raises TraceFormatError."""
     steps = index_part(path, m, first, last)
-    try:
-        with pq.ParquetFile(path, page_checksum_verification=True) as pf:
-            names = [c for c in ("step", "layer", "rank", "tokens", *LIST_COLUMNS) if c in pf.schema_arrow.names]
-            table = pf.read(columns=names)
-    except READ_ERRORS as e:
-        raise TraceFormatError(f"{path}: unreadable Parquet part ({first_line(e)})") from None
+    with reading(path), pq.ParquetFile(path, page_checksum_verification=True) as pf:
+        names = [c for c in ("step", "layer", "rank", "tokens", *LIST_COLUMNS) if c in pf.schema_arrow.names]
+        table = pf.read(columns=names)
     problem = rows_problem(m, table)
     if problem:
         raise TraceFormatError(f"{path}: {problem}")

@@ -116,7 +116,8 @@ def test_bad_part_fails_only_reads_that_touch_it(tmp_path, case):
     t = open_trace(path)  # reads only the manifest
     with pytest.raises(TraceFormatError) as e:
         t.counts()
-    _one_line(e, str(parts[1]), needle)
+    msg = _one_line(e, str(parts[1]), needle)
+    assert msg.count(str(parts[1])) == 1  # the part is named once, its problem not wrapped in another
     with pytest.raises(TraceFormatError, match="skip_bad_parts"):
         t.counts((5, 15))
     with pytest.raises(TraceFormatError):
