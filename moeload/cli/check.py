@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from moeload.cli._common import JSON_OPTION, console, print_json
+from moeload.cli.info import gaps_text
 from moeload.errors import InputError, TraceFormatError
 
 TRACE_ARG = typer.Argument(..., help="Trace directory (holds manifest.json and parts/).", show_default=False)
@@ -77,9 +78,7 @@ def check(trace: Path = TRACE_ARG, as_json: bool = JSON_OPTION) -> None:
             c.print(f"{d['parts'] - len(d['bad_parts'])} of {d['parts']} part(s) readable, {d['steps']} step(s){rng}"
                     + (f", {d['eval_steps']} eval step(s)" if d["eval_steps"] else ""), markup=False, highlight=False)
         if d["gaps"]:
-            n = sum(b - a + 1 for a, b in d["gaps"])
-            shown = ", ".join(f"{a}..{b}" for a, b in d["gaps"][:8]) + (", ..." if len(d["gaps"]) > 8 else "")
-            c.print(f"gaps: {n} step(s) missing in {len(d['gaps'])} range(s): {shown}", markup=False, highlight=False)
+            c.print(f"gaps: {gaps_text(d['gaps'])}", markup=False, highlight=False)
         if d["ok"]:
             c.print(f"ok: {trace}", markup=False, highlight=False)
     if not d["ok"]:

@@ -106,6 +106,12 @@ def _ranges(rs: list, limit: int = 4) -> str:
     return shown + (f", ... ({len(rs)} ranges)" if len(rs) > limit else "")
 
 
+def gaps_text(gaps: list) -> str:
+    """"N step(s) missing in M range(s): a..b, ..." for (first, last) ranges."""
+    n = sum(b - a + 1 for a, b in gaps)
+    return f"{n} step(s) missing in {len(gaps)} range(s): {_ranges(gaps)}"
+
+
 def _clip(x: object, n: int = 100) -> str:
     s = " ".join(str(x).split())
     return s if len(s) <= n else s[: n - 3] + "..."
@@ -118,8 +124,7 @@ def fault_rows(gaps: list[tuple[int, int]], extra: dict) -> list[list[str]]:
     """
     rows = []
     if gaps:
-        n = sum(b - a + 1 for a, b in gaps)
-        rows.append(["gaps", f"{n} step(s) missing in {len(gaps)} range(s): {_ranges(gaps)}"])
+        rows.append(["gaps", gaps_text(gaps)])
     for key in FAULT_KEYS:
         if key not in extra:
             continue
