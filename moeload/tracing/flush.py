@@ -227,8 +227,7 @@ class BlockWriter:
         self.dropped_blocks += 1
         reason = f"dropped: trace writer behind (all max_pending={self.max_pending} blocks still being written)"
         first, last = int(steps[0]), int(steps[-1])
-        for split in ("train", "eval") if self.layout.eval_routed is not None else ("train",):
-            self._lose(split, first, last, reason)
+        self.lose_block(first, last, reason)
         if not self._warned_drop:
             self._warned_drop = True
             warnings.warn(
@@ -248,6 +247,11 @@ class BlockWriter:
             else:
                 self.lost_steps.append({"first": first, "last": last, "split": split, "reason": reason})
             self._dirty = True
+
+    def lose_block(self, first: int, last: int, reason: str) -> None:
+        """Note steps first..last of every recorded split as lost (a block that never reaches the disk)."""
+        for split in ("train", "eval") if self.layout.eval_routed is not None else ("train",):
+            self._lose(split, first, last, reason)
 
     def _supersede(self, first: int) -> None:
         """This session starts at step `first` (a resumed run): readers ignore what earlier sessions wrote
@@ -318,8 +322,7 @@ class BlockWriter:
     def _give_up(self, job: _Job) -> bool:
         reason = (f"device->host copy not done within flush_timeout={self.event_timeout:g} s "
                   "(it waits for the flush collective: a dead or slow rank)")
-        for split in ("train", "eval") if self.layout.eval_routed is not None else ("train",):
-            self._lose(split, int(job.steps[0]), int(job.steps[-1]), reason)
+        self.lose_block(int(job.steps[0]), int(job.steps[-1]), reason)
         if self.stalled is None:
             self.stalled = f"steps {job.steps[0]}..{job.steps[-1]}: {reason}"
         return False
@@ -401,9 +404,11 @@ class BlockWriter:
         new_nan: dict[int, dict[str, Any]] = {}
         for s, r, li, reason in sorted(found, key=lambda f: (f[0], f[1])):
             name = lay.layers[li]
-            if name not in self.disabled and reason == NAN_REASON:
-                new_nan[li] = self.disabled.setdefault(name, {"step": int(steps[s]), "ranks": [], "reason": reason})
-            entry = self.disabled.setdefault(name, {"step": int(steps[s]), "ranks": [], "reason": reason})
+            entry = self.disabled.get(name)
+            if entry is None:
+                entry = self.disabled[name] = {"step": int(steps[s]), "ranks": [], "reason": reason}
+                if reason == NAN_REASON:
+                    new_nan[li] = entry
             if int(r) not in entry["ranks"]:
                 entry["ranks"].append(int(r))
         for li, entry in new_nan.items():

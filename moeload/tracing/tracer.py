@@ -382,8 +382,7 @@ class LoadTracer:
         for h in self._handles.values():
             h.remove()
         self._handles.clear()
-        for split in ("train", "eval") if self.layout.eval_routed is not None else ("train",):
-            self._writer._lose(split, first, last, reason)
+        self._writer.lose_block(first, last, reason)
         self.errors.append(f"tracing stopped at step {first}: {reason}")
         warnings.warn(f"moeload: tracing stopped on rank {self.rank} at step {first} ({reason}); later steps are not "
                       "recorded (manifest extra.tracing_stopped), earlier blocks stay; training continues",
