@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+from _cli import one_line_error
 from typer.testing import CliRunner
 
 from moeload.cli import app
@@ -23,16 +24,6 @@ def _args(cmd, path, tmp_path):
     extra = {"export": [str(tmp_path / "x.npy")], "plot": ["-o", str(tmp_path / "figs")],
              "report": ["-o", str(tmp_path / "r.html")]}
     return [cmd, str(path), *extra.get(cmd, [])]
-
-
-def _error(r, *needles):
-    assert r.exit_code == 2, (r.output, r.exception)
-    lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("moeload: error: "), r.stderr
-    assert "Traceback" not in r.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture
@@ -57,7 +48,7 @@ def test_check_lists_every_problem(damaged):
     (d / "parts" / "notes.txt").write_text("x")
     (d / "parts" / ".part-000002-r0-train-s000000160-000000169.parquet.tmp").write_bytes(b"half")  # killed writer
     r = runner.invoke(app, ["check", str(d)])
-    line = _error(r, "2 problems in", part.name, "unreadable Parquet part", "(+1 more)")
+    line = one_line_error(r, "2 problems in", part.name, "unreadable Parquet part", "(+1 more)")
     problems = [x for x in r.stdout.splitlines() if x.startswith("problem: ")]
     assert len(problems) == 2 and "notes.txt: not a part name" in problems[1]
     assert "1 of 2 part(s) readable, 80 step(s) (0..79)" in r.stdout and line
@@ -70,7 +61,7 @@ def test_check_lists_every_problem(damaged):
 @pytest.mark.parametrize("cmd", READERS)
 def test_skip_bad_parts_reads_the_rest_with_one_warning_line(cmd, damaged, tmp_path):
     d, part = damaged
-    _error(runner.invoke(app, _args(cmd, d, tmp_path)), str(part), "--skip-bad-parts")
+    one_line_error(runner.invoke(app, _args(cmd, d, tmp_path)), str(part), "--skip-bad-parts")
     r = runner.invoke(app, [*_args(cmd, d, tmp_path), "--skip-bad-parts"])
     assert r.exit_code == 0, (r.output, r.exception)
     lines = [x for x in r.stderr.splitlines() if x.strip()]
@@ -98,14 +89,14 @@ def test_manifest_from_a_future_schema_version(cmd, trace_dir, tmp_path):
     man = json.loads((d / "manifest.json").read_text())
     man["schema_version"] = 99
     (d / "manifest.json").write_text(json.dumps(man))
-    _error(runner.invoke(app, [cmd, str(d)]), str(d / "manifest.json"), "schema_version 99 is newer", "upgrade moeload")
+    one_line_error(runner.invoke(app, [cmd, str(d)]), str(d / "manifest.json"), "schema_version 99 is newer", "upgrade moeload")
 
 
 def test_missing_manifest_in_check(trace_dir, tmp_path):
     d = tmp_path / "nomanifest"
     shutil.copytree(trace_dir, d)
     (d / "manifest.json").unlink()
-    _error(runner.invoke(app, ["check", str(d)]), "manifest.json: missing")
+    one_line_error(runner.invoke(app, ["check", str(d)]), "manifest.json: missing")
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +109,9 @@ def empty(tmp_path_factory):
 def test_empty_trace_info_and_check(empty):
     r = runner.invoke(app, ["info", str(empty), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["num_steps"] == 0
-    _error(runner.invoke(app, ["check", str(empty)]), "no parts; no step has been recorded")
+    one_line_error(runner.invoke(app, ["check", str(empty)]), "no parts; no step has been recorded")
 
 
 @pytest.mark.parametrize("cmd", [c for c in READERS if c != "info"])
 def test_empty_trace_commands_say_there_are_no_steps(cmd, empty, tmp_path):
-    _error(runner.invoke(app, _args(cmd, empty, tmp_path)), str(empty))
+    one_line_error(runner.invoke(app, _args(cmd, empty, tmp_path)), str(empty))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli import one_line_error
 from typer.testing import CliRunner
 
 from moeload.cli import app
@@ -197,15 +198,6 @@ def broken(trace_dir, tmp_path_factory):
     return _broken_traces(trace_dir, tmp_path_factory.mktemp("broken"))
 
 
-def _one_line_error(r, *needles: str) -> None:
-    assert r.exit_code == 2, (r.output, r.exception)
-    lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("moeload: error: "), r.stderr
-    assert "Traceback" not in r.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 @pytest.mark.parametrize("cmd", list(ARGS))
 @pytest.mark.parametrize("case", ["missing dir", "not a trace", "a file", "corrupt manifest", "corrupt parquet part"])
 def test_broken_trace_gives_exit_2_and_one_line(cmd, case, broken, tmp_path):
@@ -216,7 +208,7 @@ def test_broken_trace_gives_exit_2_and_one_line(cmd, case, broken, tmp_path):
     elif cmd == "plot":
         extra = ["-o", str(tmp_path / "figs")]
     r = runner.invoke(app, [cmd, str(path), *extra])
-    _one_line_error(r, str(path))
+    one_line_error(r, str(path))
 
 
 @pytest.mark.parametrize(
@@ -249,7 +241,7 @@ def test_broken_trace_gives_exit_2_and_one_line(cmd, case, broken, tmp_path):
 )
 def test_bad_arguments_give_exit_2_and_one_line(args, needle, trace_dir, tmp_path):
     r = runner.invoke(app, [a.format(t=trace_dir, o=tmp_path) for a in args])
-    _one_line_error(r, needle)
+    one_line_error(r, needle)
 
 
 @pytest.mark.parametrize(
@@ -263,13 +255,13 @@ def test_bad_arguments_give_exit_2_and_one_line(args, needle, trace_dir, tmp_pat
     ],
 )
 def test_usage_errors_are_one_line_too(args, needle, trace_dir):
-    _one_line_error(runner.invoke(app, [a.format(t=trace_dir) for a in args]), needle)
+    one_line_error(runner.invoke(app, [a.format(t=trace_dir) for a in args]), needle)
 
 
 def test_import_malformed_file_names_the_line(tmp_path):
     src = tmp_path / "router_trace_rank0.jsonl"
     src.write_text('{"step": 0, "layer": 0, "top_indices": [[1, 2]]}\n{"step": 1, "layer": 0, "top_indices": [[1, 2]\n')
     r = runner.invoke(app, ["import", "megatron-router-trace", str(src), str(tmp_path / "t")])
-    _one_line_error(r, "router_trace_rank0.jsonl:2", "not valid JSON")
+    one_line_error(r, "router_trace_rank0.jsonl:2", "not valid JSON")
     r = runner.invoke(app, ["import", "megatron-router-trace", str(tmp_path), str(tmp_path / "t")])
-    _one_line_error(r, "not valid JSON")
+    one_line_error(r, "not valid JSON")
