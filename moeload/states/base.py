@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,9 @@ class StateResult:
     where undefined). threshold: [S, L] the entry threshold it was compared with (NaN where the
     method has none). segments: per layer, list of (start, stop, stable) runs, stop exclusive.
     steps: [S] step numbers used in boundaries and segments (indices unless given a Trace or steps).
+    verdicts: [L] "stable from step N" or "not stable yet" (a final stable phase that is not
+    confirmed, see `confirmed_end`, gives boundary -1 and "not stable yet"). model_verdict: the same
+    for the whole model.
     """
 
     labels: np.ndarray
@@ -32,10 +36,12 @@ class StateResult:
     steps: np.ndarray
     method: str
     params: dict[str, Any]
+    verdicts: list[str] = dataclasses.field(default_factory=list)
+    model_verdict: str = ""
 
     def summary(self) -> str:
         """A few lines: boundary and stable share per layer."""
-        lines = [f"method={self.method} model_boundary={self.model_boundary}"]
+        lines = [f"method={self.method} model_boundary={self.model_boundary} ({self.model_verdict})"]
         for li, b in enumerate(self.boundaries):
             n_tr = sum(1 for s in self.segments[li] if not s[2])
             lines.append(f"layer {li}: boundary={int(b)} stable={self.labels[:, li].mean():.1%} transient_runs={n_tr}")
@@ -95,19 +101,62 @@ def segments_of(labels: np.ndarray, steps: np.ndarray) -> list[tuple[int, int, b
     return out
 
 
-def finish(labels: np.ndarray, fluct: np.ndarray, thr: np.ndarray, steps: np.ndarray, method: str, params: dict) -> StateResult:
-    """Boundaries, model boundary and segments from labels [S, L]."""
+def verdict(boundary: int) -> str:
+    """The phrase for one boundary: "stable from step N" or "not stable yet" (boundary -1)."""
+    return f"stable from step {int(boundary)}" if boundary >= 0 else "not stable yet"
+
+
+def confirmed_end(run_len: np.ndarray, fluct: np.ndarray, thr: np.ndarray, confirm: int,
+                  min_under: float, max_decline: float) -> np.ndarray:
+    """[L] bool: the final stable phase is confirmed.
+
+    run_len: [L] steps in the final stable run (0 if the layer ends transient); fluct, thr: [C', L]
+    the statistic and entry threshold of the last C' >= confirm steps fed (NaN = undefined).
+    Confirmed when run_len >= confirm and, over the last `confirm` steps: the statistic is <= the
+    threshold at >= min_under of the steps where both are defined, and the median of the statistic
+    over the later half is >= (1 - max_decline) x the median over the earlier half (it no longer falls).
+    confirm = 0 confirms every layer that ends stable.
+    """
+    ok = np.asarray(run_len) >= max(confirm, 1)
+    if confirm == 0 or len(fluct) < confirm:
+        return ok if confirm == 0 else np.zeros_like(ok)
+    f, t = fluct[len(fluct) - confirm :], thr[len(thr) - confirm :]
+    h = confirm // 2
+    with warnings.catch_warnings(), np.errstate(invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        both = ~np.isnan(f) & ~np.isnan(t)
+        under = np.where(both.any(0), (both & (f <= t)).sum(0) / np.maximum(both.sum(0), 1), 1.0)
+        early, late = np.nanmedian(f[:h], 0), np.nanmedian(f[h:], 0)
+    falling = late < (1 - max_decline) * early  # False where NaN
+    return ok & (under >= min_under) & ~falling
+
+
+def finish(labels: np.ndarray, fluct: np.ndarray, thr: np.ndarray, steps: np.ndarray, method: str, params: dict,
+           confirmed: np.ndarray | None = None) -> StateResult:
+    """Boundaries, model boundary, verdicts and segments from labels [S, L]. confirmed: [L] bool from
+    `confirmed_end` (None = every layer that ends stable counts as stable)."""
     S, L = labels.shape
     bounds = np.full(L, -1, dtype=np.int64)
     for li in range(L):
-        if labels[-1, li]:
+        if labels[-1, li] and (confirmed is None or confirmed[li]):
             tr = np.flatnonzero(~labels[:, li])
             bounds[li] = steps[tr[-1] + 1] if len(tr) else steps[0]
     all_stable = labels.all(1)
-    if all_stable[-1]:
+    if all_stable[-1] and (bounds >= 0).all():
         tr = np.flatnonzero(~all_stable)
         model_b = int(steps[tr[-1] + 1]) if len(tr) else int(steps[0])
     else:
         model_b = -1
     segs = [segments_of(labels[:, li], steps) for li in range(L)]
-    return StateResult(labels, bounds, model_b, fluct, thr, segs, steps, method, dict(params))
+    return StateResult(labels, bounds, model_b, fluct, thr, segs, steps, method, dict(params),
+                       [verdict(b) for b in bounds], verdict(model_b))
+
+
+def final_run_length(labels: np.ndarray) -> np.ndarray:
+    """[L] rows in the final stable run of labels [S, L] (0 where the last label is transient)."""
+    S, L = labels.shape
+    out = np.zeros(L, dtype=np.int64)
+    for li in range(L):
+        tr = np.flatnonzero(~labels[:, li])
+        out[li] = S - (tr[-1] + 1) if len(tr) else S
+    return out

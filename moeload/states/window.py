@@ -13,6 +13,10 @@ Thresholds (docs/metrics.md gives the derivations):
                      per step and k = top-k; E[range] = d2(m) * sigma_e (m valid steps in the window);
   reference=<float>: that absolute threshold, in the statistic's units.
 For stat="var" the factor is squared (factor is always on the scale of proportions).
+Confirmation (`base.confirmed_end`): a layer that ends stable counts as stable (boundary >= 0)
+only if its final stable run has lasted >= confirm steps (default 3 * window), the statistic is
+<= the threshold at >= min_under (0.9) of the last confirm steps, and its median over the later half
+of them is not below (1 - max_decline) (0.85; squared for var) x the earlier half's; otherwise "not stable yet".
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from moeload.errors import InputError
-from moeload.states.base import BETWEEN, ENTER, EXIT, UNKNOWN, StateResult, finish, hysteresis
+from moeload.states.base import BETWEEN, ENTER, EXIT, UNKNOWN, StateResult, confirmed_end, final_run_length, finish, hysteresis
 from moeload.states._input import LoadInput, int_param, pos_param
 
 DEFAULT_FACTOR = {"late": 1.5, "noise": 3.0}
@@ -96,14 +100,17 @@ class WindowRule:
     "noise" | float; factor: None = 1.5 (late) or 3.0 (noise); late_frac: share of the run used as
     the late level; min_run: steps of consistent evidence to flip (None = max(1, w // 5));
     exit_ratio: hysteresis band; min_periods: valid steps (with tokens) a window needs (None = w // 2);
-    center: offline only, centre the window instead of trailing it (labels shift by (w - 1) // 2).
+    center: offline only, centre the window instead of trailing it (labels shift by (w - 1) // 2);
+    confirm: steps a final stable phase must last to count (None = 3 * window, 0 = no confirmation);
+    min_under, max_decline: the trailing checks of the confirmation (module docstring).
     """
 
     name = "window"
 
     def __init__(self, window: int = 100, stat: str = "range", agg: str = "mean", reference: Any = "late",
                  factor: float | None = None, late_frac: float = 0.2, min_run: int | None = None,
-                 exit_ratio: float = 1.25, min_periods: int | None = None, center: bool = False) -> None:
+                 exit_ratio: float = 1.25, min_periods: int | None = None, center: bool = False,
+                 confirm: int | None = None, min_under: float = 0.9, max_decline: float = 0.15) -> None:
         self.window = int_param(window, "window", 2)
         if stat not in ("range", "var"):
             raise InputError(f"stat: expected 'range' or 'var', got {stat!r}")
@@ -123,10 +130,16 @@ class WindowRule:
             raise InputError(f"exit_ratio: must be >= 1, got {exit_ratio}")
         self.min_periods = int_param(max(2, self.window // 2) if min_periods is None else min_periods, "min_periods", 2)
         self.center = bool(center)
+        self.confirm = int_param(3 * self.window if confirm is None else confirm, "confirm", 0)
+        self.min_under = pos_param(min_under, "min_under")
+        self.max_decline = pos_param(max_decline, "max_decline")
+        if self.min_under > 1 or self.max_decline >= 1:
+            raise InputError(f"min_under must be <= 1 and max_decline < 1, got {min_under}, {max_decline}")
 
     def params(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("window", "stat", "agg", "reference", "factor", "late_frac",
-                                                "min_run", "exit_ratio", "min_periods", "center")}
+                                                "min_run", "exit_ratio", "min_periods", "center",
+                                                "confirm", "min_under", "max_decline")}
 
     @property
     def causal(self) -> bool:
@@ -202,4 +215,6 @@ class WindowRule:
             fluct = np.concatenate([fluct[shift:], np.full((shift,) + fluct.shape[1:], np.nan)])
             thr = np.concatenate([thr[shift:], np.full((shift,) + thr.shape[1:], np.nan)])
         labels = np.stack([hysteresis(codes[:, li], self.min_run)[0] for li in range(codes.shape[1])], axis=1)
-        return finish(labels, fluct, thr, inp.steps, self.name, self.params())
+        dec = self.max_decline if self.stat == "range" else 1 - (1 - self.max_decline) ** 2  # var: squared scale
+        ok = confirmed_end(final_run_length(labels), fluct, thr, self.confirm, self.min_under, dec)
+        return finish(labels, fluct, thr, inp.steps, self.name, self.params(), ok)
