@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from moeload.trace.layout import contiguous_expert_to_rank
+
 METRICS = ("mae_pp", "rmse_pp", "mre", "havg_mae_pp", "maxload_err")
 
 
 def contiguous_map(experts: np.ndarray, E: int, num_gpus: int) -> np.ndarray:
-    """[L, E] GPU of each expert when E_l experts are split into num_gpus contiguous blocks
-    (expert e -> e * G // E_l); padding columns get -1."""
+    """[L, E] GPU of each expert under the frameworks' contiguous layout of E_l experts on num_gpus
+    (`trace.layout.contiguous_expert_to_rank`); padding columns get -1."""
     L = len(experts)
     out = np.full((L, E), -1, dtype=np.int64)
     for li, el in enumerate(experts):
-        g = min(num_gpus, int(el))
-        out[li, :el] = np.arange(el) * g // el
+        out[li, :el] = contiguous_expert_to_rank(int(el), num_gpus)
     return out
 
 

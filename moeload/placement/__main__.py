@@ -9,7 +9,7 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m moeload.placement TRACE --gpus 4 --extra-per-gpu 1`: print `compare`'s table."""
     import argparse
 
-    from moeload import open_trace
+    from moeload.trace import open_trace
 
     ap = argparse.ArgumentParser(prog="python -m moeload.placement", description=compare.__doc__.splitlines()[0])
     ap.add_argument("trace")

@@ -15,7 +15,8 @@ stays on the gate's device.
 TokenChoiceTopKRouter returns `(top_scores [T, k], selected_experts [T, k], num_tokens_per_expert
 [E])`; it never drops, so routed counts only.
 
-Expert parallelism: expert e of a layer lives on EP rank `e // num_local_experts` (the layout
+Expert parallelism: expert e of a layer lives on EP rank `e // num_local_experts`
+(`trace.layout.contiguous_expert_to_rank`; DeepSpeed requires E % ep_size == 0) (the layout
 `MOELayer` reshapes to after its all-to-all; AutoEP reads its placement descriptor).
 """
 
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from moeload.trace.layout import contiguous_expert_to_rank
 from moeload.tracing.adapters.base import Adapter, GateSpec, Routing, RoutingShapeError
 
 if TYPE_CHECKING:
@@ -113,11 +115,10 @@ class DeepSpeedAdapter(Adapter):
             E = g.wg.out_features
             layer = layers.get(id(g))
             ep = int(getattr(layer, "ep_size", 1) or 1)
-            local = int(getattr(layer, "num_local_experts", E // ep) or E)
             out.append(GateSpec(
                 module=g, name=name, num_experts=E, top_k=int(g.k), counts=gate_routing,
                 has_kept=bool(g.drop_tokens), framework="deepspeed", framework_version=_version(),
-                expert_to_rank=[e // local for e in range(E)] if ep > 1 else None,
+                expert_to_rank=contiguous_expert_to_rank(E, ep) if ep > 1 else None,
                 ep_size=ep, ep_rank=_ep_rank(layer, ep) if layer is not None else 0,
             ))
         return out
@@ -157,8 +158,7 @@ def _autoep_placement(owner: nn.Module, ep_size: int, num_experts: int) -> list[
             return e2r
     except Exception:  # older DeepSpeed without descriptors: the legacy contiguous layout
         pass
-    local = max(1, num_experts // ep_size)
-    return [e // local for e in range(num_experts)]
+    return contiguous_expert_to_rank(num_experts, ep_size)
 
 
 ADAPTER: Adapter = DeepSpeedAdapter()

@@ -28,7 +28,7 @@ class WorkloadAdapter(Adapter):
         mod = sys.modules.get("moeload.workloads.model")
         if mod is None:  # not imported: the model cannot hold one
             return []
-        from moeload import __version__
+        from moeload._version import __version__
 
         return [
             GateSpec(
