@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from moeload.errors import InputError
-from moeload.states.base import hysteresis
+from moeload.states.base import confirmed_end, hysteresis, verdict
 from moeload.states._input import LoadInput, _from_array
 
 
@@ -52,6 +52,8 @@ class StreamingDetector:
         self._ratio: np.ndarray | None = None
         self.stable_since: np.ndarray | None = None
         self.events: list[StateEvent] = []
+        self._tail_f: np.ndarray | None = None  # [<= confirm, L] statistic of the last steps (window rule)
+        self._tail_t: np.ndarray | None = None  # [<= confirm, L] its entry threshold
 
     @property
     def labels_so_far(self) -> np.ndarray:
@@ -69,6 +71,35 @@ class StreamingDetector:
         if self._state is None:
             raise InputError("StreamingDetector: no data yet; call update() first")
         return self._state.copy()
+
+    @property
+    def boundaries(self) -> np.ndarray:
+        """[L] first step of the confirmed stable phase per layer, -1 = "not stable yet". The window
+        rule confirms as `states.detect` does (`base.confirmed_end` over the steps fed so far); other
+        methods report `stable_since`."""
+        if self._state is None:
+            raise InputError("StreamingDetector: no data yet; call update() first")
+        if self.method != "window" or self.rule.confirm == 0:
+            return self.stable_since.copy()
+        n = len(self._tail_f)
+        run = np.zeros(len(self._state), dtype=np.int64)
+        steps = self.steps_so_far
+        for li in np.flatnonzero(self._state):
+            run[li] = self._n_seen - int(np.searchsorted(steps, self.stable_since[li]))
+        dec = self.rule.max_decline if self.rule.stat == "range" else 1 - (1 - self.rule.max_decline) ** 2
+        ok = confirmed_end(run, self._tail_f, self._tail_t, self.rule.confirm, self.rule.min_under, dec) if n else run < 0
+        return np.where(ok, self.stable_since, -1)
+
+    @property
+    def verdicts(self) -> list[str]:
+        """[L] "stable from step N" or "not stable yet", from `boundaries`."""
+        return [verdict(b) for b in self.boundaries]
+
+    @property
+    def model_verdict(self) -> str:
+        """The whole model: "stable from step N" (the latest layer boundary) or "not stable yet"."""
+        b = self.boundaries
+        return verdict(int(b.max()) if (b >= 0).all() else -1)
 
     def update(self, p_block: Any, steps: Any = None, tokens: Any = None) -> list[StateEvent]:
         """p_block: [t, L, E] proportions or integer counts (t may be 1); steps: [t] step numbers
@@ -105,7 +136,11 @@ class StreamingDetector:
         full = LoadInput(p_all, np.arange(len(p_all)), n_all, top_k, np.full(L, E, np.int64), None, False)
         if self.method == "window":
             fluct, noise = self.rule.statistic(p_all, full, n_all)
-            codes = self.rule.codes(fluct, self.rule.threshold(fluct, noise))[h:]
+            thr = self.rule.threshold(fluct, noise)
+            codes = self.rule.codes(fluct, thr)[h:]
+            c = self.rule.confirm
+            keep = lambda old, new: (new if old is None else np.concatenate([old, new]))[-c:] if c else new[:0]
+            self._tail_f, self._tail_t = keep(self._tail_f, fluct[h:]), keep(self._tail_t, thr[h:])
         else:
             codes, ratio = self.rule.evidence(p_all, full.experts, offset=self._n_seen - h)
             codes = codes[h:]
