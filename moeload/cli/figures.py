@@ -264,7 +264,7 @@ def report(
             "<p class=note>max/mean: hottest expert over the mean expert load, per step (mean over steps; worst "
             "step). CV, min/max: of each expert's total over the window. Stable from: first step of the final "
             "stable phase (moeload.states, window rule).</p>" + _html_table(cols, rows)
-            + f"<p>{'Whole model stable from step ' + str(mb) if mb >= 0 else 'No final stable phase for the whole model.'}</p>"
+            + f"<p>{'Whole model stable from step ' + str(mb) if mb >= 0 else 'Whole model: not stable yet.'}</p>"
         )
         step(f"<img alt='fluctuation' src='data:image/png;base64,{_png(_fig_fluctuation(d, None))}'>")
         if t.manifest.ep_size > 1:

@@ -213,7 +213,7 @@ def summary(
         )
     )
     mb = out["model_boundary"]
-    c_.print(f"whole model stable from step {mb}" if mb >= 0 else "whole model: no final stable phase detected")
+    c_.print(f"whole model stable from step {mb}" if mb >= 0 else "whole model: not stable yet")
     c_.print("layers: " + ", ".join(f"{d['layer']}={d['name']}" for d in rows_json))
 
 
@@ -248,7 +248,7 @@ def summary_rows(out: dict) -> tuple[list[str], list[list]]:
     cols = ["layer", "max/mean", "worst", "CV", "min/max", "hottest", "coldest", "stable from"]
     rows = [
         [d["layer"], d["imbalance_mean"], d["imbalance_max"], d["cv"], d["min_max"], _experts(d["hottest"]),
-         _experts(d["coldest"]), d["boundary"] if d["boundary"] >= 0 else "none"]
+         _experts(d["coldest"]), d["boundary"] if d["boundary"] >= 0 else "not stable yet"]
         for d in out["layers"]
     ]
     return cols, rows
@@ -302,11 +302,11 @@ def states_cmd(
         shown = ", ".join(f"{s['start']}-{s['stop']}:{'S' if s['stable'] else 'T'}" for s in segs[:6])
         if len(segs) > 6:
             shown += f", ... ({len(segs)} runs)"
-        rows.append([d["layer"], d["name"], d["boundary"] if d["boundary"] >= 0 else "none", f"{d['stable_share']:.1%}", shown])
+        rows.append([d["layer"], d["name"], d["boundary"] if d["boundary"] >= 0 else "not stable yet", f"{d['stable_share']:.1%}", shown])
     c_ = console()
     c_.print(table(f"{t.path.name}: phases ({r.method})", ["layer", "name", "stable from", "stable", "runs (T=transient, S=stable)"], rows))
     mb = out["model_boundary"]
-    c_.print(f"whole model stable from step {mb}" if mb >= 0 else "whole model: no final stable phase detected")
+    c_.print(f"whole model stable from step {mb}" if mb >= 0 else "whole model: not stable yet")
 
 
 def register(app: typer.Typer) -> None:
