@@ -15,6 +15,7 @@ from torch import nn
 
 from moeload.errors import InputError, first_line
 from moeload.trace import Manifest, TraceWriter
+from moeload.trace import lock as trace_lock
 from moeload.tracing.accumulate import accumulate
 from moeload.tracing.adapters import Adapter, GateSpec, GenericAdapter, RoutingShapeError, discover, registered_adapters
 from moeload.tracing.collective import all_gather, tracer_group
@@ -264,10 +265,15 @@ class LoadTracer:
                 self._pg = tracer_group(self.group, self.flush_timeout)
         writer = None
         if self.path is not None and self.rank == 0:
+            self._lock = trace_lock.TraceLock(self.path)  # one writer per trace directory
             try:
+                self._lock.acquire()
                 writer = TraceWriter(self.path, self.manifest, fsync=self.fsync)
-            except OSError as e:  # fail fast, before the first step: a configuration error, not a fault
+            except BaseException as e:  # fail fast, before the first step: a configuration error, not a fault
                 self._buf = self._gathered = None
+                self._lock.release()
+                if not isinstance(e, OSError):
+                    raise
                 raise InputError(f"{self.path}: cannot open the trace directory "
                                  f"({type(e).__name__}: {e.strerror or e}); choose a writable path") from None
             self.manifest = writer.manifest
@@ -431,6 +437,8 @@ class LoadTracer:
             if self._writer.stalled is not None or not self._writer.nan_layers.empty():
                 self._poll_writer()
                 self._writer._update_manifest()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
         self._buf = self._gathered = None
         if self._warn_writer:
             self._warn_writer = False
