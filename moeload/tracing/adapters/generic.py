@@ -1,4 +1,5 @@
-"""Generic adapter: any module whose output holds top-k expert indices or a [tokens, experts] routing map.
+"""Generic adapter: any module whose output holds top-k expert indices, a [tokens, experts] routing map,
+or router logits / probabilities [tokens, experts].
 
 Modules are selected by module-path pattern (`fnmatch`, e.g. "*.router", "blocks.*.gate") or by
 type. The output may be a tensor, a tuple / list / NamedTuple, a dict, a dataclass or any object
@@ -6,6 +7,16 @@ with attributes, or a `Routing`. Fields are looked up by name first (INDEX_NAMES
 MASK_NAMES), then by kind: the first 2-D integer tensor is read as indices [T, k], else the first
 2-D bool tensor with E columns as a routing map [T, E]. A floating field named in PROB_NAMES goes
 along as `Routing.probs` for the NaN check.
+
+Floating outputs (the rule, decided from dtype, shape and field name only, never from values, so
+no host sync): a floating tensor whose last dimension is E is read as scores (logits or
+probabilities) and the tracer takes `topk(scores, top_k)` on the device, as a plain `nn.Linear`
+gate needs; the exception is a floating field named in MASK_NAMES (e.g. "routing_map"), read as a
+0/1 map. `gate_output` overrides the rule: "mask" reads every floating [.., E] output as a 0/1 map
+(summed per expert), "logits" reads every one as scores. With scores, top_k must be known (gate
+attribute or `top_k=`): otherwise `find` raises InputError naming the gate. Where softmax or
+sigmoid is applied after the gate, top-k of the logits is the same choice (monotonic), up to exact
+ties; a router that adds a bias before top-k (DeepSeek-V3 style) must expose its indices instead.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ PROB_NAMES = ("probs", "router_probs", "scores", "router_scores", "logits", "rou
 EXPERT_ATTRS = ("num_experts", "n_experts", "num_local_experts", "n_routed_experts", "num_routed_experts")
 TOPK_ATTRS = ("top_k", "topk", "k", "num_experts_per_tok", "moe_router_topk", "router_topk")
 GATE_CHILDREN = ("gate", "wg", "linear", "proj", "weight_proj")
+GATE_OUTPUTS = ("auto", "logits", "mask")
 
 
 def _fields(out: Any) -> dict[str, Any]:
@@ -43,10 +55,32 @@ def _fields(out: Any) -> dict[str, Any]:
     return dict(getattr(out, "__dict__", {}))
 
 
-def parse_output(out: Any, num_experts: int) -> Routing | Tensor:
-    """One gate output -> Routing (indices [T, k] + kept, or mask [T, E]; probs where named);
-    RoutingShapeError (a ValueError) if none is found."""
-    if isinstance(out, (Routing, Tensor)):
+def _scores(v: Tensor, num_experts: int, top_k: int, probs: Tensor | None) -> Routing:
+    """Scores [.., E] -> Routing(indices=topk(scores, k) [T, k]) on the device; the scores go along for the NaN check."""
+    if top_k > num_experts:
+        raise RoutingShapeError(f"top_k={top_k} > {num_experts} experts: cannot take top-k of [tokens, {num_experts}] scores")
+    flat = v.reshape(-1, num_experts)
+    return Routing(indices=flat.topk(top_k, dim=-1).indices, probs=v if probs is None else probs)
+
+
+def _floating(v: Tensor, num_experts: int, top_k: int | None, gate_output: str, probs: Tensor | None,
+              named_mask: bool = False) -> Routing:
+    """A floating [.., E] output -> scores (top-k) or 0/1 map, by the module rule (see the module docstring)."""
+    if gate_output == "mask" or (gate_output == "auto" and named_mask):
+        return Routing(mask=v.reshape(-1, num_experts), probs=probs)
+    if top_k is None:
+        raise RoutingShapeError(f"gate returns scores [tokens, {num_experts}] and top_k is unknown; pass top_k=")
+    return _scores(v, num_experts, top_k, probs)
+
+
+def parse_output(out: Any, num_experts: int, top_k: int | None = None, gate_output: str = "auto") -> Routing | Tensor:
+    """One gate output -> Routing (indices [T, k] + kept; mask [T, E]; or top-k of scores [.., E], see the
+    module docstring for the floating rule; probs where named); RoutingShapeError (a ValueError) if none."""
+    if isinstance(out, Routing):
+        return out
+    if isinstance(out, Tensor):
+        if out.is_floating_point() and out.dim() >= 2 and out.shape[-1] == num_experts:
+            return _floating(out, num_experts, top_k, gate_output, None)
         return out
     fields = {k: v for k, v in _fields(out).items() if isinstance(v, Tensor)}
     named = {k.lower(): v for k, v in fields.items()}
@@ -57,6 +91,8 @@ def parse_output(out: Any, num_experts: int) -> Routing | Tensor:
             return Routing(indices=named[n], kept=kept, probs=probs)
     for n in MASK_NAMES:
         if n in named and named[n].dim() == 2 and named[n].shape[-1] == num_experts:
+            if named[n].is_floating_point():
+                return _floating(named[n], num_experts, top_k, gate_output, probs, named_mask=True)
             return Routing(mask=named[n], probs=probs)
     for v in fields.values():
         if v.dim() == 2 and not v.is_floating_point() and v.dtype != torch.bool:
@@ -64,9 +100,13 @@ def parse_output(out: Any, num_experts: int) -> Routing | Tensor:
     for v in fields.values():
         if v.dim() == 2 and v.dtype == torch.bool and v.shape[-1] == num_experts:
             return Routing(mask=v, probs=probs)
+    named_scores = [named[n] for n in PROB_NAMES if n in named]
+    for v in [*named_scores, *fields.values()]:
+        if v.is_floating_point() and v.dim() >= 2 and v.shape[-1] == num_experts:
+            return _floating(v, num_experts, top_k, gate_output, probs)
     raise RoutingShapeError(
-        f"gate output {type(out).__name__} holds no [tokens, k] integer expert indices "
-        f"and no [tokens, {num_experts}] bool routing map"
+        f"gate output {type(out).__name__} holds no [tokens, k] integer expert indices, "
+        f"no [tokens, {num_experts}] bool routing map and no [tokens, {num_experts}] scores"
     )
 
 
@@ -101,7 +141,8 @@ class GenericAdapter(Adapter):
 
     patterns: fnmatch patterns on module paths; types: module classes; num_experts / top_k:
     used where the module does not tell (attributes EXPERT_ATTRS / TOPK_ATTRS, or a linear gate);
-    has_kept: the outputs carry a kept field (KEPT_NAMES), so the trace records kept counts too.
+    has_kept: the outputs carry a kept field (KEPT_NAMES), so the trace records kept counts too;
+    gate_output: "auto" | "logits" | "mask", how a floating [.., E] output is read (module docstring).
     """
 
     name = "generic"
@@ -116,7 +157,11 @@ class GenericAdapter(Adapter):
         has_kept: bool = False,
         framework: str = "torch",
         framework_version: str | None = None,
+        gate_output: str = "auto",
     ) -> None:
+        if gate_output not in GATE_OUTPUTS:
+            raise InputError(f"gate_output={gate_output!r}: expected 'auto', 'logits' or 'mask'")
+        self.gate_output = gate_output
         self.patterns = [patterns] if isinstance(patterns, str) else list(patterns)
         self.types = tuple(types) if isinstance(types, (tuple, list)) else (types,)
         self.num_experts = num_experts
@@ -142,12 +187,17 @@ class GenericAdapter(Adapter):
                 continue
             E = self.num_experts or infer_num_experts(m)
             k = self.top_k or infer_top_k(m)
-            if E is None or k is None:
-                missing = "num_experts" if E is None else "top_k"
-                raise InputError(f"gate {name!r} ({type(m).__name__}): cannot tell its {missing}; pass {missing}=... to LoadTracer")
+            if E is None:
+                raise InputError(f"gate {name!r} ({type(m).__name__}): cannot tell its num_experts; pass num_experts=... to LoadTracer")
+            if k is None:
+                what = "returns logits [tokens, experts], so" if isinstance(m, nn.Linear) else "cannot tell its top_k;"
+                raise InputError(f"gate {name!r} ({type(m).__name__}) {what} the tracer needs top_k to count its "
+                                 "routes; pass top_k=... to LoadTracer")
+            if k > E:
+                raise InputError(f"gate {name!r} ({type(m).__name__}): top_k={k} > num_experts={E}")
 
-            def counts(module: nn.Module, inputs: tuple, output: Any, _E: int = E) -> Routing | Tensor:
-                return parse_output(output, _E)
+            def counts(module: nn.Module, inputs: tuple, output: Any, _E: int = E, _k: int = k) -> Routing | Tensor:
+                return parse_output(output, _E, _k, self.gate_output)
 
             out.append(
                 GateSpec(
