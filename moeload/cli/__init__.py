@@ -21,7 +21,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from moeload import __version__
+        from moeload._version import __version__
 
         typer.echo(f"moeload {__version__}")
         raise typer.Exit()

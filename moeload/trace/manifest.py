@@ -146,7 +146,7 @@ class Manifest:
 
 
 def default_versions() -> dict[str, str]:
-    from moeload import __version__
+    from moeload._version import __version__
 
     v = {"moeload": __version__, "python": platform.python_version()}
     try:
