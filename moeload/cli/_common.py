@@ -82,6 +82,29 @@ class ErrorGroup(TyperGroup):
             fail(_one_line(f"{where}: {msg}" if where else msg))
 
 
+def refuse_output_inside(out: Path | None, trace_dir: Path, what: str = "--out") -> None:
+    """InputError when `out` resolves (symlinks followed) to the input trace directory or inside it.
+
+    Writing there would overwrite the manifest or a part, or leave stray files among the parts.
+    """
+    if out is None:
+        return
+    o, t = Path(out).resolve(), Path(trace_dir).resolve()
+    if o == t or t in o.parents:
+        raise InputError(f"{out}: {what} lies inside the input trace {trace_dir}; writing there would damage the "
+                         "trace; choose a path outside it")
+
+
+MAX_ALLOC_BYTES = 2 * 1024**3  # largest array a command may build from user-given sizes
+
+
+def check_alloc(what: str, nbytes: int, formula: str) -> None:
+    """InputError when an allocation sized by user input (estimated as `nbytes`) exceeds MAX_ALLOC_BYTES."""
+    if nbytes > MAX_ALLOC_BYTES:
+        raise InputError(f"{what}: would need about {human_bytes(nbytes)} ({formula}), more than the "
+                         f"{human_bytes(MAX_ALLOC_BYTES)} allowed; ask for less")
+
+
 def _one_line(s: str) -> str:
     return " ".join(s.split()) or "unknown error"
 

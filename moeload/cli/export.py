@@ -15,6 +15,7 @@ from moeload.cli._common import (
     load_window,
     open_trace_arg,
     progress_status,
+    refuse_output_inside,
 )
 from moeload.errors import InputError
 
@@ -84,6 +85,7 @@ def export(
     """
     if what not in ("counts", "proportions"):
         raise InputError(f"--what {what!r}: expected 'counts' or 'proportions'")
+    refuse_output_inside(out, trace, "the output file")
     t = open_trace_arg(trace, skip_bad_parts)
     with progress_status(f"exporting {what}"):
         step_nums, lay, arr = load_window(t, steps, layers, what=what)

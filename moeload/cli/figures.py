@@ -21,6 +21,7 @@ from moeload.cli._common import (
     load_window,
     open_trace_arg,
     parse_layers,
+    refuse_output_inside,
 )
 from moeload.errors import InputError
 
@@ -168,6 +169,7 @@ def plot(
     bad = [n for n in names if n not in FIGURES]
     if bad:
         raise InputError(f"figure(s) {bad}: unknown; choose from {', '.join(FIGURE_NAMES)} or all")
+    refuse_output_inside(out, trace)
     t = open_trace_arg(trace, skip_bad_parts)
     d = Data(t, steps, _data_layers(t, layers), predictor, horizon, at, predictors_)
     per_layer = range(len(d.layers)) if layers is not None else range(1)
@@ -240,6 +242,7 @@ def report(
 
     t = open_trace_arg(trace, skip_bad_parts)
     out = out or Path(f"{t.path.name}.html")
+    refuse_output_inside(out, trace)
     if out.parent and not out.parent.exists():
         raise InputError(f"{out}: directory {out.parent} does not exist")
     d = Data(t, steps, _data_layers(t, layers), predictor, horizon, at, predictors_)

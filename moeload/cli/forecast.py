@@ -21,6 +21,7 @@ from moeload.cli._common import (
     parse_params,
     print_json,
     progress_status,
+    refuse_output_inside,
     table,
 )
 from moeload.errors import InputError
@@ -118,6 +119,7 @@ def predict(
 
     Example: moeload predict runs/exp1.moeload --predictor ema -p alpha=0.05 --horizon 500 --at 4000
     """
+    refuse_output_inside(out, trace)
     t = open_trace_arg(trace, skip_bad_parts)
     f = make_forecast(t, predictor, parse_params(param), horizon, at, layers, history)
     experts = [t.experts_per_layer[i] for i in f.layers]
@@ -193,6 +195,7 @@ def backtest(
     """
     from moeload import evaluation, predictors
 
+    refuse_output_inside(out, trace)
     t = open_trace_arg(trace, skip_bad_parts)
     names = [x.strip() for x in predictors_.split(",") if x.strip()]
     unknown = [n for n in names if n not in predictors.available()]
@@ -260,6 +263,7 @@ def plan(
     """
     from moeload import placement
 
+    refuse_output_inside(out, trace)
     t = open_trace_arg(trace, skip_bad_parts)
     if policy not in placement.available():
         raise InputError(f"--policy: unknown {policy!r}; available: {', '.join(placement.available())}")
