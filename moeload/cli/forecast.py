@@ -15,6 +15,7 @@ from moeload.cli._common import (
     LAYERS_OPTION,
     PARAM_OPTION,
     SKIP_BAD_PARTS_OPTION,
+    check_alloc,
     console,
     open_trace_arg,
     parse_layers,
@@ -62,15 +63,23 @@ def make_forecast(
     all_steps = t.steps
     if len(all_steps) == 0:
         raise InputError(f"{t.path}: the trace holds no training steps")
+    check_alloc(f"--horizon {horizon}", horizon * len(lay) * t.num_experts * 8,
+                "horizon x layers x experts x 8 bytes for the forecast")
+    first_step, last_step = int(all_steps[0]), int(all_steps[-1])
     if at is None:
         n_fit = len(all_steps)
-        origin = int(all_steps[-1]) + 1
+        origin = last_step + 1
     else:
         n_fit = int(np.searchsorted(all_steps, at, side="left"))
         origin = int(at)
         if n_fit == 0:
             raise InputError(
-                f"--at {at}: no recorded step before it (trace steps {all_steps[0]}..{all_steps[-1]})"
+                f"--at {at}: no recorded step before it in {t.path} (trace steps {first_step}..{last_step})"
+            )
+        if at > last_step + 1:
+            raise InputError(
+                f"--at {at}: past the end of {t.path} (trace steps {first_step}..{last_step}); the latest "
+                f"origin is {last_step + 1}, the default"
             )
     first = 0 if history is None else max(0, n_fit - history)
     fit_steps = all_steps[first:n_fit]
@@ -237,6 +246,26 @@ def backtest(
         c.print(f"{len(df)} rows written to {out}")
 
 
+LP_POLICIES = ("balanced", "exact")  # policies that solve linear programs over the slots (memory ~ replicas^2)
+
+
+def _check_plan_sizes(num_layers: int, num_experts: int, gpus: int, replicas: int | None, policy: str) -> None:
+    """One-line InputError, before any fitting, for slot counts the plan cannot honour or afford."""
+    R = num_experts if replicas is None else replicas
+    if R < num_experts:
+        raise InputError(f"--replicas {R}: fewer slots than the {num_experts} experts; every expert needs one")
+    if R % gpus and replicas is None:
+        raise InputError(f"{gpus} GPUs do not divide the {num_experts} experts (one slot each); give --gpus that "
+                         f"divides {num_experts}, or --replicas as a multiple of {gpus}")
+    if R % gpus:
+        raise InputError(f"--replicas {R}: not a multiple of {gpus} GPUs; every GPU must hold the same number of slots")
+    check_alloc(f"--replicas {R}", num_layers * num_experts * R * 8,
+                "layers x experts x replicas x 8 bytes for the expert-to-slot map")
+    if policy in LP_POLICIES:
+        check_alloc(f"--replicas {R} with --policy {policy}", R * R * 8,
+                    "replicas^2 x 8 bytes for its linear programs")
+
+
 def plan(
     trace: Path = TRACE_ARG,
     gpus: int = typer.Option(None, "--gpus", min=1, help="GPUs to place experts on (default: the trace's expert-parallel size, else 8)."),
@@ -268,12 +297,16 @@ def plan(
     if policy not in placement.available():
         raise InputError(f"--policy: unknown {policy!r}; available: {', '.join(placement.available())}")
     opts = parse_params(option, "--option")
-    f = make_forecast(t, predictor, parse_params(param), horizon, at, layers, history)
-    experts = {t.experts_per_layer[i] for i in f.layers}
+    lay = t._select_layers(parse_layers(layers))
+    experts = {t.experts_per_layer[i] for i in lay}
     if len(experts) != 1:
         raise InputError(f"{t.path}: selected layers have different expert counts {sorted(experts)}; plan them separately with --layers")
     E = experts.pop()
     G = gpus or (t.manifest.ep_size if t.manifest.ep_size > 1 else 8)
+    if len(t.steps) == 0:
+        raise InputError(f"{t.path}: the trace holds no training steps")
+    _check_plan_sizes(len(lay), E, G, replicas, policy)
+    f = make_forecast(t, predictor, parse_params(param), horizon, at, layers, history)
     weight = f.forecast.mean(0)[:, :E]
     with progress_status(f"planning ({policy})"):
         pl = placement.plan(weight, num_gpus=G, num_replicas=replicas, policy=policy, **opts)

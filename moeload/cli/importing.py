@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from moeload.cli._common import console, progress_status
+from moeload.errors import InputError
 
 FORMATS_HELP = (
     "csv (tidy step,layer,expert,count), numpy (.npy / .npz counts [S, L, E]), "
@@ -21,7 +22,7 @@ def import_cmd(
     source: Path = typer.Argument(..., help="File or directory to read.", show_default=False),
     dest: Path = typer.Argument(..., help="New trace directory to write (must not exist).", show_default=False),
     num_experts: int = typer.Option(None, "--num-experts", help="Experts per layer (csv, megatron-router-trace)."),
-    top_k: int = typer.Option(None, "--top-k", help="Experts per token, where the source does not say."),
+    top_k: int = typer.Option(None, "--top-k", help="Experts per token (required for csv, numpy, megatron-tpe and sglang, whose logs do not say)."),
     ep_size: int = typer.Option(None, "--ep-size", help="Expert-parallel size (megatron-tpe)."),
     expert_tp_size: int = typer.Option(None, "--expert-tp-size", help="Expert tensor-parallel size (megatron-tpe)."),
     tp_size: int = typer.Option(None, "--tp-size", help="Read only TP rank 0 of each group (megatron-router-trace)."),
@@ -44,6 +45,12 @@ def import_cmd(
     with progress_status(f"importing {source}"):
         out = import_trace(fmt, source, dest, **opts)
     t = open_trace(out)
+    if top_k is None and t.manifest.extra.get("top_k_known") is False:
+        import shutil
+
+        shutil.rmtree(out)  # a new directory (import_trace refuses an existing one): nothing else is removed
+        raise InputError(f"{source}: {fmt} logs do not say how many experts each token is routed to; give --top-k K "
+                         f"(e.g. --top-k 2); nothing was written to {dest}")
     s = t.steps
     console().print(
         f"imported {fmt} {source} -> {out}: {len(s)} steps ({s[0]}..{s[-1]}), {t.num_layers} layers, "

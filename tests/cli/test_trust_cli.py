@@ -95,3 +95,80 @@ def test_outputs_next_to_the_trace_still_work(trace, tmp_path):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "run.moeload.csv").stat().st_size > 0
     assert open_trace(trace).counts().shape == (80, 4, E)
+
+
+# ---------------------------------------------------------------- 2. bounds on options
+
+@pytest.mark.parametrize("cmd", [["predict"], ["plan", "--gpus", "2"], ["plot", "forecast", "-o", "{o}"]])
+def test_forecast_origin_past_the_end_is_refused(trace, tmp_path, cmd):
+    args = [a.format(o=tmp_path / "figs") for a in cmd]
+    one_line_error(invoke(args[0], trace, *args[1:], "--at", "500"), "--at 500", "past the end", "0..79")
+    one_line_error(invoke(args[0], trace, *args[1:], "--at", "0"), "--at 0", "no recorded step before it")
+
+
+def test_forecast_origin_at_the_end_is_the_default(trace):
+    r = invoke("predict", trace, "--at", "80", "--horizon", "5", "--json")
+    assert r.exit_code == 0, r.output
+    import json
+
+    assert json.loads(r.stdout)["origin"] == 80
+
+
+@pytest.mark.parametrize("cmd", ["predict", "plan", "report"])
+def test_huge_horizon_is_refused_with_its_estimate_before_allocating(trace, tmp_path, cmd):
+    extra = ["--gpus", "2"] if cmd == "plan" else (["-o", tmp_path / "r.html"] if cmd == "report" else [])
+    r = invoke(cmd, trace, "--horizon", "1000000000", *extra)
+    line = one_line_error(r, "--horizon 1000000000", "238.4 GiB", "horizon x layers x experts x 8 bytes")
+    assert "2.0 GiB" in line
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--gpus", "2", "--replicas", "1000000000"], "--replicas 1000000000: would need about 238.4 GiB"),
+        (["--gpus", "2", "--replicas", "100000", "--policy", "balanced"], "74.5 GiB (replicas^2"),
+        (["--gpus", "2", "--replicas", "100000", "--policy", "exact"], "74.5 GiB (replicas^2"),
+        (["--gpus", "2", "--replicas", "4"], "fewer slots than the 8 experts"),
+        (["--gpus", "3", "--replicas", "16"], "--replicas 16: not a multiple of 3 GPUs"),
+        (["--gpus", "3"], "3 GPUs do not divide the 8 experts"),
+        (["--gpus", "1000000000"], "1000000000 GPUs do not divide the 8 experts"),
+    ],
+)
+def test_plan_slot_counts_are_checked_before_fitting(trace, args, needle):
+    one_line_error(invoke("plan", trace, *args, "--predictor", "arima"), needle)
+
+
+def test_plan_with_replicas_within_bounds_still_plans(trace):
+    import json
+
+    r = invoke("plan", trace, "--gpus", "2", "--replicas", "12", "--policy", "balanced", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["num_replicas"] == 12 and np.asarray(d["replica_counts"]).sum(1).tolist() == [12] * 4
+
+
+def _csv(path: Path) -> Path:
+    rows = ["step,layer,expert,count"] + [f"{s},{li},{e},{10 + s + e}" for s in range(3) for li in range(2) for e in range(4)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_csv_import_without_top_k_is_refused_and_writes_nothing(tmp_path):
+    src = _csv(tmp_path / "c.csv")
+    one_line_error(invoke("import", "csv", src, tmp_path / "t"), "c.csv", "give --top-k")
+    assert not (tmp_path / "t").exists()
+
+
+def test_numpy_import_without_top_k_is_refused_too(tmp_path):
+    src = tmp_path / "c.npy"
+    np.save(src, np.ones((3, 2, 4), dtype=np.int64))
+    one_line_error(invoke("import", "numpy", src, tmp_path / "t"), "c.npy", "give --top-k")
+    assert not (tmp_path / "t").exists()
+
+
+def test_csv_import_with_top_k_records_it(tmp_path):
+    src = _csv(tmp_path / "c.csv")
+    r = invoke("import", "csv", src, tmp_path / "t", "--top-k", "2")
+    assert r.exit_code == 0, r.output
+    t = open_trace(tmp_path / "t")
+    assert t.top_k == [2, 2] and t.counts().shape == (3, 2, 4)
