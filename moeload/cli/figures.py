@@ -100,7 +100,9 @@ def _fig_forecast(d: Data, j: int):
     if len(f.actual):  # the trace may end before the horizon: pad with NaN rows (not recorded)
         actual = np.full(f.forecast[:, j].shape, np.nan)
         actual[: len(f.actual)] = f.actual[:, j]
-    return plots.forecast_vs_actual(hist[:, 0], f.forecast[:, j], actual, start=int(f.fit_steps[0])).figure
+    li = int(f.layers[j])
+    return plots.forecast_vs_actual(hist[:, 0], f.forecast[:, j], actual, start=int(f.fit_steps[0]),
+                                    layer_name=f"layer {li} ({d.t.layers[li]})").figure
 
 
 def _fig_gpu_load(d: Data, j: int):

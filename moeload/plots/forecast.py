@@ -39,6 +39,7 @@ def forecast_vs_actual(
     *,
     band: Any = None,
     layer: int = 0,
+    layer_name: str | None = None,
     start: int = 0,
     context: int | None = None,
     max_experts: int = 4,
@@ -47,7 +48,8 @@ def forecast_vs_actual(
     """A forecast of expert shares continuing their history, against what happened.
 
     history: [T, E] proportions up to the forecast origin; forecast: [H, E]; actual: [H, E] or
-    None ([.., L, E] arrays: pick `layer`). Row i of history is step start + i; the forecast
+    None ([.., L, E] arrays: pick `layer`). layer_name: how the title names the layer (default
+    "layer {layer}" for [.., L, E] inputs; none for [T, E] inputs, which do not say). Row i of history is step start + i; the forecast
     covers steps start + T .. start + T + H - 1. experts: which to draw (default: the
     `max_experts` with the largest forecast share). context: history steps shown before the
     origin (default min(T, 3 H)). With `actual`, the shaded band is the error between forecast and
@@ -111,7 +113,9 @@ def forecast_vs_actual(
     ax.set_xlim(min(hx[0], fx[0]) - 0.5, fx[-1] + 0.5)
     ax.set_xlabel("training step")
     ax.set_ylabel("share of routed tokens (%)")
-    title = f"Forecast of {H:,} steps, layer {layer}"
+    if layer_name is None and np.ndim(history) == 3:
+        layer_name = f"layer {layer}"
+    title = f"Forecast of {H:,} steps" + (f", {layer_name}" if layer_name else "")
     if y is not None:
         mae = float(np.nanmean(np.abs(f - y)))
         title += f": MAE {mae:.2f} pp over all {E} experts"

@@ -172,3 +172,48 @@ def test_csv_import_with_top_k_records_it(tmp_path):
     assert r.exit_code == 0, r.output
     t = open_trace(tmp_path / "t")
     assert t.top_k == [2, 2] and t.counts().shape == (3, 2, 4)
+
+
+# ---------------------------------------------------------------- 3. the forecast figure names its layer
+
+def test_plot_forecast_titles_each_figure_with_its_own_layer(trace, tmp_path):
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # keep titles as text in the SVG
+        r = invoke("plot", trace, "forecast", "--layers", "0,3", "--at", "60", "--horizon", "10", "-o", tmp_path,
+                   "--format", "svg")
+    assert r.exit_code == 0, r.output
+    svg0 = (tmp_path / "forecast-layer0.svg").read_text()
+    svg3 = (tmp_path / "forecast-layer3.svg").read_text()
+    assert "layer 0 (blocks.0.moe.gate)" in svg0 and "blocks.3" not in svg0
+    assert "layer 3 (blocks.3.moe.gate)" in svg3 and "layer 0" not in svg3
+
+
+def test_report_forecast_figures_name_their_layers(trace, tmp_path, monkeypatch):
+    from moeload.cli import figures
+
+    titles: list[str] = []
+    real_png = figures._png
+
+    def spy(fig):  # records each embedded figure's title, then embeds it as usual
+        titles.append(fig.axes[0].get_title(loc="left"))
+        return real_png(fig)
+
+    monkeypatch.setattr(figures, "_png", spy)
+    r = invoke("report", trace, "--layers", "1,2", "-o", tmp_path / "r.html", "--at", "60", "--horizon", "10")
+    assert r.exit_code == 0, r.output
+    fc = [x for x in titles if x.startswith("Forecast of")]
+    assert len(fc) == 2
+    assert "layer 1 (blocks.1.moe.gate)" in fc[0] and "layer 2 (blocks.2.moe.gate)" in fc[1]
+
+
+def test_forecast_plot_of_one_layer_arrays_does_not_invent_layer_0():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from moeload import plots
+
+    p = np.full((30, E), 1 / E)
+    assert "layer" not in plots.forecast_vs_actual(p[:20], p[20:]).get_title(loc="left")
+    p3 = np.full((30, 4, E), 1 / E)
+    assert plots.forecast_vs_actual(p3[:20], p3[20:], layer=2).get_title(loc="left").endswith("layer 2")
