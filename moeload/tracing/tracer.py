@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -22,6 +23,10 @@ from moeload.tracing.collective import all_gather, tracer_group
 from moeload.tracing.flush import DISABLED_ERROR, DISABLED_SHAPE, FLAG_COL, NAN_REASON, REASONS, BlockWriter, FlushedBlock, Layout
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+try:  # private, present since torch 2.1: the compiled code dynamo holds for one code object
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as _cache_entries
+except ImportError:  # pragma: no cover - torch builds without dynamo
+    _cache_entries = None
 
 
 def in_backward() -> bool:
@@ -146,6 +151,7 @@ class LoadTracer:
         fsync: bool = True,
         flush_timeout: float | None = 300.0,
         max_pending: int | None = None,
+        gate_output: str = "auto",
     ) -> None:
         if not isinstance(flush_every, int) or flush_every < 1:
             raise InputError(f"flush_every={flush_every!r}: must be a positive integer")
@@ -153,6 +159,8 @@ class LoadTracer:
             raise InputError(f"kept={kept!r}: expected True, False or 'always'")
         if ranks not in ("auto", True, False):
             raise InputError(f"ranks={ranks!r}: expected 'auto', True or False")
+        if gate_output not in ("auto", "logits", "mask"):
+            raise InputError(f"gate_output={gate_output!r}: expected 'auto', 'logits' or 'mask'")
         if path is None and sink is None:
             raise InputError("LoadTracer: give a trace path or a sink (or both)")
         if max_pending is not None and (not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1):
@@ -173,9 +181,11 @@ class LoadTracer:
         tried = list(registered_adapters() if adapters is None else adapters)
         if gates or gate_types:
             tried.insert(0, GenericAdapter(gates or (), gate_types or (), num_experts=num_experts, top_k=top_k,
-                                           has_kept=kept == "always"))
+                                           has_kept=kept == "always", gate_output=gate_output))
+        elif gate_output != "auto":
+            raise InputError(f"gate_output={gate_output!r}: applies to gates chosen with gates= or gate_types= only")
         self.specs: list[GateSpec] = discover(model, tried)
-        self.layers = [s.name for s in self.specs]
+        self.layers = [plain_name(s.name) for s in self.specs]
         self.layer_count_kinds = layer_count_kinds(self.specs, kept)
         self.count_kind = trace_count_kind(self.layer_count_kinds)
         self.kept = self.count_kind != "routed"
@@ -204,6 +214,14 @@ class LoadTracer:
         self.tracing_stopped: dict[str, Any] | None = None
         """{"step", "reason"} once a flush's collective failed or timed out on this rank (tracing stopped)."""
         self._warned_stall = False
+        self._calls = [0] * len(self.specs)
+        """[L] forwards of each gate seen by its hook since start() (host ints, any mode)."""
+        self._calls_at_step = 0
+        self._no_forward_steps: list[list[int]] = []
+        self._silent: dict[str, dict[str, Any]] = {}
+        self._silent_checked = False
+        self.dynamo_reset: dict[str, Any] | None = None
+        """{"step", "modules"} where start() found compiled code for the model and reset dynamo."""
 
     # ---- setup ------------------------------------------------------------------------------------
     def _default_device(self) -> torch.device:
@@ -289,15 +307,74 @@ class LoadTracer:
         self._writer.preallocate(self._gathered if self._gathered is not None else self._buf)
         for li, spec in enumerate(self.specs):
             self._handles[li] = spec.module.register_forward_hook(self._make_hook(li, spec))
+        self._reset_compiled()
         if self.world_size == 1:  # a forgotten close() still writes the last block at interpreter exit
             atexit.register(self.close)
         return self
 
+    def _reset_compiled(self) -> None:
+        """Dynamo does not call forward hooks added after it compiled a module's code (it does not
+        guard on hooks, `torch._dynamo.config.skip_nnmodule_hook_guards`): where it already holds
+        compiled code for the model or a module around a gate, reset it, so the next call recompiles
+        with the hooks in. The reset is global (`torch.compiler.reset()`): every compiled function
+        of this process recompiles at its next call."""
+        found = compiled_modules(self.model, [s.module for s in self.specs])
+        if not found:
+            return
+        torch.compiler.reset()
+        self.dynamo_reset = {"step": self.step_count, "modules": found[:8]}
+        shown = ", ".join(repr(n) for n in found[:3]) + (", ..." if len(found) > 3 else "")
+        warnings.warn(f"moeload: {shown} had been compiled and run before the tracer attached, so dynamo would not "
+                      "call its hooks; called torch.compiler.reset() (every compiled function in this process "
+                      "recompiles once at its next call). To avoid it, create the tracer before compiling",
+                      RuntimeWarning, stacklevel=3)
+
+    def _check_forwards(self) -> None:
+        """At step(): note a step in which no gate's hook ran (a model or step function compiled
+        before the tracer attached, which start() cannot see; warned once, `extra.no_forward_steps`)."""
+        n = sum(self._calls)
+        if n != self._calls_at_step:
+            self._calls_at_step = n
+            return
+        step = self.step_count
+        runs = self._no_forward_steps
+        if runs and runs[-1][1] == step - 1:
+            runs[-1][1] = step
+            return
+        runs.append([step, step])
+        if len(runs) == 1:
+            warnings.warn(f"moeload: step {step}: no forward of any of the {len(self.layers)} traced gates was seen, so "
+                          "its counts are zero. If the model (or the training step) was compiled and run before the "
+                          "tracer attached, dynamo does not call hooks added later: create the tracer before "
+                          "compiling, or call torch.compiler.reset() after creating it (manifest "
+                          "extra.no_forward_steps)", RuntimeWarning, stacklevel=3)
+
+    def _check_silent(self) -> None:
+        """At the first flush: gates whose hook never ran in the block (while steps passed) are listed in
+        `extra.disabled_layers` with the reason, warned once."""
+        if self._silent_checked or self._slot == 0:
+            return
+        self._silent_checked = True
+        last = self.step_count - 1
+        others = "no other gate ran either" if not any(self._calls) else "other gates ran"
+        reason = (f"no forward seen in steps {self._first_step}..{last} ({others}; compiled before the tracer "
+                  "attached? create the tracer before compiling or call torch.compiler.reset())")
+        for li, n in enumerate(self._calls):
+            if n == 0:
+                self._silent[self.layers[li]] = {"step": self._first_step, "ranks": [self.rank], "reason": reason}
+        if self._silent:
+            names = list(self._silent)
+            shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+            warnings.warn(f"moeload: {len(names)} of {len(self.layers)} traced gates ({shown}) {reason}; listed in the "
+                          "manifest's extra.disabled_layers", RuntimeWarning, stacklevel=3)
+
     # ---- hot path ---------------------------------------------------------------------------------
     def _make_hook(self, li: int, spec: GateSpec) -> Callable:
         lay = self.layout
+        calls = self._calls
 
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            calls[li] += 1
             try:
                 if module.training:
                     if in_backward():
@@ -344,9 +421,11 @@ class LoadTracer:
         w = self._writer  # what the writer found in blocks before this step()'s flush: a fixed point to act
         if (w.stalled is not None and not self._warned_stall) or not w.nan_layers.empty():
             self._poll_writer()
+        self._check_forwards()
         self._times[self._slot] = time.time()
         self._slot += 1
         if self._slot == self.flush_every:
+            self._check_silent()
             self._flush()
         if self._warn_writer:
             self._warn_writer = False
@@ -416,9 +495,17 @@ class LoadTracer:
             self._warn_writer = True
 
     def _notes(self) -> dict[str, Any]:
+        """On the writer thread: notes for the manifest's `extra`; gates that never ran go into the writer's
+        `disabled_layers` (its own thread's dict, so one dict holds every reason)."""
         notes: dict[str, Any] = {"hook_errors": dict(self._hook_errors)} if self._hook_errors else {}
         if self.tracing_stopped is not None:
             notes["tracing_stopped"] = dict(self.tracing_stopped)
+        if self._no_forward_steps:
+            notes["no_forward_steps"] = [list(r) for r in self._no_forward_steps]
+        if self.dynamo_reset is not None:
+            notes["dynamo_reset"] = dict(self.dynamo_reset)
+        for name, entry in list(self._silent.items()):
+            self._writer.disabled.setdefault(name, dict(entry))
         return notes
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -432,6 +519,8 @@ class LoadTracer:
             h.remove()
         self._handles.clear()
         if self._writer is not None:
+            if self.tracing_stopped is None:
+                self._check_silent()
             self._flush(collective)
             self._writer.close()
             if self._writer.stalled is not None or not self._writer.nan_layers.empty():
@@ -491,6 +580,43 @@ class LoadTracer:
     def __repr__(self) -> str:
         return (f"LoadTracer({self.path!r}, layers={len(self.layers)}, step={self.step_count}, "
                 f"last_flushed={self.last_flushed_step}, world={self.world_size})")
+
+
+def plain_name(path: str) -> str:
+    """A module path without the `_orig_mod` segments that `torch.compile` wrappers add, so a layer has the
+    same name in eager and compiled models (whole-model or per-block compile)."""
+    return ".".join(p for p in path.split(".") if p != "_orig_mod")
+
+
+def compiled_modules(model: nn.Module, gates: Sequence[nn.Module]) -> list[str]:
+    """Paths (plain names, "<model>" for `model` itself) of the modules on the way from `model` to each gate, the gates
+    included, whose forward code dynamo holds compiled code for (it ran compiled: `torch.compile(m)`,
+    `m.compile()`, per-block compile), or, where that cannot be read, that are compiled wrappers."""
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled in this process
+        return []
+    paths = {id(m): p for p, m in model.named_modules()}
+    on_path = set()
+    for g in gates:
+        if id(g) in paths:
+            parts = paths[id(g)].split(".") if paths[id(g)] else []
+            on_path.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+    found = []
+    for p, m in model.named_modules():
+        name = plain_name(p) or "<model>"
+        if p in on_path and name not in found and _ran_compiled(m):
+            found.append(name)
+    return found
+
+
+def _ran_compiled(m: nn.Module) -> bool:
+    wrapper = isinstance(m, torch._dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+    code = getattr(getattr(type(m), "forward", None), "__code__", None)
+    if _cache_entries is None or code is None:
+        return wrapper
+    try:
+        return len(_cache_entries(code)) > 0
+    except Exception:  # a private API that changed: fall back to what can be seen
+        return wrapper
 
 
 class StepCallback:
