@@ -40,9 +40,10 @@ def _root(
 def _register() -> None:
     import importlib
 
-    from moeload.cli import check, export, figures, forecast, importing, info
+    from moeload.cli import advise, check, export, figures, forecast, importing, info
 
     info.register(app)
+    advise.register(app)
     check.register(app)
     forecast.register(app)
     export.register(app)
