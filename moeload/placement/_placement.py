@@ -46,6 +46,9 @@ class Placement:
     policy: str = ""
     info: dict = field(default_factory=dict, compare=False)
 
+    def __post_init__(self) -> None:
+        check_sizes(int(self.weight.shape[-1]), int(self.num_gpus), int(self.phy2log.shape[-1]))
+
     @property
     def num_layers(self) -> int:
         return int(self.phy2log.shape[0])
