@@ -6,7 +6,8 @@
 # Writes RUN_DIR.log (stdout + stderr) and RUN_DIR.pid next to RUN_DIR (the trainer creates
 # RUN_DIR itself and refuses an existing one). Poll with:  tail -3 RUN_DIR.log
 # Stop with:  kill $(cat RUN_DIR.pid)   (SIGTERM: the trace is flushed and summary.json written)
-# PYTHON selects the interpreter (default: .venv/bin/python if present, else python3).
+# PYTHON selects the interpreter (default: .venv/bin/python if present, else python3, as on the
+# GPU image); the checkout's root goes first on PYTHONPATH.
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: $0 RUN_DIR [train_long.py args...]" >&2
@@ -18,7 +19,9 @@ if [ -e "$dir" ] || [ -e "$dir.log" ]; then
   exit 2
 fi
 here=$(cd "$(dirname "$0")" && pwd)
-py=${PYTHON:-$([ -x "$here/../.venv/bin/python" ] && echo "$here/../.venv/bin/python" || echo python3)}
+root=$(dirname "$here")
+py=${PYTHON:-$([ -x "$root/.venv/bin/python" ] && echo "$root/.venv/bin/python" || echo python3)}
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1  # moeload from this checkout
 mkdir -p "$(dirname "$dir")"
 setsid nohup "$py" -u "$here/train_long.py" --out "$dir" "$@" > "$dir.log" 2>&1 < /dev/null &
 echo $! > "$dir.pid"

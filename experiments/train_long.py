@@ -123,8 +123,8 @@ class GroupedMoE(nn.Module):
         pos = slot_positions(r.indices, E)  # [T, k]
         trash = E * C
         slot = torch.where(r.kept, r.indices * C + pos, trash)  # [T, k]
-        if torch.is_autocast_enabled(x.device.type):
-            flat = flat.to(torch.get_autocast_dtype(x.device.type))
+        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            flat = flat.to(torch.bfloat16)  # the dispatch moves bf16 rows, as the GEMMs read them
         token_of_slot = torch.full((E * C + 1,), T, dtype=torch.long, device=x.device)
         token_ids = torch.arange(T, device=x.device)[:, None].expand(T, k)
         token_of_slot.scatter_(0, slot.reshape(-1), token_ids.reshape(-1))  # [E*C + 1], T = empty slot
@@ -220,6 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (tracer attached first)")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--summary-every", type=int, default=500)
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="CUDA: warn about every host sync in steps 3-9 (torch.cuda.set_sync_debug_mode)")
     a = ap.parse_args(argv)
     if a.steps < 1 or not 0 < a.warmup < a.steps:
         ap.error(f"--steps {a.steps} --warmup {a.warmup}: need 0 < warmup < steps")
@@ -239,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     if cuda:
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -296,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         for step in range(a.steps):
+            if a.sync_debug and cuda and step in (2, 9):
+                torch.cuda.set_sync_debug_mode("warn" if step == 2 else "default")
             x, y = next(data)
             with amp:
                 o = fwd(x, y)
