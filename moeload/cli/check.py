@@ -5,10 +5,11 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import typer
 
 from moeload.cli._common import JSON_OPTION, console, print_json
-from moeload.cli.info import gaps_text
+from moeload.cli.info import _clip, gaps_text
 from moeload.errors import InputError, TraceFormatError
 
 TRACE_ARG = typer.Argument(..., help="Trace directory (holds manifest.json and parts/).", show_default=False)
@@ -56,13 +57,109 @@ def check_data(path: Path) -> dict:
         eval_steps=len(t.steps_of("eval")),
         gaps=[list(g) for g in t.gaps()],
     )
+    if len(steps):
+        try:
+            problems += zero_problems(t)
+        except TraceFormatError as e:  # a part that passed the index check but fails on reading
+            problems.append(str(e))
+    problems += disabled_problems(t)
     return {**out, "ok": not problems, "problems": problems}
+
+
+class _Runs:
+    """Runs of consecutive recorded-step positions, fed block by block; keeps the first few runs."""
+
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self.n_steps = 0
+        self.n_runs = 0
+        self.first: list[list[int]] = []  # [start, end] positions, at most KEEP
+        self.last: list[int] | None = None  # the run that may still grow
+
+    def add(self, pos: np.ndarray) -> None:
+        """pos: [n] ascending recorded-step positions (0 = first step of the trace)."""
+        if len(pos) == 0:
+            return
+        self.n_steps += len(pos)
+        cut = np.flatnonzero(np.diff(pos) > 1)
+        for a, b in zip(np.r_[pos[0], pos[cut + 1]], np.r_[pos[cut], pos[-1]]):
+            if self.last is not None and self.last[1] == a - 1:
+                self.last[1] = int(b)
+                continue
+            self.n_runs += 1
+            self.last = [int(a), int(b)]
+            if len(self.first) < self.KEEP:
+                self.first.append(self.last)  # the same list: it keeps growing while it is the last run
+
+    def text(self, steps: np.ndarray) -> str:
+        shown = ", ".join(f"{steps[a]}..{steps[b]}" if a != b else f"{steps[a]}" for a, b in self.first)
+        more = f", ... ({self.n_runs} ranges)" if self.n_runs > len(self.first) else ""
+        end = " (to the end of the trace)" if self.last is not None and self.last[1] == len(steps) - 1 else ""
+        return shown + more + end
+
+
+def zero_problems(t, block: int | None = None) -> list[str]:
+    """Silent zeros, read `block` steps at a time (default: at most 64 MiB of counts): steps in which
+    no layer received a token, and per layer, no tokens at all or none in steps where others had some."""
+    steps = t.steps
+    L, E = t.num_layers, t.num_experts
+    block = block or int(min(1000, max(1, 2**26 // max(1, L * E * 8))))
+    dead, starved = _Runs(), [_Runs() for _ in range(L)]
+    ever = np.zeros(L, bool)
+    pos = 0
+    for sel, c in t.iter_blocks(block):
+        nz = (c != 0).any(axis=2)  # [b, L]: the layer received a token in that step
+        live = nz.any(axis=1)  # [b]
+        idx = np.arange(pos, pos + len(sel))
+        dead.add(idx[~live])
+        for li in range(L):
+            starved[li].add(idx[live & ~nz[:, li]])
+        ever |= nz.any(axis=0)
+        pos += len(sel)
+    S = len(steps)
+    span = f"{steps[0]}..{steps[-1]}"
+    out = []
+    if dead.n_steps == S:
+        out.append(f"{t.path}: every count is zero: no layer received a token in any of the {S} step(s) ({span}); "
+                   "nothing was recorded (model compiled before the tracer attached? hooks on the wrong modules?)")
+    elif dead.n_steps:
+        out.append(f"{t.path}: no layer received a token in {dead.n_steps} of {S} step(s): {dead.text(steps)}")
+    for li in range(L):
+        what = f"{t.path}: layer {li} ({t.layers[li]})"
+        if not ever[li]:
+            out.append(f"{what} received no token in any of the {S} step(s) ({span})"
+                       + ("; other layers did" if ever.any() else ""))
+        elif starved[li].n_steps:
+            out.append(f"{what} received no token in {starved[li].n_steps} step(s) in which other layers did: "
+                       f"{starved[li].text(steps)}")
+    return out
+
+
+def disabled_problems(t) -> list[str]:
+    """One line per layer that tracing disabled (manifest extra.disabled_layers): its counts are
+    missing from that step on, on the ranks listed."""
+    extra = t.meta.get("extra")
+    dis = extra.get("disabled_layers") if isinstance(extra, dict) else None
+    if not dis:
+        return []
+    if not isinstance(dis, dict):
+        return [f"{t.path / 'manifest.json'}: extra.disabled_layers is not a mapping of layer to reason: {_clip(dis, 60)}"]
+    out = []
+    for name, d in dis.items():
+        d = d if isinstance(d, dict) else {"reason": d}
+        ranks = f" on rank(s) {d['ranks']}" if d.get("ranks") else ""
+        out.append(f"{t.path}: layer {name} was disabled by the tracer at step {d.get('step', '?')}{ranks}, its counts "
+                   f"are incomplete from there: {_clip(d.get('reason', '?'), 160)}")
+    return out
 
 
 def check(trace: Path = TRACE_ARG, as_json: bool = JSON_OPTION) -> None:
     """Validate the manifest and every part of a trace; list every problem (exit code 2 if any).
 
-    Gaps in the step sequence are reported but are not problems.
+    Problems: unreadable or inconsistent parts, stray files, layers the tracer disabled, and silent
+    zeros (steps in which no layer received a token; a layer with no token where others had
+    some). Gaps in the step sequence are reported but are not problems.
 
     Example: moeload check runs/exp1.moeload
     """
