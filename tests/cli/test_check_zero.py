@@ -122,3 +122,83 @@ def test_disabled_layers_are_problems_one_line_each(tmp_path):
 def test_malformed_disabled_layers_note_is_one_problem_not_a_traceback(tmp_path):
     r, _ = check(write(tmp_path / "t", healthy(), {"disabled_layers": ["a", "b"]}))
     one_line_error(r, "extra.disabled_layers is not a mapping")
+
+
+# ---- real traces from LoadTracer on a torch model compiled before the tracer attached -------------
+
+def _compiled_before_attach(path: Path, whole_step: bool) -> Path:
+    """Trace 4 steps of a 2-layer top-2 MoE whose training step (whole_step) or second block alone
+    was compiled and run before the tracer attached: dynamo's cached code never calls the hooks."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    from moeload import LoadTracer
+
+    class Router(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Linear(16, 4, bias=False)
+            self.num_experts, self.top_k = 4, 2
+
+        def forward(self, x):
+            p = self.gate(x).softmax(-1)
+            w, i = p.topk(2, -1)
+            return p, w, i
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.router = Router()
+            self.proj = nn.Linear(16, 16)
+
+        def forward(self, x):
+            _, w, i = self.router(x)
+            return x + self.proj(x) * w.sum(-1, keepdim=True) * (i.float().mean(-1, keepdim=True) + 1)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+            self.block1 = None
+
+        def forward(self, x):
+            x = self.layers[0](x)
+            return self.block1(x) if self.block1 is not None else self.layers[1](x)
+
+    torch.manual_seed(0)
+    torch.compiler.reset()
+    net = Net()
+    xs = [torch.randn(24, 16) for _ in range(5)]
+    if whole_step:
+        run = torch.compile(lambda x: net(x).square().mean(), backend="eager")
+    else:
+        net.block1 = torch.compile(lambda x: net.layers[1](x), backend="eager")
+        run = lambda x: net(x).square().mean()  # noqa: E731
+    run(xs[0]).backward()  # warm-up before the tracer: dynamo caches hook-less code
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer warns; check must say it too
+        with LoadTracer(net, path, gates="*.router", flush_every=2) as tr:
+            for x in xs[1:]:
+                run(x).backward()
+                tr.step()
+    torch.compiler.reset()
+    return path
+
+
+def test_compiled_step_before_attach_fails_check(tmp_path):
+    t = _compiled_before_attach(tmp_path / "t", whole_step=True)
+    r, d = check(t)
+    one_line_error(r, "every count is zero", "4 step(s) (0..3)")
+    ps = problems(r)
+    assert any("layer 0 (layers.0.router) received no token in any" in p for p in ps)
+    assert any("layer layers.1.router was disabled by the tracer" in p for p in ps)
+    assert not d["ok"]
+
+
+def test_one_block_compiled_before_attach_fails_check_naming_that_layer(tmp_path):
+    t = _compiled_before_attach(tmp_path / "t", whole_step=False)
+    r, d = check(t)
+    one_line_error(r, "layer 1 (layers.1.router) received no token in any of the 4 step(s)", "other layers did")
+    assert all("layers.0.router" not in p for p in d["problems"])
