@@ -129,12 +129,13 @@ class GroupedMoE(nn.Module):
         token_ids = torch.arange(T, device=x.device)[:, None].expand(T, k)
         token_of_slot.scatter_(0, slot.reshape(-1), token_ids.reshape(-1))  # [E*C + 1], T = empty slot
         padded = torch.cat([flat, flat.new_zeros(1, H)])  # [T + 1, H]
-        xin = padded[token_of_slot[:trash]].view(E, C, H)
+        xin = padded.index_select(0, token_of_slot[:trash]).view(E, C, H)  # backward: one index_add_
         ex = self.experts
         h = F.gelu(torch.baddbmm(ex.b1[:, None, :], xin, ex.w1))  # [E, C, F]
         y = torch.baddbmm(ex.b2[:, None, :], h, ex.w2)  # [E, C, H]
         y = torch.cat([y.reshape(E * C, H), y.new_zeros(1, H)])  # [E*C + 1, H]
-        out = (y[slot] * r.weights.to(y.dtype)[..., None]).sum(1)  # [T, H]
+        picked = y.index_select(0, slot.reshape(-1)).view(T, k, H)
+        out = (picked * r.weights.to(y.dtype)[..., None]).sum(1)  # [T, H]
         return out.view(shape), r.aux_loss
 
 
