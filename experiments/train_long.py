@@ -198,6 +198,22 @@ def batch_stream(cfg: WorkloadConfig, seed: int, device: torch.device):
         yield w[:, :-1], w[:, 1:]
 
 
+@torch.no_grad()
+def val_loss(model: MoEGPT, cfg: WorkloadConfig, device: torch.device, amp, n_batches: int = 8) -> float:
+    """Mean LM loss (nats per byte) over ``n_batches`` fixed validation windows (eval mode: not traced, no bias update)."""
+    _, data = split(load_corpus(), cfg.val_fraction)
+    rng = np.random.default_rng(12345)
+    model.eval()
+    total = 0.0
+    for _ in range(n_batches):
+        starts = rng.integers(0, len(data) - cfg.seq_len - 1, size=cfg.batch_size)
+        w = torch.from_numpy(data[starts[:, None] + np.arange(cfg.seq_len + 1)]).to(device).long()
+        with amp:
+            total += float(model(w[:, :-1], w[:, 1:]).lm_loss)
+    model.train()
+    return total / n_batches
+
+
 def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -276,20 +292,22 @@ def main(argv: list[str] | None = None) -> None:
     history = torch.zeros(a.steps, 3, device=device)  # loss, lm, aux
     snaps: list[np.ndarray] = []
     snap_steps: list[int] = []
-    state = {"done": 0, "status": "running"}
+    state = {"done": 0, "status": "running", "val": None}
+    rates: list[list[float]] = []  # [step, steps/s over the interval before it]
     t0 = time.perf_counter()
     last = (0, t0)
 
     def summary() -> dict:
         n = state["done"]
-        secs = time.perf_counter() - t0
+        secs = state.get("train_s") or time.perf_counter() - t0
         h = history[:n].cpu().double().numpy()
         block = [float(h[i : i + 100, 1].mean()) for i in range(0, n, 100)]
         return {**provenance, "status": state["status"], "steps": n, "steps_planned": a.steps, "seconds": secs,
                 "steps_per_s": n / secs if secs > 0 else None, "lm_loss_first20": h[:20, 1].tolist(),
                 "lm_loss_last20": h[-20:, 1].tolist(), "loss_first20": h[:20, 0].tolist(),
                 "loss_last20": h[-20:, 0].tolist(), "aux_last20": h[-20:, 2].tolist(),
-                "lm_loss_per_100": block, "lr_last": sched.get_last_lr()[0], "tracer_errors": list(tracer.errors)}
+                "lm_loss_per_100": block, "val_lm_loss": state["val"], "rates": list(rates),
+                "lr_last": sched.get_last_lr()[0], "tracer_errors": list(tracer.errors)}
 
     def snapshot(step: int) -> None:
         snaps.append(torch.stack([r.expert_bias for r in bias_routers]).float().cpu().numpy())
@@ -323,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
                 now = time.perf_counter()
                 rate = (n - last[0]) / (now - last[1])
                 last = (n, now)
+                rates.append([n, rate])
                 eta = (a.steps - n) / (n / (now - t0))
                 print(f"[{run}] step {n}/{a.steps} loss {loss:.4f} lm {lm:.4f} aux {aux:.3f} "
                       f"lr {sched.get_last_lr()[0]:.2e} {rate:.2f} steps/s ETA {eta / 60:.1f} min", flush=True)
@@ -330,7 +349,10 @@ def main(argv: list[str] | None = None) -> None:
                 write_json(out / "summary.json", summary())
         if cuda:
             torch.cuda.synchronize(device)
+        state["train_s"] = time.perf_counter() - t0  # the summary's seconds count training only
+        state["val"] = val_loss(model, cfg, device, amp)
         state["status"] = "done"
+        print(f"[{run}] validation lm loss {state['val']:.4f}", flush=True)
     except BaseException as e:
         state["status"] = f"stopped: {type(e).__name__}: {e}"
         raise

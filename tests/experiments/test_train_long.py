@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -52,6 +53,9 @@ def test_trace_has_every_step_layer_and_route(run):
     assert list(t.steps) == list(range(STEPS))
     assert t.layers == ["blocks.0.moe.router", "blocks.1.moe.router"]
     assert (c.sum(-1) == BATCH * SEQ * 2).all()  # tokens x top_k routed per layer and step
+    kept = t.counts(kind="kept")
+    assert (kept <= c).all() and (kept <= math.ceil(1.25 * BATCH * SEQ * 2 / 4)).all()  # capacity 1.25
+    assert (kept < c).any()  # an untrained router overflows some expert at capacity 1.25
     assert t.meta["tokens_per_step"] == BATCH * SEQ
     assert t.meta["extra"]["balance"] == balance
 
@@ -63,6 +67,7 @@ def test_summary_and_progress(run):
     assert len(s["lm_loss_first20"]) == STEPS and s["steps_per_s"] > 0
     assert s["lr_last"] == pytest.approx(s["config"]["lr"] * 0.1)  # the schedule completes inside the run
     assert s["torch"] == torch.__version__ and s["gpu"] == "cpu"
+    assert 0 < s["val_lm_loss"] < 6 and [r[0] for r in s["rates"]] == [4, 8, 12]
     assert p.stdout.count(" steps/s ETA ") == STEPS // 4
 
 
