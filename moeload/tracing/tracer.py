@@ -93,6 +93,19 @@ class LoadTracer:
     A writer failure (e.g. disk full) warns once and is listed in ``errors``. A killed process loses
     only its unflushed steps.
 
+    torch.compile, in either order. Attached before the model runs compiled, the hooks are traced into
+    dynamo's graph and counts are exact. Dynamo does not call hooks added to a module it has already
+    compiled, so where ``start()`` finds compiled code for the model or a module between it and a gate
+    (``torch.compile(model)``, ``module.compile()``, per-block compile; read from dynamo's cache), it calls
+    ``torch.compiler.reset()``, which is global: every compiled function of the process recompiles once
+    at its next call (one warning, manifest ``extra.dynamo_reset = {"step", "modules"}``). Not seen at
+    ``start()``: a compiled function that calls the model (a compiled training step). Each hook counts
+    its calls on the host (a Python int, no sync), so such a run shows: a step in which no gate ran is
+    warned about once and listed in ``extra.no_forward_steps`` ([[first, last], ...]); a gate that never
+    ran through the first block (or until ``close()``) goes to ``extra.disabled_layers`` with the reason
+    (its hook stays; in a multi-rank run, as rank 0 saw it). Layer names drop the ``_orig_mod`` segments of
+    compiled wrappers, so eager and compiled runs name layers alike.
+
     Dead or slow ranks (``flush_timeout``, seconds, default 300; None waits as long as the backend
     does). CPU buffers (gloo): the flush's collective runs on a gloo group of the tracer's own (made
     by ``start()``, with ``flush_timeout`` as its timeout, so it never mixes with training's
@@ -116,7 +129,8 @@ class LoadTracer:
     when a gate's adapter reports drops (True), never (False), or always ("always": gates without
     drop information record kept = routed; generic gates read a kept field from their output); ranks: "auto" | True | False; group: process group; gates: module
     path patterns and gate_types: classes for the generic adapter (with num_experts / top_k where
-    the module does not tell); adapters: replaces auto-discovery; device: of the count buffer
+    the module does not tell; gate_output: "auto" | "logits" | "mask", how it reads a floating
+    [.., E] output, see ``GenericAdapter``; refused without gates / gate_types); adapters: replaces auto-discovery; device: of the count buffer
     (default: the first gate's parameters); model_name, tokens_per_step, extra: manifest fields;
     fsync: each part before it becomes visible; max_pending: blocks copied to host memory and not yet
     written (the host buffers, allocated by ``start()``; default: as many as fit in 64 MiB, 4 to 64): a flush finding all of them still waiting
