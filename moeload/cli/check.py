@@ -99,46 +99,61 @@ class _Runs:
         return shown + more + end
 
 
-def zero_problems(t, block: int | None = None) -> list[str]:
-    """Silent zeros, read `block` steps at a time (default: at most 64 MiB of counts): steps in which
-    no layer received a token, and per layer, no tokens at all or none in steps where others had some."""
-    steps = t.steps
-    L, E = t.num_layers, t.num_experts
-    block = block or int(min(1000, max(1, 2**26 // max(1, L * E * 8))))
-    dead, starved = _Runs(), [_Runs() for _ in range(L)]
-    ever = np.zeros(L, bool)
-    pos = 0
-    for sel, c in t.iter_blocks(block):
+class ZeroScan:
+    """Silent zeros of counts fed block by block: steps in which no layer received a token, and
+    per layer, no token at all or none in steps where other layers had some."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.dead = _Runs()
+        self.starved = [_Runs() for _ in range(num_layers)]
+        self.ever = np.zeros(num_layers, bool)
+        self.pos = 0
+
+    def add(self, c: np.ndarray) -> None:
+        """c: [b, L, E] counts of the next b recorded steps."""
         nz = (c != 0).any(axis=2)  # [b, L]: the layer received a token in that step
         live = nz.any(axis=1)  # [b]
-        idx = np.arange(pos, pos + len(sel))
-        dead.add(idx[~live])
-        for li in range(L):
-            starved[li].add(idx[live & ~nz[:, li]])
-        ever |= nz.any(axis=0)
-        pos += len(sel)
-    S = len(steps)
-    span = f"{steps[0]}..{steps[-1]}"
-    out = []
-    if dead.n_steps == S:
-        out.append(f"{t.path}: every count is zero: no layer received a token in any of the {S} step(s) ({span}); "
-                   "nothing was recorded (model compiled before the tracer attached? hooks on the wrong modules?)")
-    elif dead.n_steps:
-        out.append(f"{t.path}: no layer received a token in {dead.n_steps} of {S} step(s): {dead.text(steps)}")
-    for li in range(L):
-        what = f"{t.path}: layer {li} ({t.layers[li]})"
-        if not ever[li]:
-            out.append(f"{what} received no token in any of the {S} step(s) ({span})"
-                       + ("; other layers did" if ever.any() else ""))
-        elif starved[li].n_steps:
-            out.append(f"{what} received no token in {starved[li].n_steps} step(s) in which other layers did: "
-                       f"{starved[li].text(steps)}")
-    return out
+        idx = np.arange(self.pos, self.pos + len(c))
+        self.dead.add(idx[~live])
+        for li, runs in enumerate(self.starved):
+            runs.add(idx[live & ~nz[:, li]])
+        self.ever |= nz.any(axis=0)
+        self.pos += len(c)
+
+    def problems(self, where: object, steps: np.ndarray, layer_ids: list[int], names: list[str]) -> list[str]:
+        """One line per problem; steps: [S] step numbers fed; layer_ids, names: [L] of the layers fed."""
+        S = len(steps)
+        span = f"{steps[0]}..{steps[-1]}"
+        out = []
+        if self.dead.n_steps == S:
+            out.append(f"{where}: every count is zero: no layer received a token in any of the {S} step(s) ({span}); "
+                       "nothing was recorded (model compiled before the tracer attached? hooks on the wrong modules?)")
+        elif self.dead.n_steps:
+            out.append(f"{where}: no layer received a token in {self.dead.n_steps} of {S} step(s): {self.dead.text(steps)}")
+        for li, name, ever, runs in zip(layer_ids, names, self.ever, self.starved):
+            what = f"{where}: layer {li} ({name})"
+            if not ever:
+                out.append(f"{what} received no token in any of the {S} step(s) ({span})"
+                           + ("; other layers did" if self.ever.any() else ""))
+            elif runs.n_steps:
+                out.append(f"{what} received no token in {runs.n_steps} step(s) in which other layers did: "
+                           f"{runs.text(steps)}")
+        return out
 
 
-def disabled_problems(t) -> list[str]:
-    """One line per layer that tracing disabled (manifest extra.disabled_layers): its counts are
-    missing from that step on, on the ranks listed."""
+def zero_problems(t, block: int | None = None) -> list[str]:
+    """ZeroScan over the whole trace, read `block` steps at a time (default: at most 64 MiB of counts)."""
+    L, E = t.num_layers, t.num_experts
+    block = block or int(min(1000, max(1, 2**26 // max(1, L * E * 8))))
+    scan = ZeroScan(L)
+    for _, c in t.iter_blocks(block):
+        scan.add(c)
+    return scan.problems(t.path, t.steps, list(range(L)), t.layers)
+
+
+def disabled_problems(t, names: set[str] | None = None) -> list[str]:
+    """One line per layer that tracing disabled (manifest extra.disabled_layers; only `names` where
+    given): its counts are missing from that step on, on the ranks listed."""
     extra = t.meta.get("extra")
     dis = extra.get("disabled_layers") if isinstance(extra, dict) else None
     if not dis:
@@ -147,6 +162,8 @@ def disabled_problems(t) -> list[str]:
         return [f"{t.path / 'manifest.json'}: extra.disabled_layers is not a mapping of layer to reason: {_clip(dis, 60)}"]
     out = []
     for name, d in dis.items():
+        if names is not None and name not in names:
+            continue
         d = d if isinstance(d, dict) else {"reason": d}
         ranks = f" on rank(s) {d['ranks']}" if d.get("ranks") else ""
         out.append(f"{t.path}: layer {name} was disabled by the tracer at step {d.get('step', '?')}{ranks}, its counts "

@@ -220,7 +220,8 @@ def _html_table(cols: list[str], rows: list[list[Any]]) -> str:
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.9em;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
-th{background:#f4f4f4}img{max-width:100%;display:block;margin:1em 0}.note{color:#666;font-size:.9em}"""
+th{background:#f4f4f4}img{max-width:100%;display:block;margin:1em 0}.note{color:#666;font-size:.9em}
+.warn{color:#8a1f11;background:#fdecea;border-left:4px solid #c0392b;padding:.4em .8em}"""
 
 
 def report(
@@ -295,10 +296,11 @@ def report(
             cols = ["predictor", "horizon", "phase", "n_origins", "havg_mae_pp", "mae_pp", "maxload_err"]
             step("<h2>Backtest</h2>" + _html_table(cols, s[cols].values.tolist()))
             step(f"<img alt='backtest' src='data:image/png;base64,{_png(_fig_backtest(d, None))}'>")
+    warn_html = "".join(f"<p class=warn>warning: {html.escape(w)}</p>" for w in sd["warnings"])
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>moeload report: {html.escape(t.path.name)}</title>"
             f"<style>{CSS}</style></head><body><h1>moeload report: {html.escape(str(t.path))}</h1>"
-            f"<p class=note>generated {now}</p>{''.join(parts)}</body></html>\n")
+            f"<p class=note>generated {now}</p>{warn_html}{''.join(parts)}</body></html>\n")
     out.write_text(page, encoding="utf-8")
     console().print(f"report written to {out} ({len(page) // 1024} KiB)")
 

@@ -204,6 +204,8 @@ def summary(
         return
     cols, rows = summary_rows(out)
     c_ = console()
+    for w in out["warnings"]:  # silent zeros and disabled layers first: the numbers below rest on them
+        c_.print(f"warning: {w}", markup=False, highlight=False)
     c_.print(
         table(
             "max/mean: hottest expert over the mean, per step (mean; worst step); CV and min/max of the window's totals"
@@ -221,9 +223,15 @@ def summary_data(t, steps: str | None, layers: str | None, method: str = "window
     """Everything `summary` reports, as a JSON-ready dict."""
     from moeload import states
 
+    from moeload.cli.check import ZeroScan, disabled_problems
+
     step_nums, lay, c = load_window(t, steps, layers, what="counts")
     experts = [t.experts_per_layer[i] for i in lay]
     stats = layer_stats(c, experts)
+    scan = ZeroScan(len(lay))
+    scan.add(c)
+    names = [t.layers[i] for i in lay]
+    warns = scan.problems(t.path, step_nums, [int(i) for i in lay], names) + disabled_problems(t, set(names))
     with progress_status("detecting phases"):
         r = states.detect(c, method=method, steps=step_nums)
     rows = []
@@ -239,6 +247,7 @@ def summary_data(t, steps: str | None, layers: str | None, method: str = "window
         "last_step": int(step_nums[-1]),
         "method": method,
         "model_boundary": int(r.model_boundary),
+        "warnings": warns,
         "layers": rows,
     }
 

@@ -202,3 +202,31 @@ def test_one_block_compiled_before_attach_fails_check_naming_that_layer(tmp_path
     r, d = check(t)
     one_line_error(r, "layer 1 (layers.1.router) received no token in any of the 4 step(s)", "other layers did")
     assert all("layers.0.router" not in p for p in d["problems"])
+
+
+# ---- summary and report say so at the top -------------------------------------------------------
+
+def test_summary_and_report_warn_first_about_silent_zeros_and_disabled_layers(tmp_path):
+    c = healthy()
+    c[35:, 1] = 0
+    extra = {"disabled_layers": {LAYERS[1]: {"step": 35, "ranks": [0], "reason": "router output of shape (2,)"}}}
+    t = write(tmp_path / "t", c, extra)
+    d = json.loads(runner.invoke(app, ["summary", str(t), "--json"]).stdout)
+    assert len(d["warnings"]) == 2 and "35..59 (to the end of the trace)" in d["warnings"][0]
+    assert "disabled by the tracer at step 35" in d["warnings"][1]
+    r = runner.invoke(app, ["summary", str(t)])
+    assert r.exit_code == 0 and r.stdout.startswith("warning: ") and r.stdout.count("warning: ") == 2
+    # a selection without the affected layer has nothing to warn about
+    assert json.loads(runner.invoke(app, ["summary", str(t), "--layers", "0,2", "--json"]).stdout)["warnings"] == []
+    r = runner.invoke(app, ["report", str(t), "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "r.html").read_text()
+    first_warn, first_section = page.index("<p class=warn>warning: "), page.index("<h2>")
+    assert first_warn < first_section and page.count("<p class=warn>") == 2
+    assert "layer 1 (blocks.1.moe.router) received no token in 25 step(s)" in page
+
+
+def test_summary_of_a_healthy_trace_has_no_warnings(tmp_path):
+    t = write(tmp_path / "t", healthy())
+    assert json.loads(runner.invoke(app, ["summary", str(t), "--json"]).stdout)["warnings"] == []
+    assert "warning" not in runner.invoke(app, ["summary", str(t)]).stdout
