@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import operator
 import os
 import platform
 from pathlib import Path
@@ -15,7 +16,28 @@ from moeload.errors import TraceFormatError, TraceMismatchError
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "parts"
+MANIFEST_MAX_BYTES = 64 << 20
 COUNT_KINDS = ("routed", "kept", "both")
+
+
+_INT32 = 2**31 - 1  # ranks, layer sizes and k are int32 in parts
+_BIG = 2**63 - 1
+
+
+def _show(v: Any) -> str:
+    """A short repr of a bad manifest value for a one-line message."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _whole(name: str, v: Any, lo: int, hi: int = _INT32) -> int:
+    """v as an int in [lo, hi]; bool, float (8.9, NaN) and strings are refused, never truncated."""
+    if isinstance(v, bool) or not hasattr(type(v), "__index__"):
+        raise TraceFormatError(f"manifest: field {name!r} must be an integer, got {_show(v)}")
+    i = operator.index(v)
+    if not lo <= i <= hi:
+        raise TraceFormatError(f"manifest: field {name!r} must be in {lo}..{hi}, got {i}")
+    return i
 
 
 def _now() -> str:
@@ -54,17 +76,54 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        self.layers = [str(x) for x in self.layers]
-        L = len(self.layers)
-        if isinstance(self.experts_per_layer, int):
-            self.experts_per_layer = [self.experts_per_layer] * L
-        if isinstance(self.top_k, int):
-            self.top_k = [self.top_k] * L
-        self.experts_per_layer = [int(e) for e in self.experts_per_layer]
-        self.top_k = [int(k) for k in self.top_k]
+        self._check_types()
         self.validate()
         if not self.versions:
             self.versions = default_versions()
+
+    def _check_types(self) -> None:
+        """Refuse fields of the wrong type (never coerce: a string of layers is not split into letters,
+        8.9 experts are not 8); integers may be Python or NumPy integers, never bool or float."""
+        if not isinstance(self.layers, (list, tuple)) or not all(isinstance(x, str) for x in self.layers):
+            raise TraceFormatError(f"manifest: field 'layers' must be a list of module paths (strings), got {_show(self.layers)}")
+        self.layers = list(self.layers)
+        L = len(self.layers)
+        for name in ("experts_per_layer", "top_k"):
+            v = getattr(self, name)
+            if isinstance(v, (list, tuple)):
+                setattr(self, name, [_whole(name, x, 1) for x in v])
+            else:
+                setattr(self, name, [_whole(name, v, 1)] * L)
+        self.world_size = _whole("world_size", self.world_size, 1)
+        self.ep_size = _whole("ep_size", self.ep_size, 1)
+        self.schema_version = _whole("schema_version", self.schema_version, 0)
+        for name in ("tokens_per_step", "flush_every"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _whole(name, getattr(self, name), 0 if name == "tokens_per_step" else 1, _BIG))
+        for name in ("framework", "count_kind", "start_time"):
+            if not isinstance(getattr(self, name), str):
+                raise TraceFormatError(f"manifest: field {name!r} must be a string, got {_show(getattr(self, name))}")
+        for name in ("framework_version", "model_name"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TraceFormatError(f"manifest: field {name!r} must be a string or null, got {_show(getattr(self, name))}")
+        if not isinstance(self.ranks_recorded, bool):
+            raise TraceFormatError(f"manifest: field 'ranks_recorded' must be true or false, got {_show(self.ranks_recorded)}")
+        for name in ("versions", "extra"):
+            if not isinstance(getattr(self, name), dict):
+                raise TraceFormatError(f"manifest: field {name!r} must be an object (dict), got {_show(getattr(self, name))}")
+        if not isinstance(self.sessions, (list, tuple)) or not all(isinstance(x, dict) for x in self.sessions):
+            raise TraceFormatError(f"manifest: field 'sessions' must be a list of objects, got {_show(self.sessions)}")
+        self.sessions = list(self.sessions)
+        for x in self.sessions:
+            for key in ("writer_rank", "first_seq"):
+                if key in x:
+                    x[key] = _whole(f"sessions[].{key}", x[key], 0, _BIG)
+        if self.expert_to_rank is not None:
+            if not isinstance(self.expert_to_rank, (list, tuple)) or not all(
+                isinstance(m, (list, tuple)) for m in self.expert_to_rank
+            ):
+                raise TraceFormatError("manifest: field 'expert_to_rank' must be [layers][experts] lists of ranks or null")
+            self.expert_to_rank = [[_whole("expert_to_rank", r, 0) for r in m] for m in self.expert_to_rank]
 
     def validate(self, where: str = "manifest") -> None:
         L = len(self.layers)
@@ -115,16 +174,20 @@ class Manifest:
         if not isinstance(d, dict):
             raise TraceFormatError(f"{where}: expected a JSON object")
         version = d.get("schema_version", SCHEMA_VERSION)
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise TraceFormatError(f"{where}: field 'schema_version' must be a non-negative integer, got {_show(version)}")
+        if version > SCHEMA_VERSION:
             raise TraceFormatError(
                 f"{where}: schema_version {version!r} is newer than this moeload reads ({SCHEMA_VERSION}); upgrade moeload"
             )
+        if "extra" in d and not isinstance(d["extra"], dict):
+            raise TraceFormatError(f"{where}: field 'extra' must be an object (dict), got {_show(d['extra'])}")
         missing = [k for k in ("layers", "experts_per_layer") if k not in d]
         if missing:
             raise TraceFormatError(f"{where}: missing field(s) {missing}")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
-        extra = dict(kwargs.get("extra") or {})
+        extra = dict(kwargs.get("extra", {}))
         extra.update({k: v for k, v in d.items() if k not in known})
         kwargs["extra"] = extra
         try:
@@ -177,8 +240,16 @@ def read_manifest(trace_dir: str | os.PathLike) -> Manifest:
     mpath = d / MANIFEST_NAME
     if not mpath.exists():
         raise TraceFormatError(f"{mpath}: missing; {d} is not a moeload trace")
+    if not mpath.is_file():  # a FIFO or a device (/dev/zero) would block or never end
+        raise TraceFormatError(f"{mpath}: not a regular file")
+    with open(mpath, "rb") as f:
+        data = f.read(MANIFEST_MAX_BYTES + 1)
+    if len(data) > MANIFEST_MAX_BYTES:
+        raise TraceFormatError(f"{mpath}: larger than {MANIFEST_MAX_BYTES >> 20} MiB; not a moeload manifest")
     try:
-        raw = json.loads(mpath.read_text())
+        raw = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TraceFormatError(f"{mpath}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # integers of thousands of digits, deeply nested JSON
+        raise TraceFormatError(f"{mpath}: unusable JSON ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})") from None
     return Manifest.from_dict(raw, where=str(mpath))

@@ -1,0 +1,140 @@
+"""Issue 13, hostile traces at the reader and manifest level: manifest fields of the wrong type or
+range, step and layer selections, count columns of unsigned types and int64 overflow, parts whose
+content disagrees with their file name. Every refusal is one line naming the file and the problem."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from moeload.cli import app
+from moeload.errors import MoeloadError, TraceFormatError
+from moeload.trace import Manifest, TraceWriter, open_trace
+from moeload.trace.manifest import MANIFEST_NAME
+from tests.cli._cli import one_line_error
+
+
+def _write(path: Path, n: int = 12, **kw) -> np.ndarray:
+    """A real two-layer trace of n steps in blocks of 4 -> counts [n, 2, 4]."""
+    c = np.random.default_rng(0).integers(0, 50, size=(n, 2, 4))
+    with TraceWriter(path, Manifest(layers=["a", "b"], experts_per_layer=[4, 4], top_k=1, **kw)) as w:
+        for a in range(0, n, 4):
+            w.write_block(np.arange(a, a + 4), c[a : a + 4])
+    return c
+
+
+def _edit_manifest(path: Path, **fields) -> Path:
+    mpath = path / MANIFEST_NAME
+    d = json.loads(mpath.read_text())
+    d.update(fields)
+    mpath.write_text(json.dumps(d))
+    return mpath
+
+
+def _one_line(e: pytest.ExceptionInfo, *needles: str) -> str:
+    msg = str(e.value)
+    assert isinstance(e.value, MoeloadError) and "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, msg
+    return msg
+
+
+# ---- 1. manifest fields: types and ranges, refused on open, never coerced ----------------------
+
+BAD_FIELDS = [
+    ("layers", "ab"),  # used to become the one-letter layers ['a', 'b']
+    ("layers", ["a", 1]),
+    ("layers", {"a": 1}),
+    ("experts_per_layer", 8.9),  # used to become 8
+    ("experts_per_layer", [4, 8.9]),
+    ("experts_per_layer", [4, math.nan]),
+    ("experts_per_layer", [4, True]),
+    ("experts_per_layer", [4, -4]),
+    ("experts_per_layer", True),
+    ("experts_per_layer", "4"),
+    ("top_k", [1, 1.5]),
+    ("world_size", math.nan),  # used to pass: NaN < 1 is false
+    ("world_size", 2.5),
+    ("world_size", 0),
+    ("world_size", True),
+    ("ep_size", -1),
+    ("schema_version", -1),
+    ("schema_version", 1.0),
+    ("schema_version", True),
+    ("schema_version", "1"),
+    ("schema_version", 2),
+    ("extra", [1, 2]),
+    ("extra", "notes"),
+    ("sessions", {"pid": 1}),
+    ("sessions", ["x"]),
+    ("sessions", [{"writer_rank": "0", "first_seq": 0}]),
+    ("sessions", [{"writer_rank": 0, "first_seq": 1.5}]),
+    ("ranks_recorded", "yes"),
+    ("expert_to_rank", [[0, 0.5, 0, 0], [0, 0, 0, 0]]),  # fractional ranks made gpu_loads all zero
+    ("count_kind", ["routed"]),
+    ("flush_every", 2.5),
+    ("tokens_per_step", "many"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), BAD_FIELDS, ids=[f"{f}={v!r}" for f, v in BAD_FIELDS])
+def test_manifest_field_of_wrong_type_or_range_is_refused_naming_file_and_field(tmp_path, field, value):
+    _write(tmp_path / "t")
+    mpath = _edit_manifest(tmp_path / "t", **{field: value})
+    with pytest.raises(TraceFormatError) as e:
+        open_trace(tmp_path / "t")
+    _one_line(e, str(mpath), field.split("[")[0])
+
+
+def test_writer_rank_string_in_sessions_is_refused_when_resuming(tmp_path):
+    _write(tmp_path / "t")
+    mpath = _edit_manifest(tmp_path / "t", sessions=[{"writer_rank": "zero", "first_seq": 0}])
+    with pytest.raises(TraceFormatError) as e:
+        _write(tmp_path / "t")
+    _one_line(e, str(mpath), "writer_rank")
+    mpath = _edit_manifest(tmp_path / "t", sessions="not a list")  # used to be an AttributeError
+    with pytest.raises(TraceFormatError) as e:
+        _write(tmp_path / "t")
+    _one_line(e, str(mpath), "sessions")
+
+
+def test_manifest_of_good_types_still_reads_and_broadcasts_int_fields(tmp_path):
+    c = _write(tmp_path / "t")
+    _edit_manifest(tmp_path / "t", experts_per_layer=4, top_k=1, extra={"note": 1}, schema_version=0)
+    t = open_trace(tmp_path / "t")
+    assert t.experts_per_layer == [4, 4] and t.top_k == [1, 1] and t.meta["extra"]["note"] == 1
+    np.testing.assert_array_equal(t.counts(), c)
+    m = Manifest(layers=("a",), experts_per_layer=[np.int64(4)], world_size=np.int32(2))
+    assert m.experts_per_layer == [4] and type(m.experts_per_layer[0]) is int and m.world_size == 2
+
+
+def test_manifest_type_error_is_one_cli_line(tmp_path):
+    _write(tmp_path / "t")
+    _edit_manifest(tmp_path / "t", layers="ab")
+    r = CliRunner().invoke(app, ["info", str(tmp_path / "t")])
+    one_line_error(r, str(tmp_path / "t" / MANIFEST_NAME), "'layers'")
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000, '{"layers": [' + "9" * 5000 + "]}"], ids=["nested", "5000-digit"])
+def test_manifest_deeply_nested_or_huge_integer_is_one_line(tmp_path, content):
+    _write(tmp_path / "t")
+    (tmp_path / "t" / MANIFEST_NAME).write_text(content)
+    with pytest.raises(TraceFormatError) as e:
+        open_trace(tmp_path / "t")
+    _one_line(e, str(tmp_path / "t" / MANIFEST_NAME))
+
+
+def test_manifest_fifo_is_refused_without_blocking(tmp_path):
+    _write(tmp_path / "t")
+    mpath = tmp_path / "t" / MANIFEST_NAME
+    mpath.unlink()
+    os.mkfifo(mpath)
+    with pytest.raises(TraceFormatError) as e:
+        open_trace(tmp_path / "t")
+    _one_line(e, str(mpath), "not a regular file")
