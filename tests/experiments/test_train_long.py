@@ -66,7 +66,7 @@ def test_summary_and_progress(run):
     assert s["status"] == "done" and s["steps"] == STEPS and s["tokens_per_step"] == BATCH * SEQ
     assert len(s["lm_loss_first20"]) == STEPS and s["steps_per_s"] > 0
     assert s["lr_last"] == pytest.approx(s["config"]["lr"] * 0.1)  # the schedule completes inside the run
-    assert s["torch"] == torch.__version__ and s["gpu"] == "cpu"
+    assert s["torch"] == torch.__version__ and s["gpu"] == "cpu" and s["tracer_errors"] == []
     assert 0 < s["val_lm_loss"] < 6 and [r[0] for r in s["rates"]] == [4, 8, 12]
     assert p.stdout.count(" steps/s ETA ") == STEPS // 4
 
