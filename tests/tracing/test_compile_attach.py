@@ -88,11 +88,11 @@ def _fresh_dynamo():
     torch.compiler.reset()
 
 
-def compile_net(net: Net, how: str) -> nn.Module:
+def compile_net(net: Net, how: str, backend: str = "eager") -> nn.Module:
     if how == "whole":
-        return torch.compile(net, backend="eager")
+        return torch.compile(net, backend=backend)
     for b in net.layers:  # per-block, as torchtitan does
-        b.compile(backend="eager")
+        b.compile(backend=backend)
     return net
 
 
@@ -104,14 +104,14 @@ def train(run: nn.Module, xs: list[torch.Tensor], tracer: LoadTracer) -> None:
 
 @pytest.mark.parametrize("how", ["whole", "block"])
 @pytest.mark.parametrize("order", ["attach_then_compile", "compile_run_then_attach", "compile_then_attach"])
-def test_counts_exact_in_either_order(tmp_path, how: str, order: str) -> None:
+def test_counts_exact_in_either_order(tmp_path, how: str, order: str, backend: str = "eager") -> None:
     torch.manual_seed(0)
     net = Net()
     want = reference(copy.deepcopy(net), xs := inputs())
     tr = None
     if order == "attach_then_compile":
         tr = LoadTracer(net, tmp_path / "t", gates="*.router", flush_every=2).start()
-    run = compile_net(net, how)
+    run = compile_net(net, how, backend)
     if order == "compile_run_then_attach":
         run(inputs(1, seed=9)[0]).sum().backward()  # warm-up: dynamo compiles the hook-less model
     with warnings.catch_warnings(record=True) as caught:
@@ -132,6 +132,11 @@ def test_counts_exact_in_either_order(tmp_path, how: str, order: str) -> None:
         assert extra["dynamo_reset"]["modules"] == (["<model>"] if how == "whole" else ["layers.0", "layers.1"])
     else:  # compiled but not yet run: its first compile already sees the hooks, nothing to reset
         assert reset == [] and "dynamo_reset" not in extra
+
+
+def test_counts_exact_with_aot_autograd(tmp_path) -> None:
+    """The same with AOT autograd (compiled forward and backward graphs, as inductor uses)."""
+    test_counts_exact_in_either_order(tmp_path, "whole", "compile_run_then_attach", backend="aot_eager")
 
 
 def test_compiled_step_function_warns_and_notes_zero_steps(tmp_path) -> None:
