@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from moeload.errors import TraceFormatError
+from moeload.errors import InputError, TraceFormatError
 from moeload.trace.checks import check_part, index_part, list_lengths, read_columns, rows_problem
 from moeload.trace.manifest import PARTS_DIR, Manifest, read_manifest
 from moeload.trace.writer import PART_RE
@@ -48,9 +48,11 @@ class Trace:
     """A trace on disk. Arrays come back dense: counts [S, L, E] int64, global over ranks.
 
     Step selections (`steps=`): None (all), a (start, stop) tuple or slice of step numbers
-    (stop exclusive), a range, or an explicit array of step numbers. Layer selections
-    (`layers=`): None, an index or module path, or a list of them. Layers with fewer experts
-    than the widest layer are zero-padded.
+    (stop exclusive; a slice's stride keeps the recorded steps among start, start + stride, ...,
+    counting from 0 when start is None), a range, or an explicit array of step numbers. Layer
+    selections (`layers=`): None, an index or module path, or a list of them. Step and layer
+    numbers are Python or NumPy integers: a float or bool raises InputError, never truncated.
+    Layers with fewer experts than the widest layer are zero-padded.
     """
 
     def __init__(self, path: str | os.PathLike, *, skip_bad_parts: bool = False) -> None:
@@ -245,16 +247,23 @@ class Trace:
         if steps is None:
             self._touch(split)
             keep = np.ones(len(all_steps), bool)
-        elif isinstance(steps, (tuple, slice)) and not isinstance(steps, np.ndarray):
-            start, stop = (steps.start, steps.stop) if isinstance(steps, slice) else steps
+        elif isinstance(steps, (tuple, slice)):
+            if isinstance(steps, tuple) and len(steps) != 2:
+                raise InputError(f"{self.path}: steps=(start, stop) needs 2 step numbers, got {len(steps)}")
+            start, stop, stride = (steps.start, steps.stop, steps.step) if isinstance(steps, slice) else (*steps, None)
+            start, stop, stride = (None if v is None else self._index_arg("steps", v) for v in (start, stop, stride))
+            if stride is not None and stride < 1:
+                raise InputError(f"{self.path}: steps slice stride must be a positive integer, got {stride}")
             self._touch(split, lo=-np.inf if start is None else start, hi=np.inf if stop is None else stop - 1)
             keep = np.ones(len(all_steps), bool)
             if start is not None:
                 keep &= all_steps >= start
             if stop is not None:
                 keep &= all_steps < stop
+            if stride is not None and stride > 1:  # step numbers start, start + stride, ... (start 0 if None)
+                keep &= (all_steps - (start or 0)) % stride == 0
         else:
-            want = np.asarray(list(steps) if isinstance(steps, range) else steps, dtype=np.int64).reshape(-1)
+            want = self._step_array(steps)
             self._touch(split, want)
             missing = np.setdiff1d(want, all_steps)
             if len(missing):
@@ -266,10 +275,39 @@ class Trace:
             return all_steps[idx], owner[idx]
         return all_steps[keep], owner[keep]
 
+    def _index_arg(self, what: str, v: Any) -> int:
+        """A step or layer number given by the caller: a Python or NumPy integer; bool, float (2.7 is not
+        truncated to 2) and anything else raise InputError."""
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise InputError(f"{self.path}: {what} must be integers, got {v!r} ({type(v).__name__})")
+        return int(v)
+
+    def _step_array(self, steps: Any) -> np.ndarray:
+        """Explicit step numbers (a range, sequence or array of integers) -> [n] int64."""
+        if isinstance(steps, range):
+            return np.arange(steps.start, steps.stop, steps.step, dtype=np.int64)
+        try:
+            a = np.asarray(steps)
+        except (ValueError, TypeError):
+            raise InputError(f"{self.path}: steps must be step numbers (integers)") from None
+        if a.size == 0:
+            return np.zeros(0, np.int64)
+        flat = a.reshape(-1)
+        if a.dtype.kind == "O":  # mixed types, or Python integers too large for int64
+            bad = next((x for x in flat if isinstance(x, bool) or not isinstance(x, (int, np.integer))), None)
+            if bad is None:
+                raise InputError(f"{self.path}: steps beyond int64 (got {max(flat)})")
+            raise InputError(f"{self.path}: steps must be integers, got {bad!r} ({type(bad).__name__})")
+        if a.dtype.kind not in "iu":
+            raise InputError(f"{self.path}: steps must be integers, got {flat[0]!r} ({a.dtype})")
+        if a.dtype.kind == "u" and a.max() > np.iinfo(np.int64).max:
+            raise InputError(f"{self.path}: steps beyond int64 (got {a.max()})")
+        return flat.astype(np.int64)
+
     def _select_layers(self, layers: LayerSel) -> np.ndarray:
         if layers is None:
             return np.arange(self.num_layers)
-        if isinstance(layers, (int, np.integer, str)):
+        if isinstance(layers, (int, np.integer, str, float, np.floating)):
             layers = [layers]
         out = []
         for x in layers:
@@ -278,7 +316,7 @@ class Trace:
                     raise TraceFormatError(f"{self.path}: no layer named {x!r}; layers are {self.layers}")
                 out.append(self.manifest.layers.index(x))
             else:
-                i = int(x)
+                i = self._index_arg("layers", x)
                 if not -self.num_layers <= i < self.num_layers:
                     raise TraceFormatError(f"{self.path}: layer index {i} out of range (trace has {self.num_layers})")
                 out.append(i % self.num_layers)

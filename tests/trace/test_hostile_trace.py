@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moeload.cli import app
-from moeload.errors import MoeloadError, TraceFormatError
+from moeload.errors import InputError, MoeloadError, TraceFormatError
 from moeload.trace import Manifest, TraceWriter, open_trace
 from moeload.trace.manifest import MANIFEST_NAME
 from tests.cli._cli import one_line_error
@@ -138,3 +138,55 @@ def test_manifest_fifo_is_refused_without_blocking(tmp_path):
     with pytest.raises(TraceFormatError) as e:
         open_trace(tmp_path / "t")
     _one_line(e, str(mpath), "not a regular file")
+
+
+# ---- 2. step and layer selections: strides honoured, floats refused, NumPy integers accepted ----
+
+
+def test_slice_stride_is_honoured(tmp_path):
+    c = _write(tmp_path / "t", n=20)
+    t = open_trace(tmp_path / "t")
+    np.testing.assert_array_equal(t.counts(steps=slice(0, 10, 3)), c[[0, 3, 6, 9]])
+    np.testing.assert_array_equal(t.counts(steps=slice(2, None, 5)), c[[2, 7, 12, 17]])
+    np.testing.assert_array_equal(t.counts(steps=slice(None, 7, 2)), c[[0, 2, 4, 6]])
+    np.testing.assert_array_equal(t.counts(steps=slice(np.int64(1), np.int32(9), np.int64(4))), c[[1, 5]])
+    np.testing.assert_array_equal(t.counts(steps=slice(0, 20, 1)), c)
+    assert t.to_pandas(steps=slice(0, 10, 3)).step.unique().tolist() == [0, 3, 6, 9]
+    for bad in (slice(0, 10, 0), slice(10, 0, -1), slice(0, 10, 1.5)):
+        with pytest.raises(InputError) as e:
+            t.counts(steps=bad)
+        _one_line(e, str(tmp_path / "t"), "stride" if bad.step != 1.5 else "integers")
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [[1.7, 2.2], np.array([1.0, 2.0]), (0.5, 3), slice(0, 3.9), slice(1.2, 4), [True, False], [1, "2"], 2.0],
+    ids=repr,
+)
+def test_float_or_bool_steps_are_refused_not_truncated(tmp_path, steps):
+    _write(tmp_path / "t")
+    with pytest.raises(InputError) as e:
+        open_trace(tmp_path / "t").counts(steps=steps)
+    _one_line(e, str(tmp_path / "t"), "integers")
+
+
+@pytest.mark.parametrize("layers", [0.9, 1.5, [0, 1.0], np.array([0.0]), True, [np.float32(1)]], ids=repr)
+def test_float_or_bool_layers_are_refused_not_truncated(tmp_path, layers):
+    _write(tmp_path / "t")
+    with pytest.raises(InputError) as e:
+        open_trace(tmp_path / "t").counts(layers=layers)
+    _one_line(e, str(tmp_path / "t"), "layers must be integers")
+
+
+def test_numpy_integer_steps_and_layers_are_accepted(tmp_path):
+    c = _write(tmp_path / "t")
+    t = open_trace(tmp_path / "t")
+    np.testing.assert_array_equal(t.counts(steps=np.array([3, 1], dtype=np.uint8), layers=np.int64(1)), c[[3, 1]][:, [1]])
+    np.testing.assert_array_equal(t.counts(steps=[np.int32(2)], layers=np.array([1, 0])), c[[2]][:, [1, 0]])
+    np.testing.assert_array_equal(t.counts(steps=(np.int64(4), np.int64(6)), layers=[np.int16(0)]), c[4:6, [0]])
+    np.testing.assert_array_equal(t.counts(steps=range(0, 12, 4)), c[[0, 4, 8]])
+    assert t.counts(steps=[]).shape == (0, 2, 4)
+    with pytest.raises(InputError, match="beyond int64"):
+        t.counts(steps=[2**70])
+    with pytest.raises(InputError, match="2 step numbers"):
+        t.counts(steps=(1, 2, 3))
