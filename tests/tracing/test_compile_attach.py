@@ -15,10 +15,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _loop import Loop, sgd
 from torch import nn
 
 from moeload import LoadTracer, open_trace
 from moeload.errors import InputError
+from moeload.workloads import batches
 
 H, E, K, T, STEPS = 16, 4, 2, 24, 5
 
@@ -252,3 +254,31 @@ def test_gate_output_refused_where_meaningless(tmp_path) -> None:
 
     with pytest.raises(InputError, match="gates= or gate_types="):
         LoadTracer(build_model(get_config("tiny")), tmp_path / "t", gate_output="logits")
+
+
+def test_embedded_workload_compiled_and_run_before_attach(tmp_path) -> None:
+    """The embedded MoE GPT (2 gates, capacity dropping): a compiled copy, warmed up before the tracer
+    attaches, trained in lockstep with an eager one: routed and kept counts equal the eager reference."""
+    eager, comp = Loop(seed=3), Loop(seed=3)
+    run = torch.compile(comp.model, backend="eager")
+    x, y = next(batches(comp.cfg, 99))
+    run(x, y).loss.backward()  # warm-up (the eval step / first batch of a usual loop), then drop its grads
+    for p in comp.model.parameters():
+        p.grad = None
+    with pytest.warns(RuntimeWarning, match="compiled and run before the tracer attached"):
+        tr = LoadTracer(run, tmp_path / "t", flush_every=4).start()
+    want_routed, want_kept = [], []
+    for _ in range(6):
+        r, k = eager.step()
+        want_routed.append(r)
+        want_kept.append(k)
+        xb, yb = next(comp.data)
+        run(xb, yb).loss.backward()
+        sgd(comp.model)
+        tr.step()
+    tr.close()
+    t = open_trace(tmp_path / "t")
+    assert len(t.layers) == 2 and t.meta["count_kind"] == "both"
+    assert t.layers == LoadTracer(eager.model, sink=lambda b: None).layers  # the eager model's names
+    np.testing.assert_array_equal(t.counts(), np.stack(want_routed))
+    np.testing.assert_array_equal(t.counts(kind="kept"), np.stack(want_kept))
