@@ -65,10 +65,19 @@ class ErrorGroup(TyperGroup):
             fail(_one_line(f"moeload: {e.format_message()} (see moeload --help)"))
 
     def invoke(self, ctx: typer.Context) -> Any:
+        import warnings
+
         _WARNINGS.clear()
         try:
-            out = super().invoke(ctx)
-            for w in _WARNINGS:  # printed after a successful command only: a failure is one line
+            with warnings.catch_warnings(record=True) as caught:  # Python warnings become one-line notes
+                out = super().invoke(ctx)
+            dev = (DeprecationWarning, PendingDeprecationWarning)
+            for w in caught:  # for developers: shown as Python shows them
+                if issubclass(w.category, dev):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            notes = _WARNINGS + [_one_line(str(w.message)).removeprefix("moeload: ") for w in caught
+                                 if not issubclass(w.category, dev)]
+            for w in dict.fromkeys(notes):  # printed after a successful command only: a failure is one line
                 typer.echo(f"moeload: warning: {w}", err=True)
             return out
         except UsageError as e:

@@ -217,3 +217,18 @@ def test_forecast_plot_of_one_layer_arrays_does_not_invent_layer_0():
     assert "layer" not in plots.forecast_vs_actual(p[:20], p[20:]).get_title(loc="left")
     p3 = np.full((30, 4, E), 1 / E)
     assert plots.forecast_vs_actual(p3[:20], p3[20:], layer=2).get_title(loc="left").endswith("layer 2")
+
+
+# ---------------------------------------------------------------- Python warnings: one line, after success only
+
+def test_a_failing_command_prints_one_line_even_when_code_warned_first(trace):
+    # evaluation.backtest warns that the horizon outruns the trace, then no origin fits
+    one_line_error(invoke("backtest", trace, "--horizons", "1000000000"), "no forecast origin fits")
+
+
+def test_warnings_of_a_successful_command_are_one_moeload_line_each(trace):
+    r = invoke("backtest", trace, "--predictors", "last", "--horizons", "8,1000000000")
+    assert r.exit_code == 0, r.output
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("moeload: warning: backtest: horizon 1000000000 is longer"), lines
+    assert "UserWarning" not in r.stderr and ".py:" not in r.stderr
