@@ -42,6 +42,7 @@ def import_cmd(
         "tp_size": tp_size, "pp_size": pp_size, "first_step": first_step, "keep_empty_layers": keep_empty_layers,
     }
     opts = {k: v for k, v in given.items() if v is not None}
+    _check_sizes(opts)
     with progress_status(f"importing {source}"):
         out = import_trace(fmt, source, dest, **opts)
     t = open_trace(out)
@@ -56,6 +57,17 @@ def import_cmd(
         f"imported {fmt} {source} -> {out}: {len(s)} steps ({s[0]}..{s[-1]}), {t.num_layers} layers, "
         f"{t.num_experts} experts" + (f", {t.manifest.world_size} ranks" if t.manifest.ranks_recorded else "")
     )
+
+
+def _check_sizes(opts: dict) -> None:
+    """One-line InputError for size options past the importers' plausibility limits (they size arrays)."""
+    from moeload.trace.importers._common import MAX_EXPERTS, MAX_RANKS
+
+    limits = {"num_experts": MAX_EXPERTS, "top_k": MAX_EXPERTS, "ep_size": MAX_RANKS, "expert_tp_size": MAX_RANKS,
+              "tp_size": MAX_RANKS, "pp_size": MAX_RANKS}
+    for k, limit in limits.items():
+        if k in opts and opts[k] > limit:
+            raise InputError(f"--{k.replace('_', '-')} {opts[k]}: implausibly large (limit {limit})")
 
 
 def register(app: typer.Typer) -> None:

@@ -232,3 +232,12 @@ def test_warnings_of_a_successful_command_are_one_moeload_line_each(trace):
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("moeload: warning: backtest: horizon 1000000000 is longer"), lines
     assert "UserWarning" not in r.stderr and ".py:" not in r.stderr
+
+
+@pytest.mark.parametrize("opt", ["--num-experts", "--top-k"])
+def test_import_size_options_are_bounded_before_reading(tmp_path, opt):
+    src = _csv(tmp_path / "c.csv")
+    extra = ["--top-k", "2"] if opt != "--top-k" else []
+    one_line_error(invoke("import", "csv", src, tmp_path / "t", opt, "10000000000", *extra),
+                   f"{opt} 10000000000: implausibly large")
+    assert not (tmp_path / "t").exists()
