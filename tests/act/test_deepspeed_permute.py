@@ -1,0 +1,231 @@
+"""permute_experts on real DeepSpeed MoE layers, 2 gloo processes on CPU (ep_size 2, 4 experts).
+
+This file is also the worker: pytest runs it under `torch.distributed.run` once (module fixture); each
+rank writes what it measured to rank<r>.json and the tests below check it. Three identical models
+(same seed, same per-rank inputs, DeepSpeed engines with torch Adam): A is never permuted; B is
+permuted after step 2 and again after step 3, with its optimizer; C is permuted after step 2 without
+its optimizer (the control: Adam's moments stay behind, so its losses must part from A's).
+Layer 0 is top-1, layer 1 top-2; drop_tokens=False (no capacity drops, so RTS noise routes nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+H, E, TOKENS, STEPS = 16, 4, 32, 5
+MAPS_1 = ([1, 0, 1, 0], [1, 1, 0, 0])  # after step 2: layer 0, layer 1
+MAPS_2 = ([0, 1, 1, 0], [0, 1, 0, 1])  # after step 3 (B only)
+INVALID = ([0, 1, 1], [0, 0, 0, 1], [0, 1, 2, 1], [0.5, 1, 0, 1], "0011")
+
+
+def _worker(out: Path) -> None:
+    import datetime
+
+    import deepspeed
+    import deepspeed.ops
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(1)
+    deepspeed.ops.__compatible_ops__ = {}  # no C++ op build on a CPU-only torch; gloo does the collectives
+    deepspeed.init_distributed("gloo", timeout=datetime.timedelta(seconds=60))
+    from deepspeed.moe.layer import MoE
+
+    from moeload.act.deepspeed import expert_to_rank, permute_experts
+    from moeload.act.permute import phy2log
+    from moeload.errors import InputError
+
+    dist = torch.distributed
+    rank = dist.get_rank()
+    L = E // 2
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.moe = nn.ModuleList(
+                MoE(H, nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.Linear(2 * H, H)), num_experts=E, ep_size=2,
+                    k=k, min_capacity=1, drop_tokens=False, top2_2nd_expert_sampling=False) for k in (1, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            aux = 0.0
+            for m in self.moe:
+                y, l_aux, _ = m(x)
+                x, aux = x + y, aux + l_aux
+            return x.pow(2).mean() + 0.01 * aux
+
+    def engine() -> object:
+        torch.manual_seed(0)  # the same weights on both ranks and in A, B, C
+        model = Net()
+        cfg = {"train_micro_batch_size_per_gpu": 1,
+               "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True, "adam_w_mode": False}}}
+        return deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())[0]
+
+    gen = torch.Generator().manual_seed(1000 + rank)  # different tokens on each rank
+    xs = [torch.randn(1, TOKENS, H, generator=gen) for _ in range(STEPS)]
+    x_fixed = torch.randn(1, TOKENS, H, generator=gen)
+
+    def step(eng: object, t: int) -> float:
+        torch.manual_seed(10 + t)  # RTS draws from the global generator
+        loss = eng(xs[t])
+        eng.backward(loss)
+        eng.step()
+        return float(loss.detach())
+
+    def by_logical(eng: object) -> dict:
+        """{layer: {logical expert: {param i: {"param"|state key: list}}}} over both ranks, plus gate rows."""
+        opt = eng.optimizer
+        mine = {}
+        for li, m in enumerate(eng.module.moe):
+            p2l = phy2log(np.asarray(expert_to_rank(m)))
+            layer = {}
+            for j, ex in enumerate(m.deepspeed_moe.experts.deepspeed_experts):
+                layer[int(p2l[rank * L + j])] = {
+                    i: {"param": p.detach().tolist(),
+                        **{k: (v.tolist() if v.dim() else float(v)) for k, v in opt.state[p].items()}}
+                    for i, p in enumerate(ex.parameters())}
+            w = m.deepspeed_moe.gate.wg.weight
+            inv = np.argsort(p2l)  # logical -> slot
+            gate = {"param": w.detach()[inv].tolist(), **{k: v[inv].tolist() for k, v in opt.state[w].items() if v.dim()}}
+            mine[li] = (layer, gate)
+        every = [None, None]
+        dist.all_gather_object(every, mine)
+        merged = {li: ({**every[0][li][0], **every[1][li][0]}, every[rank][li][1]) for li in mine}
+        return merged
+
+    def max_diff(a: dict, b: dict) -> dict:
+        d: dict = {}
+        for li in a:
+            for e in a[li][0]:
+                for i in a[li][0][e]:
+                    for k, v in a[li][0][e][i].items():
+                        d[k] = max(d.get(k, 0.0), float(np.abs(np.subtract(v, b[li][0][e][i][k])).max()))
+            for k, v in a[li][1].items():
+                d["gate_" + k] = max(d.get("gate_" + k, 0.0), float(np.abs(np.subtract(v, b[li][1][k])).max()))
+        return d
+
+    res: dict = {"rank": rank}
+    A, B, C = engine(), engine(), engine()
+    res["optimizer"] = type(B.optimizer).__name__
+    losses = {"A": [step(A, t) for t in range(STEPS)], "B": [], "C": []}
+    for t in range(STEPS):
+        if t == 2:
+            # (c) invalid maps raise on the calling rank alone, before any communication: the other rank
+            # does not call at all, so any collective inside would hang until the timeout
+            layer = B.module.moe[0]
+            before = [p.detach().clone() for p in layer.parameters()]
+            errors = []
+            for caller in (0, 1):
+                if rank == caller:
+                    for bad in INVALID:
+                        try:
+                            permute_experts(layer, bad, B)
+                            errors.append(None)
+                        except InputError as e:
+                            errors.append(str(e))
+                dist.barrier()
+            # a foreign optimizer on rank 0 only: found on rank 0, shared, so both ranks raise
+            other = torch.optim.Adam(nn.Linear(2, 2).parameters())
+            try:
+                permute_experts(layer, MAPS_1[0], other if rank == 0 else B)
+                errors.append(None)
+            except InputError as e:
+                errors.append(str(e))
+            res["errors"] = errors
+            res["unchanged_after_errors"] = all(torch.equal(a, p) for a, p in zip(before, layer.parameters()))
+            res["map_after_errors"] = expert_to_rank(layer)
+
+            # (a) the function is unchanged by a non-trivial permutation
+            with torch.no_grad():
+                torch.manual_seed(0)
+                out_before = B.module(x_fixed)
+                experts_before = [p.detach().clone() for m in B.module.moe for p in m.deepspeed_moe.experts.parameters()]
+                stats = [permute_experts(m, mp, B) for m, mp in zip(B.module.moe, MAPS_1)]
+                torch.manual_seed(0)
+                out_after = B.module(x_fixed)
+                experts_after = list(p for m in B.module.moe for p in m.deepspeed_moe.experts.parameters())
+            res["out"] = [float(out_before), float(out_after)]
+            res["experts_changed"] = sum(not torch.equal(a, b) for a, b in zip(experts_before, experts_after))
+            res["stats_1"] = stats
+            for m, mp in zip(C.module.moe, MAPS_1):
+                permute_experts(m, mp)  # control: without the optimizer
+        if t == 3:
+            res["stats_2"] = [permute_experts(m, mp, B.optimizer) for m, mp in zip(B.module.moe, MAPS_2)]
+        losses["B"].append(step(B, t))
+        losses["C"].append(step(C, t))
+    res["losses"] = losses
+    res["maps"] = [expert_to_rank(m) for m in B.module.moe]
+    res["diff_B"] = max_diff(by_logical(A), by_logical(B))
+    res["diff_C"] = max_diff(by_logical(A), by_logical(C))
+    (out / f"rank{rank}.json").write_text(json.dumps(res))
+    dist.barrier()
+
+
+pytest.importorskip("deepspeed")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tracing"))
+    from _shims import free_port
+
+    out = tmp_path_factory.mktemp("ds_permute")
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           __file__, str(out)]
+    env = {**os.environ, "DS_BUILD_OPS": "0", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=root, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+
+
+@pytest.mark.slow
+def test_function_unchanged_by_permutation(ranks):
+    for r in ranks:
+        assert r["experts_changed"] > 0  # weights really moved on this rank
+        np.testing.assert_allclose(r["out"][1], r["out"][0], rtol=1e-6)
+        assert r["maps"] == [list(m) for m in MAPS_2]
+    s0, s1 = ranks[0]["stats_1"], ranks[1]["stats_1"]
+    # layer 0: experts 0 and 3 change rank; layer 1: all four. One expert's params + exp_avg + exp_avg_sq + step.
+    n = (H * 2 * H + 2 * H) + (2 * H * H + H)  # one expert's parameters
+    per_expert = 4 * (3 * n + 4)  # float32 params, exp_avg, exp_avg_sq, and 4 scalar steps (grads are None)
+    assert [s["experts_moved"] for s in s0] == [2, 4]
+    assert s0[0]["bytes_sent"] == s0[0]["bytes_received"] == s1[0]["bytes_sent"] > 0
+    assert s0[1]["bytes_total"] == 2 * s0[0]["bytes_total"] == 4 * s0[0]["bytes_sent"]
+    assert s0[0]["bytes_sent"] == per_expert
+    assert all(s["seconds"] > 0 for s in s0 + s1)
+
+
+@pytest.mark.slow
+def test_training_identical_and_optimizer_state_moved(ranks):
+    for r in ranks:
+        assert r["optimizer"] == "Adam"
+        la, lb, lc = (np.array(r["losses"][k]) for k in "ABC")
+        np.testing.assert_allclose(lb, la, rtol=1e-6, atol=0)
+        assert max(r["diff_B"].values()) <= 1e-6, r["diff_B"]
+        assert {"param", "exp_avg", "exp_avg_sq", "step", "gate_param", "gate_exp_avg"} <= set(r["diff_B"])
+        # the control: same up to the first update after its permutation, then apart
+        np.testing.assert_allclose(lc[:3], la[:3], rtol=1e-6)
+        assert np.abs(lc[3:] - la[3:]).max() > 1e-4 * np.abs(la).max()
+        assert r["diff_C"]["exp_avg"] > 1e-4
+
+
+@pytest.mark.slow
+def test_invalid_maps_raise_on_every_rank_before_communication(ranks):
+    for r in ranks:
+        errs = r["errors"]
+        assert len(errs) == len(INVALID) + 1 and None not in errs
+        assert "expected 4 entries" in errs[0] and "got [3, 1] experts per rank" in errs[1]
+        assert "outside [0, 2)" in errs[2] and "integer ranks" in errs[3] and "string" in errs[4]
+        assert "does not hold this layer's expert parameters" in errs[5]
+        assert r["unchanged_after_errors"] and r["map_after_errors"] == [0, 0, 1, 1]
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
