@@ -9,7 +9,7 @@ experts_per_layer[layer] non-negative entries. `check_part` runs both on a whole
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,23 @@ from moeload.trace.manifest import Manifest
 # can surface as any of these)
 READ_ERRORS = (pa.ArrowException, OSError, ValueError, KeyError, IndexError, TypeError, EOFError, MemoryError)
 LIST_COLUMNS = ("routed", "kept")
+I64_MAX = int(np.iinfo(np.int64).max)
+
+
+def checked_sum(a: np.ndarray, add: Callable[[np.ndarray], np.ndarray], n: int) -> np.ndarray | None:
+    """Exact sums of non-negative int64 values: add(x) sums at most n entries of x into each output
+    (e.g. lambda x: x.sum(-1)). -> the sums as int64, or None if one would overflow int64.
+
+    Above the fast bound the high and low 32 bits are summed apart (each sum fits int64 for
+    n < 2**31), so overflow is detected exactly instead of wrapping to negative counts.
+    """
+    if a.size == 0 or int(a.max()) <= I64_MAX // max(n, 1):
+        return add(a)
+    hi, lo = add(a >> 32), add(a & 0xFFFFFFFF)
+    top = hi + (lo >> 32)
+    if (top >= 2**31).any():
+        return None
+    return (top << 32) | (lo & 0xFFFFFFFF)
 
 
 @contextlib.contextmanager
@@ -135,12 +152,39 @@ def rows_problem(m: Manifest, table: pa.Table) -> str | None:
                     f"manifest says {epl[layer[i]]}")
         if len(vals) and vals.min() < 0:
             return f"column {name!r} holds a negative count ({vals.min()})"
+        if len(vals) and vals.dtype.kind == "u" and int(vals.max()) > I64_MAX:
+            return f"column {name!r} holds a count beyond int64 ({vals.max()})"
+        if m.ranks_recorded and m.world_size > 1 and len(vals) and int(vals.max()) > I64_MAX // m.world_size:
+            problem = _rank_sum_problem(name, step, layer, vals, lengths)
+            if problem:
+                return problem
     if "tokens" in table.column_names:
         tok = table.column("tokens")
         if tok.null_count not in (0, len(tok)):
             return "column 'tokens' is null in some rows only"
-        if tok.null_count == 0 and len(tok) and np.min(tok.to_numpy()) < 0:
-            return f"column 'tokens' holds a negative value ({np.min(tok.to_numpy())})"
+        if tok.null_count == 0 and len(tok):
+            t = tok.to_numpy()
+            if t.min() < 0:
+                return f"column 'tokens' holds a negative value ({t.min()})"
+            if t.dtype.kind == "u" and int(t.max()) > I64_MAX:
+                return f"column 'tokens' holds a value beyond int64 ({t.max()})"
+    return None
+
+
+def _rank_sum_problem(name: str, step: np.ndarray, layer: np.ndarray, vals: np.ndarray, lengths: np.ndarray) -> str | None:
+    """A problem if the per-rank counts of one (step, layer, expert) sum beyond int64 (rows hold
+    non-negative counts that fit int64, checked before)."""
+    vals = vals.astype(np.int64)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    expert = np.arange(len(vals)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    key = np.stack([step[row], layer[row].astype(np.int64), expert], 1)
+    _, group = np.unique(key, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    order = np.argsort(group, kind="stable")
+    starts = np.flatnonzero(np.r_[True, group[order][1:] != group[order][:-1]])
+    n = int(np.diff(np.r_[starts, len(order)]).max())
+    if checked_sum(vals[order], lambda x: np.add.reduceat(x, starts), n) is None:
+        return f"column {name!r}: counts summed over ranks exceed int64 (largest per-rank count {vals.max()})"
     return None
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from moeload.errors import InputError, TraceFormatError
-from moeload.trace.checks import check_part, index_part, list_lengths, read_columns, rows_problem
+from moeload.trace.checks import check_part, checked_sum, index_part, list_lengths, read_columns, rows_problem
 from moeload.trace.manifest import PARTS_DIR, Manifest, read_manifest
 from moeload.trace.writer import PART_RE
 
@@ -380,7 +380,11 @@ class Trace:
                 order = np.argsort(key, kind="stable")
                 key, vals = key[order], vals[order]
                 starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-                vals = np.add.reduceat(vals, starts, axis=0)
+                n = int(np.diff(np.r_[starts, len(key)]).max())
+                vals = checked_sum(vals, lambda x: np.add.reduceat(x, starts, axis=0), n)
+                if vals is None:
+                    raise TraceFormatError(f"{part.path}: {column} counts summed over ranks exceed int64 "
+                                           f"(steps {part.first}..{part.last}{SKIP_HINT})")
                 si, li, ri = key[starts] // len(lay), key[starts] % len(lay), np.zeros(len(starts), np.int64)
             out[si, ri, li] = vals
         if inverse is not None:
@@ -418,7 +422,11 @@ class Trace:
         for j, li in enumerate(lay):
             r = np.asarray(rmap[li])
             for g in range(G):
-                out[:, j, g] = c[:, j, : len(r)][:, r == g].sum(-1)
+                mine = c[:, j, : len(r)][:, r == g]
+                load = checked_sum(mine, lambda x: x.sum(-1), mine.shape[-1])
+                if load is None:
+                    raise TraceFormatError(f"{self.path}: the load of rank {g} in layer {self.layers[li]!r} exceeds int64")
+                out[:, j, g] = load
         return out
 
     def iter_blocks(self, block: int = 1000, layers: LayerSel = None, *, kind: str = "routed", split: str = "train"):

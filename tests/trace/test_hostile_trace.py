@@ -10,10 +10,13 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from moeload.cli import app
+from moeload.cli.check import check_data
 from moeload.errors import InputError, MoeloadError, TraceFormatError
 from moeload.trace import Manifest, TraceWriter, open_trace
 from moeload.trace.manifest import MANIFEST_NAME
@@ -190,3 +193,84 @@ def test_numpy_integer_steps_and_layers_are_accepted(tmp_path):
         t.counts(steps=[2**70])
     with pytest.raises(InputError, match="2 step numbers"):
         t.counts(steps=(1, 2, 3))
+
+
+# ---- 3. count columns of unsigned types; sums beyond int64 -------------------------------------
+
+
+def _recast(part: Path, column: str, typ: pa.DataType, values=None) -> None:
+    """Rewrite one column of a real part with another Arrow type (as a third-party tool might)."""
+    t = pq.read_table(part)
+    col = pa.array(values, typ) if values is not None else t.column(column).cast(typ)
+    pq.write_table(t.set_column(t.schema.get_field_index(column), column, col), part)
+
+
+def test_uint64_counts_that_fit_read_back_exactly(tmp_path):
+    c = _write(tmp_path / "t")
+    for part in sorted((tmp_path / "t" / "parts").iterdir()):
+        _recast(part, "routed", pa.list_(pa.uint64()))
+        _recast(part, "tokens", pa.uint64(), [7] * pq.read_metadata(part).num_rows)
+    t = open_trace(tmp_path / "t")
+    assert pq.read_schema(t.parts[0]).field("routed").type == pa.list_(pa.uint64())
+    np.testing.assert_array_equal(t.counts(), c)
+    assert (t.tokens() == 7).all() and t.bad_parts == []
+
+
+@pytest.mark.parametrize("column", ["routed", "tokens"])
+def test_uint64_count_beyond_int64_is_refused_naming_the_part_not_read_as_minus_one(tmp_path, column):
+    _write(tmp_path / "t")
+    part = sorted((tmp_path / "t" / "parts").iterdir())[1]  # steps 4..7
+    n = pq.read_metadata(part).num_rows
+    if column == "routed":
+        _recast(part, "routed", pa.list_(pa.uint64()), [[2**64 - 1, 0, 0, 0]] * n)
+    else:
+        _recast(part, "tokens", pa.uint64(), [2**64 - 1] * n)
+    t = open_trace(tmp_path / "t")
+    read = t.counts if column == "routed" else t.tokens
+    with pytest.raises(TraceFormatError) as e:
+        read((4, 8))
+    _one_line(e, str(part), "beyond int64")
+    assert t.counts((0, 4)).min() >= 0  # the other parts stay readable
+    d = check_data(tmp_path / "t")  # what `moeload check` reports
+    assert d["ok"] is False
+    assert [b["path"] for b in d["bad_parts"]] == [str(part)] and "beyond int64" in d["bad_parts"][0]["problem"]
+
+
+def test_counts_summed_over_ranks_beyond_int64_are_refused_naming_the_part(tmp_path):
+    big = np.full((4, 2, 2, 4), 2**62, dtype=np.int64)  # [S, R, L, E]: each rank fits, the sum does not
+    ok = np.ones((4, 2, 2, 4), dtype=np.int64) * 2**61  # sums to 2**62: fits
+    m = Manifest(layers=["a", "b"], experts_per_layer=[4, 4], top_k=1, world_size=2, ep_size=2, ranks_recorded=True)
+    with TraceWriter(tmp_path / "t", m) as w:
+        w.write_block(np.arange(0, 4), ok)
+        part = w.write_block(np.arange(4, 8), big)
+    t = open_trace(tmp_path / "t")
+    assert (t.counts((0, 4)) == 2**62).all()
+    for read in (t.counts, t.rank_counts):  # the part is bad: `check` would call it so
+        with pytest.raises(TraceFormatError) as e:
+            read((4, 8))
+        _one_line(e, str(part), "exceed int64")
+    d = check_data(tmp_path / "t")  # what `moeload check` reports
+    assert d["ok"] is False
+    assert [b["path"] for b in d["bad_parts"]] == [str(part)] and "exceed int64" in d["bad_parts"][0]["problem"]
+
+
+def test_gpu_load_beyond_int64_is_refused(tmp_path):
+    m = Manifest(layers=["a"], experts_per_layer=[4], top_k=1, ep_size=1)
+    with TraceWriter(tmp_path / "t", m) as w:
+        w.write_block(np.arange(2), np.full((2, 1, 4), 2**62, dtype=np.int64))
+    t = open_trace(tmp_path / "t")
+    assert (t.counts() == 2**62).all()
+    with pytest.raises(TraceFormatError) as e:
+        t.gpu_loads()
+    _one_line(e, str(tmp_path / "t"), "exceeds int64")
+
+
+def test_tokens_summed_over_ranks_beyond_int64_are_refused(tmp_path):
+    m = Manifest(layers=["a"], experts_per_layer=[4], top_k=1, world_size=2, ranks_recorded=True)
+    with TraceWriter(tmp_path / "t", m) as w:
+        part = w.write_block(np.arange(3), np.ones((3, 2, 1, 4), np.int64), tokens=np.full((3, 2, 1), 2**62))
+    t = open_trace(tmp_path / "t")
+    assert (t.counts() == 2).all()
+    with pytest.raises(TraceFormatError) as e:
+        t.tokens()
+    _one_line(e, str(part), "exceed int64")
