@@ -61,6 +61,28 @@ def _extra(meta: dict) -> dict:
     return extra if isinstance(extra, dict) else {}
 
 
+def _workload_configs() -> dict:
+    """`moeload.workloads.configs.CONFIGS` without importing the `moeload.workloads` package.
+
+    The package imports torch (its model); its configs module is plain dataclasses, loaded here
+    from its file so that `moeload advise` stays a NumPy-only, seconds-long command.
+    """
+    import sys
+
+    mod = sys.modules.get("moeload.workloads.configs")
+    if mod is None:
+        import importlib.util
+        from pathlib import Path
+
+        path = Path(__file__).resolve().parent.parent / "workloads" / "configs.py"
+        spec = importlib.util.spec_from_file_location("moeload._advise_workload_configs", path)
+        mod = sys.modules.get(spec.name) or importlib.util.module_from_spec(spec)
+        if spec.name not in sys.modules:
+            sys.modules[spec.name] = mod  # dataclasses look their module up while building the class
+            spec.loader.exec_module(mod)
+    return mod.CONFIGS
+
+
 def resolve_shape(meta: dict, hidden: int | None = None, ffn_hidden: int | None = None, gated: bool | None = None,
                   ) -> ExpertShape:
     """The expert shape: given sizes win; else the embedded workload the manifest names; else a default."""
@@ -68,8 +90,7 @@ def resolve_shape(meta: dict, hidden: int | None = None, ffn_hidden: int | None 
         if hidden is None or ffn_hidden is None:
             raise InputError("--hidden and --ffn-hidden go together (the expert's input and inner width)")
         return ExpertShape(int(hidden), int(ffn_hidden), bool(gated), source="given")
-    from moeload.workloads.configs import CONFIGS
-
+    CONFIGS = _workload_configs()
     extra = _extra(meta)
     names = []
     cfg = extra.get("config")

@@ -1,8 +1,9 @@
 """`calibrate`: time the grouped expert GEMMs of a layer's shape on this machine's GPU.
 
-The experts of one GPU run as the frameworks run them in bf16: tokens dispatched to
-`[local_experts, n, hidden]` and two batched GEMMs (`torch.bmm`; forward, then backward, which
-costs two GEMMs per matrix). Times are CUDA-event medians over repeats, for a grid of routes per
+The experts of one GPU run as the frameworks run them in bf16: one grouped GEMM per matrix
+(`torch._grouped_mm`, as torchtitan and megatron-core's grouped-GEMM path do) where it runs, else
+batched GEMMs over experts padded to the largest group (`torch.bmm`, as capacity-based dispatch
+does); forward, then backward. Times are CUDA-event medians over repeats, for a grid of routes per
 GPU split evenly over the local experts. torch is imported here, never at package import.
 """
 
@@ -20,54 +21,98 @@ from moeload.errors import InputError
 DEFAULT_GRID = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 
-def time_grouped_gemm(shape: ExpertShape, local_experts: int, routes: int, *, device: str = "cuda",
-                      repeats: int = 10, warmup: int = 3) -> tuple[int, float]:
-    """(routes timed, median seconds) of forward + backward of `local_experts` experts.
+def expert_step(shape: ExpertShape, routes: list[int], *, device: str = "cuda", kernel: str = "auto"):
+    """A closure running forward + backward of the experts of one GPU for `routes[i]` tokens each.
 
-    `routes` is rounded up to a multiple of `local_experts` (even split); the first value says
-    what was timed."""
+    kernel: "grouped" (`torch._grouped_mm`, one kernel per matrix for all experts, groups padded
+    to 16 rows as torchtitan does), "bmm" (experts padded to the largest group, as capacity-based
+    dispatch runs them) or "auto" (grouped on CUDA where it works, else bmm). Returns
+    (closure, kernel used).
+    """
     import torch
 
-    per = max(1, -(-routes // local_experts))
     dt = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    x = torch.randn(local_experts, per, shape.hidden, device=device, dtype=dt, requires_grad=True)
-    w1 = torch.randn(local_experts, shape.hidden, shape.ffn_hidden * (2 if shape.gated else 1), device=device,
-                     dtype=dt, requires_grad=True)
-    w2 = torch.randn(local_experts, shape.ffn_hidden, shape.hidden, device=device, dtype=dt, requires_grad=True)
+    k = len(routes)
+    inner = shape.ffn_hidden * (2 if shape.gated else 1)
+    w1 = torch.randn(k, shape.hidden, inner, device=device, dtype=dt, requires_grad=True)
+    w2 = torch.randn(k, shape.ffn_hidden, shape.hidden, device=device, dtype=dt, requires_grad=True)
 
-    def once() -> None:
-        h = torch.bmm(x, w1)
+    def act(h):
         if shape.gated:
             a, b = h.chunk(2, dim=-1)
-            h = torch.nn.functional.silu(a) * b
-        else:
-            h = torch.nn.functional.gelu(h)
-        y = torch.bmm(h, w2)
-        y.backward(torch.ones_like(y))
+            return torch.nn.functional.silu(a) * b
+        return torch.nn.functional.gelu(h)
+
+    def grouped():
+        padded = [-(-max(int(n), 0) // 16) * 16 for n in routes]
+        offs = torch.tensor(np.cumsum(padded), device=device, dtype=torch.int32)
+        x = torch.randn(max(sum(padded), 16), shape.hidden, device=device, dtype=dt, requires_grad=True)
+
+        def run() -> None:
+            y = torch._grouped_mm(act(torch._grouped_mm(x, w1, offs=offs)), w2, offs=offs)
+            y.backward(torch.ones_like(y))
+            x.grad = w1.grad = w2.grad = None
+        return run
+
+    def bmm():
+        per = max(1, max(int(n) for n in routes))
+        x = torch.randn(k, per, shape.hidden, device=device, dtype=dt, requires_grad=True)
+
+        def run() -> None:
+            y = torch.bmm(act(torch.bmm(x, w1)), w2)
+            y.backward(torch.ones_like(y))
+            x.grad = w1.grad = w2.grad = None
+        return run
+
+    if kernel in ("grouped", "auto") and device.startswith("cuda") and hasattr(torch, "_grouped_mm"):
+        try:
+            run = grouped()
+            run()
+            torch.cuda.synchronize()
+            return run, "grouped"
+        except (RuntimeError, TypeError, NotImplementedError):
+            if kernel == "grouped":
+                raise
+    return bmm(), "bmm"
+
+
+def time_fn(run, *, device: str = "cuda", repeats: int = 10, warmup: int = 3) -> float:
+    """Median seconds of `run()` (CUDA events on a GPU, perf_counter on CPU)."""
+    import time
+
+    import torch
 
     times = []
     for i in range(warmup + repeats):
         if device.startswith("cuda"):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            once()
+            run()
             end.record()
             torch.cuda.synchronize()
             t = start.elapsed_time(end) / 1e3
         else:
-            import time
-
             t0 = time.perf_counter()
-            once()
+            run()
             t = time.perf_counter() - t0
-        x.grad = w1.grad = w2.grad = None
         if i >= warmup:
             times.append(t)
-    return per * local_experts, statistics.median(times)
+    return statistics.median(times)
+
+
+def time_grouped_gemm(shape: ExpertShape, local_experts: int, routes: int, *, device: str = "cuda",
+                      repeats: int = 10, warmup: int = 3, kernel: str = "auto") -> tuple[int, float, str]:
+    """(routes timed, median seconds, kernel) of forward + backward of `local_experts` experts.
+
+    `routes` is rounded up to a multiple of `local_experts` and split evenly."""
+    per = max(1, -(-routes // local_experts))
+    run, used = expert_step(shape, [per] * local_experts, device=device, kernel=kernel)
+    return per * local_experts, time_fn(run, device=device, repeats=repeats, warmup=warmup), used
 
 
 def calibrate(shape: ExpertShape, local_experts: int, *, grid: tuple[int, ...] = DEFAULT_GRID, device: str = "cuda",
-              repeats: int = 10, progress: Callable[[str], None] | None = None) -> Calibration:
+              repeats: int = 10, kernel: str = "auto", progress: Callable[[str], None] | None = None,
+              ) -> Calibration:
     """Measured `Calibration` for `shape` with `local_experts` experts per GPU on `device`."""
     import torch
 
@@ -77,15 +122,16 @@ def calibrate(shape: ExpertShape, local_experts: int, *, grid: tuple[int, ...] =
     if local_experts < 1:
         raise InputError(f"--experts-per-gpu {local_experts}: must be >= 1")
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
-    secs, timed = [], []
+    secs, timed, used = [], [], "bmm"
     for n in sorted(set(int(g) for g in grid)):
-        routes, t = time_grouped_gemm(shape, local_experts, n, device=device, repeats=repeats)
+        routes, t, used = time_grouped_gemm(shape, local_experts, n, device=device, repeats=repeats, kernel=kernel)
         if timed and routes <= timed[-1]:
             continue
         timed.append(routes)
         secs.append(t)
         if progress is not None:
-            progress(f"{routes} routes on {local_experts} experts: {t * 1e3:.3f} ms")
+            progress(f"{routes} routes on {local_experts} experts ({used}): {t * 1e3:.3f} ms")
     tokens = (0.0, *map(float, timed))
     seconds = (0.0, *np.maximum.accumulate(np.asarray(secs)).tolist())
-    return Calibration(tokens, tuple(seconds), measured=True, device=name, shape=asdict(shape), rel_error=0.10)
+    return Calibration(tokens, tuple(seconds), measured=True, device=f"{name}, {used} GEMMs", shape=asdict(shape),
+                       rel_error=0.10)
