@@ -147,7 +147,12 @@ def permute_experts(moe_layer: Any, new_expert_to_rank: list[int], optimizer: An
                                  "built over the model's parameters; ZeRO's flat partitions are not supported)")
         payload = [_slot_payload(ex, opt) for ex in experts]
     except InputError as e:
+        if moves.is_identity:
+            raise
         error = str(e)
+    if moves.is_identity:  # the same decision on every rank: nothing to send, no collective
+        return {"expert_to_rank": new, "experts_moved": 0, "bytes_sent": 0, "bytes_received": 0, "bytes_total": 0,
+                "seconds": time.perf_counter() - t0}
     metas = [(error, [m for m, _ in payload])]
     if ep_size > 1:
         metas = [None] * ep_size

@@ -87,12 +87,13 @@ def _worker(out: Path) -> None:
             layer = {}
             for j, ex in enumerate(m.deepspeed_moe.experts.deepspeed_experts):
                 layer[int(p2l[rank * L + j])] = {
-                    i: {"param": p.detach().tolist(),
+                    i: {"param": p.detach().tolist(), **({} if p.grad is None else {"grad": p.grad.tolist()}),
                         **{k: (v.tolist() if v.dim() else float(v)) for k, v in opt.state[p].items()}}
                     for i, p in enumerate(ex.parameters())}
             w = m.deepspeed_moe.gate.wg.weight
             inv = np.argsort(p2l)  # logical -> slot
-            gate = {"param": w.detach()[inv].tolist(), **{k: v[inv].tolist() for k, v in opt.state[w].items() if v.dim()}}
+            gate = {"param": w.detach()[inv].tolist(), **({} if w.grad is None else {"grad": w.grad[inv].tolist()}),
+                    **{k: v[inv].tolist() for k, v in opt.state[w].items() if v.dim()}}
             mine[li] = (layer, gate)
         every = [None, None]
         dist.all_gather_object(every, mine)
@@ -163,6 +164,12 @@ def _worker(out: Path) -> None:
     res["maps"] = [expert_to_rank(m) for m in B.module.moe]
     res["diff_B"] = max_diff(by_logical(A), by_logical(B))
     res["diff_C"] = max_diff(by_logical(A), by_logical(C))
+    # gradients move too: a backward without a step, then B goes back to the contiguous layout
+    for eng in (A, B):
+        torch.manual_seed(99)
+        eng.backward(eng(xs[0]))
+    res["stats_back"] = [permute_experts(m, [0, 0, 1, 1], B) for m in B.module.moe]
+    res["diff_back"] = max_diff(by_logical(A), by_logical(B))
     (out / f"rank{rank}.json").write_text(json.dumps(res))
     dist.barrier()
 
@@ -217,6 +224,18 @@ def test_training_identical_and_optimizer_state_moved(ranks):
 
 
 @pytest.mark.slow
+def test_gradients_move_and_the_contiguous_layout_comes_back(ranks):
+    for r in ranks:
+        assert {"grad", "gate_grad"} <= set(r["diff_back"])
+        assert max(r["diff_back"].values()) <= 1e-6, r["diff_back"]
+        # from MAPS_2 back to contiguous: experts 1 and 3 of layer 0, 1 and 2 of layer 1 change rank,
+        # each now with its gradient (4 more float32 tensors)
+        assert [s["experts_moved"] for s in r["stats_back"]] == [2, 2]
+        n = (H * 2 * H + 2 * H) + (2 * H * H + H)
+        assert r["stats_back"][0]["bytes_sent"] == 4 * (4 * n + 4)
+
+
+@pytest.mark.slow
 def test_invalid_maps_raise_on_every_rank_before_communication(ranks):
     for r in ranks:
         errs = r["errors"]
@@ -225,6 +244,16 @@ def test_invalid_maps_raise_on_every_rank_before_communication(ranks):
         assert "outside [0, 2)" in errs[2] and "integer ranks" in errs[3] and "string" in errs[4]
         assert "does not hold this layer's expert parameters" in errs[5]
         assert r["unchanged_after_errors"] and r["map_after_errors"] == [0, 0, 1, 1]
+
+
+def test_not_a_deepspeed_moe_layer_is_refused_without_communication():
+    import torch
+
+    from moeload.act.deepspeed import permute_experts
+    from moeload.errors import InputError
+
+    with pytest.raises(InputError, match="expected a deepspeed.moe.layer.MoE, got Linear"):
+        permute_experts(torch.nn.Linear(2, 2), [0, 1])
 
 
 if __name__ == "__main__":
