@@ -116,7 +116,9 @@ def permute_experts(moe_layer: Any, new_expert_to_rank: list[int], optimizer: An
 
     moe_layer: `deepspeed.moe.layer.MoE` (or its `deepspeed_moe`); new_expert_to_rank: [E] ranks of
     the layer's EP group, each exactly E / ep_size experts; optimizer: the torch optimizer (or the
-    DeepSpeed engine) whose state (Adam's exp_avg, exp_avg_sq, step, ...) moves with the parameters.
+    DeepSpeed engine) whose state (Adam's exp_avg, exp_avg_sq, step, ...) moves with the parameters;
+    without it, any optimizer state stays with the slots, which is wrong for a stateful optimizer.
+    Gradients, where present, move too.
     The map is validated before any communication (InputError on every rank alike); problems found
     on one rank only (the optimizer) are shared first, so that every rank raises.
     -> {"expert_to_rank": [E], "experts_moved": logical experts that changed rank, "bytes_sent",
@@ -155,7 +157,7 @@ def permute_experts(moe_layer: Any, new_expert_to_rank: list[int], optimizer: An
                 "seconds": time.perf_counter() - t0}
     metas = [(error, [m for m, _ in payload])]
     if ep_size > 1:
-        metas = [None] * ep_size
+        metas = [None] * ep_size  # type: ignore[list-item]  # filled by all_gather_object
         dist.all_gather_object(metas, (error, [m for m, _ in payload]), group=group)
     errors = [f"rank {r}: {err}" for r, (err, _) in enumerate(metas) if err]
     if errors:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from moeload.errors import InputError
 
@@ -78,7 +79,7 @@ class Moves:
         return bool((self.src_slot == np.arange(self.src_slot.size)).all())
 
 
-def plan_moves(old_expert_to_rank: object, new_expert_to_rank: object, ep_size: int) -> Moves:
+def plan_moves(old_expert_to_rank: npt.ArrayLike, new_expert_to_rank: object, ep_size: int) -> Moves:
     """Old and new maps logical expert -> rank ([E] each) -> the slot moves between their layouts."""
     old = check_expert_to_rank(old_expert_to_rank, np.size(old_expert_to_rank), ep_size, "old_expert_to_rank")
     new = check_expert_to_rank(new_expert_to_rank, old.size, ep_size)
