@@ -1,7 +1,10 @@
 """Checks of Parquet parts against their name and the manifest; every problem is one line of text.
 
-Quick checks (`index_part`) read the footer and the step column only: columns and types, steps
-inside the range in the part's name, rows = steps x layers x ranks. Row checks (`rows_problem`)
+Quick checks (`index_part`) read the footer and the step and split columns only: columns and
+types, steps inside the range in the part's name, the `split` column holding only the split in
+the part's name (a part named `train` holding `eval` rows is refused at open, as a bad part: read
+as train it would mix evaluation forwards into training counts), rows = steps x layers x ranks.
+The writer rank in a name is not checked against the rows: rank 0 writes every rank's rows. Row checks (`rows_problem`)
 look at the rows themselves: layer and rank ids, duplicate rows, count lists of exactly
 experts_per_layer[layer] non-negative entries. `check_part` runs both on a whole part.
 """
@@ -15,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moeload.errors import TraceFormatError, first_line
@@ -70,8 +74,9 @@ def rows_per_step(m: Manifest) -> int:
     return m.num_layers * (m.world_size if m.ranks_recorded else 1)
 
 
-def index_part(path: Path, m: Manifest, first: int, last: int) -> np.ndarray:
-    """Quick checks of one part -> [n] its distinct step numbers, sorted."""
+def index_part(path: Path, m: Manifest, first: int, last: int, split: str | None = None) -> np.ndarray:
+    """Quick checks of one part -> [n] its distinct step numbers, sorted. `first`, `last` and
+    `split` are what its file name says; a `split` column saying otherwise makes it a bad part."""
     with reading(path), pq.ParquetFile(path, page_checksum_verification=True) as pf:
         schema = pf.schema_arrow
         num_rows = pf.metadata.num_rows
@@ -81,7 +86,13 @@ def index_part(path: Path, m: Manifest, first: int, last: int) -> np.ndarray:
         problem = _type_problem(schema)
         if problem:
             raise TraceFormatError(f"{path}: {problem}")
-        col = pf.read(columns=["step"]).column("step")
+        check_split = split is not None and "split" in schema.names
+        t = pf.read(columns=["step", "split"] if check_split else ["step"])
+        col = t.column("step")
+        if check_split:
+            problem = _split_problem(t.column("split"), split)
+            if problem:
+                raise TraceFormatError(f"{path}: {problem}")
     if col.null_count:
         raise TraceFormatError(f"{path}: column 'step' has null values")
     s = np.unique(col.to_numpy())
@@ -105,6 +116,21 @@ def _type_problem(schema: pa.Schema) -> str | None:
             t = schema.field(name).type
             if not (pa.types.is_list(t) and pa.types.is_integer(t.value_type)):
                 return f"column {name!r} is {t}, expected list<int>"
+    return None
+
+
+def _split_problem(col: pa.ChunkedArray, split: str) -> str | None:
+    """A problem if the `split` column holds anything but the split in the part's file name."""
+    t = col.type
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        return f"column 'split' is {col.type}, expected strings"
+    if col.null_count:
+        return "column 'split' has null values"
+    found = sorted(set(pc.unique(col.cast(t)).to_pylist()))
+    if found != [split] and len(col):
+        return f"column 'split' holds {found}, its file name says {split!r}"
     return None
 
 
@@ -188,9 +214,9 @@ def _rank_sum_problem(name: str, step: np.ndarray, layer: np.ndarray, vals: np.n
     return None
 
 
-def check_part(path: Path, m: Manifest, first: int, last: int) -> np.ndarray:
+def check_part(path: Path, m: Manifest, first: int, last: int, split: str | None = None) -> np.ndarray:
     """Quick and row checks of a whole part -> [n] its steps; a problem raises TraceFormatError."""
-    steps = index_part(path, m, first, last)
+    steps = index_part(path, m, first, last, split)
     with reading(path), pq.ParquetFile(path, page_checksum_verification=True) as pf:
         names = [c for c in ("step", "layer", "rank", "tokens", *LIST_COLUMNS) if c in pf.schema_arrow.names]
         table = pf.read(columns=names)

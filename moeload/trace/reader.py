@@ -136,7 +136,7 @@ class Trace:
         bad: dict[int, str] = {}
         for i, part in enumerate(self._parts):
             try:
-                s = check(part.path, self.manifest, part.first, part.last)
+                s = check(part.path, self.manifest, part.first, part.last, part.split)
             except TraceFormatError as e:
                 bad[i] = str(e).removeprefix(f"{part.path}: ")
                 continue

@@ -274,3 +274,43 @@ def test_tokens_summed_over_ranks_beyond_int64_are_refused(tmp_path):
     with pytest.raises(TraceFormatError) as e:
         t.tokens()
     _one_line(e, str(part), "exceed int64")
+
+
+# ---- 4. a part whose split column disagrees with its file name ----------------------------------
+
+
+def test_part_whose_split_column_disagrees_with_its_name_is_a_bad_part(tmp_path):
+    c = np.random.default_rng(0).integers(0, 50, size=(12, 2, 4))
+    ev = np.full((4, 2, 4), 1000)
+    with TraceWriter(tmp_path / "t", Manifest(layers=["a", "b"], experts_per_layer=[4, 4], top_k=1)) as w:
+        for a in range(0, 12, 4):
+            w.write_block(np.arange(a, a + 4), c[a : a + 4])
+        evpart = w.write_block(np.arange(4, 8), ev, split="eval")
+    t = open_trace(tmp_path / "t")
+    np.testing.assert_array_equal(t.counts(split="eval"), ev)  # as written: fine
+    renamed = evpart.with_name(evpart.name.replace("-eval-", "-train-"))
+    evpart.rename(renamed)  # eval rows now named as training steps 4..7
+    t = open_trace(tmp_path / "t")
+    with pytest.raises(TraceFormatError) as e:
+        t.counts((4, 8))  # used to return the eval counts as training counts
+    _one_line(e, str(renamed), "column 'split' holds ['eval']", "'train'")
+    np.testing.assert_array_equal(t.counts((0, 4)), c[:4])
+    d = check_data(tmp_path / "t")
+    assert d["ok"] is False and [b["path"] for b in d["bad_parts"]] == [str(renamed)]
+    with pytest.warns(UserWarning, match="skipped 1 bad part"):
+        t = open_trace(tmp_path / "t", skip_bad_parts=True)
+        steps = t.steps
+    assert steps.tolist() == [0, 1, 2, 3, 8, 9, 10, 11]  # the older copies of 4..7 do not reappear
+
+
+@pytest.mark.parametrize("values", [["train", "eval"], [None, "train"], ["valid", "valid"]], ids=repr)
+def test_split_column_mixed_null_or_unknown_is_refused(tmp_path, values):
+    _write(tmp_path / "t")
+    part = sorted((tmp_path / "t" / "parts").iterdir())[0]
+    n = pq.read_metadata(part).num_rows
+    col = pa.array((values * n)[:n], pa.string()).dictionary_encode()
+    t = pq.read_table(part)
+    pq.write_table(t.set_column(t.schema.get_field_index("split"), "split", col), part)
+    with pytest.raises(TraceFormatError) as e:
+        open_trace(tmp_path / "t").counts()
+    _one_line(e, str(part), "column 'split'")
