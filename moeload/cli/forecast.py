@@ -359,8 +359,23 @@ def plan(
                   cols, rows))
     if realised:
         c.print(f"realised: mean max/mean GPU load over the {len(f.actual)} recorded steps after the origin")
+    for line in placement_lines(pl.phy2log, G, [int(li) for li in f.layers]):
+        c.print(line, markup=False, highlight=False)
     if out:
         c.print(f"plan written to {out}")
+
+
+def placement_lines(phy2log: np.ndarray, num_gpus: int, layer_ids: list[int], max_layers: int = 4) -> list[str]:
+    """'layer 0: GPU0 [3 5] GPU1 [0 3] ...' for the first `max_layers` layers of phy2log: [L, R]
+    (slot s on GPU s // (R // num_gpus)); the full map is in --json and -o."""
+    per = phy2log.shape[1] // num_gpus
+    out = ["placement (experts in each GPU's slots):"]
+    for j, li in enumerate(layer_ids[:max_layers]):
+        gpus = " ".join(f"GPU{g} [{' '.join(map(str, phy2log[j, g * per : (g + 1) * per]))}]" for g in range(num_gpus))
+        out.append(f"  layer {li}: {gpus}")
+    if len(layer_ids) > max_layers:
+        out.append(f"  ... {len(layer_ids) - max_layers} more layer(s): see --json or -o")
+    return out
 
 
 def register(app: typer.Typer) -> None:

@@ -241,3 +241,14 @@ def test_import_size_options_are_bounded_before_reading(tmp_path, opt):
     one_line_error(invoke("import", "csv", src, tmp_path / "t", opt, "10000000000", *extra),
                    f"{opt} 10000000000: implausibly large")
     assert not (tmp_path / "t").exists()
+
+
+def test_plan_prints_the_placement_it_made(trace):
+    import json
+
+    d = json.loads(invoke("plan", trace, "--gpus", "2", "--replicas", "10", "--json").stdout)
+    out = invoke("plan", trace, "--gpus", "2", "--replicas", "10").stdout
+    p = np.asarray(d["phy2log"])  # [4 layers, 10 slots], slots 0..4 on GPU0, 5..9 on GPU1
+    for li in range(4):
+        want = f"layer {li}: GPU0 [{' '.join(map(str, p[li, :5]))}] GPU1 [{' '.join(map(str, p[li, 5:]))}]"
+        assert want in out, (want, out)
