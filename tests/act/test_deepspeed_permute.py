@@ -1,6 +1,7 @@
-"""permute_experts on real DeepSpeed MoE layers, 2 gloo processes on CPU (ep_size 2, 4 experts).
+"""permute_experts on real DeepSpeed MoE layers, gloo processes on CPU: 2 ranks (ep_size 2, 4 experts)
+and 4 ranks (ep_size 4, 8 experts).
 
-This file is also the worker: pytest runs it under `torch.distributed.run` once (module fixture); each
+This file is also the worker: pytest runs it under `torch.distributed.run` (once per world size); each
 rank writes what it measured to rank<r>.json and the tests below check it. Three identical models
 (same seed, same per-rank inputs, DeepSpeed engines with torch Adam): A is never permuted; B is
 permuted after step 2 and again after step 3, with its optimizer; C is permuted after step 2 without
@@ -19,9 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-H, E, TOKENS, STEPS = 16, 4, 32, 5
+H, TOKENS, STEPS = 16, 32, 5
+E = 4  # experts on 2 ranks; 2 per rank on 4 ranks too
 MAPS_1 = ([1, 0, 1, 0], [1, 1, 0, 0])  # after step 2: layer 0, layer 1
 MAPS_2 = ([0, 1, 1, 0], [0, 1, 0, 1])  # after step 3 (B only)
+MAPS_4 = (([3, 2, 1, 0, 0, 1, 2, 3], [1, 1, 0, 0, 3, 3, 2, 2]),  # 4 ranks, 8 experts: all ranks exchange,
+          ([3, 2, 0, 1, 1, 0, 2, 3], [0, 2, 1, 3, 0, 2, 1, 3]))  # then layer 0 only between ranks 0 and 1
 INVALID = ([0, 1, 1], [0, 0, 0, 1], [0, 1, 2, 1], [0.5, 1, 0, 1], "0011")
 
 
@@ -43,14 +47,15 @@ def _worker(out: Path) -> None:
     from moeload.errors import InputError
 
     dist = torch.distributed
-    rank = dist.get_rank()
-    L = E // 2
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n_exp, L = 2 * world, 2
+    maps_1, maps_2 = (MAPS_1, MAPS_2) if world == 2 else MAPS_4
 
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.moe = nn.ModuleList(
-                MoE(H, nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.Linear(2 * H, H)), num_experts=E, ep_size=2,
+                MoE(H, nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.Linear(2 * H, H)), num_experts=n_exp, ep_size=world,
                     k=k, min_capacity=1, drop_tokens=False, top2_2nd_expert_sampling=False) for k in (1, 2))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,9 +100,9 @@ def _worker(out: Path) -> None:
             gate = {"param": w.detach()[inv].tolist(), **({} if w.grad is None else {"grad": w.grad[inv].tolist()}),
                     **{k: v[inv].tolist() for k, v in opt.state[w].items() if v.dim()}}
             mine[li] = (layer, gate)
-        every = [None, None]
+        every: list = [None] * world
         dist.all_gather_object(every, mine)
-        merged = {li: ({**every[0][li][0], **every[1][li][0]}, every[rank][li][1]) for li in mine}
+        merged = {li: ({e: v for r in every for e, v in r[li][0].items()}, every[rank][li][1]) for li in mine}
         return merged
 
     def max_diff(a: dict, b: dict) -> dict:
@@ -122,7 +127,7 @@ def _worker(out: Path) -> None:
             layer = B.module.moe[0]
             before = [p.detach().clone() for p in layer.parameters()]
             errors = []
-            for caller in (0, 1):
+            for caller in range(world):
                 if rank == caller:
                     for bad in INVALID:
                         try:
@@ -134,7 +139,7 @@ def _worker(out: Path) -> None:
             # a foreign optimizer on rank 0 only: found on rank 0, shared, so both ranks raise
             other = torch.optim.Adam(nn.Linear(2, 2).parameters())
             try:
-                permute_experts(layer, MAPS_1[0], other if rank == 0 else B)
+                permute_experts(layer, maps_1[0], other if rank == 0 else B)
                 errors.append(None)
             except InputError as e:
                 errors.append(str(e))
@@ -147,17 +152,17 @@ def _worker(out: Path) -> None:
                 torch.manual_seed(0)
                 out_before = B.module(x_fixed)
                 experts_before = [p.detach().clone() for m in B.module.moe for p in m.deepspeed_moe.experts.parameters()]
-                stats = [permute_experts(m, mp, B) for m, mp in zip(B.module.moe, MAPS_1)]
+                stats = [permute_experts(m, mp, B) for m, mp in zip(B.module.moe, maps_1)]
                 torch.manual_seed(0)
                 out_after = B.module(x_fixed)
                 experts_after = list(p for m in B.module.moe for p in m.deepspeed_moe.experts.parameters())
             res["out"] = [float(out_before), float(out_after)]
             res["experts_changed"] = sum(not torch.equal(a, b) for a, b in zip(experts_before, experts_after))
             res["stats_1"] = stats
-            for m, mp in zip(C.module.moe, MAPS_1):
+            for m, mp in zip(C.module.moe, maps_1):
                 permute_experts(m, mp)  # control: without the optimizer
         if t == 3:
-            res["stats_2"] = [permute_experts(m, mp, B.optimizer) for m, mp in zip(B.module.moe, MAPS_2)]
+            res["stats_2"] = [permute_experts(m, mp, B.optimizer) for m, mp in zip(B.module.moe, maps_2)]
         losses["B"].append(step(B, t))
         losses["C"].append(step(C, t))
     res["losses"] = losses
@@ -168,7 +173,7 @@ def _worker(out: Path) -> None:
     for eng in (A, B):
         torch.manual_seed(99)
         eng.backward(eng(xs[0]))
-    res["stats_back"] = [permute_experts(m, [0, 0, 1, 1], B) for m in B.module.moe]
+    res["stats_back"] = [permute_experts(m, np.arange(n_exp) // L, B) for m in B.module.moe]
     res["diff_back"] = max_diff(by_logical(A), by_logical(B))
     (out / f"rank{rank}.json").write_text(json.dumps(res))
     dist.barrier()
@@ -177,19 +182,23 @@ def _worker(out: Path) -> None:
 pytest.importorskip("deepspeed")
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
+def _launch(nproc: int, out: Path) -> list[dict]:
+    """This file as the worker on `nproc` gloo ranks -> what each rank measured."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tracing"))
     from _shims import free_port
 
-    out = tmp_path_factory.mktemp("ds_permute")
     root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           __file__, str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), __file__, str(out)]
     env = {**os.environ, "DS_BUILD_OPS": "0", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=root, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=root, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+    return [json.loads((out / f"rank{i}.json").read_text()) for i in range(nproc)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    return _launch(2, tmp_path_factory.mktemp("ds_permute2"))
 
 
 @pytest.mark.slow
@@ -244,6 +253,21 @@ def test_invalid_maps_raise_on_every_rank_before_communication(ranks):
         assert "outside [0, 2)" in errs[2] and "integer ranks" in errs[3] and "string" in errs[4]
         assert "does not hold this layer's expert parameters" in errs[5]
         assert r["unchanged_after_errors"] and r["map_after_errors"] == [0, 0, 1, 1]
+
+
+@pytest.mark.slow
+def test_four_ranks(tmp_path):
+    rs = _launch(4, tmp_path)
+    for r in rs:
+        assert r["experts_changed"] > 0 and r["out"][1] == pytest.approx(r["out"][0], rel=1e-6)
+        la, lb, lc = (np.array(r["losses"][k]) for k in "ABC")
+        np.testing.assert_allclose(lb, la, rtol=1e-6, atol=0)
+        assert np.abs(lc[3:] - la[3:]).max() > 1e-4 * np.abs(la).max()  # the control parts
+        assert max(r["diff_B"].values()) <= 1e-6 and max(r["diff_back"].values()) <= 1e-6
+        assert None not in r["errors"] and r["unchanged_after_errors"]
+        assert r["maps"] == [list(m) for m in MAPS_4[1]]
+    # the second permutation of layer 0 is an exchange between ranks 0 and 1: ranks 2 and 3 send nothing
+    assert [r["stats_2"][0]["bytes_sent"] > 0 for r in rs] == [True, True, False, False]
 
 
 def test_not_a_deepspeed_moe_layer_is_refused_without_communication():
