@@ -4,6 +4,10 @@ DeepSpeed's dispatch sends the gate's expert id p to EP rank p // L, local exper
 logical expert e to rank r, `permute_experts` moves e's parameters, gradients and optimizer state to
 a slot p on r and permutes the gate's rows (weight, bias and their optimizer state) so that row p is
 e's old row: every token reaches the same weights as before, so the layer computes the same function.
+(Exactly so without random gating; with Random Token Selection on a dropping gate, or
+`top2_2nd_expert_sampling`, the noise drawn for column p now falls on another expert: the same
+function in distribution, not draw for draw.)
+
 All ranks of the layer's expert-parallel group call it together at a step boundary (after
 `optimizer.step()`, before the next forward). Parameters keep their identity (DeepSpeed's gradient
 groups and the optimizer's param_groups stay valid); only their contents change.

@@ -6,7 +6,8 @@ rank writes what it measured to rank<r>.json and the tests below check it. Three
 (same seed, same per-rank inputs, DeepSpeed engines with torch Adam): A is never permuted; B is
 permuted after step 2 and again after step 3, with its optimizer; C is permuted after step 2 without
 its optimizer (the control: Adam's moments stay behind, so its losses must part from A's).
-Layer 0 is top-1, layer 1 top-2; drop_tokens=False (no capacity drops, so RTS noise routes nothing).
+Layer 0 is top-1, layer 1 top-2, both drop_tokens=False; layer 2 top-1 with capacity factor 1, so it
+drops tokens (use_rts=False: which tokens is then a function of each expert's column alone).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import pytest
 
 H, TOKENS, STEPS = 16, 32, 5
 E = 4  # experts on 2 ranks; 2 per rank on 4 ranks too
-MAPS_1 = ([1, 0, 1, 0], [1, 1, 0, 0])  # after step 2: layer 0, layer 1
-MAPS_2 = ([0, 1, 1, 0], [0, 1, 0, 1])  # after step 3 (B only)
-MAPS_4 = (([3, 2, 1, 0, 0, 1, 2, 3], [1, 1, 0, 0, 3, 3, 2, 2]),  # 4 ranks, 8 experts: all ranks exchange,
-          ([3, 2, 0, 1, 1, 0, 2, 3], [0, 2, 1, 3, 0, 2, 1, 3]))  # then layer 0 only between ranks 0 and 1
+MAPS_1 = ([1, 0, 1, 0], [1, 1, 0, 0], [0, 1, 1, 0])  # after step 2: layers 0, 1, 2
+MAPS_2 = ([0, 1, 1, 0], [0, 1, 0, 1], [1, 0, 0, 1])  # after step 3 (B only)
+MAPS_4 = (([3, 2, 1, 0, 0, 1, 2, 3], [1, 1, 0, 0, 3, 3, 2, 2], [2, 3, 0, 1, 2, 3, 0, 1]),  # 4 ranks, 8 experts:
+          ([3, 2, 0, 1, 1, 0, 2, 3], [0, 2, 1, 3, 0, 2, 1, 3], [1, 0, 1, 0, 3, 2, 3, 2]))  # all ranks exchange,
+# then layer 0 only between ranks 0 and 1
 INVALID = ([0, 1, 1], [0, 0, 0, 1], [0, 1, 2, 1], [0.5, 1, 0, 1], "0011")
 
 
@@ -55,8 +57,9 @@ def _worker(out: Path) -> None:
         def __init__(self) -> None:
             super().__init__()
             self.moe = nn.ModuleList(
-                MoE(H, nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.Linear(2 * H, H)), num_experts=n_exp, ep_size=world,
-                    k=k, min_capacity=1, drop_tokens=False, top2_2nd_expert_sampling=False) for k in (1, 2))
+                MoE(H, nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.Linear(2 * H, H)), num_experts=n_exp,
+                    ep_size=world, k=k, min_capacity=1, drop_tokens=drop, use_rts=False, top2_2nd_expert_sampling=False)
+                for k, drop in ((1, False), (2, False), (1, True)))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             aux = 0.0
@@ -151,6 +154,8 @@ def _worker(out: Path) -> None:
             with torch.no_grad():
                 torch.manual_seed(0)
                 out_before = B.module(x_fixed)
+                counts = B.module.moe[2].deepspeed_moe.exp_counts  # [E] routed, before the capacity cut
+                res["dropped"] = int((counts - TOKENS // n_exp).clamp(min=0).sum())
                 experts_before = [p.detach().clone() for m in B.module.moe for p in m.deepspeed_moe.experts.parameters()]
                 stats = [permute_experts(m, mp, B) for m, mp in zip(B.module.moe, maps_1)]
                 torch.manual_seed(0)
@@ -207,11 +212,12 @@ def test_function_unchanged_by_permutation(ranks):
         assert r["experts_changed"] > 0  # weights really moved on this rank
         np.testing.assert_allclose(r["out"][1], r["out"][0], rtol=1e-6)
         assert r["maps"] == [list(m) for m in MAPS_2]
+    assert sum(r["dropped"] for r in ranks) > 0  # layer 2 did drop tokens (capacity 8 per expert)
     s0, s1 = ranks[0]["stats_1"], ranks[1]["stats_1"]
     # layer 0: experts 0 and 3 change rank; layer 1: all four. One expert's params + exp_avg + exp_avg_sq + step.
     n = (H * 2 * H + 2 * H) + (2 * H * H + H)  # one expert's parameters
     per_expert = 4 * (3 * n + 4)  # float32 params, exp_avg, exp_avg_sq, and 4 scalar steps (grads are None)
-    assert [s["experts_moved"] for s in s0] == [2, 4]
+    assert [s["experts_moved"] for s in s0] == [2, 4, 2]
     assert s0[0]["bytes_sent"] == s0[0]["bytes_received"] == s1[0]["bytes_sent"] > 0
     assert s0[1]["bytes_total"] == 2 * s0[0]["bytes_total"] == 4 * s0[0]["bytes_sent"]
     assert s0[0]["bytes_sent"] == per_expert
@@ -237,9 +243,9 @@ def test_gradients_move_and_the_contiguous_layout_comes_back(ranks):
     for r in ranks:
         assert {"grad", "gate_grad"} <= set(r["diff_back"])
         assert max(r["diff_back"].values()) <= 1e-6, r["diff_back"]
-        # from MAPS_2 back to contiguous: experts 1 and 3 of layer 0, 1 and 2 of layer 1 change rank,
+        # from MAPS_2 back to contiguous: experts 1 and 3 of layer 0, 1 and 2 of layer 1, 0 and 2 of layer 2,
         # each now with its gradient (4 more float32 tensors)
-        assert [s["experts_moved"] for s in r["stats_back"]] == [2, 2]
+        assert [s["experts_moved"] for s in r["stats_back"]] == [2, 2, 2]
         n = (H * 2 * H + 2 * H) + (2 * H * H + H)
         assert r["stats_back"][0]["bytes_sent"] == 4 * (4 * n + 4)
 
