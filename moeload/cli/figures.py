@@ -111,7 +111,8 @@ def _fig_gpu_load(d: Data, j: int):
     if d.t.manifest.ep_size < 2:
         raise InputError(f"{d.t.path}: gpu-load needs an expert-parallel trace (ep_size is {d.t.manifest.ep_size})")
     steps, lay, _ = d.window
-    return plots.gpu_load(d.t.gpu_loads(steps, [int(lay[j])]), steps=steps, layer=0)
+    li = int(lay[j])  # [S, G] of that layer alone; layer= then only names it in the title
+    return plots.gpu_load(d.t.gpu_loads(steps, [li])[:, 0], steps=steps, layer=li)
 
 
 def _fig_backtest(d: Data, j: int | None):
@@ -145,8 +146,8 @@ def _data_layers(t, layers: str | None) -> list[int]:
 
 def plot(
     trace: Path = typer.Argument(..., help="Trace directory.", show_default=False),
-    figures: list[str] = typer.Argument(None, help=f"Figures to draw: {', '.join(FIGURE_NAMES)} or all "
-                                        "(default: heatmap, proportions, fluctuation)."),
+    figures: list[str] = typer.Argument(None, help=f"Figures to draw: {', '.join(FIGURE_NAMES)} or all (gpu-load "
+                                        "where the trace is expert-parallel; default: heatmap, proportions, fluctuation)."),
     out: Path = typer.Option(Path("."), "--out", "-o", help="Directory for the image files (created if missing)."),
     fmt_: str = typer.Option("png", "--format", help="png or svg."),
     dpi: int = typer.Option(120, "--dpi", min=30, max=600, help="Resolution of PNG files."),
@@ -166,13 +167,13 @@ def plot(
     if fmt_ not in ("png", "svg"):
         raise InputError(f"--format {fmt_!r}: expected png or svg")
     names = list(figures or ["heatmap", "proportions", "fluctuation"])
-    if names == ["all"]:
-        names = [n for n in FIGURE_NAMES if n != "gpu-load"]
-    bad = [n for n in names if n not in FIGURES]
-    if bad:
-        raise InputError(f"figure(s) {bad}: unknown; choose from {', '.join(FIGURE_NAMES)} or all")
+    bad = [n for n in names if n not in FIGURES and n != "all"]
+    if bad or ("all" in names and len(names) > 1):
+        raise InputError(f"figure(s) {bad or names}: unknown; choose from {', '.join(FIGURE_NAMES)}, or all alone")
     refuse_output_inside(out, trace)
     t = open_trace_arg(trace, skip_bad_parts)
+    if names == ["all"]:  # gpu-load needs an expert-parallel trace
+        names = [n for n in FIGURE_NAMES if n != "gpu-load" or t.manifest.ep_size > 1]
     d = Data(t, steps, _data_layers(t, layers), predictor, horizon, at, predictors_)
     per_layer = range(len(d.layers)) if layers is not None else range(1)
     out.mkdir(parents=True, exist_ok=True)

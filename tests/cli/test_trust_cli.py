@@ -252,3 +252,21 @@ def test_plan_prints_the_placement_it_made(trace):
     for li in range(4):
         want = f"layer {li}: GPU0 [{' '.join(map(str, p[li, :5]))}] GPU1 [{' '.join(map(str, p[li, 5:]))}]"
         assert want in out, (want, out)
+
+
+def test_plot_all_includes_gpu_load_on_an_expert_parallel_trace(trace, tmp_path):
+    r = invoke("plot", trace, "all", "-o", tmp_path / "figs", "--horizon", "10")
+    assert r.exit_code == 0, r.output
+    got = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert got == ["backtest.png", "fluctuation.png", "forecast-layer0.png", "gpu-load-layer0.png",
+                   "heatmap-layer0.png", "proportions-layer0.png"]
+
+
+def test_plot_gpu_load_titles_name_the_layer_drawn(trace, tmp_path):
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        r = invoke("plot", trace, "gpu-load", "--layers", "0,3", "-o", tmp_path, "--format", "svg")
+    assert r.exit_code == 0, r.output
+    assert "Per-GPU load, layer 3," in (tmp_path / "gpu-load-layer3.svg").read_text()
+    assert "Per-GPU load, layer 0," in (tmp_path / "gpu-load-layer0.svg").read_text()
