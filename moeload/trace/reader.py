@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from moeload.errors import InputError, TraceFormatError
-from moeload.trace.checks import check_part, checked_sum, index_part, list_lengths, read_columns, rows_problem
+from moeload.trace.checks import I64_MAX, check_part, checked_sum, index_part, list_lengths, read_columns, rows_problem
 from moeload.trace.manifest import PARTS_DIR, Manifest, read_manifest
 from moeload.trace.writer import PART_RE
 
@@ -62,13 +62,20 @@ class Trace:
         self.manifest: Manifest = read_manifest(self.path)
         pdir = self.path / PARTS_DIR
         parts: list[_Part] = []
+        self._misnamed: list[tuple[Path, str]] = []  # parts whose name numbers exceed int64
         if pdir.is_dir():
             for p in sorted(pdir.iterdir()):
                 m = PART_RE.match(p.name)
-                if m:
-                    parts.append(
-                        _Part(p, int(m.group(1)), int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5)))
-                    )
+                if not m:
+                    continue
+                seq, rank, first, last = (int(m.group(i)) for i in (1, 2, 4, 5))
+                if max(seq, rank, first, last) > I64_MAX:
+                    why = "a sequence number, writer rank or step in its file name is beyond int64"
+                    if not self.skip_bad_parts:
+                        raise TraceFormatError(f"{p}: {why}{SKIP_HINT}")
+                    self._misnamed.append((p, why))
+                    continue
+                parts.append(_Part(p, seq, rank, m.group(3), first, last))
         self._parts = sorted(parts, key=lambda q: (q.seq, q.writer_rank))
 
     # ---- metadata ---------------------------------------------------------------------------
@@ -98,7 +105,7 @@ class Trace:
 
     @property
     def parts(self) -> list[Path]:
-        return [p.path for p in self._parts]
+        return [p.path for p in self._parts] + [p for p, _ in self._misnamed]
 
     @property
     def bad_parts(self) -> list[tuple[Path, str]]:
@@ -107,7 +114,7 @@ class Trace:
         Complete with skip_bad_parts=True; otherwise only what the quick checks (footer, step
         column, row count) found.
         """
-        return [(self._parts[i].path, why) for i, why in sorted(self._index[1].items())]
+        return self._misnamed + [(self._parts[i].path, why) for i, why in sorted(self._index[1].items())]
 
     @property
     def splits(self) -> list[str]:
@@ -164,9 +171,10 @@ class Trace:
                     stale |= (seq < first_seq) & (wr == rank) & (s >= restart)
             self._stale[split] = _ranges(s[stale])
             out[split] = (s[~stale], o[~stale])
-        if bad and self.skip_bad_parts:
-            listed = "; ".join(f"{self._parts[i].path.name} ({why})" for i, why in sorted(bad.items()))
-            warnings.warn(f"{self.path}: skipped {len(bad)} bad part(s): {listed}", stacklevel=4)
+        skipped = [(p.name, why) for p, why in self._misnamed] + [(self._parts[i].path.name, why) for i, why in sorted(bad.items())]
+        if skipped and self.skip_bad_parts:
+            listed = "; ".join(f"{name} ({why})" for name, why in skipped)
+            warnings.warn(f"{self.path}: skipped {len(skipped)} bad part(s): {listed}", stacklevel=4)
         return out, bad
 
     @property

@@ -314,3 +314,26 @@ def test_split_column_mixed_null_or_unknown_is_refused(tmp_path, values):
     with pytest.raises(TraceFormatError) as e:
         open_trace(tmp_path / "t").counts()
     _one_line(e, str(part), "column 'split'")
+
+
+# ---- part names with numbers beyond int64 ----------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["seq", "rank", "last"])
+def test_part_name_numbers_beyond_int64_are_one_line_or_skipped(tmp_path, field):
+    c = _write(tmp_path / "t")
+    part = sorted((tmp_path / "t" / "parts").iterdir())[2]  # steps 8..11
+    huge = str(2**63)
+    name = {"seq": f"part-{huge}-r0-train-s000000008-000000011.parquet",
+            "rank": f"part-000002-r{huge}-train-s000000008-000000011.parquet",
+            "last": f"part-000002-r0-train-s000000008-{huge}.parquet"}[field]
+    bad = part.rename(part.with_name(name))
+    with pytest.raises(TraceFormatError) as e:
+        open_trace(tmp_path / "t")  # used to be an OverflowError traceback
+    _one_line(e, str(bad), "beyond int64")
+    with pytest.warns(UserWarning, match="skipped 1 bad part"):
+        t = open_trace(tmp_path / "t", skip_bad_parts=True)
+        np.testing.assert_array_equal(t.counts(), c[:8])
+    assert [p for p, _ in t.bad_parts] == [bad] and len(t.parts) == 3
+    d = check_data(tmp_path / "t")
+    assert d["ok"] is False and [b["path"] for b in d["bad_parts"]] == [str(bad)]
