@@ -76,9 +76,10 @@ def advise_cmd(
         shape = resolve_shape(t.meta)
         if gated:
             shape = type(shape)(shape.hidden, shape.ffn_hidden, True, source=shape.source)
-    with progress_status("replaying strategies"):
+    with progress_status("replaying strategies") as status:
         adv = advise(t, gpus, num_nodes=nodes, num_replicas=replicas, calibration=calibration, shape=shape,
-                     micro_batches=micro_batches, other_ms=other_ms, copies_per_gpu=copies)
+                     micro_batches=micro_batches, other_ms=other_ms, copies_per_gpu=copies,
+                     progress=lambda done, total: status.update(f"replaying strategies: step {done:,} of {total:,}"))
     paths = write_artifacts(adv, artifacts) if artifacts is not None else {}
     if figure is not None:
         from moeload.plots import advise as plot_advise

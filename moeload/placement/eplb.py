@@ -84,6 +84,41 @@ def _layer(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, nu
     return out
 
 
+def _global_batched(weight: np.ndarray, num_replicas: int, num_gpus: int) -> np.ndarray:
+    """The global policy (one group, one node) for all layers at once: `weight: [L, E]` -> `[L, R]`.
+
+    The same steps, ties and orders as `_layer` with `num_groups = num_nodes = 1`, vectorised over
+    layers (R + (R - E) NumPy steps instead of L times as many Python ones).
+    """
+    L, E = weight.shape
+    rows = np.arange(L)
+    phy2log = np.concatenate([np.tile(np.arange(E), (L, 1)), np.zeros((L, num_replicas - E), dtype=np.int64)], 1)
+    count = np.ones((L, E), dtype=np.int64)
+    for i in range(E, num_replicas):
+        e = np.argmax(weight / count, axis=1)
+        phy2log[:, i] = e
+        count[rows, e] += 1
+    per_phy = np.take_along_axis(weight / count, phy2log, axis=1)  # [L, R]
+    slots = num_replicas // num_gpus
+    if slots == 1:
+        pack, rank = np.tile(np.arange(num_replicas), (L, 1)), np.zeros((L, num_replicas), dtype=np.int64)
+    else:
+        pack = np.full((L, num_replicas), -1, dtype=np.int64)
+        rank = np.full((L, num_replicas), -1, dtype=np.int64)
+        loads = np.zeros((L, num_gpus))
+        items = np.zeros((L, num_gpus), dtype=np.int64)
+        order = np.argsort(-per_phy, axis=1, kind="stable")
+        for j in range(num_replicas):
+            item = order[:, j]
+            p = np.argmin(np.where(items < slots, loads, np.inf), axis=1)
+            pack[rows, item], rank[rows, item] = p, items[rows, p]
+            loads[rows, p] += per_phy[rows, item]
+            items[rows, p] += 1
+    out = np.empty((L, num_replicas), dtype=np.int64)
+    out[rows[:, None], pack * slots + rank] = phy2log
+    return out
+
+
 def plan_eplb(
     weight: np.ndarray, num_gpus: int, num_replicas: int, *, num_groups: int = 1, num_nodes: int = 1
 ) -> Placement:
@@ -102,7 +137,10 @@ def plan_eplb(
         raise InputError(f"num_groups={num_groups} does not divide the number of experts {num_experts}")
     if num_gpus % num_nodes:
         raise InputError(f"num_nodes={num_nodes} does not divide num_gpus={num_gpus}")
-    phy2log = np.stack([_layer(w, num_replicas, num_groups, num_nodes, num_gpus) for w in weight])
+    if num_groups == 1 and num_nodes == 1:
+        phy2log = _global_batched(weight, num_replicas, num_gpus)
+    else:
+        phy2log = np.stack([_layer(w, num_replicas, num_groups, num_nodes, num_gpus) for w in weight])
     return Placement(
         phy2log, even_share(phy2log, num_experts), num_gpus, weight, "eplb",
         {"num_groups": num_groups, "num_nodes": num_nodes},
