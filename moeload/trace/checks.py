@@ -89,7 +89,7 @@ def index_part(path: Path, m: Manifest, first: int, last: int, split: str | None
         check_split = split is not None and "split" in schema.names
         t = pf.read(columns=["step", "split"] if check_split else ["step"])
         col = t.column("step")
-        if check_split:
+        if check_split and split is not None:
             problem = _split_problem(t.column("split"), split)
             if problem:
                 raise TraceFormatError(f"{path}: {problem}")

@@ -20,7 +20,7 @@ from moeload.trace.writer import PART_RE
 
 SKIP_HINT = "; open_trace(..., skip_bad_parts=True) or --skip-bad-parts reads the other parts"
 StepSel = None | slice | range | tuple[int, int] | Sequence[int] | np.ndarray
-LayerSel = None | int | str | Sequence[int | str]
+LayerSel = None | int | str | Sequence[int | str] | np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,10 +389,15 @@ class Trace:
                 key, vals = key[order], vals[order]
                 starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
                 n = int(np.diff(np.r_[starts, len(key)]).max())
-                vals = checked_sum(vals, lambda x: np.add.reduceat(x, starts, axis=0), n)
-                if vals is None:
+
+                def add(x: np.ndarray, at: np.ndarray = starts) -> np.ndarray:
+                    return np.add.reduceat(x, at, axis=0)
+
+                summed = checked_sum(vals, add, n)
+                if summed is None:
                     raise TraceFormatError(f"{part.path}: {column} counts summed over ranks exceed int64 "
                                            f"(steps {part.first}..{part.last}{SKIP_HINT})")
+                vals = summed
                 si, li, ri = key[starts] // len(lay), key[starts] % len(lay), np.zeros(len(starts), np.int64)
             out[si, ri, li] = vals
         if inverse is not None:
