@@ -27,6 +27,8 @@ try:  # private, present since torch 2.1: the compiled code dynamo holds for one
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as _cache_entries
 except ImportError:  # pragma: no cover - torch builds without dynamo
     _cache_entries = None
+NO_FORWARD_CAP = 100
+"""Ranges of steps without gate forwards kept in `extra.no_forward_steps`; later ones are only counted."""
 
 
 def in_backward() -> bool:
@@ -101,7 +103,8 @@ class LoadTracer:
     at its next call (one warning, manifest ``extra.dynamo_reset = {"step", "modules"}``). Not seen at
     ``start()``: a compiled function that calls the model (a compiled training step). Each hook counts
     its calls on the host (a Python int, no sync), so such a run shows: a step in which no gate ran is
-    warned about once and listed in ``extra.no_forward_steps`` ([[first, last], ...]); a gate that never
+    warned about once and listed in ``extra.no_forward_steps`` ([[first, last], ...], the first
+    NO_FORWARD_CAP ranges; steps in later ones counted in ``no_forward_steps_more``); a gate that never
     ran through the first block (or until ``close()``) goes to ``extra.disabled_layers`` with the reason
     (its hook stays; in a multi-rank run, as rank 0 saw it). Layer names drop the ``_orig_mod`` segments of
     compiled wrappers, so eager and compiled runs name layers alike.
@@ -232,6 +235,7 @@ class LoadTracer:
         """[L] forwards of each gate seen by its hook since start() (host ints, any mode)."""
         self._calls_at_step = 0
         self._no_forward_steps: list[list[int]] = []
+        self._no_forward_more = 0
         self._silent: dict[str, dict[str, Any]] = {}
         self._silent_checked = False
         self.dynamo_reset: dict[str, Any] | None = None
@@ -335,7 +339,12 @@ class LoadTracer:
         found = compiled_modules(self.model, [s.module for s in self.specs])
         if not found:
             return
-        torch.compiler.reset()
+        try:
+            torch.compiler.reset()
+        except Exception as e:  # tracing never breaks training: the step checks still flag zero-forward steps
+            warnings.warn(f"moeload: torch.compiler.reset() failed ({type(e).__name__}: {first_line(e, 160)}); hooks "
+                          f"added after {found[0]!r} was compiled may not run", RuntimeWarning, stacklevel=3)
+            return
         self.dynamo_reset = {"step": self.step_count, "modules": found[:8]}
         shown = ", ".join(repr(n) for n in found[:3]) + (", ..." if len(found) > 3 else "")
         warnings.warn(f"moeload: {shown} had been compiled and run before the tracer attached, so dynamo would not "
@@ -354,6 +363,9 @@ class LoadTracer:
         runs = self._no_forward_steps
         if runs and runs[-1][1] == step - 1:
             runs[-1][1] = step
+            return
+        if len(runs) == NO_FORWARD_CAP:  # the first ranges say what happened; the total stays exact
+            self._no_forward_more += 1
             return
         runs.append([step, step])
         if len(runs) == 1:
@@ -516,6 +528,8 @@ class LoadTracer:
             notes["tracing_stopped"] = dict(self.tracing_stopped)
         if self._no_forward_steps:
             notes["no_forward_steps"] = [list(r) for r in self._no_forward_steps]
+            if self._no_forward_more:
+                notes["no_forward_steps_more"] = self._no_forward_more
         if self.dynamo_reset is not None:
             notes["dynamo_reset"] = dict(self.dynamo_reset)
         for name, entry in list(self._silent.items()):

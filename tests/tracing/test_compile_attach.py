@@ -282,3 +282,21 @@ def test_embedded_workload_compiled_and_run_before_attach(tmp_path) -> None:
     assert t.layers == LoadTracer(eager.model, sink=lambda b: None).layers  # the eager model's names
     np.testing.assert_array_equal(t.counts(), np.stack(want_routed))
     np.testing.assert_array_equal(t.counts(kind="kept"), np.stack(want_kept))
+
+
+def test_no_forward_steps_are_capped_and_counted(tmp_path) -> None:
+    """step() without a forward between (here: called twice per iteration), 250 times: the first 100 ranges
+    are listed, the other steps counted; one warning; the layers ran, so none is listed as disabled."""
+    net = Net()
+    x = inputs(1)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with LoadTracer(net, tmp_path / "t", gates="*.router", flush_every=50) as tr:
+            for _ in range(250):
+                net(x)
+                tr.step()
+                tr.step()
+    assert len([w for w in caught if "no forward of any" in str(w.message)]) == 1
+    extra = json.loads((tmp_path / "t" / "manifest.json").read_text())["extra"]
+    assert extra["no_forward_steps"] == [[s, s] for s in range(1, 200, 2)]
+    assert extra["no_forward_steps_more"] == 150 and "disabled_layers" not in extra
