@@ -266,7 +266,8 @@ def test_embedded_workload_compiled_and_run_before_attach(tmp_path) -> None:
     for p in comp.model.parameters():
         p.grad = None
     with pytest.warns(RuntimeWarning, match="compiled and run before the tracer attached"):
-        tr = LoadTracer(run, tmp_path / "t", flush_every=4).start()
+        # the original module, not the wrapper: its compiled code is found through dynamo's cache
+        tr = LoadTracer(comp.model, tmp_path / "t", flush_every=4).start()
     want_routed, want_kept = [], []
     for _ in range(6):
         r, k = eager.step()
