@@ -191,11 +191,13 @@ class Manifest:
         extra.update({k: v for k, v in d.items() if k not in known})
         kwargs["extra"] = extra
         try:
-            return cls(**kwargs)
+            m = cls(**kwargs)
         except TraceFormatError as e:
             raise TraceFormatError(f"{where}: {str(e).removeprefix('manifest: ')}") from None
         except (TypeError, ValueError) as e:
             raise TraceFormatError(f"{where}: bad field value ({e})") from None
+        m.versions = kwargs.get("versions", {})  # the writer's, as recorded: not filled with this reader's
+        return m
 
     def check_compatible(self, other: Manifest, where: str) -> None:
         """Raise TraceMismatchError if `other` describes a different model shape."""

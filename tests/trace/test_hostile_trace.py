@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from moeload.cli import app
@@ -337,3 +339,43 @@ def test_part_name_numbers_beyond_int64_are_one_line_or_skipped(tmp_path, field)
     assert [p for p, _ in t.bad_parts] == [bad] and len(t.parts) == 3
     d = check_data(tmp_path / "t")
     assert d["ok"] is False and [b["path"] for b in d["bad_parts"]] == [str(bad)]
+
+
+# ---- fuzzing: any JSON value in any manifest field -----------------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=6,
+)
+NEAR = (st.integers(0, 5) | st.lists(st.integers(0, 5), min_size=2, max_size=2) | st.just(["a", "b"])
+        | st.just(["x", "y"]) | st.just({}) | st.just([]) | st.just([{"writer_rank": 0, "first_seq": 0}])
+        | st.just([[0, 0, 0, 0], [0, 0, 0, 0]]) | st.sampled_from(["routed", "kept", "both"]))
+FIELDS = ["layers", "experts_per_layer", "top_k", "world_size", "ep_size", "schema_version", "extra", "sessions",
+          "expert_to_rank", "count_kind", "ranks_recorded", "flush_every", "tokens_per_step", "framework", "versions"]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(field=st.sampled_from(FIELDS), value=JSON | NEAR)
+def test_fuzz_manifest_field_values_are_read_exactly_or_refused_in_one_line(tmp_path_factory, field, value):
+    path = tmp_path_factory.mktemp("fuzz") / "t"
+    c = _write(path, n=4)
+    _edit_manifest(path, **{field: value})
+    try:
+        t = open_trace(path)
+        got = t.counts()
+    except TraceFormatError as e:
+        msg = str(e)
+        assert "\n" not in msg and str(path) in msg, msg
+        event("refused")
+        return
+    # accepted: the value was one of the right type and is kept as it was written, never coerced
+    meta = t.meta
+    if field in ("experts_per_layer", "top_k") and not isinstance(value, list):
+        assert type(value) is int and meta[field] == [value, value]
+    elif field != "extra":
+        assert meta[field] == value and type(meta[field]) is type(value), (field, value, meta[field])
+    assert all(type(e) is int for e in meta["experts_per_layer"] + meta["top_k"])
+    assert all(type(x) is str for x in meta["layers"])
+    np.testing.assert_array_equal(got, c)
+    event(f"accepted {field}")
