@@ -21,7 +21,7 @@ from moeload.cli import app
 from moeload.cli.check import check_data
 from moeload.errors import InputError, MoeloadError, TraceFormatError
 from moeload.trace import Manifest, TraceWriter, open_trace
-from moeload.trace.manifest import MANIFEST_NAME
+from moeload.trace.manifest import MANIFEST_MAX_BYTES, MANIFEST_NAME
 from tests.cli._cli import one_line_error
 
 
@@ -135,14 +135,29 @@ def test_manifest_deeply_nested_or_huge_integer_is_one_line(tmp_path, content):
     _one_line(e, str(tmp_path / "t" / MANIFEST_NAME))
 
 
-def test_manifest_fifo_is_refused_without_blocking(tmp_path):
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_manifest_fifo_or_device_is_refused_without_blocking(tmp_path, kind):
     _write(tmp_path / "t")
     mpath = tmp_path / "t" / MANIFEST_NAME
     mpath.unlink()
-    os.mkfifo(mpath)
+    if kind == "fifo":
+        os.mkfifo(mpath)
+    else:
+        mpath.symlink_to(kind)
     with pytest.raises(TraceFormatError) as e:
         open_trace(tmp_path / "t")
     _one_line(e, str(mpath), "not a regular file")
+
+
+def test_manifest_over_the_size_limit_is_refused(tmp_path):
+    _write(tmp_path / "t")
+    mpath = tmp_path / "t" / MANIFEST_NAME
+    d = json.loads(mpath.read_text())
+    d["extra"] = {"pad": "x" * (MANIFEST_MAX_BYTES + 1)}
+    mpath.write_text(json.dumps(d))
+    with pytest.raises(TraceFormatError) as e:
+        open_trace(tmp_path / "t")
+    _one_line(e, str(mpath), "MiB")
 
 
 # ---- 2. step and layer selections: strides honoured, floats refused, NumPy integers accepted ----
