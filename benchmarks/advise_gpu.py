@@ -105,7 +105,9 @@ def main(argv=None) -> int:
                     measured[s, layer, g] = time_fn(run, device=a.device, repeats=a.repeats, warmup=1)
             if s % 50 == 0:
                 print(f"  {name}: step {s}/{n_meas} ({time.time() - t1:.0f} s)", flush=True)
-        predicted = cal.gemm_time(routes)
+        from moeload.advise.cost import padded_routes
+
+        predicted = cal.gemm_time(padded_routes(per_slot, G, cal.tile) if cal.tile else routes)
         step_meas = measured.max(axis=-1).sum(axis=-1)
         step_pred = predicted.max(axis=-1).sum(axis=-1)
         per_arm[name] = {"measured_ms": float(step_meas.mean() * 1e3), "predicted_ms": float(step_pred.mean() * 1e3),
@@ -124,7 +126,8 @@ def main(argv=None) -> int:
     rank_m = sorted(per_arm, key=lambda n: -per_arm[n]["measured_saving_pct"])
     rank_p = sorted(per_arm, key=lambda n: -per_arm[n]["predicted_saving_pct"])
     all_err = float(np.median([r["median_err_step"] for r in rows]))
-    out = {"trace": str(a.trace), "gpus": G, "replicas": R, "steps": n_meas, "scale": scale,
+    out = {"trace": str(a.trace), "gpus": G, "tile": {k: c.tile for k, c in cals.items()},
+           "calibration_error": {k: c.rel_error for k, c in cals.items()}, "replicas": R, "steps": n_meas, "scale": scale,
            "routes_per_gpu": a.routes_per_gpu, "shape": [shape.hidden, shape.ffn_hidden], "device": cals[E // G].device,
            "arms": per_arm, "errors": rows, "ranking_measured": rank_m, "ranking_predicted": rank_p,
            "ranking_equal": rank_m == rank_p, "median_err_step": all_err,

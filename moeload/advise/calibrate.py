@@ -18,6 +18,8 @@ import numpy as np
 from moeload.advise.cost import Calibration, ExpertShape
 from moeload.errors import InputError
 
+TILES = (0, 16, 64, 128, 256)
+"""Padding tiles `calibrate` tries (rows per expert group; 0: the GEMM time depends on total routes)."""
 DEFAULT_GRID = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 
@@ -122,16 +124,38 @@ def calibrate(shape: ExpertShape, local_experts: int, *, grid: tuple[int, ...] =
     if local_experts < 1:
         raise InputError(f"--experts-per-gpu {local_experts}: must be >= 1")
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
-    secs, timed, used = [], [], "bmm"
+    secs, timed, pers, used = [], [], [], "bmm"
     for n in sorted(set(int(g) for g in grid)):
         routes, t, used = time_grouped_gemm(shape, local_experts, n, device=device, repeats=repeats, kernel=kernel)
         if timed and routes <= timed[-1]:
             continue
         timed.append(routes)
+        pers.append(routes // local_experts)
         secs.append(t)
         if progress is not None:
             progress(f"{routes} routes on {local_experts} experts ({used}): {t * 1e3:.3f} ms")
-    tokens = (0.0, *map(float, timed))
-    seconds = (0.0, *np.maximum.accumulate(np.asarray(secs)).tolist())
-    return Calibration(tokens, tuple(seconds), measured=True, device=f"{name}, {used} GEMMs", shape=asdict(shape),
-                       rel_error=0.10)
+    # Uneven splits (Dirichlet shares of a few totals) choose the padding tile and measure the error.
+    rng = np.random.default_rng(0)
+    samples = []
+    for total in sorted({timed[len(timed) // 2], timed[-3], timed[-2]}):
+        for _ in range(3):
+            split = rng.multinomial(total, rng.dirichlet(np.ones(local_experts))).tolist()
+            run, _ = expert_step(shape, split, device=device, kernel=used)
+            samples.append((np.asarray(split, dtype=np.float64), time_fn(run, device=device, repeats=repeats)))
+    best: tuple[float, Calibration] | None = None
+    for tile in TILES:
+        xs = [local_experts * (-(-p // tile) * tile if tile else p) for p in pers]
+        keep = [i for i in range(len(xs)) if i == 0 or xs[i] > xs[i - 1]]
+        cal = Calibration((0.0, *(float(xs[i]) for i in keep)),
+                          (0.0, *np.maximum.accumulate(np.asarray(secs)[keep]).tolist()), tile=tile)
+        errs = [abs(float(cal.gemm_time(np.ceil(n / tile).sum() * tile if tile else n.sum())) - t) / t
+                for n, t in samples]
+        err = float(np.median(errs))
+        if progress is not None:
+            progress(f"tile {tile}: median error on {len(samples)} uneven splits {err:.1%}")
+        if best is None or err < best[0] - 1e-3:
+            best = (err, cal)
+    err, fit = best
+    name = f"{name}, {used} GEMMs"
+    return Calibration(fit.tokens, fit.seconds, measured=True, device=name, shape=asdict(shape),
+                       rel_error=max(err, 0.02), tile=fit.tile)

@@ -118,6 +118,9 @@ class Calibration:
     shape: dict = field(default_factory=dict)
     rel_error: float = 0.15
     """Relative error assumed for predicted times (measured: the calibration's own median error)."""
+    tile: int = 0
+    """Rows a grouped GEMM pads each expert's group to (0: none). With a tile, a GPU's GEMM time is
+    read at its padded routes `sum_e ceil(n_e / tile) * tile` (see `padded_routes`)."""
 
     def __post_init__(self) -> None:
         t = np.asarray(self.tokens, dtype=np.float64)
@@ -132,6 +135,8 @@ class Calibration:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise InputError(f"calibration: {name} must be a positive number, got {v!r}")
+        if isinstance(self.tile, bool) or not isinstance(self.tile, int) or not 0 <= self.tile <= 4096:
+            raise InputError(f"calibration: tile must be an integer in 0..4096, got {self.tile!r}")
         for name in ("intra_lat", "inter_lat", "rel_error"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
@@ -225,15 +230,29 @@ def a2a_time(gpu_routes: np.ndarray, routes_total: np.ndarray, shape: ExpertShap
     return np.maximum(t_intra, t_inter)
 
 
+def padded_routes(per_slot: np.ndarray, num_gpus: int, tile: int, micro_batches: int = 1) -> np.ndarray:
+    """`per_slot: [..., R]` routes of each slot in one step -> `[..., G]` routes the GEMMs process.
+
+    Each micro-batch pads every slot's group to a multiple of `tile` rows (0: no padding):
+    `M * sum_slots ceil(n / M / tile) * tile`.
+    """
+    n = np.asarray(per_slot, dtype=np.float64)
+    if tile:
+        n = micro_batches * np.ceil(n / micro_batches / tile) * tile
+    return n.reshape(n.shape[:-1] + (num_gpus, -1)).sum(axis=-1)
+
+
 def layer_time(gpu_routes: np.ndarray, shape: ExpertShape, cal: Calibration, num_nodes: int = 1,
-               micro_batches: int = 1) -> np.ndarray:
+               micro_batches: int = 1, gemm_routes: np.ndarray | None = None) -> np.ndarray:
     """Forward + backward time of MoE layers from `gpu_routes: [..., G]` routes per GPU of one step.
 
     The step's routes are split evenly over `micro_batches`; each micro-batch pays four
-    all-to-alls and the slowest GPU's GEMMs. Returns `[...]` seconds.
+    all-to-alls and the slowest GPU's GEMMs. `gemm_routes: [..., G]` (default `gpu_routes`) are
+    the routes the GEMMs process, padding included (`padded_routes`). Returns `[...]` seconds.
     """
     n = np.asarray(gpu_routes, dtype=np.float64) / micro_batches
-    compute = cal.gemm_time(n.max(axis=-1))
+    g = n if gemm_routes is None else np.asarray(gemm_routes, dtype=np.float64) / micro_batches
+    compute = cal.gemm_time(g.max(axis=-1))
     comm = 4.0 * a2a_time(n, n.sum(axis=-1), shape, cal, num_nodes)
     return micro_batches * (compute + comm)
 

@@ -29,7 +29,15 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from moeload.advise.cost import Calibration, ExpertShape, copy_time, floor_time, layer_time, migration_time
+from moeload.advise.cost import (
+    Calibration,
+    ExpertShape,
+    copy_time,
+    floor_time,
+    layer_time,
+    migration_time,
+    padded_routes,
+)
 from moeload.errors import InputError
 
 STRATEGIES = ("none", "eplb_static", "eplb_periodic", "ema_migration", "reactive", "forecast", "oracle")
@@ -61,9 +69,13 @@ class Setting:
         if self.micro_batches < 1:
             raise InputError(f"--micro-batches {self.micro_batches}: must be >= 1")
 
-    def times(self, gpu_routes: np.ndarray) -> np.ndarray:
-        """`gpu_routes: [C, L, G]` -> `[C]` seconds of all MoE layers of each step."""
-        return layer_time(gpu_routes, self.shape, self.cal, self.num_nodes, self.micro_batches).sum(axis=-1)
+    def times(self, counts: np.ndarray, phy2log: np.ndarray, share: np.ndarray) -> np.ndarray:
+        """`counts: [C, L, E]` under a placement (`phy2log, share: [L, R]`) -> `[C]` seconds of all MoE layers."""
+        C, L, _ = counts.shape
+        per_slot = counts[:, np.arange(L)[:, None], phy2log] * share
+        routes = per_slot.reshape(C, L, self.num_gpus, -1).sum(axis=-1)
+        gemm = padded_routes(per_slot, self.num_gpus, self.cal.tile, self.micro_batches) if self.cal.tile else None
+        return layer_time(routes, self.shape, self.cal, self.num_nodes, self.micro_batches, gemm).sum(axis=-1)
 
     def migration(self, moved: int) -> float:
         return float(migration_time(np.asarray(moved), self.shape, self.cal, self.num_gpus, self.num_nodes))
@@ -182,8 +194,7 @@ class _Strategy:
             if a in cuts:
                 stall = self.decide(a, buf) or 0.0
             if b > a:
-                times[a - t0 : b - t0] = self.s.times(gpu_routes(chunk[a - t0 : b - t0], self.phy2log, self.share,
-                                                                 self.s.num_gpus))
+                times[a - t0 : b - t0] = self.s.times(chunk[a - t0 : b - t0], self.phy2log, self.share)
                 times[a - t0] += stall
         self._times.append(times)
 
@@ -252,7 +263,7 @@ class EmaMigration(_Strategy):
             stall = 0.0
             if t % self.every == 0 and self.ema is not None and t > 0:
                 stall = self._decide()
-            times[a:b] = self.s.times(gpu_routes(chunk[a:b], self.phy2log, self.share, self.s.num_gpus))
+            times[a:b] = self.s.times(chunk[a:b], self.phy2log, self.share)
             times[a] += stall
             for row in chunk[a:b]:
                 self.ema = row.astype(np.float64) if self.ema is None else self.theta * self.ema + (1 - self.theta) * row
@@ -317,7 +328,10 @@ class Reactive(_Strategy):
         s = self.s
         mb = chunk / s.micro_batches
         load, got = reactive_routes(mb, s.num_gpus, self.copies)
-        per_mb = layer_time(load, s.shape, s.cal, s.num_nodes, 1)
+        # Split groups are not tracked per slot: with a tile, each GPU pays half a tile per group.
+        groups = s.num_experts // s.num_gpus + got
+        gemm = np.where(load > 0, load + groups * s.cal.tile / 2, 0.0) if s.cal.tile else None
+        per_mb = layer_time(load, s.shape, s.cal, s.num_nodes, 1, gemm)
         copies = copy_time(got.max(axis=-1), s.shape, s.cal, s.num_nodes)
         self._times.append((s.micro_batches * (per_mb + copies)).sum(axis=-1))
         self.out.moved_experts += int(got.sum()) * s.micro_batches
@@ -349,8 +363,8 @@ class Forecast(_Strategy):
         weight = self.predict(hist, self.interval)  # [L, E] expected routes per step
         new_p2l, new_share = _plan(weight, self.s)
         w = weight[None]
-        now = self.s.times(gpu_routes(w, self.phy2log, self.share, self.s.num_gpus))[0]
-        new = self.s.times(gpu_routes(w, new_p2l, new_share, self.s.num_gpus))[0]
+        now = self.s.times(w, self.phy2log, self.share)[0]
+        new = self.s.times(w, new_p2l, new_share)[0]
         cost = self.s.migration(_moves(self.phy2log, new_p2l, self.s.num_gpus, self.s.num_experts))
         if (now - new) * self.interval <= cost:
             return 0.0

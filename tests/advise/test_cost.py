@@ -91,3 +91,13 @@ def test_calibration_roundtrip_and_bad_files(tmp_path) -> None:
             Calibration.load(bad)
         assert str(bad) in str(e.value)
     json.loads(p.read_text())
+
+
+def test_padded_routes_rounds_each_group_per_micro_batch() -> None:
+    from moeload.advise.cost import padded_routes
+
+    per_slot = np.array([[1.0, 17.0, 0.0, 40.0]])  # 2 GPUs x 2 slots
+    assert padded_routes(per_slot, 2, 0).tolist() == [[18.0, 40.0]]
+    assert padded_routes(per_slot, 2, 16).tolist() == [[16.0 + 32.0, 0.0 + 48.0]]
+    # two micro-batches of 20 routes each: each pads to 32
+    assert padded_routes(np.array([[40.0, 0.0]]), 1, 32, micro_batches=2).tolist() == [[64.0]]
