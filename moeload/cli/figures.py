@@ -236,6 +236,8 @@ def report(
     at: int = typer.Option(None, "--at", metavar="STEP", help="Forecast origin (default: end of the trace)."),
     backtest: bool = typer.Option(False, "--backtest", help="Also run a backtest of --predictors (slower)."),
     predictors_: str = typer.Option("last,sw_avg,ema", "--predictors", help="Predictors of the backtest section."),
+    gpus: int = typer.Option(None, "--gpus", help="GPUs of the advice section (moeload advise; default: the "
+                             "trace's expert-parallel size when > 1, else no advice section).", show_default=False),
     skip_bad_parts: bool = SKIP_BAD_PARTS_OPTION,
 ) -> None:
     """One self-contained HTML page (figures embedded as PNG, tables inline; viewable offline).
@@ -256,7 +258,7 @@ def report(
 
     parts: list[str] = []
     with Progress(console=_stderr(), transient=True) as prog:
-        task = prog.add_task("report", total=4 + 3 * len(per_layer) + 2 * backtest)
+        task = prog.add_task("report", total=5 + 3 * len(per_layer) + 2 * backtest)
 
         def step(html_: str) -> None:
             parts.append(html_)
@@ -289,6 +291,9 @@ def report(
         frows = [[int(li), " ".join(f"{e}:{mean[j, e]:.1%}" for e in np.argsort(-mean[j])[:4])] for j, li in enumerate(f.layers)]
         step(f"<h2>Forecast: {html.escape(predictor)}, {horizon} steps from step {f.origin}</h2>"
              + _html_table(["layer", "hottest experts (mean forecast share)"], frows))
+        G = gpus if gpus is not None else (t.manifest.ep_size if t.manifest.ep_size > 1 else None)
+        if G is not None:
+            step(_advise_section(t, G))
         if backtest:
             from moeload import evaluation
 
@@ -304,6 +309,27 @@ def report(
             f"<p class=note>generated {now}</p>{warn_html}{''.join(parts)}</body></html>\n")
     out.write_text(page, encoding="utf-8")
     console().print(f"report written to {out} ({len(page) // 1024} KiB)")
+
+
+def _advise_section(t, gpus: int) -> str:
+    """HTML of `moeload advise` on `gpus` GPUs: table, recommendation, figure (or why it is absent)."""
+    from moeload.advise import advise
+    from moeload.plots.advise import strategies
+
+    try:
+        adv = advise(t, gpus)
+    except InputError as e:
+        return f"<h2>Advice on {gpus} GPUs</h2><p class=warn>not computed: {html.escape(str(e))}</p>"
+    cols = ["strategy", "MoE ms/step", "saving %", "95 % interval", "experts moved", "extra memory/GPU (B)"]
+    rows = [[r["name"], f"{r['step_ms']:.3f}", f"{r['saving_pct']:+.1f}",
+             "" if r["name"] == "none" else f"{r['saving_lo']:+.1f} .. {r['saving_hi']:+.1f}",
+             int(r["moved_experts"]), int(r["extra_memory_bytes"])] for r in adv.table.to_dict("records")]
+    return (f"<h2>Advice on {gpus} GPUs ({html.escape(adv.calibration)} calibration, all-to-all "
+            f"{html.escape(adv.info['all_to_all'])})</h2><p class=note>Predicted MoE-layer time per step under each "
+            "balancing strategy (moeload advise; model and assumptions in docs/advise.md).</p>"
+            + _html_table(cols, rows)
+            + f"<p>recommended: <b>{html.escape(adv.recommended)}</b> - {html.escape(adv.reason)}</p>"
+            f"<img alt='advice' src='data:image/png;base64,{_png(strategies(adv).figure)}'>")
 
 
 def register(app: typer.Typer) -> None:

@@ -84,3 +84,14 @@ def test_calibrate_without_gpu_is_one_line(tmp_path) -> None:
         return
     one_line_error(run("calibrate", "--hidden", 32, "--ffn-hidden", 64, "--experts-per-gpu", 2,
                        "--out", tmp_path / "c.json"), "no CUDA GPU")
+
+
+def test_report_has_an_advice_section(trace_dir, tmp_path) -> None:
+    out = tmp_path / "r.html"
+    r = run("report", trace_dir, "-o", out, "--gpus", 4)
+    assert r.exit_code == 0, r.output
+    page = out.read_text()
+    assert "Advice on 4 GPUs (default calibration" in page and "recommended: <b>" in page
+    r = run("report", trace_dir, "-o", out, "--gpus", 3)  # 8 experts do not split over 3 GPUs: said, not fatal
+    assert r.exit_code == 0, r.output
+    assert "not computed" in out.read_text()
