@@ -72,9 +72,13 @@ class Setting:
     def times(self, counts: np.ndarray, phy2log: np.ndarray, share: np.ndarray) -> np.ndarray:
         """`counts: [C, L, E]` under a placement (`phy2log, share: [L, R]`) -> `[C]` seconds of all MoE layers."""
         C, L, _ = counts.shape
-        per_slot = counts[:, np.arange(L)[:, None], phy2log] * share
-        routes = per_slot.reshape(C, L, self.num_gpus, -1).sum(axis=-1)
-        gemm = padded_routes(per_slot, self.num_gpus, self.cal.tile, self.micro_batches) if self.cal.tile else None
+        if self.cal.tile:
+            per_slot = counts[:, np.arange(L)[:, None], phy2log] * share
+            routes = per_slot.reshape(C, L, self.num_gpus, -1).sum(axis=-1)
+            gemm = padded_routes(per_slot, self.num_gpus, self.cal.tile, self.micro_batches)
+        else:  # no padding: routes per GPU are one batched matmul with the [L, E, G] share matrix
+            routes, gemm = np.einsum("cle,leg->clg", counts, assignment(phy2log, share, self.num_experts,
+                                                                          self.num_gpus), optimize=True), None
         return layer_time(routes, self.shape, self.cal, self.num_nodes, self.micro_batches, gemm).sum(axis=-1)
 
     def migration(self, moved: int) -> float:
@@ -93,6 +97,15 @@ class Outcome:
     extra_memory_bytes: int = 0
     migration_s: float = 0.0
     notes: dict = field(default_factory=dict)
+
+
+def assignment(phy2log: np.ndarray, share: np.ndarray, num_experts: int, num_gpus: int) -> np.ndarray:
+    """`phy2log, share: [L, R]` -> `[L, E, G]` fraction of expert e's routes that GPU g serves."""
+    L, R = phy2log.shape
+    out = np.zeros((L, num_experts, num_gpus))
+    gpu = np.broadcast_to(np.arange(R) // (R // num_gpus), (L, R))
+    np.add.at(out, (np.broadcast_to(np.arange(L)[:, None], (L, R)), phy2log, gpu), share)
+    return out
 
 
 def gpu_routes(counts: np.ndarray, phy2log: np.ndarray, share: np.ndarray, num_gpus: int) -> np.ndarray:
