@@ -16,6 +16,7 @@ from moeload.predictors import (  # noqa: F401
     kalman,
     last,
     lstm,
+    mean_revert,
     ridge,
     state_aware,
     sw_avg,
