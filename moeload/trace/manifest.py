@@ -11,6 +11,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from moeload.errors import TraceFormatError, TraceMismatchError
 
 SCHEMA_VERSION = 1
@@ -50,7 +52,10 @@ class Manifest:
 
     layers: [L] module paths of the gating modules; experts_per_layer: [L]; top_k: [L] (an int is
     broadcast); expert_to_rank: [L][E] expert-parallel rank that holds each expert, or None
-    (then expert e of a layer with E experts lives on rank e // (E // ep_size)).
+    (then expert e of a layer with E experts lives on rank e // (E // ep_size)): the map at the
+    first step. rank_map_changes: each later change of a layer's map, {"step": first step counted
+    under the new map, "layer": layer id, "expert_to_rank": [E]}, in the order recorded
+    (`map_at`; live re-placement, moeload.act).
     count_kind: "routed" (router decisions before capacity dropping), "kept" (after dropping) or
     "both" (parts carry both columns). ranks_recorded: parts hold one row per rank (global = sum
     over ranks) instead of one pre-summed row with rank -1.
@@ -66,6 +71,7 @@ class Manifest:
     world_size: int = 1
     ep_size: int = 1
     expert_to_rank: list[list[int]] | None = None
+    rank_map_changes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     count_kind: str = "routed"
     ranks_recorded: bool = False
     flush_every: int | None = None
@@ -124,6 +130,19 @@ class Manifest:
             ):
                 raise TraceFormatError("manifest: field 'expert_to_rank' must be [layers][experts] lists of ranks or null")
             self.expert_to_rank = [[_whole("expert_to_rank", r, 0) for r in m] for m in self.expert_to_rank]
+        if not isinstance(self.rank_map_changes, (list, tuple)):
+            raise TraceFormatError(f"manifest: field 'rank_map_changes' must be a list of objects, got {_show(self.rank_map_changes)}")
+        self.rank_map_changes = list(self.rank_map_changes)
+        for x in self.rank_map_changes:
+            if not isinstance(x, dict) or set(x) != {"step", "layer", "expert_to_rank"}:
+                raise TraceFormatError("manifest: field 'rank_map_changes' must hold objects with keys step, layer, "
+                                       f"expert_to_rank, got {_show(x)}")
+            x["step"] = _whole("rank_map_changes[].step", x["step"], 0, _BIG)
+            x["layer"] = _whole("rank_map_changes[].layer", x["layer"], 0)
+            if not isinstance(x["expert_to_rank"], list):
+                raise TraceFormatError(f"manifest: field 'rank_map_changes[].expert_to_rank' must be a list of ranks, "
+                                       f"got {_show(x['expert_to_rank'])}")
+            x["expert_to_rank"] = [_whole("rank_map_changes[].expert_to_rank", r, 0) for r in x["expert_to_rank"]]
 
     def validate(self, where: str = "manifest") -> None:
         L = len(self.layers)
@@ -147,6 +166,13 @@ class Manifest:
                 raise TraceFormatError(f"{where}: expert_to_rank must be [layers][experts]")
             if any(r < 0 or r >= self.ep_size for m in self.expert_to_rank for r in m):
                 raise TraceFormatError(f"{where}: expert_to_rank holds ranks outside [0, ep_size={self.ep_size})")
+        for x in self.rank_map_changes:
+            li, m = x["layer"], x["expert_to_rank"]
+            if li >= L:
+                raise TraceFormatError(f"{where}: rank_map_changes names layer {li}; the trace has {L} layers")
+            if len(m) != self.experts_per_layer[li] or any(r >= self.ep_size for r in m):
+                raise TraceFormatError(f"{where}: rank_map_changes at step {x['step']}: layer {li} needs "
+                                       f"{self.experts_per_layer[li]} ranks in [0, ep_size={self.ep_size}), got {_show(m)}")
 
     @property
     def num_layers(self) -> int:
@@ -165,6 +191,17 @@ class Manifest:
             per = max(1, -(-e // self.ep_size))
             out.append([min(i // per, self.ep_size - 1) for i in range(e)])
         return out
+
+    def map_at(self, layer: int, steps: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
+        """Which expert->rank map was in force for `layer` at each of `steps: [S]`.
+
+        -> (index [S] into the list of maps, maps: the initial map (`rank_map()`) first, then each
+        change of this layer sorted by step; of changes at the same step the one recorded last wins).
+        """
+        mine = sorted((x for x in self.rank_map_changes if x["layer"] == layer), key=lambda x: x["step"])
+        maps = [self.rank_map()[layer]] + [x["expert_to_rank"] for x in mine]
+        starts = np.asarray([x["step"] for x in mine], dtype=np.int64)
+        return np.searchsorted(starts, np.asarray(steps, dtype=np.int64), side="right"), maps
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

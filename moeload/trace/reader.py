@@ -426,20 +426,25 @@ class Trace:
         return self._gather(steps, layers, split, "tokens", per_rank=False)[1]
 
     def gpu_loads(self, steps: StepSel = None, layers: LayerSel = None, *, kind: str = "routed", split: str = "train") -> np.ndarray:
-        """[S, L, G] tokens processed by each expert-parallel rank under the recorded expert->rank map."""
+        """[S, L, G] tokens processed by each expert-parallel rank under the expert->rank map in force
+        at each step: the recorded initial map, then each change in `rank_map_changes` from its step on."""
         lay = self._select_layers(layers)
-        c = self.counts(steps, lay, kind=kind, split=split)
-        rmap = self.manifest.rank_map()
+        if kind not in ("routed", "kept"):
+            raise ValueError(f"kind must be 'routed' or 'kept', got {kind!r}")
+        sel, c = self._gather(steps, lay, split, kind, per_rank=False)
         G = self.manifest.ep_size
         out = np.zeros(c.shape[:2] + (G,), dtype=np.int64)
         for j, li in enumerate(lay):
-            r = np.asarray(rmap[li])
-            for g in range(G):
-                mine = c[:, j, : len(r)][:, r == g]
-                load = checked_sum(mine, lambda x: x.sum(-1), mine.shape[-1])
-                if load is None:
-                    raise TraceFormatError(f"{self.path}: the load of rank {g} in layer {self.layers[li]!r} exceeds int64")
-                out[:, j, g] = load
+            which, maps = self.manifest.map_at(int(li), sel)
+            for k in np.unique(which):
+                rows = which == k
+                r = np.asarray(maps[k])
+                for g in range(G):
+                    mine = c[rows, j, : len(r)][:, r == g]
+                    load = checked_sum(mine, lambda x: x.sum(-1), mine.shape[-1])
+                    if load is None:
+                        raise TraceFormatError(f"{self.path}: the load of rank {g} in layer {self.layers[li]!r} exceeds int64")
+                    out[rows, j, g] = load
         return out
 
     def iter_blocks(self, block: int = 1000, layers: LayerSel = None, *, kind: str = "routed", split: str = "train"):

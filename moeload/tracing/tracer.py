@@ -17,7 +17,7 @@ from torch import nn
 from moeload.errors import InputError, first_line
 from moeload.trace import Manifest, TraceWriter
 from moeload.trace import lock as trace_lock
-from moeload.tracing.accumulate import accumulate
+from moeload.tracing.accumulate import accumulate, as_routing
 from moeload.tracing.adapters import Adapter, GateSpec, GenericAdapter, RoutingShapeError, discover, registered_adapters
 from moeload.tracing.collective import all_gather, tracer_group
 from moeload.tracing.flush import DISABLED_ERROR, DISABLED_SHAPE, FLAG_COL, NAN_REASON, REASONS, BlockWriter, FlushedBlock, Layout
@@ -240,6 +240,8 @@ class LoadTracer:
         self._silent_checked = False
         self.dynamo_reset: dict[str, Any] | None = None
         """{"step", "modules"} where start() found compiled code for the model and reset dynamo."""
+        self._gate_counts: dict[int, Callable] = {}  # each re-mapped layer's own counts function
+        self._map_changes_noted = 0
 
     # ---- setup ------------------------------------------------------------------------------------
     def _default_device(self) -> torch.device:
@@ -513,6 +515,41 @@ class LoadTracer:
             warnings.warn(f"moeload: a flushed block did not reach the host ({w.stalled}); its steps are listed in the "
                           "manifest's extra.lost_steps; tracing and training continue", RuntimeWarning, stacklevel=3)
 
+    def record_rank_map(self, step: int, layer: int | str, expert_to_rank: Sequence[int], *,
+                        phy2log: Sequence[int] | None = None) -> None:
+        """Note that `layer`'s experts live on the ranks `expert_to_rank: [E]` from `step` on (the first
+        step counted under the new map; call at a step boundary on every rank). The writer rank adds
+        `{"step", "layer", "expert_to_rank"}` to the manifest's `rank_map_changes` at the next flush (or
+        close); `Trace.gpu_loads()` then uses it. phy2log: [E] the logical expert behind each of the
+        router's output columns, where a re-placement permuted the router's rows (moeload.act): counts
+        are then reported per logical expert from the next forward on (None: the router's ids are
+        logical ones). Raises InputError for a bad layer, step or map, or before `start()`."""
+        if self._buf is None:
+            raise InputError("record_rank_map before start() (or after close())")
+        li = self.layers.index(layer) if isinstance(layer, str) and layer in self.layers else layer
+        if isinstance(li, bool) or not isinstance(li, (int, np.integer)) or not 0 <= li < len(self.layers):
+            raise InputError(f"record_rank_map: layer {layer!r} is not a traced layer (0..{len(self.layers) - 1} or a name)")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise InputError(f"record_rank_map: step must be an integer >= 0, got {step!r}")
+        E, G = self.specs[li].num_experts, self.manifest.ep_size
+        maps = {"expert_to_rank": expert_to_rank, "phy2log": phy2log}
+        for name, m in maps.items():
+            if m is None:
+                continue
+            a = np.asarray(m)
+            if a.shape != (E,) or a.dtype.kind not in "iu":
+                raise InputError(f"record_rank_map: {name} must be {E} integers, got {m!r}")
+            if name == "expert_to_rank" and not ((a >= 0) & (a < G)).all():
+                raise InputError(f"record_rank_map: expert_to_rank holds ranks outside [0, ep_size={G}): {a.tolist()}")
+            if name == "phy2log" and sorted(a.tolist()) != list(range(E)):
+                raise InputError(f"record_rank_map: phy2log must be a permutation of 0..{E - 1}, got {a.tolist()}")
+        spec = self.specs[int(li)]
+        own = self._gate_counts.setdefault(int(li), spec.counts)
+        p2l = list(range(E)) if phy2log is None else [int(x) for x in phy2log]
+        spec.counts = own if p2l == list(range(E)) else _logical_counts(own, p2l, self.device)
+        self.manifest.rank_map_changes.append(
+            {"step": int(step), "layer": int(li), "expert_to_rank": [int(r) for r in expert_to_rank]})
+
     # ---- errors and notes -------------------------------------------------------------------------
     def _on_writer_error(self, msg: str) -> None:
         first = not any(e.startswith("writer:") for e in self.errors)
@@ -524,6 +561,10 @@ class LoadTracer:
         """On the writer thread: notes for the manifest's `extra`; gates that never ran go into the writer's
         `disabled_layers` (its own thread's dict, so one dict holds every reason)."""
         notes: dict[str, Any] = {"hook_errors": dict(self._hook_errors)} if self._hook_errors else {}
+        if len(self.manifest.rank_map_changes) != self._map_changes_noted:  # record_rank_map: write the manifest
+            self._map_changes_noted = len(self.manifest.rank_map_changes)
+            if self._writer is not None:
+                self._writer._dirty = True
         if self.tracing_stopped is not None:
             notes["tracing_stopped"] = dict(self.tracing_stopped)
         if self._no_forward_steps:
@@ -693,6 +734,26 @@ def layer_count_kinds(specs: Sequence[GateSpec], kept: bool | str = True) -> lis
 def trace_count_kind(kinds: Sequence[str]) -> str:
     """The manifest's `count_kind` for per-layer kinds: the common kind, or "both" where layers differ."""
     return kinds[0] if len(set(kinds)) == 1 else "both"
+
+
+def _logical_counts(counts: Callable, phy2log: list[int], device: torch.device) -> Callable:
+    """A gate's counts function whose router column p now holds logical expert phy2log[p] -> one that
+    reports logical experts (device-side indexing only, no host sync)."""
+    E = len(phy2log)
+    p2l = torch.tensor(phy2log, dtype=torch.int64, device=device)
+    l2p = torch.argsort(p2l)
+
+    def logical(module: nn.Module, inputs: tuple, output: Any) -> Any:
+        r = as_routing(counts(module, inputs, output))
+        idx = r.indices
+        if idx is not None:
+            ok = (idx >= 0) & (idx < E)
+            idx = torch.where(ok, p2l.to(idx.device)[idx.clamp(0, E - 1).long()].to(idx.dtype), idx)
+        cols = {k: getattr(r, k)[..., l2p.to(getattr(r, k).device)] for k in ("mask", "kept_mask", "counts", "kept_counts")
+                if getattr(r, k) is not None}
+        return r._replace(indices=idx, **cols)
+
+    return logical
 
 
 def _contiguous(num_experts: int, ep_size: int) -> list[int]:
