@@ -31,7 +31,7 @@ def run_demo(
     """
     import torch
 
-    from moeload import open_trace
+    from moeload.trace import open_trace
     from moeload.tracing import LoadTracer
     from moeload.workloads import build_model, get_config, train
 
@@ -117,7 +117,7 @@ def analyse(con, trace) -> dict:
     p = trace.proportions()
     S = p.shape[0]
     try:
-        from moeload import states
+        import moeload.states as states
     except ImportError:
         states = None
     if states is not None:
@@ -128,13 +128,13 @@ def analyse(con, trace) -> dict:
             con.print(f"  {name}: {'still transient' if x < 0 else f'stable from step {x}'}")
         out["boundaries"] = b.tolist()
     try:
-        from moeload import evaluation
+        import moeload.evaluation as evaluation
     except ImportError:
         evaluation = None
     if evaluation is not None and S >= 100:
         h = (max(10, S // 10), max(20, S // 5))
         preds = ["last", "sw_avg", "ema", "arima", "damped_trend", "ridge", "state_aware", "combo"]
-        from moeload import predictors
+        import moeload.predictors as predictors
 
         preds = [x for x in preds if x in predictors.available()]
         # EMA's default half-life (200 steps) is for long runs; scale it to this short trace
@@ -152,7 +152,7 @@ def analyse(con, trace) -> dict:
         con.print(piv.to_string(float_format=lambda x: f"{x:.3f}"))
         out["backtest"] = summ
     try:
-        from moeload import placement
+        import moeload.placement as placement
     except ImportError:
         placement = None
     if placement is not None and S >= 100:

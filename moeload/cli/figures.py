@@ -46,7 +46,7 @@ class Data:
 
     @cached_property
     def states(self):
-        from moeload import states
+        import moeload.states as states
 
         steps, _, p = self.window
         return states.detect(p, steps=steps)
@@ -59,7 +59,7 @@ class Data:
 
     @cached_property
     def backtest(self):
-        from moeload import evaluation
+        import moeload.evaluation as evaluation
 
         S = len(self.t.steps)
         hs = sorted({max(1, S // 10), max(1, S // 5)})
@@ -72,27 +72,27 @@ class Data:
 
 
 def _fig_heatmap(d: Data, j: int):
-    from moeload import plots
+    import moeload.plots as plots
 
     steps, _, p = d.window
     return plots.load_heatmap(p, layer=j, steps=steps).figure
 
 
 def _fig_proportions(d: Data, j: int):
-    from moeload import plots
+    import moeload.plots as plots
 
     steps, _, p = d.window
     return plots.proportions_over_time(p, steps=steps, labels=d.states, layer=j).figure
 
 
 def _fig_fluctuation(d: Data, j: int | None):
-    from moeload import plots
+    import moeload.plots as plots
 
     return plots.fluctuation(d.states, layer_names=d.names()).figure
 
 
 def _fig_forecast(d: Data, j: int):
-    from moeload import plots
+    import moeload.plots as plots
 
     f = d.forecast
     hist = d.t.proportions(f.fit_steps, [int(f.layers[j])])
@@ -106,7 +106,7 @@ def _fig_forecast(d: Data, j: int):
 
 
 def _fig_gpu_load(d: Data, j: int):
-    from moeload import plots
+    import moeload.plots as plots
 
     if d.t.manifest.ep_size < 2:
         raise InputError(f"{d.t.path}: gpu-load needs an expert-parallel trace (ep_size is {d.t.manifest.ep_size})")
@@ -116,7 +116,7 @@ def _fig_gpu_load(d: Data, j: int):
 
 
 def _fig_backtest(d: Data, j: int | None):
-    from moeload import plots
+    import moeload.plots as plots
 
     return plots.backtest_errors(d.backtest).figure
 
@@ -295,7 +295,7 @@ def report(
         if G is not None:
             step(_advise_section(t, G))
         if backtest:
-            from moeload import evaluation
+            import moeload.evaluation as evaluation
 
             bt = d.backtest
             s = evaluation.summarize(bt)

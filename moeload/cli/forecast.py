@@ -56,7 +56,7 @@ def make_forecast(
     t, predictor: str, params: dict[str, Any], horizon: int, at: int | None, layers: str | None, history: int | None
 ) -> Forecast:
     """Fit `predictor` on the trace's proportions before `at` (or all) and forecast `horizon` steps."""
-    from moeload import predictors
+    import moeload.predictors as predictors
 
     model = predictors.get(predictor, **params)  # unknown names / bad params -> InputError
     lay = t._select_layers(parse_layers(layers))
@@ -102,7 +102,7 @@ def _forecast_errors(f: Forecast, experts: list[int]) -> dict[str, list[float]] 
 
 def list_predictors(value: bool) -> None:
     if value:
-        from moeload import predictors
+        import moeload.predictors as predictors
 
         typer.echo("\n".join(predictors.available()))
         raise typer.Exit()
@@ -202,7 +202,8 @@ def backtest(
 
     Example: moeload backtest runs/exp1.moeload --predictors last,sw_avg,ema,arima --horizons 1000,2000
     """
-    from moeload import evaluation, predictors
+    import moeload.evaluation as evaluation
+    import moeload.predictors as predictors
 
     refuse_output_inside(out, trace)
     t = open_trace_arg(trace, skip_bad_parts)
@@ -290,7 +291,7 @@ def plan(
 
     Example: moeload plan runs/exp1.moeload --gpus 8 --replicas 16 --policy eplb --horizon 1000
     """
-    from moeload import placement
+    import moeload.placement as placement
 
     refuse_output_inside(out, trace)
     t = open_trace_arg(trace, skip_bad_parts)

@@ -221,7 +221,7 @@ def summary(
 
 def summary_data(t, steps: str | None, layers: str | None, method: str = "window") -> dict:
     """Everything `summary` reports, as a JSON-ready dict."""
-    from moeload import states
+    import moeload.states as states
 
     from moeload.cli.check import ZeroScan, disabled_problems
 
@@ -280,7 +280,7 @@ def states_cmd(
 
     Example: moeload states runs/exp1.moeload --method pelt --json
     """
-    from moeload import states
+    import moeload.states as states
 
     t = open_trace_arg(trace, skip_bad_parts)
     step_nums, lay, c = load_window(t, steps, layers, what="counts")

@@ -26,7 +26,7 @@ def _spec_label(spec: Any) -> str:
 
 def _factory(spec: Any):
     """A zero-argument function giving a fresh, unfitted predictor for `spec`."""
-    from moeload import predictors
+    import moeload.predictors as predictors
 
     if isinstance(spec, str):
         predictors.get(spec)
@@ -58,7 +58,7 @@ def _origins(inp: LoadInput, origins: Any, every: int | None, min_history: int, 
 
 def _phase_labels(inp: LoadInput, phases: Any) -> np.ndarray | None:
     """[S, L] bool stable labels, or None for no split."""
-    from moeload import states
+    import moeload.states as states
 
     S, L, _ = inp.p.shape
     if phases is None:

@@ -55,7 +55,7 @@ class ReplayResult:
 
 def _forecast(history: np.ndarray, horizon: int, predictor: str, kwargs: dict) -> np.ndarray:
     """`history: [T, L, E]` counts -> `[L, E]` forecast mean proportions of the next `horizon` steps."""
-    from moeload import predictors
+    import moeload.predictors as predictors
 
     total = history.sum(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):

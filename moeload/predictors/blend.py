@@ -55,7 +55,7 @@ def blend_features(c: np.ndarray, ends: np.ndarray, windows: Sequence[int], ref:
 
 def _stable_labels(p: np.ndarray) -> np.ndarray:
     """moeload.states window labels [T, L] (True = stable) of proportions p: [T, L, E]."""
-    from moeload import states
+    import moeload.states as states
 
     return np.asarray(states.detect(p).labels, dtype=bool)
 

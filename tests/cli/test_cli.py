@@ -162,8 +162,10 @@ def test_report_is_one_self_contained_page(trace_dir, tmp_path):
     out = tmp_path / "r.html"
     run("report", trace_dir, "-o", out, "--layers", "0,1", "--at", "120", "--horizon", "20")
     page = out.read_text()
-    # fluctuation, per-GPU load (the trace has ep_size 2), then heatmap, proportions, forecast per layer
-    assert page.count("<img") == 2 + 3 * 2 and page.count("data:image/png;base64,") == 8
+    # fluctuation, per-GPU load (the trace has ep_size 2), heatmap, proportions, forecast per layer, and the
+    # advice figure (on the trace's 2 expert-parallel ranks)
+    assert page.count("<img") == 2 + 3 * 2 + 1 and page.count("data:image/png;base64,") == 9
+    assert "Advice on 2 GPUs" in page
     assert "src='http" not in page and "<script" not in page and "<link" not in page
     assert "Imbalance and phases" in page and "model.layers.1.mlp.gate" in page
 

@@ -85,7 +85,9 @@ class OnlinePlanner:
         top_k: int | Sequence[int] | None = None,
         max_history: int = 2000,
     ) -> None:
-        from moeload import placement, predictors, states
+        import moeload.placement as placement
+        import moeload.predictors as predictors
+        import moeload.states as states
 
         if min_gain is not None and min_cv_drop is not None:
             raise InputError("OnlinePlanner: give min_gain or min_cv_drop, not both")
@@ -212,7 +214,7 @@ class OnlinePlanner:
 
     # ---- decision ---------------------------------------------------------------------------------
     def _decide(self, st: np.ndarray, c: np.ndarray) -> dict[str, Any]:
-        from moeload import placement
+        import moeload.placement as placement
 
         forecast = self.predictor.predict(self.horizon)  # [H, L, E]
         weight = forecast.mean(axis=0)  # [L, E]
