@@ -80,7 +80,7 @@ def _check_optimizer(optimizer: Any, experts: list[torch.nn.Module]) -> torch.op
     return optimizer
 
 
-def _permute_router(router: torch.nn.Module, opt: torch.optim.Optimizer | None, src_slot: np.ndarray) -> None:
+def _permute_router(router: Any, opt: torch.optim.Optimizer | None, src_slot: np.ndarray) -> None:
     """Row p of the router's weight, bias (with their gradients and optimizer state) and per-expert
     buffers <- old row src_slot[p]."""
     with torch.no_grad():

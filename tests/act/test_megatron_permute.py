@@ -4,7 +4,7 @@ expert-model-parallel size 2, 4 experts (2 per rank).
 This file is also the worker: pytest runs it under `torch.distributed.run`; each rank writes what it
 measured to rank<r>.json and the tests below check it. The CUDA-only calls megatron makes are shimmed
 as in tests/tracing/_shims.py (`megatron_on_cpu`). Three identical models (same weights, each expert's
-own seed, same per-rank inputs, torch Adam): A is never permuted; B is permuted after step 2 with its
+own seed, same per-rank inputs, torch AdamW): A is never permuted; B is permuted after step 2 with its
 optimizer; C is permuted after step 2 without it (the control: Adam's moments stay behind, so its
 losses must part from A's). All layers use the allgather dispatcher (the alltoall one needs CUDA
 streams). Layer 0: top-2 softmax with aux loss; layer 1: sigmoid top-2 with
@@ -98,7 +98,7 @@ def _worker(out: Path) -> None:
 
     def model() -> tuple[Net, torch.optim.Optimizer]:
         net = Net()
-        return net, torch.optim.Adam(net.parameters(), lr=1e-2)
+        return net, torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
 
     gen = torch.Generator().manual_seed(1000 + rank)  # different tokens on each rank
     xs = [torch.randn(TOKENS, 1, H, generator=gen) for _ in range(STEPS)]
@@ -207,6 +207,11 @@ def _worker(out: Path) -> None:
         res["maps"] = [expert_to_rank(m) for m in B.layers]
         res["diff_B"] = max_diff(by_logical(A, oa), by_logical(B, ob))
         res["diff_C"] = max_diff(by_logical(A, oa), by_logical(C, oc))
+        # gradients move too: a backward without a step, then B goes back to the contiguous layout
+        for net in (A, B):
+            net(xs[0]).backward()
+        res["stats_back"] = [permute_experts(m, np.arange(E) // L, ob) for m in B.layers]
+        res["diff_back"] = max_diff(by_logical(A, oa), by_logical(B, ob))
         try:
             grouped = make_layer(0, moe_router_topk=2, moe_router_num_groups=2, moe_router_group_topk=1)
             permute_experts(grouped, MAPS[0])
@@ -266,6 +271,16 @@ def test_training_identical_and_optimizer_state_moved(ranks):
         np.testing.assert_allclose(lc[:3], la[:3], rtol=1e-6)
         assert np.abs(lc[3:] - la[3:]).max() > 1e-4 * np.abs(la).max()
         assert r["diff_C"]["exp_avg"] > 1e-4
+
+
+@pytest.mark.slow
+def test_gradients_move_and_the_contiguous_layout_comes_back(ranks):
+    for r in ranks:
+        assert {"grad", "router_weight_grad", "router_bias_grad"} <= set(r["diff_back"])
+        assert max(r["diff_back"].values()) <= 1e-6, r["diff_back"]
+        # from MAPS back to contiguous: as many experts as before, each now with its two gradients
+        assert [s["experts_moved"] for s in r["stats_back"]] == [2, 4, 2]
+        assert r["stats_back"][0]["bytes_sent"] == 4 * (4 * 4 * H * H + 2)
 
 
 @pytest.mark.slow
