@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import pprint
 import time
 from pathlib import Path
 
@@ -31,7 +30,9 @@ import numpy as np
 
 from moeload import open_trace, states
 from moeload.evaluation import backtest
+from moeload.predictors._defaults import MEAN_REVERT
 from moeload.predictors._windows import cumsum0, window_mean
+from moeload.predictors.mean_revert import pull_terms
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = {  # name: (trace, regime)
@@ -46,6 +47,7 @@ PHASES = ("transient", "stable")
 SW = [{"window": w, "slide": s} for w, s in itertools.product((25, 50, 100, 200, 400, 800, 1600, 3200), (True, False))]
 WINDOWS = (25, 50, 100, 200, 400)
 SHRINK = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+BLOCKS = (1, 10, 25)  # steps per block of the noise estimate
 HALFLIFE = (None, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800)  # steps; None = no pull (rho = 1)
 TARGETS = ("uniform", "long")
 LONG_WINDOW = 1600
@@ -72,7 +74,7 @@ class Run:
         self.horizons, every, mh = protocol(S)
         self.labels = states.detect(self.p).labels  # [S, L]
         self.org = {H: np.arange(mh, S - H + 1, every) for H in self.horizons}
-        self.c, self.c2 = cumsum0(self.p), cumsum0(self.p * self.p)
+        self.c = cumsum0(self.p)
 
     def sw_best(self, layers: np.ndarray | None = None) -> dict:
         """{(H, phase): (error, label)} of SW_Avg at its best (window, slide) on this run."""
@@ -88,28 +90,28 @@ class Run:
         return out
 
     def grid(self, layers: np.ndarray | None = None) -> dict:
-        """{(H, phase): errors [n_settings]} of every grid setting, by the closed form of the horizon average."""
+        """{(H, phase): errors [n_settings]} of every setting of SETTINGS, by the closed form of the horizon
+        average from the predictor's own `pull_terms` (so the forecasts are exactly mean_revert's)."""
         L = self.p.shape[1]
         lay = np.arange(L) if layers is None else np.asarray(layers)
+        mask = np.ones(self.p.shape[1:], dtype=bool)
         out = {}
         for H in self.horizons:
             o = self.org[H]
             st = self.labels[o - 1][:, lay]  # [n, L']
             y = window_mean(self.c, o + H, H)[:, lay]  # [n, L', E]
             errs = []
-            for w, target in itertools.product(WINDOWS, TARGETS):
-                n = np.minimum(o, w)[:, None]
-                m = window_mean(self.c, o, w)[:, lay]
-                var = np.maximum(window_mean(self.c2, o, w)[:, lay] - m * m, 0).mean(-1) * n / np.maximum(n - 1, 1)
-                t = np.full_like(m, 1.0 / m.shape[-1]) if target == "uniform" else window_mean(self.c, o, LONG_WINDOW)[:, lay]
-                disp = ((m - t) ** 2).mean(-1)
-                ratio = np.divide(var / n, disp, out=np.zeros_like(disp), where=disp > 0)
+            for w, target, b in itertools.product(WINDOWS, TARGETS, BLOCKS):
+                terms = [pull_terms(self.p[:oi], mask, w, b, target, LONG_WINDOW) for oi in o]
+                t = np.stack([x[0] for x in terms])[:, lay]
+                dev = np.stack([x[1] for x in terms])[:, lay]
+                ratio = np.stack([x[2] for x in terms])[:, lay]
                 for k in SHRINK:
                     s = np.clip(1 - k * ratio, 0, 1)[..., None]
                     for hl in HALFLIFE:
                         r = rho_of(hl)
                         g = 1.0 if r == 1.0 else r * (1 - r**H) / ((1 - r) * H)
-                        errs.append(100 * np.abs(t + (m - t) * s * g - y).mean(-1))  # [n, L']
+                        errs.append(100 * np.abs(t + dev * s * g - y).mean(-1))  # [n, L']
             e = np.stack(errs)  # [n_settings, n, L']
             for ph in PHASES:
                 sel = st == (ph == "stable")
@@ -118,8 +120,8 @@ class Run:
         return out
 
 
-SETTINGS = [{"window": w, "target": t, "shrink": k, "rho": rho_of(hl), "halflife": hl}
-            for w, t in itertools.product(WINDOWS, TARGETS) for k in SHRINK for hl in HALFLIFE]
+SETTINGS = [{"window": w, "target": t, "block": b, "shrink": k, "rho": rho_of(hl), "halflife": hl}
+            for w, t, b in itertools.product(WINDOWS, TARGETS, BLOCKS) for k in SHRINK for hl in HALFLIFE]
 
 
 def fit(scores: list[dict], sws: list[dict]) -> dict:
@@ -130,12 +132,14 @@ def fit(scores: list[dict], sws: list[dict]) -> dict:
 
 
 def params(setting: dict) -> dict:
-    return {k: setting[k] for k in ("window", "rho", "shrink", "target")}
+    return {k: setting[k] for k in ("window", "rho", "shrink", "block", "target")}
 
 
 def report(run: Run, setting: dict, sw: dict, layers: np.ndarray | None = None, regime: str | None = None) -> dict:
     """{(H, phase): (error, ratio, pairs)} of mean_revert with `setting` (or the shipped `regime` defaults)."""
     spec = ("mean_revert", params(setting) | {"long_window": LONG_WINDOW}) if regime is None else ("mean_revert", {"regime": regime})
+    if regime is not None and MEAN_REVERT[regime] != params(setting):
+        print(f"note: shipped {regime} defaults {MEAN_REVERT[regime]} differ from this fit {params(setting)}; run --write")
     out = {}
     for H in run.horizons:
         df = backtest(run.p, [spec], horizons=[H], origins=run.org[H], phases=run.labels)
@@ -149,16 +153,20 @@ def report(run: Run, setting: dict, sw: dict, layers: np.ndarray | None = None, 
 
 def short(s: dict) -> str:
     hl = "none" if s["halflife"] is None else f"{s['halflife']} steps"
-    return f"w={s['window']}, pull half-life {hl}, shrink={s['shrink']}, target={s['target']}"
+    return f"w={s['window']}, pull half-life {hl}, shrink={s['shrink']}, block={s['block']}, target={s['target']}"
 
 
 def write_defaults(aux: dict, bias: dict, prov: dict) -> None:
+    """Write moeload/predictors/_defaults.py and update the loaded table in place (this process reports it)."""
+    table = {"aux": params(aux), "bias": params(bias)}
     text = (
         '"""Shipped default parameters of `mean_revert`, fit across runs (written by benchmarks/forecast_defaults.py --write)."""\n\n'
-        f"MEAN_REVERT = {pprint.pformat({'aux': params(aux), 'bias': params(bias)}, sort_dicts=False, width=110)}\n"
-        f"PROVENANCE = {pprint.pformat(prov, sort_dicts=False, width=110)}\n"
+        f"MEAN_REVERT = {json.dumps(table, indent=4)}\n"
+        f"PROVENANCE = {json.dumps(prov, indent=4)}\n"
     )
     (ROOT / "moeload/predictors/_defaults.py").write_text(text)
+    MEAN_REVERT.clear()
+    MEAN_REVERT.update(table)
 
 
 def main() -> None:
@@ -171,50 +179,55 @@ def main() -> None:
     sw = {n: r.sw_best() for n, r in runs.items()}
     grid = {n: r.grid() for n, r in runs.items()}
     aux = [n for n, r in runs.items() if r.regime == "aux"]
-    rows = []  # (run, H, phase, SW best, SW label, error, ratio, pairs, fit on, setting)
+    bias_runs = [n for n, r in runs.items() if r.regime == "bias"]
+    s_aux = fit([grid[n] for n in aux], [sw[n] for n in aux])
+    s_bias = fit([grid[n] for n in bias_runs], [sw[n] for n in bias_runs])
+    prov = {
+        "aux": f"fit by benchmarks/forecast_defaults.py on {', '.join(aux)}: {short(s_aux)}",
+        "bias": f"fit by benchmarks/forecast_defaults.py on {', '.join(bias_runs)} only (the one aux-loss-free trace): {short(s_bias)}",
+    }
+    if args.write:
+        write_defaults(s_aux, s_bias, prov)
+        print("wrote moeload/predictors/_defaults.py")
+    cells: dict[tuple, dict] = {}  # (run label, H, phase) -> columns
+    fits: list[str] = []
 
-    def add(name: str, res: dict, fit_on: str, setting_label: str) -> None:
-        for (H, ph), (e, ratio, n) in sorted(res.items(), key=lambda kv: (kv[0][0], PHASES.index(kv[0][1]))):
-            rows.append({"run": name, "H": H, "phase": ph, "sw_best": sw[name][(H, ph)][0], "sw_label": sw[name][(H, ph)][1],
-                         "error": e, "ratio": ratio, "pairs": n, "fit_on": fit_on, "setting": setting_label})
+    def put(label: str, res: dict, col: str, sw_c: dict, g: dict) -> None:
+        for (H, ph), (e, ratio, n) in res.items():
+            c = cells.setdefault((label, H, ph), {"sw": sw_c[(H, ph)], "pairs": n,
+                                                  "hindsight": float(g[(H, ph)].min() / sw_c[(H, ph)][0])})
+            c[col], c[col + "_havg_mae_pp"] = ratio, e
 
     for name in aux:  # held out: fit on the other aux-loss runs
         others = [n for n in aux if n != name]
         s = fit([grid[n] for n in others], [sw[n] for n in others])
-        add(name, report(runs[name], s, sw[name]), "held out: " + ", ".join(others), short(s))
-    s_aux = fit([grid[n] for n in aux], [sw[n] for n in aux])
-    bias_runs = [n for n, r in runs.items() if r.regime == "bias"]
-    s_bias = fit([grid[n] for n in bias_runs], [sw[n] for n in bias_runs])
+        fits.append(f"- {name}: fit on {', '.join(others)}: {short(s)}")
+        put(name, report(runs[name], s, sw[name]), "held_out", sw[name], grid[name])
+        put(name, report(runs[name], s_aux, sw[name], regime="aux"), "shipped", sw[name], grid[name])
     for name in bias_runs:
-        add(name, report(runs[name], s_aux, sw[name]), "held out: aux-loss defaults (all aux runs)", short(s_aux))
-        add(name, report(runs[name], s_bias, sw[name]), "in-sample: bias defaults fit on this run", short(s_bias))
         r = runs[name]
+        put(name, report(r, s_aux, sw[name], regime="aux"), "held_out", sw[name], grid[name])
+        put(name, report(r, s_bias, sw[name], regime="bias"), "shipped_bias", sw[name], grid[name])
         L = r.p.shape[1]
         for fit_l, test_l in ((np.arange(0, L, 2), np.arange(1, L, 2)), (np.arange(1, L, 2), np.arange(0, L, 2))):
             sw_t = r.sw_best(test_l)
             s = fit([r.grid(fit_l)], [r.sw_best(fit_l)])
-            res = report(r, s, sw_t, layers=test_l)
-            for (H, ph), (e, ratio, n) in sorted(res.items(), key=lambda kv: PHASES.index(kv[0][1])):
-                rows.append({"run": f"{name} layers {list(test_l)}", "H": H, "phase": ph, "sw_best": sw_t[(H, ph)][0],
-                             "sw_label": sw_t[(H, ph)][1], "error": e, "ratio": ratio, "pairs": n,
-                             "fit_on": f"held out: layers {list(fit_l)} of this run", "setting": short(s)})
-    for name in aux:  # shipped aux defaults, in-sample on every aux run
-        add(name, report(runs[name], s_aux, sw[name]), "in-sample: shipped aux defaults", short(s_aux))
-    prov = {
-        "aux": f"fit by benchmarks/forecast_defaults.py on {', '.join(aux)} ({short(s_aux)}; pull half-life {s_aux['halflife']})",
-        "bias": f"fit by benchmarks/forecast_defaults.py on {', '.join(bias_runs)} only ({short(s_bias)})",
-    }
-    if args.write:
-        write_defaults(s_aux, s_bias, prov)
-    print("| run | H | phase | SW_Avg best (on this run) | mean_revert | ratio | pairs | fit on | setting |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['run']} | {r['H']} | {r['phase']} | {r['sw_best']:.4f} ({r['sw_label']}) | {r['error']:.4f} | "
-              f"**{r['ratio']:.2f}** | {r['pairs']} | {r['fit_on']} | {r['setting']} |")
-    print(f"\nshipped: aux = {params(s_aux)}\n         bias = {params(s_bias)}")
-    print(f"wall time {time.perf_counter() - t0:.1f} s")
+            label = f"{name} layers {[int(v) for v in test_l]}"
+            fits.append(f"- {label}: fit on layers {[int(v) for v in fit_l]} of the same run: {short(s)}")
+            put(label, report(r, s, sw_t, layers=test_l), "held_out_layers", sw_t, r.grid(test_l))
+    cols = (("held_out", "held out: aux defaults fit without this run"), ("held_out_layers", "held out: fit on the other layers"),
+            ("shipped", "shipped aux defaults (in-sample)"), ("shipped_bias", "shipped bias defaults (in-sample)"),
+            ("hindsight", "family best on this cell (hindsight, not a forecast)"))
+    print("| run | H | phase | pairs | SW_Avg best on this run (havg_mae_pp) | " + " | ".join(c[1] for c in cols) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(cols))
+    for (label, H, ph), c in cells.items():
+        vals = " | ".join(f"{c[k]:.2f}" if k in c else "" for k, _ in cols)
+        print(f"| {label} | {H} | {ph} | {c['pairs']} | {c['sw'][0]:.4f} ({c['sw'][1]}) | {vals} |")
+    print("\nHeld-out fits:\n" + "\n".join(fits))
+    print(f"\nshipped aux: {short(s_aux)}\nshipped bias: {short(s_bias)}\nwall time {time.perf_counter() - t0:.1f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "aux": s_aux, "bias": s_bias, "provenance": prov}, indent=1))
+        Path(args.json).write_text(json.dumps({"cells": [{"run": k[0], "H": k[1], "phase": k[2], **v} for k, v in cells.items()],
+                                               "aux": s_aux, "bias": s_bias, "provenance": prov}, indent=1))
 
 
 if __name__ == "__main__":

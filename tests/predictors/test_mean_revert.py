@@ -43,6 +43,20 @@ def test_long_target_and_shrink() -> None:
     np.testing.assert_allclose(g, 0.2, atol=1e-12)
 
 
+def test_noise_of_the_window_mean_is_estimated_from_block_means() -> None:
+    rng = np.random.default_rng(3)
+    p = rng.dirichlet(np.ones(4) * 30, size=(100, 1))
+    m = predictors.get("mean_revert", window=60, rho=1.0, shrink=1.0, block=10, target="uniform").fit(p)
+    blocks = p[-60:].reshape(6, 10, 1, 4).mean(axis=1)  # [6 blocks, 1, 4]
+    noise = blocks.var(axis=0, ddof=1).mean() / 6
+    disp = ((p[-60:].mean(axis=0) - 0.25) ** 2).mean()
+    np.testing.assert_allclose(m.scale_, [max(0.0, 1 - noise / disp)], rtol=1e-12)
+    # a window too short for two blocks falls back to per-step noise
+    short = predictors.get("mean_revert", window=15, rho=1.0, shrink=1.0, block=10).fit(p)
+    one = predictors.get("mean_revert", window=15, rho=1.0, shrink=1.0, block=1).fit(p)
+    np.testing.assert_array_equal(short.scale_, one.scale_)
+
+
 def test_defaults_come_from_the_shipped_table() -> None:
     p = reverting(T=300)
     for regime, d in MEAN_REVERT.items():
