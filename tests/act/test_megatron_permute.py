@@ -7,8 +7,9 @@ as in tests/tracing/_shims.py (`megatron_on_cpu`). Three identical models (same 
 own seed, same per-rank inputs, torch AdamW): A is never permuted; B is permuted after step 2 with its
 optimizer; C is permuted after step 2 without it (the control: Adam's moments stay behind, so its
 losses must part from A's). All layers use the allgather dispatcher (the alltoall one needs CUDA
-streams). Layer 0: top-2 softmax with aux loss; layer 1: sigmoid top-2 with
-expert bias (non-zero) and a router bias; layer 2: top-1 with capacity factor 1, dropping by probability.
+streams). Layer 0: top-2 softmax with aux loss; layer 1: sigmoid top-2 with expert bias (non-zero)
+and a router bias; layer 2: top-1 with capacity factor 1, dropping by probability, and the global aux
+loss (its running token counts per expert are router state too).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ LAYERS = (
          moe_aux_loss_coeff=1e-2),
     dict(moe_router_topk=2, moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
          moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True),
-    dict(moe_router_topk=1, moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="aux_loss",
-         moe_aux_loss_coeff=1e-2, moe_router_pre_softmax=True, moe_expert_capacity_factor=1.0,
+    dict(moe_router_topk=1, moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="global_aux_loss",
+         moe_aux_loss_coeff=1e-1, moe_router_pre_softmax=True, moe_expert_capacity_factor=1.0,
          moe_token_drop_policy="probs"),
 )
 
@@ -135,7 +136,7 @@ def _worker(out: Path) -> None:
             router = {"weight": rows(r.weight, inv)}
             if r.bias is not None:
                 router["bias"] = rows(r.bias, inv)
-            for name in ("expert_bias", "local_tokens_per_expert"):
+            for name in ("expert_bias", "local_tokens_per_expert", "global_tokens_per_expert"):
                 if getattr(r, name, None) is not None:
                     router[name] = {"param": getattr(r, name)[inv].tolist()}
             mine[li] = (layer, router)
@@ -265,8 +266,8 @@ def test_training_identical_and_optimizer_state_moved(ranks):
         np.testing.assert_allclose(lb, la, rtol=1e-6, atol=0)
         assert max(r["diff_B"].values()) <= 1e-6, r["diff_B"]
         assert {"param", "exp_avg", "exp_avg_sq", "step", "router_weight_param", "router_weight_exp_avg",
-                "router_bias_exp_avg", "router_expert_bias_param", "router_local_tokens_per_expert_param"} \
-            <= set(r["diff_B"])
+                "router_bias_exp_avg", "router_expert_bias_param", "router_local_tokens_per_expert_param",
+                "router_global_tokens_per_expert_param"} <= set(r["diff_B"])
         # the control: the same up to the first update after its permutation, then apart
         np.testing.assert_allclose(lc[:3], la[:3], rtol=1e-6)
         assert np.abs(lc[3:] - la[3:]).max() > 1e-4 * np.abs(la).max()
