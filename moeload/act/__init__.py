@@ -1,12 +1,23 @@
 """Live expert re-placement inside training frameworks (DeepSpeed MoE; megatron-core to come).
 
 `permute.py` plans a re-placement as arrays (pure NumPy); `deepspeed.py` applies one to a
-`deepspeed.moe.layer.MoE` layer collectively over its expert-parallel group. Framework packages are
-imported only inside their backend.
+`deepspeed.moe.layer.MoE` layer collectively over its expert-parallel group; `loop.py` (`Replacer`)
+applies plans during training when the cost model says they pay. Framework packages are imported only
+inside their backend; `Replacer` and `plan_maps` (torch) are imported on first use.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from moeload.act.permute import Moves, check_expert_to_rank, contiguous_expert_to_rank, phy2log, plan_moves
 
-__all__ = ["Moves", "check_expert_to_rank", "contiguous_expert_to_rank", "phy2log", "plan_moves"]
+__all__ = ["Moves", "Replacer", "check_expert_to_rank", "contiguous_expert_to_rank", "phy2log", "plan_maps", "plan_moves"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Replacer", "plan_maps"):
+        from moeload.act import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'moeload.act' has no attribute {name!r}")
