@@ -167,7 +167,7 @@ class Replacer:
             try:
                 decision = self.decide(self._counts(), step)
             except Exception as e:
-                decision = {"step": step, "apply": {}, "error": f"{type(e).__name__}: {e}"}
+                decision = {"step": step, "apply": {}, "layers": {}, "error": f"{type(e).__name__}: {e}"}
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             box = [decision]
             src = 0 if self.group is None else dist.get_global_rank(self.group, 0)

@@ -5,7 +5,8 @@ rank0.json. Two identical runs of a model whose gates are biased towards experts
 in the contiguous layout): A is traced only; B is traced and has a Replacer checking every 2 steps. At
 step 2 its plan moves experts 0 and 1 together to rank 1 (no gain: not applied); then it is given a
 plan that splits them (0, 2 on rank 0; 1, 3 on rank 1), applied at step 4; at step 6 the plan is the
-map in force (nothing to do; the same at step 8).
+map in force (nothing to do; the same at step 8). Then a plan of the wrong size: rank 0's error reaches
+every rank as one warning, nothing moves.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def _worker(out: Path) -> None:
     gen = torch.Generator().manual_seed(1000 + rank)
     xs = [torch.randn(1, TOKENS, H, generator=gen) + 1.0 for _ in range(STEPS)]
 
+    import warnings
+
     def run(name: str, replace: bool) -> dict:
         eng = engine()
         tracer = LoadTracer(eng.module, out / name, flush_every=2, fsync=False)
@@ -89,8 +92,14 @@ def _worker(out: Path) -> None:
                     rep.on_step_end()
                     if tracer.step_count == 2:
                         rep.set_plan([GOOD, GOOD])
+            caught = []
+            if rep is not None:  # a plan that does not fit fails on rank 0 only: every rank warns, nothing moves
+                rep.set_plan([[0, 1], [0, 1]])
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    rep.check()
         return {"losses": losses, "history": [] if rep is None else rep.history,
-                "maps": [expert_to_rank(m) for m in eng.module.moe]}
+                "maps": [expert_to_rank(m) for m in eng.module.moe], "warned": [str(w.message) for w in caught]}
 
     res = {"A": run("a", False), "B": run("b", True), "rank": rank}
     (out / f"rank{rank}.json").write_text(json.dumps(res))
@@ -120,7 +129,7 @@ def test_replacer_applies_the_plan_that_pays_and_training_is_unchanged(ranks):
     _, rs = ranks
     for r in rs:
         h = r["B"]["history"]
-        assert [d["step"] for d in h] == [2, 4, 6, 8]
+        assert [d["step"] for d in h] == [2, 4, 6, 8, 8]
         # step 2: both experts to rank 1 is as unbalanced as before: no gain, not applied
         assert h[0]["apply"] == {} and set(h[0]["layers"]) == {"0", "1"}
         assert all(v["gain_s"] <= v["cost_s"] for v in h[0]["layers"].values())
@@ -129,7 +138,9 @@ def test_replacer_applies_the_plan_that_pays_and_training_is_unchanged(ranks):
         for v in h[1]["layers"].values():
             assert v["gain_s"] > v["cost_s"] > 0 and v["after_s"] < v["before_s"]
             assert v["experts_moved"] == 2 and v["bytes_total"] > 0 and v["seconds"] > 0
-        assert all(d["apply"] == {} and d["why"] == "the plan is the map in force" for d in h[2:])
+        assert all(d["apply"] == {} and d["why"] == "the plan is the map in force" for d in h[2:4])
+        assert "plan[0]: expected 4 entries" in h[4]["error"] and h[4]["apply"] == {}
+        assert len(r["B"]["warned"]) == 1 and "re-placement check at step 8 failed on rank 0" in r["B"]["warned"][0]
         assert r["B"]["maps"] == [GOOD, GOOD] and r["A"]["maps"] == [[0, 0, 1, 1]] * 2
         # re-placement is transparent: the same losses as the run without it
         np.testing.assert_allclose(r["B"]["losses"], r["A"]["losses"], rtol=1e-6, atol=0)
@@ -176,6 +187,20 @@ def test_plan_maps_from_a_placement_and_bad_plans():
         plan_maps([GOOD, [0, 0, 0, 1]], [4, 4], 2)
     with pytest.raises(InputError, match="no replicas"):
         plan_maps(placement.plan(w, num_gpus=2, num_replicas=6, policy="eplb"), [4, 4], 2)
+
+
+def test_plan_maps_from_an_online_planner():
+    from moeload.act.loop import plan_maps
+    from moeload.errors import InputError
+    from moeload.tracing.callbacks.online import OnlinePlanner
+
+    planner = OnlinePlanner(num_gpus=2, layers=["a"], horizon=10, window=5)
+    with pytest.raises(InputError, match="no plan yet"):
+        plan_maps(planner, [4], 2)
+    counts = np.tile([[[60, 50, 5, 5]]], (40, 1, 1))  # experts 0 and 1 (both on GPU 0) are hot
+    planner.feed(np.arange(40), counts)
+    m = plan_maps(planner, [4], 2)[0]
+    assert sorted(m) == [0, 0, 1, 1] and m[0] != m[1]
 
 
 def test_replacer_refuses_a_model_without_deepspeed_moe_layers(tmp_path):
