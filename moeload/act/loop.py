@@ -137,7 +137,7 @@ class Replacer:
         self._recent: deque[np.ndarray] = deque(maxlen=window)  # [L, E] global counts of recent steps
         self._blocks = 0
         self._lock = threading.Lock()
-        self._flushes_at_attach = tracer.flushes
+        self._flushes_at_attach = tracer.flushes - tracer.dropped_blocks  # blocks the sink will not see
         self._warned = False
         tracer.add_sink(self._sink)
 
@@ -197,9 +197,12 @@ class Replacer:
     def _counts(self) -> np.ndarray | None:
         """Rank 0: [W, L, E] global counts of the last steps flushed, after waiting for the writer thread
         to hand over the blocks flushed so far (at most wait_s); None if none."""
-        deadline = time.monotonic() + self.wait_s
-        while self._blocks < self.tracer.flushes - self._flushes_at_attach and time.monotonic() < deadline:
+        tr, deadline = self.tracer, time.monotonic() + self.wait_s
+        while (self._blocks < tr.flushes - tr.dropped_blocks - self._flushes_at_attach and tr.tracing_stopped is None
+               and time.monotonic() < deadline):
             time.sleep(0.002)
+        if time.monotonic() >= deadline:  # a block lost on the way (disk fault): do not wait for it again
+            self._flushes_at_attach = tr.flushes - tr.dropped_blocks - self._blocks
         with self._lock:
             rows = list(self._recent)
         return np.stack(rows) if rows else None
