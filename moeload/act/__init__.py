@@ -1,7 +1,8 @@
-"""Live expert re-placement inside training frameworks (DeepSpeed MoE; megatron-core to come).
+"""Live expert re-placement inside training frameworks (DeepSpeed MoE and megatron-core MoELayer).
 
 `permute.py` plans a re-placement as arrays (pure NumPy); `deepspeed.py` applies one to a
-`deepspeed.moe.layer.MoE` layer collectively over its expert-parallel group; `loop.py` (`Replacer`)
+`deepspeed.moe.layer.MoE` layer and `megatron.py` to a megatron-core `MoELayer` (SequentialMLP
+experts), each collectively over its expert-parallel group; `loop.py` (`Replacer`, DeepSpeed only so far)
 applies plans during training when the cost model says they pay. Framework packages are imported only
 inside their backend; `Replacer` and `plan_maps` (torch) are imported on first use.
 """

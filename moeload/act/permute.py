@@ -19,8 +19,10 @@ from moeload.errors import InputError
 
 
 def contiguous_expert_to_rank(num_experts: int, ep_size: int) -> np.ndarray:
-    """The frameworks' default map: expert e on rank e // (E / ep_size). -> [E] int64"""
-    return np.arange(num_experts, dtype=np.int64) // (num_experts // ep_size)
+    """The frameworks' default map (`moeload.trace.layout`, the one home of that formula). -> [E] int64"""
+    from moeload.trace.layout import contiguous_expert_to_rank as contiguous
+
+    return np.asarray(contiguous(num_experts, ep_size), dtype=np.int64)
 
 
 def check_expert_to_rank(expert_to_rank: object, num_experts: int, ep_size: int,
