@@ -10,6 +10,7 @@ demo:
 
 test:
 	bash scripts/bootstrap.sh dev,deepspeed,hf,megatron,lightning
+	$(VENV)/bin/ruff check moeload
 	$(PY) -m pytest -q
 
 clean:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from moeload._version import __version__
-
+from moeload._version import __version__ as __version__
 from moeload.errors import MoeloadError, NotFittedError, TraceFormatError  # noqa: E402
 from moeload.trace import Trace, open_trace  # noqa: E402
 

@@ -10,8 +10,8 @@ GPU split evenly over the local experts. torch is imported here, never at packag
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Callable
 
 import numpy as np
 

@@ -6,9 +6,10 @@ import base64
 import datetime as _dt
 import html
 import io
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import typer

@@ -222,7 +222,6 @@ def summary(
 def summary_data(t, steps: str | None, layers: str | None, method: str = "window") -> dict:
     """Everything `summary` reports, as a JSON-ready dict."""
     import moeload.states as states
-
     from moeload.cli.check import ZeroScan, disabled_problems
 
     step_nums, lay, c = load_window(t, steps, layers, what="counts")

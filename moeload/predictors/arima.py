@@ -37,7 +37,6 @@ from moeload.predictors._util import check_int
 from moeload.predictors.base import Predictor
 from moeload.predictors.registry import register
 
-
 # --- batched CSS estimation ---------------------------------------------------------------------
 _ONE = np.ones(1)
 

@@ -13,7 +13,8 @@ and forecasts keep it at 0. Any other NaN (part of a row) is an InputError.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -122,7 +123,7 @@ class Predictor:
         return f"{type(self).__name__}({args})"
 
     # --- public API --------------------------------------------------------------------------
-    def fit(self, p: Any) -> "Predictor":
+    def fit(self, p: Any) -> Predictor:
         """Fit on proportions p: [T, L, E] (a list of such arrays, one per run, where `multi_run`). Returns self."""
         if isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(r, np.ndarray) and r.ndim >= 2 for r in p):
             if not self.multi_run and len(p) > 1:
@@ -153,7 +154,7 @@ class Predictor:
             raise RuntimeError(f"{type(self).__name__}._predict returned {raw.shape}, expected {(horizon, L, E)}")
         return to_simplex(raw, self.mask_)
 
-    def update(self, new_p: Any) -> "Predictor":
+    def update(self, new_p: Any) -> Predictor:
         """Append new_p: [t, L, E] to the history and refresh the fit. Returns self."""
         self._check_fitted()
         arr, _ = validate_proportions(new_p, "new_p")

@@ -24,7 +24,8 @@ same way and uses, per layer, the weights of the layer's label at its last step.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

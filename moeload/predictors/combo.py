@@ -7,7 +7,8 @@ members are given as names (default hyperparameters) or (name, hyper) pairs, and
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -15,8 +15,9 @@ round-trip the weights, hyperparameters and history. torch is imported only insi
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,7 @@ def _build(n_in: int, hidden: int):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-        def forward(self, x: "torch.Tensor") -> "torch.Tensor":  # x: [B, W, n_in] -> [B, n_in]
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, W, n_in] -> [B, n_in]
             h, _ = self.rnn(torch.tanh(self.enc(x)))
             return x.mean(dim=1) + self.head(h[:, -1])
 
@@ -149,7 +150,7 @@ class LSTMPredictor(Predictor):
                     "history": torch.from_numpy(self.history_), "mask": torch.from_numpy(self.mask_)}, Path(path))
 
     @classmethod
-    def load(cls, path: str | Path) -> "LSTMPredictor":
+    def load(cls, path: str | Path) -> LSTMPredictor:
         """A fitted predictor from a file written by `save`."""
         import torch
 

@@ -102,8 +102,8 @@ def _check_proportions(p: np.ndarray, name: str) -> None:
     nan = np.isnan(p)
     row_nan = nan.all(-1)
     if (nan.any(-1) & ~row_nan).any():
-        s, l = np.argwhere(nan.any(-1) & ~row_nan)[0]
-        raise InputError(f"{name}: row (step {s}, layer {l}) is partly NaN; a row is either all NaN (no tokens) or all numbers")
+        s, li = np.argwhere(nan.any(-1) & ~row_nan)[0]
+        raise InputError(f"{name}: row (step {s}, layer {li}) is partly NaN; a row is either all NaN (no tokens) or all numbers")
     if np.isinf(p).any():
         raise InputError(f"{name}: contains inf")
     if (p[~nan] < 0).any():
@@ -111,9 +111,9 @@ def _check_proportions(p: np.ndarray, name: str) -> None:
     sums = np.nansum(p, -1)
     bad = ~row_nan & (np.abs(sums - 1.0) > ROW_SUM_TOL)
     if bad.any():
-        s, l = np.argwhere(bad)[0]
+        s, li = np.argwhere(bad)[0]
         raise InputError(
-            f"{name}: rows must sum to 1 over experts; step {s}, layer {l} sums to {sums[s, l]:.6g} "
+            f"{name}: rows must sum to 1 over experts; step {s}, layer {li} sums to {sums[s, li]:.6g} "
             "(pass integer counts to have them normalised)"
         )
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from moeload.states.base import ENTER, EXIT, UNKNOWN, StateResult, finish, hysteresis
 from moeload.states._input import LoadInput, int_param, pos_param
+from moeload.states.base import ENTER, EXIT, UNKNOWN, StateResult, finish, hysteresis
 
 
 class DriftTest:

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from moeload.errors import InputError
-from moeload.states.base import StateResult, finish
 from moeload.states._input import LoadInput, int_param, pos_param
+from moeload.states.base import StateResult, finish
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cost_class() -> type:
     """The cost class, built on first use so that importing moeload.states skips ruptures."""
     from ruptures.base import BaseCost
@@ -35,7 +35,7 @@ def _cost_class() -> type:
         model = "cumsum_l2"
         min_size = 1
 
-        def fit(self, signal: np.ndarray) -> "_CumsumL2":
+        def fit(self, signal: np.ndarray) -> _CumsumL2:
             y = np.asarray(signal, dtype=np.float64).reshape(len(signal), -1)
             self.signal = y
             self.c1 = np.concatenate([np.zeros((1, y.shape[1])), np.cumsum(y, 0)])

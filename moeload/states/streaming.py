@@ -7,8 +7,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from moeload.errors import InputError
-from moeload.states.base import confirmed_end, hysteresis, verdict
 from moeload.states._input import LoadInput, _from_array
+from moeload.states.base import confirmed_end, hysteresis, verdict
 
 
 class StateEvent(NamedTuple):

@@ -29,8 +29,18 @@ from typing import Any
 import numpy as np
 
 from moeload.errors import InputError
-from moeload.states.base import BETWEEN, ENTER, EXIT, UNKNOWN, StateResult, confirmed_end, final_run_length, finish, hysteresis
 from moeload.states._input import LoadInput, int_param, pos_param
+from moeload.states.base import (
+    BETWEEN,
+    ENTER,
+    EXIT,
+    UNKNOWN,
+    StateResult,
+    confirmed_end,
+    final_run_length,
+    finish,
+    hysteresis,
+)
 
 DEFAULT_FACTOR = {"late": 1.5, "noise": 3.0}
 
@@ -77,7 +87,7 @@ def rolling_var(x: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return mean + centre, var, n
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _d2_table(m_max: int) -> np.ndarray:
     """d2[m] = expected range of m independent standard normals (d2[0] = d2[1] = 0)."""
     x = np.linspace(-9, 9, 4001)

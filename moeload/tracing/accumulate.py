@@ -15,6 +15,7 @@ from torch import Tensor
 from moeload.tracing.adapters.base import Routing, RoutingShapeError
 from moeload.tracing.flush import NAN_COL, TOKENS_COL
 
+
 def as_routing(r: Routing | Tensor) -> Routing:
     """A bare tensor -> Routing: 1-D -> counts [E]; 2-D integer -> indices [T, k]; 2-D bool/float -> mask [T, E]."""
     if isinstance(r, Routing):

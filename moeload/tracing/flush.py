@@ -438,7 +438,8 @@ class BlockWriter:
         if first is not None and not self._warned_conservation:
             self._warned_conservation = True
             warnings.warn(f"moeload: conservation check failed on {first}; flagged in the manifest's extra.conservation "
-                          "(later violations are recorded there, not warned about); nothing is dropped", RuntimeWarning)
+                          "(later violations are recorded there, not warned about); nothing is dropped", RuntimeWarning,
+                          stacklevel=2)
 
     def _flush_notes(self) -> dict[str, Any]:
         with self._lock:

@@ -20,7 +20,16 @@ from moeload.trace import lock as trace_lock
 from moeload.tracing.accumulate import accumulate, as_routing
 from moeload.tracing.adapters import Adapter, GateSpec, GenericAdapter, RoutingShapeError, discover, registered_adapters
 from moeload.tracing.collective import all_gather, tracer_group
-from moeload.tracing.flush import DISABLED_ERROR, DISABLED_SHAPE, FLAG_COL, NAN_REASON, REASONS, BlockWriter, FlushedBlock, Layout
+from moeload.tracing.flush import (
+    DISABLED_ERROR,
+    DISABLED_SHAPE,
+    FLAG_COL,
+    NAN_REASON,
+    REASONS,
+    BlockWriter,
+    FlushedBlock,
+    Layout,
+)
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 try:  # private, present since torch 2.1: the compiled code dynamo holds for one code object

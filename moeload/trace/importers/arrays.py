@@ -13,7 +13,6 @@ from moeload.errors import InputError, TraceFormatError, first_line
 from moeload.trace.importers._common import Imported, counts_array
 
 
-
 def read_numpy(source: str | os.PathLike, *, top_k: int | None = None, first_step: int = 0) -> Imported:
     """Read counts from .npy / .npz. Steps default to first_step, first_step + 1, ..."""
     path = Path(source)

@@ -27,7 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from moeload.errors import InputError, TraceFormatError
-from moeload.trace.importers._common import MAX_EXPERTS, MAX_RANKS, Imported, counts_array, dense, int_field, jsonl_records
+from moeload.trace.importers._common import (
+    MAX_EXPERTS,
+    MAX_RANKS,
+    Imported,
+    counts_array,
+    dense,
+    int_field,
+    jsonl_records,
+)
 
 TPE_FILE = re.compile(r"^rank(\d+)\.jsonl$")
 ROUTER_FILE = re.compile(r"^router_trace_rank(\d+)\.jsonl$")
