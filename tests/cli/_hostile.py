@@ -162,7 +162,7 @@ TRACE_COMMANDS: dict[str, Callable[[Path, Path], list[str]]] = {
     "report": lambda t, d: ["report", str(t), "-o", str(d / "r.html")],
     "advise": lambda t, d: ["advise", str(t), "--gpus", "2"],
     "calibrate": lambda t, d: ["calibrate", "--trace", str(t), "--out", str(d / "c.json"), "--experts-per-gpu", "4",
-                               "--device", "cpu", "--repeats", "1"],
+                               "--hidden", "64", "--ffn-hidden", "128", "--device", "cpu", "--repeats", "1"],
 }
 # Every manifest hostile on the commands that read the manifest their own way or report on it;
 # a core set on the others, which all open the trace through moeload.trace.open_trace.
@@ -329,6 +329,12 @@ def _import_case(fmt: str, make: Callable[[Path], Path], opts: tuple[str, ...]) 
     def build(d: Path, good: Path) -> list[str]:
         return ["import", fmt, str(make(d)), str(d / "out.moeload"), *opts]
     return build
+
+
+def control_cases() -> list[Case]:
+    """Each trace command on an unchanged copy of the good trace: these must succeed (exit code 0), so
+    that the hostile cases fail because of their input, not because of the limits or the arguments."""
+    return [Case(f"control:{cmd}", _trace_case(cmd, lambda t: None)) for cmd in TRACE_COMMANDS]
 
 
 def all_cases(xfails: dict[str, str]) -> list[Case]:

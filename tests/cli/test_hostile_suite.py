@@ -19,13 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from _hostile import Case, all_cases, write_good_trace
+from _hostile import Case, all_cases, control_cases, write_good_trace
 
 AS_LIMIT = 4 * 1024**3
 TIMEOUT_S = 60
 # The child sets its own limit before importing moeload (preexec_fn is not safe with the thread pool).
-_SHIM = ("import resource, runpy, sys; lim = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_AS, (lim, lim)); "
-         "sys.argv = ['moeload'] + sys.argv[2:]; runpy.run_module('moeload', run_name='__main__', alter_sys=True)")
+_LIMIT = "import resource, sys; lim = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_AS, (lim, lim)); "
+_SHIM = _LIMIT + "import runpy; sys.argv = ['moeload'] + sys.argv[2:]; runpy.run_module('moeload', run_name='__main__')"
 
 # Known bugs (issue 13), each failing today; strict, so a fix makes its case an XPASS to remove here.
 _UTF8 = "UnicodeDecodeError traceback: jsonl_records in moeload/trace/importers/_common.py decodes without a handler"
@@ -58,6 +58,7 @@ XFAILS: dict[str, str] = {
 }
 
 CASES = all_cases(XFAILS)
+CONTROLS = control_cases()
 
 
 def _param(c: Case):
@@ -82,7 +83,7 @@ def results(request, tmp_path_factory) -> dict[str, tuple[list[str], subprocess.
     root = tmp_path_factory.mktemp("hostile")
     good = write_good_trace(root / "good.moeload")
     jobs = []
-    for i, c in enumerate(x for x in CASES if x.id in wanted):
+    for i, c in enumerate(x for x in CASES + CONTROLS if x.id in wanted):
         d = root / f"c{i:03d}"
         d.mkdir()
         jobs.append((c.id, c.build(d, good), d))
@@ -114,3 +115,20 @@ def test_hostile_input_is_one_line_and_exit_code_2(case: Case, results):
     assert r.returncode == 2, shown
     assert len(lines) == 1 and lines[0].startswith("moeload: error:"), shown
     assert "Traceback" not in r.stderr + r.stdout, shown
+
+
+def test_the_address_space_limit_is_in_force(tmp_path):
+    """Under the limit a 5 GiB allocation fails in the child, and `moeload --version` still runs."""
+    big = subprocess.run([sys.executable, "-c", _LIMIT + "import numpy; numpy.ones(5 * 2**30 // 8)", str(AS_LIMIT)],
+                         capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert big.returncode != 0 and "MemoryError" in big.stderr, big.stderr[-500:]
+    r = run_limited(["--version"], tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("moeload "), r.stderr[-500:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CONTROLS])
+def test_the_same_command_on_the_good_trace_succeeds(case: Case, results):
+    argv, r = results[case.id]
+    assert r.returncode == 0, f"moeload {' '.join(argv)}\nrc={r.returncode}\nstderr:\n{r.stderr[-3000:]}"
+    assert "moeload: error" not in r.stderr and "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
