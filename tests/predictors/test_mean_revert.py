@@ -91,3 +91,23 @@ def test_beats_sw_avg_at_its_best_window_on_a_mean_reverting_series() -> None:
     err = df.groupby("predictor")["havg_mae_pp"].mean()
     best_sw = err.drop(err.index[err.index.str.startswith("mean_revert")]).min()
     assert err[err.index.str.startswith("mean_revert")].iloc[0] < 0.85 * best_sw  # measured 0.79
+
+
+def test_shipped_bias_defaults_are_the_fit_on_both_bias_runs() -> None:
+    """The "bias" row of _defaults.py is what benchmarks/forecast_defaults.py fits on every expert-bias trace
+    (both seeds), and its provenance names them: a stale table (a trace added, --write not run) fails here."""
+    import importlib.util
+    from pathlib import Path
+
+    from moeload.predictors._defaults import PROVENANCE
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "forecast_defaults.py"
+    spec = importlib.util.spec_from_file_location("forecast_defaults", path)
+    fd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fd)
+    names = [n for n, (_, regime) in fd.RUNS.items() if regime == "bias"]
+    assert names == ["gpt3-small-moe-bias-s0", "gpt3-small-moe-bias-s1"]
+    runs = [fd.Run(n, *fd.RUNS[n]) for n in names]
+    s = fd.fit([r.grid() for r in runs], [r.sw_best() for r in runs])
+    assert fd.params(s) == MEAN_REVERT["bias"]
+    assert all(n in PROVENANCE["bias"] for n in names)
