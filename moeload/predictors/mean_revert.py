@@ -39,6 +39,9 @@ def pull_terms(p: np.ndarray, mask: np.ndarray, window: int, block: int, target:
     win = p[-window:]  # [n, L, E]
     n = win.shape[0]
     m = win.mean(axis=0)
+    # An expert that never received a token in the history stays at zero, as with every predictor:
+    # the uniform target spreads over the experts that are alive.
+    mask = mask & (np.nan_to_num(p).sum(axis=0) > 0)
     if target == "uniform":
         tgt = mask / np.maximum(mask.sum(axis=1, keepdims=True), 1)
     else:
