@@ -10,6 +10,9 @@ import numpy as np
 import typer
 
 from moeload.cli._common import console
+from moeload.errors import InputError
+
+MAX_THREADS = 1024
 
 DEMO_STEPS = {"cpu-demo": 500, "tiny": 60}
 
@@ -38,6 +41,8 @@ def run_demo(
     con = console()
     cfg = get_config(config)
     steps = steps or DEMO_STEPS.get(cfg.name, 100)
+    if threads and not 1 <= threads <= MAX_THREADS:
+        raise InputError(f"--threads {threads}: must be in 1..{MAX_THREADS}")
     if threads:
         torch.set_num_threads(threads)
     if out.exists():

@@ -31,6 +31,9 @@ from moeload.tracing.flush import (
     Layout,
 )
 
+MAX_FLUSH_EVERY = 1_000_000
+"""Largest `flush_every`: one block of steps lives in a device buffer, so it is bounded before allocating."""
+
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 try:  # private, present since torch 2.1: the compiled code dynamo holds for one code object
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as _cache_entries
@@ -179,8 +182,9 @@ class LoadTracer:
         max_pending: int | None = None,
         gate_output: str = "auto",
     ) -> None:
-        if not isinstance(flush_every, int) or flush_every < 1:
-            raise InputError(f"flush_every={flush_every!r}: must be a positive integer")
+        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or not 1 <= flush_every <= MAX_FLUSH_EVERY:
+            raise InputError(f"flush_every={flush_every!r}: must be an integer in 1..{MAX_FLUSH_EVERY:,} "
+                             "(the device buffer holds one block of steps)")
         if kept not in (True, False, "always"):
             raise InputError(f"kept={kept!r}: expected True, False or 'always'")
         if ranks not in ("auto", True, False):

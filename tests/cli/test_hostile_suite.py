@@ -30,12 +30,6 @@ _SHIM = _LIMIT + "import runpy; sys.argv = ['moeload'] + sys.argv[2:]; runpy.run
 # Known bugs (issue 13), each failing today; strict, so a fix makes its case an XPASS to remove here.
 _UTF8 = "UnicodeDecodeError traceback: jsonl_records in moeload/trace/importers/_common.py decodes without a handler"
 XFAILS: dict[str, str] = {
-    "option:backtest-horizons-1e30": "OverflowError traceback: --horizons not range-checked (moeload/cli/forecast.py), "
-                                     "fails in moeload/evaluation/backtest.py",
-    "option:demo-flush-every-1e9": "MemoryError traceback: LoadTracer allocates np.zeros(flush_every) unchecked "
-                                   "(moeload/tracing/tracer.py)",
-    "option:demo-threads-1e9": "libgomp out of memory, exit 1: --threads passed unchecked to torch.set_num_threads "
-                               "(moeload/cli/demo.py)",
     "import:csv-rank-131071-expert-65535": "MemoryError traceback: the dense [S, R, L, E] array (64 GiB) is not "
                                            "size-checked first (moeload/trace/importers/tabular.py)",
     "import:npy-header-1e11-elements": "MemoryError traceback: np.load trusts the .npy header's shape "
