@@ -27,29 +27,9 @@ TIMEOUT_S = 60
 _LIMIT = "import resource, sys; lim = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_AS, (lim, lim)); "
 _SHIM = _LIMIT + "import runpy; sys.argv = ['moeload'] + sys.argv[2:]; runpy.run_module('moeload', run_name='__main__')"
 
-# Known bugs (issue 13), each failing today; strict, so a fix makes its case an XPASS to remove here.
-_UTF8 = "UnicodeDecodeError traceback: jsonl_records in moeload/trace/importers/_common.py decodes without a handler"
-XFAILS: dict[str, str] = {
-    "import:csv-rank-131071-expert-65535": "MemoryError traceback: the dense [S, R, L, E] array (64 GiB) is not "
-                                           "size-checked first (moeload/trace/importers/tabular.py)",
-    "import:npy-header-1e11-elements": "MemoryError traceback: np.load trusts the .npy header's shape "
-                                       "(moeload/trace/importers/arrays.py)",
-    "import:npz-member-1e11-elements": "MemoryError traceback: np.load trusts the .npz member's header "
-                                       "(moeload/trace/importers/arrays.py)",
-    "import:npy-first-step-1e30": "OverflowError traceback: --first-step not range-checked "
-                                  "(moeload/trace/importers/arrays.py)",
-    "import:tpe-invalid-utf8": _UTF8,
-    "import:tpe-gzip-no-suffix": _UTF8,
-    "import:router-invalid-utf8": _UTF8,
-    "import:router-gzip-no-suffix": _UTF8,
-    "import:tpe-iter-1e23": "OverflowError traceback: 'iter' beyond int64 not refused (moeload/trace/importers/megatron.py)",
-    "import:tpe-nested-100k": "RecursionError traceback: deeply nested JSON line not caught "
-                              "(moeload/trace/importers/_common.py jsonl_records)",
-    "import:router-num-tokens-5000-digit": "ValueError (int digits limit) traceback: not caught "
-                                           "(moeload/trace/importers/_common.py jsonl_records)",
-    "import:sglang-empty-pt": "IndexError traceback: torch.load's empty message indexed with splitlines()[0] "
-                              "(moeload/trace/importers/sglang.py)",
-}
+# Known bugs (issue 13): case id -> reason, marked xfail(strict=True) so a fix shows as an XPASS to remove
+# here. None is open now.
+XFAILS: dict[str, str] = {}
 
 CASES = all_cases(XFAILS)
 CONTROLS = control_cases()
@@ -72,8 +52,8 @@ def run_limited(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def results(request, tmp_path_factory) -> dict[str, tuple[list[str], subprocess.CompletedProcess]]:
     """Case id -> (argv, finished process), for the cases this session collected."""
-    wanted = {it.callspec.params["case"].id for it in request.session.items
-              if getattr(it, "callspec", None) is not None and "case" in it.callspec.params}
+    wanted = {it.callspec.params["case"].id for it in request.session.items  # other files have "case" params too
+              if getattr(it, "callspec", None) is not None and isinstance(it.callspec.params.get("case"), Case)}
     root = tmp_path_factory.mktemp("hostile")
     good = write_good_trace(root / "good.moeload")
     jobs = []

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from moeload.errors import InputError, TraceFormatError
+from moeload.errors import InputError, TraceFormatError, first_line
 from moeload.trace.manifest import Manifest
 from moeload.trace.writer import TraceWriter
 
 BLOCK = 1000  # steps per Parquet part
 MAX_EXPERTS = 1 << 16  # an expert index at or above this is taken for corrupt input, not a model
 MAX_RANKS = 1 << 17  # likewise for a rank number
+MAX_DENSE_BYTES = 2 * 1024**3  # largest counts array an import builds (int64 [S, R, L, E])
+INT64_MAX = 2**63 - 1
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclasses.dataclass
@@ -108,20 +112,41 @@ def counts_array(x: Any, where: str, *, what: str = "counts", error: type[Except
     return a
 
 
+def check_dense(source: str | os.PathLike, shape: tuple[int, ...], what: str = "counts") -> None:
+    """InputError before allocating an int64 array of `shape` [S, R, L, E] larger than MAX_DENSE_BYTES."""
+    nbytes = 8 * math.prod(int(n) for n in shape)
+    if nbytes > MAX_DENSE_BYTES:
+        dims = " x ".join(str(int(n)) for n in shape)
+        raise InputError(f"{source}: {what} of {dims} (steps x ranks x layers x experts) would need "
+                         f"{nbytes / 1024**3:.3g} GiB, more than the {MAX_DENSE_BYTES // 1024**3} GiB an import "
+                         "may build; check the ids in the file or import a part of it")
+
+
 def jsonl_records(path: Path, required: tuple[str, ...]):
     """Yield (line number, record dict) of a JSON Lines file; bad lines raise TraceFormatError."""
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
     with f:
-        for no, line in enumerate(f, 1):
+        if f.read(2) == GZIP_MAGIC:
+            raise InputError(f"{path}: is gzip-compressed; decompress it first (gunzip -c)")
+        f.seek(0)
+        for no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TraceFormatError(f"{path}:{no}: not UTF-8 text (byte {e.start}); not a JSON Lines file") from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise TraceFormatError(f"{path}:{no}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise TraceFormatError(f"{path}:{no}: JSON nested too deeply") from None
+            except ValueError as e:  # e.g. an integer beyond Python's int-string digits limit
+                raise TraceFormatError(f"{path}:{no}: not usable JSON ({first_line(e)})") from None
             if not isinstance(rec, dict):
                 raise TraceFormatError(f"{path}:{no}: expected a JSON object per line")
             missing = [k for k in required if k not in rec]
@@ -131,14 +156,19 @@ def jsonl_records(path: Path, required: tuple[str, ...]):
 
 
 def int_field(rec: dict, key: str, where: str) -> int:
+    """A non-negative integer field that fits int64, else TraceFormatError naming `where`."""
     v = rec[key]
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise TraceFormatError(f"{where}: field {key!r} must be a non-negative integer, got {v!r}")
+        raise TraceFormatError(f"{where}: field {key!r} must be a non-negative integer, got {str(v)[:40]!r}")
+    if v > INT64_MAX:
+        raise TraceFormatError(f"{where}: field {key!r} does not fit int64 (a {len(str(v))}-digit number)")
     return v
 
 
-def dense(counts: dict[tuple[int, int, int], np.ndarray], steps: list[int], L: int, R: int, E: int) -> np.ndarray:
+def dense(counts: dict[tuple[int, int, int], np.ndarray], steps: list[int], L: int, R: int, E: int,
+          source: str | os.PathLike = "import") -> np.ndarray:
     """{(step, rank, layer): [E_l] counts} -> [S, R, L, E] int64 in the order of `steps`."""
+    check_dense(source, (len(steps), R, L, E))
     pos = {s: i for i, s in enumerate(steps)}
     out = np.zeros((len(steps), R, L, E), dtype=np.int64)
     for (s, r, li), v in counts.items():

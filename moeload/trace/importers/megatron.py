@@ -135,7 +135,7 @@ def read_tokens_per_expert(
     lpos = {k: i for i, k in enumerate(layer_keys)}
     steps = sorted({s for s, _ in acc})
     E = ep * num_local
-    counts = dense({(s, 0, lpos[k]): v for (s, k), v in acc.items()}, steps, len(layer_keys), 1, E)
+    counts = dense({(s, 0, lpos[k]): v for (s, k), v in acc.items()}, steps, len(layer_keys), 1, E, src)
     return Imported(
         steps=np.asarray(steps, dtype=np.int64),
         counts=counts,
@@ -217,7 +217,7 @@ def read_router_trace(
     layer_keys = _order({k for _, _, k in acc})
     lpos = {k: i for i, k in enumerate(layer_keys)}
     steps = sorted({s for s, _, _ in acc})
-    counts = dense({(s, r, lpos[k]): v for (s, r, k), v in acc.items()}, steps, len(layer_keys), world, E)
+    counts = dense({(s, r, lpos[k]): v for (s, r, k), v in acc.items()}, steps, len(layer_keys), world, E, src)
     return Imported(
         steps=np.asarray(steps, dtype=np.int64),
         counts=counts,

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from moeload.errors import InputError, TraceFormatError
-from moeload.trace.importers._common import MAX_EXPERTS, MAX_RANKS, Imported, counts_array
+from moeload.errors import InputError, TraceFormatError, first_line
+from moeload.trace.importers._common import MAX_EXPERTS, MAX_RANKS, Imported, check_dense, counts_array
 
 FILE = re.compile(r"^expert_distribution_recorder_(\d+(?:\.\d+)?)(?:_(\d+))?\.pt$")
 
@@ -44,10 +44,12 @@ def _load(path: Path) -> dict[str, Any]:
 
     import torch
 
+    if path.stat().st_size == 0:
+        raise TraceFormatError(f"{path}: empty file; not a torch.save dump")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise TraceFormatError(f"{path}: not a readable torch.save file ({str(e).splitlines()[0][:200]})") from None
+        raise TraceFormatError(f"{path}: not a readable torch.save file ({first_line(e)})") from None
     if not isinstance(obj, dict) or not ({"logical_count"} <= set(obj) or {"records"} <= set(obj)):
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise TraceFormatError(f"{path}: not an SGLang expert distribution dump (has {keys}; "
@@ -162,6 +164,7 @@ def _detail(dumps: list[tuple[Path, dict]]):
     steps = sorted({s for s, _ in acc})
     R = max(r for _, r in acc) + 1
     pos = {s: i for i, s in enumerate(steps)}
+    check_dense(dumps[0][0], (len(steps), R, L, E))
     out = np.zeros((len(steps), R, L, E), dtype=np.int64)
     for (s, r), v in acc.items():
         out[pos[s], r] = v

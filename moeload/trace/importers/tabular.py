@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from moeload.errors import InputError, TraceFormatError
-from moeload.trace.importers._common import MAX_EXPERTS, MAX_RANKS, Imported, counts_array
+from moeload.trace.importers._common import MAX_EXPERTS, MAX_RANKS, Imported, check_dense, counts_array
 
 REQUIRED = ("step", "layer", "expert", "count")
 
@@ -84,7 +84,9 @@ def read_csv(source: str | os.PathLike, *, num_experts: int | None = None, top_k
     ranked = "rank" in df.columns
     R = int(df["rank"].max()) + 1 if ranked else 1
     ri = df["rank"].to_numpy() if ranked else np.zeros(len(df), dtype=np.int64)
-    out = np.zeros((len(steps), R, L, int(per_layer.max())), dtype=np.int64)
+    shape = (len(steps), R, L, int(per_layer.max()))
+    check_dense(path, shape)
+    out = np.zeros(shape, dtype=np.int64)
     out[si, ri, li, e] = df["count"].to_numpy()
     return Imported(
         steps=steps,
