@@ -100,7 +100,7 @@ def summarize_trace(trace) -> dict:
 def print_summary(con, trace, s: dict) -> None:
     from rich.table import Table
 
-    con.print(f"\n[bold]Trace[/] {trace.path}: {s['steps']} steps, {len(s['layers'])} MoE layers, "
+    con.print(f"\n[bold]Trace[/] {trace.path}: {s['steps']} steps, {len(s['layers'])} MoE layer{'s' if len(s['layers']) != 1 else ''}, "
               f"{max(s['experts'])} experts, top-{max(s['top_k'])}, {s['tokens_per_step']} tokens/step, "
               f"{s['parts']} parts, {s['size_bytes'] / 1024:.0f} KiB")
     ok = "[green]OK[/]" if s["conserved"] else "[red]FAILED[/]"

@@ -72,13 +72,20 @@ def info_data(t) -> dict:
     }
 
 
+def _framework(name: str, version: str | None) -> str:
+    """`deepspeed 0.19.8`, not `deepspeed deepspeed 0.19.8` when the version string already names it."""
+    if not version:
+        return name
+    return version if str(version).split(" ")[0] == name else f"{name} {version}"
+
+
 def info_rows(t, d: dict) -> list[list[str]]:
     """(field, value) rows of the human `info` table."""
     m, steps, size = t.manifest, t.steps, d["size_bytes"]
     rng = f"{d['first_step']}..{d['last_step']}" if len(steps) else "-"
     return [
         ["path", d["path"]],
-        ["framework", f"{m.framework}" + (f" {m.framework_version}" if m.framework_version else "")],
+        ["framework", _framework(m.framework, m.framework_version)],
         ["model", m.model_name or "-"],
         ["size on disk", f"{human_bytes(size)} in {d['parts']} part(s)"],
         ["steps", f"{len(steps)} ({rng})" + (f", {d['eval_steps']} eval" if d["eval_steps"] else "")],
