@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import os
+import random
 import shutil
 import zipfile
 from collections.abc import Callable
@@ -319,8 +320,9 @@ IMPORT_CASES: dict[str, tuple[str, Callable[[Path], Path], tuple[str, ...]]] = {
                                                                                    '"num_tokens": ' + DIGITS_5000))(
         d).parent, ()),
     "sglang-empty-pt": ("sglang", lambda d: _write("expert_distribution_recorder_1.pt", b"")(d).parent, ("--top-k", "1")),
-    "sglang-garbage-pt": ("sglang", lambda d: _write("expert_distribution_recorder_1.pt", os.urandom(4096))(d).parent,
-                          ("--top-k", "1")),
+    **{f"sglang-garbage-pt-{seed}": ("sglang", lambda d, seed=seed: _write(
+        "expert_distribution_recorder_1.pt", random.Random(seed).randbytes(4096))(d).parent, ("--top-k", "1"))
+       for seed in range(4)},  # fixed seeds: random bytes make torch's unpickler fail in different ways
     "unknown-format": ("no-such-format", _write("a.csv", CSV_HEAD + "0,0,0,5\n"), ()),
 }
 
