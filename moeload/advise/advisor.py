@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,8 @@ def _workload_configs() -> dict:
 
         path = Path(__file__).resolve().parent.parent / "workloads" / "configs.py"
         spec = importlib.util.spec_from_file_location("moeload._advise_workload_configs", path)
+        if spec is None or spec.loader is None:
+            return {}
         mod = sys.modules.get(spec.name) or importlib.util.module_from_spec(spec)
         if spec.name not in sys.modules:
             sys.modules[spec.name] = mod  # dataclasses look their module up while building the class
@@ -126,7 +129,7 @@ def _bootstrap_saving(base: np.ndarray, other: np.ndarray, block: int = 100, n: 
 
 
 def advise(trace, num_gpus: int = 8, *, num_nodes: int = 1, num_replicas: int | None = None,
-           calibration: str | Calibration | None = None, shape: ExpertShape | None = None,
+           calibration: str | Path | Calibration | None = None, shape: ExpertShape | None = None,
            micro_batches: int = 1, other_ms: float = 0.0, copies_per_gpu: int = 1,
            eplb_window: int = 1000, eplb_interval: int = 3000, chunk: int = 1000,
            progress: Callable[[int, int], None] | None = None) -> Advice:

@@ -163,6 +163,8 @@ class _Buffer:
 
     def window(self, t: int, w: int) -> np.ndarray:
         """Counts of global steps [max(0, t - w), t)."""
+        if self.data is None:
+            raise InputError("strategy window asked before any counts arrived")
         lo = max(t - w, self.start)
         return self.data[lo - self.start : t - self.start]
 
@@ -180,8 +182,9 @@ class _Strategy:
     def replan_points(self, t0: int, t1: int) -> list[int]:
         return []
 
-    def decide(self, t: int, buf: _Buffer) -> None:
-        """Re-plan at global step t (may change self.phy2log / self.share)."""
+    def decide(self, t: int, buf: _Buffer) -> float:
+        """Re-plan at global step t (may change self.phy2log / self.share); returns the stall in seconds."""
+        return 0.0
 
     def adopt(self, phy2log: np.ndarray, share: np.ndarray) -> float:
         moved = _moves(self.phy2log, phy2log, self.s.num_gpus, self.s.num_experts)
@@ -193,7 +196,7 @@ class _Strategy:
         self.out.moved_experts += moved
         self.out.moved_bytes += moved * self.s.shape.state_bytes
         self.out.migration_s += stall
-        extra = (self.s.num_replicas - self.s.num_experts) // self.s.num_gpus
+        extra = (int(self.s.num_replicas or self.s.num_experts) - self.s.num_experts) // self.s.num_gpus
         self.out.extra_memory_bytes = extra * self.s.shape.state_bytes
         return stall
 
@@ -284,6 +287,8 @@ class EmaMigration(_Strategy):
         self._times.append(times)
 
     def _decide(self) -> float:
+        if self.ema is None:
+            return 0.0
         ema = self.ema[None]
         new_p2l, new_share = _plan(self.ema, self.s)
         cv_now = _cv(gpu_routes(ema, self.phy2log, self.share, self.s.num_gpus))[0]
