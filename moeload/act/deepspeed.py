@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moeload.act._exchange import move_experts, permute_rows
 from moeload.act.permute import contiguous_expert_to_rank, plan_moves
 from moeload.errors import InputError
 
@@ -61,58 +62,9 @@ def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
                      f"fp16/bf16 wrappers), got {type(optimizer).__name__}")
 
 
-def _slot_payload(expert: torch.nn.Module, opt: torch.optim.Optimizer | None) -> tuple[list, list[torch.Tensor]]:
-    """One local expert -> (metadata rows (param index, kind, key, shape, dtype, on_cpu), tensors)."""
-    meta, tensors = [], []
-    for i, p in enumerate(expert.parameters()):
-        items = [("param", "", p.data)]
-        if p.grad is not None:
-            items.append(("grad", "", p.grad))
-        state = opt.state.get(p, {}) if opt is not None else {}
-        for key in sorted(state, key=str):
-            t = state[key]
-            if not isinstance(t, torch.Tensor) or (t.dim() and t.shape != p.shape):
-                raise InputError(f"optimizer: state {key!r} of an expert parameter is {type(t).__name__} "
-                                 f"{list(getattr(t, 'shape', []))}, not a tensor of the parameter's shape or a scalar")
-            items.append(("state", key, t))
-        for kind, key, t in items:
-            meta.append((i, kind, key, tuple(t.shape), str(t.dtype).removeprefix("torch."), t.device.type == "cpu"))
-            tensors.append(t.detach().to(p.device).contiguous())
-    return meta, tensors
-
-
-def _apply_slot(expert: torch.nn.Module, opt: torch.optim.Optimizer | None, meta: list,
-                tensors: list[torch.Tensor]) -> None:
-    params = list(expert.parameters())
-    grads: dict[int, torch.Tensor] = {}
-    states: dict[int, dict] = {i: {} for i in range(len(params))}
-    for (i, kind, key, _, _, on_cpu), t in zip(meta, tensors):
-        if kind == "param":
-            params[i].data.copy_(t)
-        elif kind == "grad":
-            grads[i] = t
-        else:
-            states[i][key] = t.cpu() if on_cpu else t
-    for i, p in enumerate(params):
-        p.grad = grads.get(i)
-        if opt is not None:
-            if states[i]:
-                opt.state[p] = states[i]
-            else:
-                opt.state.pop(p, None)
-
-
 def _permute_gate(gate: Any, opt: torch.optim.Optimizer | None, src_slot: np.ndarray) -> None:
     """Row p of the gate's weight and bias (with their gradients and optimizer state) <- old row src_slot[p]."""
-    for p in gate.wg.parameters():
-        idx = torch.as_tensor(src_slot, device=p.device)
-        with torch.no_grad():
-            p.data.copy_(p.data[idx])
-            if p.grad is not None:
-                p.grad.copy_(p.grad[idx])
-            for t in (opt.state.get(p, {}) if opt is not None else {}).values():
-                if isinstance(t, torch.Tensor) and t.shape == p.shape:
-                    t.copy_(t[idx.to(t.device)])
+    permute_rows(list(gate.wg.parameters()), opt, src_slot)
 
 
 def permute_experts(moe_layer: Any, new_expert_to_rank: list[int], optimizer: Any = None) -> dict:
@@ -140,64 +92,19 @@ def permute_experts(moe_layer: Any, new_expert_to_rank: list[int], optimizer: An
                          "(or MoE.set_deepspeed_parallelism)")
     if ep_size > 1 and dist.get_world_size(group) != ep_size:
         raise InputError(f"moe_layer: ep_size {ep_size} but its group has {dist.get_world_size(group)} ranks")
-    me = dist.get_rank(group) if ep_size > 1 else 0
     experts = list(moe.experts.deepspeed_experts)
 
-    error, opt, payload = "", None, []
-    try:
+    def prepare() -> torch.optim.Optimizer | None:
         opt = _torch_optimizer(optimizer)
         if opt is not None:
             held = {id(p) for g in opt.param_groups for p in g["params"]}
             if any(p.requires_grad and id(p) not in held for ex in experts for p in ex.parameters()):
                 raise InputError("optimizer: does not hold this layer's expert parameters (pass the optimizer "
                                  "built over the model's parameters; ZeRO's flat partitions are not supported)")
-        payload = [_slot_payload(ex, opt) for ex in experts]
-    except InputError as e:
-        if moves.is_identity:
-            raise
-        error = str(e)
-    if moves.is_identity:  # the same decision on every rank: nothing to send, no collective
-        return {"expert_to_rank": new, "experts_moved": 0, "bytes_sent": 0, "bytes_received": 0, "bytes_total": 0,
-                "seconds": time.perf_counter() - t0}
-    metas = [(error, [m for m, _ in payload])]
-    if ep_size > 1:
-        metas = [None] * ep_size  # type: ignore[list-item]  # filled by all_gather_object
-        dist.all_gather_object(metas, (error, [m for m, _ in payload]), group=group)
-    errors = [f"rank {r}: {err}" for r, (err, _) in enumerate(metas) if err]
-    if errors:
-        raise InputError(errors[0] if error == "" else error)
+        return opt
 
-    def nbytes(meta: list) -> int:
-        return sum(int(np.prod(shape)) * torch.empty(0, dtype=getattr(torch, dt)).element_size()
-                   for _, _, _, shape, dt, _ in meta)
-
-    received: dict[int, tuple[list, list[torch.Tensor]]] = {}
-    ops, sent, got = [], 0, 0
-    for src_r, src_l, dst_r, dst_l, _ in moves.transfers.tolist():
-        meta = metas[src_r][1][src_l]
-        if src_r == me:
-            peer = dist.get_global_rank(group, dst_r)
-            ops += [dist.P2POp(dist.isend, t, peer, group) for t in payload[src_l][1]]
-            sent += nbytes(meta)
-        elif dst_r == me:
-            peer = dist.get_global_rank(group, src_r)
-            device = next(experts[dst_l].parameters()).device
-            bufs = [torch.empty(shape, dtype=getattr(torch, dt), device=device) for _, _, _, shape, dt, _ in meta]
-            ops += [dist.P2POp(dist.irecv, b, peer, group) for b in bufs]
-            received[dst_l] = (meta, bufs)
-            got += nbytes(meta)
-    local = {dst_l: (payload[src_l][0], [t.clone() for t in payload[src_l][1]])
-             for src_r, src_l, dst_r, dst_l, _ in moves.local.tolist() if dst_r == me}
-    if ops:
-        for w in dist.batch_isend_irecv(ops):
-            w.wait()
-    for dst_l, (meta, tensors) in {**received, **local}.items():
-        _apply_slot(experts[dst_l], opt, meta, tensors)
-    _permute_gate(moe.gate, opt, moves.src_slot)
-    setattr(moe, _MAP_ATTR, new)
-    device = next(experts[0].parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    total = sum(nbytes(metas[s_r][1][s_l]) for s_r, s_l, *_ in moves.transfers.tolist())
-    return {"expert_to_rank": new, "experts_moved": int((np.asarray(old) != np.asarray(new)).sum()),
-            "bytes_sent": sent, "bytes_received": got, "bytes_total": total, "seconds": time.perf_counter() - t0}
+    out = move_experts(experts, moves, old, new, group=group, ep_size=ep_size, prepare=prepare,
+                       permute=lambda opt, src: _permute_gate(moe.gate, opt, src), t0=t0)
+    if not moves.is_identity:
+        setattr(moe, _MAP_ATTR, new)
+    return out

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moeload.act.deepspeed import _apply_slot, _slot_payload
+from moeload.act._exchange import move_experts, permute_rows
 from moeload.act.permute import contiguous_expert_to_rank, plan_moves
 from moeload.errors import InputError
 
@@ -83,17 +83,8 @@ def _check_optimizer(optimizer: Any, experts: list[torch.nn.Module]) -> torch.op
 def _permute_router(router: Any, opt: torch.optim.Optimizer | None, src_slot: np.ndarray) -> None:
     """Row p of the router's weight, bias (with their gradients and optimizer state) and per-expert
     buffers <- old row src_slot[p]."""
+    permute_rows([router.weight, getattr(router, "bias", None)], opt, src_slot)
     with torch.no_grad():
-        for p in (router.weight, getattr(router, "bias", None)):
-            if p is None:
-                continue
-            idx = torch.as_tensor(src_slot, device=p.device)
-            p.data.copy_(p.data[idx])
-            if p.grad is not None:
-                p.grad.copy_(p.grad[idx.to(p.grad.device)])
-            for t in (opt.state.get(p, {}) if opt is not None else {}).values():
-                if isinstance(t, torch.Tensor) and t.shape == p.shape:
-                    t.copy_(t[idx.to(t.device)])
         for name in _ROUTER_BUFFERS:
             b = getattr(router, name, None)
             if isinstance(b, torch.Tensor) and b.dim() == 1 and b.shape[0] == src_slot.size:
@@ -126,58 +117,9 @@ def permute_experts(moe_layer: Any, new_expert_to_rank: list[int], optimizer: An
         raise InputError("moe_layer: its parameters have megatron DDP main_grad buffers; wrapped models are "
                          "not supported (permute the unwrapped module with a plain torch optimizer)")
     group = moe_layer.ep_group
-    me = dist.get_rank(group) if ep_size > 1 else 0
-
-    error, opt, payload = "", None, []
-    try:
-        opt = _check_optimizer(optimizer, experts)
-        payload = [_slot_payload(ex, opt) for ex in experts]
-    except InputError as e:
-        if moves.is_identity:
-            raise
-        error = str(e)
-    if moves.is_identity:  # the same decision on every rank: nothing to send, no collective
-        return {"expert_to_rank": new, "experts_moved": 0, "bytes_sent": 0, "bytes_received": 0, "bytes_total": 0,
-                "seconds": time.perf_counter() - t0}
-    metas = [(error, [m for m, _ in payload])]
-    if ep_size > 1:
-        metas = [None] * ep_size  # type: ignore[list-item]  # filled by all_gather_object
-        dist.all_gather_object(metas, (error, [m for m, _ in payload]), group=group)
-    errors = [f"rank {r}: {err}" for r, (err, _) in enumerate(metas) if err]
-    if errors:
-        raise InputError(errors[0] if error == "" else error)
-
-    def nbytes(meta: list) -> int:
-        return sum(int(np.prod(shape)) * torch.empty(0, dtype=getattr(torch, dt)).element_size()
-                   for _, _, _, shape, dt, _ in meta)
-
-    received: dict[int, tuple[list, list[torch.Tensor]]] = {}
-    ops, sent, got = [], 0, 0
-    for src_r, src_l, dst_r, dst_l, _ in moves.transfers.tolist():
-        meta = metas[src_r][1][src_l]
-        if src_r == me:
-            peer = dist.get_global_rank(group, dst_r)
-            ops += [dist.P2POp(dist.isend, t, peer, group) for t in payload[src_l][1]]
-            sent += nbytes(meta)
-        elif dst_r == me:
-            peer = dist.get_global_rank(group, src_r)
-            device = next(experts[dst_l].parameters()).device
-            bufs = [torch.empty(shape, dtype=getattr(torch, dt), device=device) for _, _, _, shape, dt, _ in meta]
-            ops += [dist.P2POp(dist.irecv, b, peer, group) for b in bufs]
-            received[dst_l] = (meta, bufs)
-            got += nbytes(meta)
-    local = {dst_l: (payload[src_l][0], [t.clone() for t in payload[src_l][1]])
-             for src_r, src_l, dst_r, dst_l, _ in moves.local.tolist() if dst_r == me}
-    if ops:
-        for w in dist.batch_isend_irecv(ops):
-            w.wait()
-    for dst_l, (meta, tensors) in {**received, **local}.items():
-        _apply_slot(experts[dst_l], opt, meta, tensors)
-    _permute_router(moe_layer.router, opt, moves.src_slot)
-    setattr(moe_layer, _MAP_ATTR, new)
-    device = next(experts[0].parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    total = sum(nbytes(metas[s_r][1][s_l]) for s_r, s_l, *_ in moves.transfers.tolist())
-    return {"expert_to_rank": new, "experts_moved": int((np.asarray(old) != np.asarray(new)).sum()),
-            "bytes_sent": sent, "bytes_received": got, "bytes_total": total, "seconds": time.perf_counter() - t0}
+    out = move_experts(experts, moves, old, new, group=group, ep_size=ep_size,
+                       prepare=lambda: _check_optimizer(optimizer, experts),
+                       permute=lambda opt, src: _permute_router(moe_layer.router, opt, src), t0=t0)
+    if not moves.is_identity:
+        setattr(moe_layer, _MAP_ATTR, new)
+    return out
