@@ -96,17 +96,15 @@ def resolve_shape(meta: dict, hidden: int | None = None, ffn_hidden: int | None 
         return ExpertShape(int(hidden), int(ffn_hidden), bool(gated), source="given")
     CONFIGS = _workload_configs()
     extra = _extra(meta)
-    names = []
     cfg = extra.get("config")
-    if isinstance(cfg, dict) and isinstance(cfg.get("workload"), dict):
-        names.append(cfg["workload"].get("base"))
-    names += [extra.get("experiment"), extra.get("workload"), str(meta.get("model_name", "")).split(" ")[0]]
+    workload = cfg.get("workload") if isinstance(cfg, dict) else None
+    workload = workload if isinstance(workload, dict) else {}  # the run's own overrides of its base config
+    model = str(meta.get("model_name") or "").split(" ")[0]  # e.g. "gpt3-small-moe (...)", "moeload-workload/cpu-demo"
+    names = [workload.get("base"), extra.get("experiment"), extra.get("workload"), model, model.rsplit("/", 1)[-1]]
     for name in names:
         if isinstance(name, str) and name in CONFIGS:
             c = CONFIGS[name]
-            ffn = c.expert_d_ff or c.d_ff or 4 * c.d_model
-            width = cfg["workload"].get("expert_d_ff", ffn) if isinstance(cfg, dict) and isinstance(
-                cfg.get("workload"), dict) else ffn
+            width = workload.get("expert_d_ff", c.expert_d_ff or c.d_ff or 4 * c.d_model)
             return ExpertShape(c.d_model, int(width), bool(gated), source=f"workload {name}")
     return DEFAULT_SHAPE
 

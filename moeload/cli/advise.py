@@ -71,11 +71,7 @@ def advise_cmd(
     if replicas is not None:
         _positive("--replicas", replicas, E * 64)
         check_alloc("--replicas", 1000 * len(t.layers) * replicas * 8 * 4, "1000 steps x layers x replicas x 8 B x 4")
-    shape = resolve_shape(t.meta, hidden, ffn_hidden, gated) if (hidden or ffn_hidden) else None
-    if shape is None:
-        shape = resolve_shape(t.meta)
-        if gated:
-            shape = type(shape)(shape.hidden, shape.ffn_hidden, True, source=shape.source)
+    shape = resolve_shape(t.meta, hidden, ffn_hidden, gated)
     with progress_status("replaying strategies") as status:
         adv = advise(t, gpus, num_nodes=nodes, num_replicas=replicas, calibration=calibration, shape=shape,
                      micro_batches=micro_batches, other_ms=other_ms, copies_per_gpu=copies,
