@@ -166,8 +166,11 @@ def advise(trace, num_gpus: int = 8, *, num_nodes: int = 1, num_replicas: int | 
     intervals = [k for k in FORECAST_INTERVALS if k < S // 2] or [max(1, S // 4)]
     tail: list[np.ndarray] = []
 
+    totals = np.zeros(L)  # [L] routes over the whole trace: a layer that never routed is flagged
+
     def chunks():
         for c in rechunk(blocks(), chunk):
+            totals[:] += np.asarray(c, dtype=np.float64).sum(axis=(0, 2))
             tail.append(c)
             while sum(x.shape[0] for x in tail) - tail[0].shape[0] >= eplb_window:
                 tail.pop(0)
@@ -211,8 +214,24 @@ def advise(trace, num_gpus: int = 8, *, num_nodes: int = 1, num_replicas: int | 
                   "source": shape.source},
         "calibration_device": cal.device, "all_to_all": "measured" if cal.a2a_measured else "default",
         "forecast_interval": fo.notes["interval"], "other_ms": other_ms,
+        "zero_layers": [int(i) for i in np.flatnonzero(totals == 0)],
+        "disabled_layers": sorted(_extra(meta).get("disabled_layers") or {}),
     }
+    _warn_unreliable(info)
     return Advice(table, recommended, reason, cal.kind, setting, outs, S, last, info)
+
+
+def _warn_unreliable(info: dict) -> None:
+    """Layers whose counts cannot be trusted make every time above them suspect: say so."""
+    import warnings
+
+    if info["zero_layers"]:
+        warnings.warn(f"advise: layer(s) {info['zero_layers']} received no token in the whole trace; their times "
+                      "are latency only (check the trace with `moeload check`)", RuntimeWarning, stacklevel=3)
+    if info["disabled_layers"]:
+        warnings.warn(f"advise: the tracer disabled {len(info['disabled_layers'])} layer(s) "
+                      f"({', '.join(map(str, info['disabled_layers'][:3]))}); their counts stop where they were "
+                      "disabled, so the advice under-counts them", RuntimeWarning, stacklevel=3)
 
 
 def _recommend(table, outs: dict[str, Outcome]) -> tuple[str, str]:

@@ -95,3 +95,15 @@ def test_report_has_an_advice_section(trace_dir, tmp_path) -> None:
     r = run("report", trace_dir, "-o", out, "--gpus", 3)  # 8 experts do not split over 3 GPUs: said, not fatal
     assert r.exit_code == 0, r.output
     assert "not computed" in out.read_text()
+
+
+def test_a_layer_without_tokens_is_flagged(counts, tmp_path) -> None:
+    from tests.cli.conftest import write_trace
+
+    c = counts.copy()
+    c[:, 2] = 0  # layer 2 never routed anything (e.g. hooks that never ran)
+    t = write_trace(tmp_path / "z.moeload", c)
+    r = run("advise", t, "--gpus", 4, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["zero_layers"] == [2]
+    assert "moeload: warning: advise: layer(s) [2] received no token" in r.stderr
