@@ -32,7 +32,7 @@ import warnings
 
 import numpy as np
 
-from moeload.errors import InputError
+from moeload.errors import InputError, NotFittedError
 from moeload.predictors._util import check_int
 from moeload.predictors.base import Predictor
 from moeload.predictors.registry import register
@@ -188,7 +188,11 @@ class Arima(Predictor):
 
     def __init__(self, *, order: tuple[int, int, int] = (5, 1, 5), engine: str = "batched",
                  max_history: int | None = None, maxiter: int = 50) -> None:
-        super().__init__(order=order, engine=engine, max_history=max_history, maxiter=maxiter)
+        super().__init__()
+        self.order = order
+        self.engine = engine
+        self.max_history = max_history
+        self.maxiter = maxiter
 
     def _check(self) -> tuple[int, int, int]:
         try:
@@ -206,7 +210,7 @@ class Arima(Predictor):
         if self.max_history is not None:
             hist = hist[-check_int("max_history", self.max_history) :]
         self.series_ = hist.reshape(hist.shape[0], -1).T.copy()  # [n = L*E, T]
-        self.params_ = None
+        self.params_: np.ndarray | None = None  # [n, p + q] with engine='batched'
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(limits=1):  # small linear algebra: BLAS threads only oversubscribe
@@ -231,16 +235,17 @@ class Arima(Predictor):
         p, d, q = self.order_
         w, scale, fit_ok = self._prepare()
         n, T = w.shape
-        self.params_ = np.zeros((n, p + q))
+        params = np.zeros((n, p + q))
         self._resid = np.zeros((n, max(q, 1)))
         idx = np.flatnonzero(fit_ok)
         chunk = max(1, int(2e7 // max(T * (p + q + 1), 1)))
         for lo in range(0, idx.size, chunk):
             sel = idx[lo : lo + chunk]
             beta, e = css_fit(w[sel], p, q, maxiter=int(self.maxiter))
-            self.params_[sel] = beta
+            params[sel] = beta
             if q:
                 self._resid[sel] = e[:, -q:]
+        self.params_ = params
         self._w, self._fit_ok = w, fit_ok
 
     def _predict(self, horizon: int) -> np.ndarray:
@@ -248,6 +253,8 @@ class Arima(Predictor):
         y = self.series_
         fc = self._fallback(horizon)
         if self.engine == "batched":
+            if self.params_ is None:
+                raise NotFittedError("arima: fitted with engine='statsmodels'; call fit(p) again after changing engine")
             ok = self._fit_ok
             if ok.any():
                 w, scale = self._w[ok], self._prepare()[1][ok]

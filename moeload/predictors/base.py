@@ -106,8 +106,14 @@ class Predictor:
 
     name: str = ""
     multi_run: bool = False  # True where fit accepts a list of runs
+    # fitted state, set by `fit` (declared here for type checkers; absent until then)
+    cutoff_: int
+    history_: np.ndarray  # [cutoff_, L, E]
+    mask_: np.ndarray  # [L, E] bool
 
     def __init__(self, **hyper: Any) -> None:
+        """Store hyperparameters unchanged. A subclass takes keyword-only ones and assigns each to
+        the attribute of the same name (what `get_params` reads), so type checkers see them."""
         for key, value in hyper.items():
             setattr(self, key, value)
 

@@ -113,7 +113,12 @@ class WindowBlend(Predictor):
 
     def __init__(self, *, windows: Sequence[int] = WINDOWS, ref: int = 2, coef: Sequence[float] | None = None,
                  uniform_term: bool = True, coef_transient: Sequence[float] | None = None) -> None:
-        super().__init__(windows=windows, ref=ref, coef=coef, uniform_term=uniform_term, coef_transient=coef_transient)
+        super().__init__()
+        self.windows = windows
+        self.ref = ref
+        self.coef = coef
+        self.uniform_term = uniform_term
+        self.coef_transient = coef_transient
 
     def _coef(self, name: str, value: Any, k: int, n_windows: int) -> np.ndarray:
         coef = np.zeros(k) if value is None else np.asarray(value, dtype=np.float64)

@@ -29,7 +29,9 @@ class Combination(Predictor):
     multi_run = True
 
     def __init__(self, *, members: Sequence[Any] = DEFAULT, weights: Sequence[float] | None = DEFAULT_WEIGHTS) -> None:
-        super().__init__(members=members, weights=weights)
+        super().__init__()
+        self.members = members
+        self.weights = weights
 
     def _make(self) -> list[Predictor]:
         out = []

@@ -35,7 +35,10 @@ class DampedTrend(Predictor):
     """Holt damped-trend exponential smoothing, vectorised over layers and experts."""
 
     def __init__(self, *, alpha: float = 0.01, beta: float = 0.002, phi: float = 0.998) -> None:
-        super().__init__(alpha=alpha, beta=beta, phi=phi)
+        super().__init__()
+        self.alpha = alpha
+        self.beta = beta
+        self.phi = phi
 
     def _params(self) -> tuple[float, float, float]:
         return (check_float("alpha", self.alpha, 0.0, 1.0), check_float("beta", self.beta, 0.0, 1.0),

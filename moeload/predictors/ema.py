@@ -15,7 +15,9 @@ class ExponentialMovingAverage(Predictor):
     """level_t = alpha * p_t + (1 - alpha) * level_{t-1}; give `alpha` or `halflife` (steps)."""
 
     def __init__(self, *, alpha: float | None = None, halflife: float | None = 200.0) -> None:
-        super().__init__(alpha=alpha, halflife=halflife)
+        super().__init__()
+        self.alpha = alpha
+        self.halflife = halflife
 
     def _alpha(self) -> float:
         if self.alpha is not None:

@@ -57,7 +57,11 @@ class LocalLevelKalman(Predictor):
 
     def __init__(self, *, pool: str = "layer", q_min: float = 1e-7, max_history: int | None = None,
                  block: int = 1) -> None:
-        super().__init__(pool=pool, q_min=q_min, max_history=max_history, block=block)
+        super().__init__()
+        self.pool = pool
+        self.q_min = q_min
+        self.max_history = max_history
+        self.block = block
 
     def _fit(self, p: np.ndarray) -> None:
         if self.pool not in ("series", "layer", "all"):

@@ -78,8 +78,14 @@ class LSTMPredictor(Predictor):
 
     def __init__(self, *, block: int = 20, lookback: int = 16, hidden: int = 32, epochs: int = 20,
                  lr: float = 3e-3, batch_size: int = 64, seed: int = 0) -> None:
-        super().__init__(block=block, lookback=lookback, hidden=hidden, epochs=epochs, lr=lr,
-                         batch_size=batch_size, seed=seed)
+        super().__init__()
+        self.block = block
+        self.lookback = lookback
+        self.hidden = hidden
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.seed = seed
 
     def _scale(self) -> float:
         return float(self.mask_.shape[1])

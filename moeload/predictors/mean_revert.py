@@ -63,8 +63,14 @@ class MeanRevert(Predictor):
     def __init__(self, *, window: int | None = None, rho: float | None = None, shrink: float | None = None,
                  block: int | None = None, target: str | None = None, long_window: int = 1600,
                  regime: str = "aux") -> None:
-        super().__init__(window=window, rho=rho, shrink=shrink, block=block, target=target, long_window=long_window,
-                         regime=regime)
+        super().__init__()
+        self.window = window
+        self.rho = rho
+        self.shrink = shrink
+        self.block = block
+        self.target = target
+        self.long_window = long_window
+        self.regime = regime
 
     def _params(self) -> dict[str, Any]:
         if self.regime not in MEAN_REVERT:

@@ -18,6 +18,7 @@ reference window mean.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,14 +45,20 @@ class RidgeWindows(Predictor):
     def __init__(self, *, windows: Sequence[int] = (1, 10, 50, 200, 500, 1000, 2000, 4000), ref: int = 3,
                  stride: int = 25, alphas: Sequence[float] = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0),
                  max_samples: int = 200_000, min_origins: int = 4, train_window: int | None = 2000) -> None:
-        super().__init__(windows=windows, ref=ref, stride=stride, alphas=alphas, max_samples=max_samples,
-                         min_origins=min_origins, train_window=train_window)
+        super().__init__()
+        self.windows = windows
+        self.ref = ref
+        self.stride = stride
+        self.alphas = alphas
+        self.max_samples = max_samples
+        self.min_origins = min_origins
+        self.train_window = train_window
 
     def _fit_runs(self, runs: Sequence[np.ndarray]) -> None:
         self.windows_ = [check_int("windows", w) for w in self.windows]
         check_int("ref", self.ref, 0)
         self.extra_runs_ = [r for r in runs[:-1]]
-        self.models_: dict[int, tuple[object, int] | None] = {}
+        self.models_: dict[int, tuple[Any, np.ndarray] | None] = {}  # horizon -> (RidgeCV, feature scale)
 
     def _fit(self, p: np.ndarray) -> None:
         self._fit_runs([p])
@@ -73,7 +80,7 @@ class RidgeWindows(Predictor):
         keep = np.broadcast_to(self.mask_[None], y.shape)
         return X[keep], y[keep]
 
-    def _train(self, horizon: int):
+    def _train(self, horizon: int) -> tuple[Any, np.ndarray] | None:
         from sklearn.linear_model import RidgeCV
 
         T = self.history_.shape[0]

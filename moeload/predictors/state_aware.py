@@ -59,8 +59,13 @@ class StateAwareWindow(Predictor):
 
     def __init__(self, *, block: int = 50, threshold: float = 6.0, min_blocks: int = 4,
                  max_window: int = 8000, trend: bool = True, trend_reach: int = 2000) -> None:
-        super().__init__(block=block, threshold=threshold, min_blocks=min_blocks, max_window=max_window,
-                         trend=trend, trend_reach=trend_reach)
+        super().__init__()
+        self.block = block
+        self.threshold = threshold
+        self.min_blocks = min_blocks
+        self.max_window = max_window
+        self.trend = trend
+        self.trend_reach = trend_reach
 
     def _fit(self, p: np.ndarray) -> None:
         block = check_int("block", self.block)

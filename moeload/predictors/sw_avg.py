@@ -22,7 +22,9 @@ class SlidingWindowAverage(Predictor):
     """Mean of the last `window` steps, slid forward step by step (paper) or held flat."""
 
     def __init__(self, *, window: int = 100, slide: bool = True) -> None:
-        super().__init__(window=window, slide=slide)
+        super().__init__()
+        self.window = window
+        self.slide = slide
 
     def _fit(self, p: np.ndarray) -> None:
         w = check_int("window", self.window)
