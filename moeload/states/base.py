@@ -141,7 +141,7 @@ def finish(labels: np.ndarray, fluct: np.ndarray, thr: np.ndarray, steps: np.nda
         if labels[-1, li] and (confirmed is None or confirmed[li]):
             tr = np.flatnonzero(~labels[:, li])
             bounds[li] = steps[tr[-1] + 1] if len(tr) else steps[0]
-    all_stable = labels.all(1)
+    all_stable = np.all(labels, axis=1)  # [S]
     if all_stable[-1] and (bounds >= 0).all():
         tr = np.flatnonzero(~all_stable)
         model_b = int(steps[tr[-1] + 1]) if len(tr) else int(steps[0])
@@ -149,7 +149,7 @@ def finish(labels: np.ndarray, fluct: np.ndarray, thr: np.ndarray, steps: np.nda
         model_b = -1
     segs = [segments_of(labels[:, li], steps) for li in range(L)]
     return StateResult(labels, bounds, model_b, fluct, thr, segs, steps, method, dict(params),
-                       [verdict(b) for b in bounds], verdict(model_b))
+                       [verdict(int(b)) for b in bounds], verdict(model_b))
 
 
 def final_run_length(labels: np.ndarray) -> np.ndarray:

@@ -9,6 +9,8 @@ import numpy as np
 from moeload.errors import InputError
 from moeload.states._input import LoadInput, _from_array
 from moeload.states.base import confirmed_end, hysteresis, verdict
+from moeload.states.drift import DriftTest
+from moeload.states.window import WindowRule
 
 
 class StateEvent(NamedTuple):
@@ -33,15 +35,16 @@ class StreamingDetector:
 
         if method == "window":
             params.setdefault("reference", "noise")
-        self.rule = get(method, **params)
-        if not getattr(self.rule, "causal", False):
+        rule = get(method, **params)
+        if not isinstance(rule, (WindowRule, DriftTest)) or not rule.causal:
             raise InputError(
                 f"method={method!r} with {params} looks ahead (reference='late', center=True or pelt); "
                 "use method='window' with reference='noise' or a number, or method='test'"
             )
+        self.rule: WindowRule | DriftTest = rule
         self.method = method
         self._top_k = top_k
-        self._hist = self.rule.window - 1 if method == "window" else 2 * self.rule.window - 1
+        self._hist = rule.window - 1 if isinstance(rule, WindowRule) else 2 * rule.window - 1
         self._buf: np.ndarray | None = None
         self._buf_n: np.ndarray | None = None
         self._n_seen = 0
@@ -65,30 +68,37 @@ class StreamingDetector:
         """[n] step numbers fed so far."""
         return np.concatenate(self._steps) if self._steps else np.zeros(0, dtype=np.int64)
 
+    def _started(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(state [L] bool, evidence count [L], stable_since [L]), set by the first `update`."""
+        if self._state is None or self._count is None or self.stable_since is None:
+            raise InputError("StreamingDetector: no data yet; call update() first")
+        return self._state, self._count, self.stable_since
+
     @property
     def is_stable(self) -> np.ndarray:
         """[L] current state per layer."""
-        if self._state is None:
-            raise InputError("StreamingDetector: no data yet; call update() first")
-        return self._state.copy()
+        return self._started()[0].copy()
 
     @property
     def boundaries(self) -> np.ndarray:
         """[L] first step of the confirmed stable phase per layer, -1 = "not stable yet". The window
         rule confirms as `states.detect` does (`base.confirmed_end` over the steps fed so far); other
         methods report `stable_since`."""
-        if self._state is None:
+        state, _, since = self._started()
+        rule = self.rule
+        if not isinstance(rule, WindowRule) or rule.confirm == 0:
+            return since.copy()
+        tail_f, tail_t = self._tail_f, self._tail_t
+        if tail_f is None or tail_t is None:  # kept by every update of the window rule
             raise InputError("StreamingDetector: no data yet; call update() first")
-        if self.method != "window" or self.rule.confirm == 0:
-            return self.stable_since.copy()
-        n = len(self._tail_f)
-        run = np.zeros(len(self._state), dtype=np.int64)
+        n = len(tail_f)
+        run = np.zeros(len(state), dtype=np.int64)
         steps = self.steps_so_far
-        for li in np.flatnonzero(self._state):
-            run[li] = self._n_seen - int(np.searchsorted(steps, self.stable_since[li]))
-        dec = self.rule.max_decline if self.rule.stat == "range" else 1 - (1 - self.rule.max_decline) ** 2
-        ok = confirmed_end(run, self._tail_f, self._tail_t, self.rule.confirm, self.rule.min_under, dec) if n else run < 0
-        return np.where(ok, self.stable_since, -1)
+        for li in np.flatnonzero(state):
+            run[li] = self._n_seen - int(np.searchsorted(steps, since[li]))
+        dec = rule.max_decline if rule.stat == "range" else 1 - (1 - rule.max_decline) ** 2
+        ok = confirmed_end(run, tail_f, tail_t, rule.confirm, rule.min_under, dec) if n else run < 0
+        return np.where(ok, since, -1)
 
     @property
     def verdicts(self) -> list[str]:
@@ -134,25 +144,31 @@ class StreamingDetector:
         h = len(self._buf)
         top_k = np.broadcast_to(np.asarray(self._top_k, dtype=np.int64), (L,))
         full = LoadInput(p_all, np.arange(len(p_all)), n_all, top_k, np.full(L, E, np.int64), None, False)
-        if self.method == "window":
-            fluct, noise = self.rule.statistic(p_all, full, n_all)
-            thr = self.rule.threshold(fluct, noise)
-            codes = self.rule.codes(fluct, thr)[h:]
-            c = self.rule.confirm
-            keep = lambda old, new: (new if old is None else np.concatenate([old, new]))[-c:] if c else new[:0]
-            self._tail_f, self._tail_t = keep(self._tail_f, fluct[h:]), keep(self._tail_t, thr[h:])
+        rule = self.rule
+        if isinstance(rule, WindowRule):
+            fluct, noise = rule.statistic(p_all, full, n_all)
+            thr = rule.threshold(fluct, noise)
+            codes = rule.codes(fluct, thr)[h:]
+            c = rule.confirm
+
+            def tail(old: np.ndarray | None, new: np.ndarray) -> np.ndarray:
+                """The last `confirm` rows of old + new (none when confirm = 0)."""
+                return (new if old is None else np.concatenate([old, new]))[-c:] if c else new[:0]
+
+            self._tail_f, self._tail_t = tail(self._tail_f, fluct[h:]), tail(self._tail_t, thr[h:])
         else:
-            codes, ratio = self.rule.evidence(p_all, full.experts, offset=self._n_seen - h)
+            codes, ratio = rule.evidence(p_all, full.experts, offset=self._n_seen - h)
             codes = codes[h:]
+        state, count, since = self._started()
         labels = np.empty((t, L), dtype=bool)
         new_events = []
         for li in range(L):
-            prev = self._state[li]
-            labels[:, li], self._state[li], self._count[li] = hysteresis(codes[:, li], self.rule.min_run, bool(prev), int(self._count[li]))
+            prev = state[li]
+            labels[:, li], state[li], count[li] = hysteresis(codes[:, li], rule.min_run, bool(prev), int(count[li]))
             seq = np.concatenate([[prev], labels[:, li]])
             for j in np.flatnonzero(seq[1:] != seq[:-1]):
                 new_events.append(StateEvent(li, int(st[j]), bool(labels[j, li])))
-                self.stable_since[li] = st[j] if labels[j, li] else -1
+                since[li] = st[j] if labels[j, li] else -1
         self.events.extend(new_events)
         self._labels.append(labels)
         self._steps.append(st)

@@ -180,7 +180,7 @@ class WindowRule:
                 else:
                     per = rolling_var(x, w)[1]
                 fluct[:, li] = np.where(ok[:, li], self._agg(per), np.nan)
-                if noise is None:
+                if noise is None or assignments is None:  # assignments are checked above for "noise"
                     continue
                 a = assignments[:, li]
                 inv_n = np.where(a > 0, 1.0 / np.where(a > 0, a, 1), np.nan)
@@ -204,6 +204,8 @@ class WindowRule:
         """Entry threshold [S, L]."""
         f = self.factor**2 if self.stat == "var" else self.factor
         if self.reference == "noise":
+            if noise is None:
+                raise InputError("reference='noise' needs the noise level from statistic(); it had no routed assignments")
             return f * noise
         if self.reference == "late":
             S = fluct.shape[0]
