@@ -3,8 +3,10 @@
 `permute.py` plans a re-placement as arrays (pure NumPy); `deepspeed.py` applies one to a
 `deepspeed.moe.layer.MoE` layer and `megatron.py` to a megatron-core `MoELayer` (SequentialMLP
 experts), each collectively over its expert-parallel group; `loop.py` (`Replacer`, DeepSpeed only so far)
-applies plans during training when the cost model says they pay. Framework packages are imported only
-inside their backend; `Replacer` and `plan_maps` (torch) are imported on first use.
+applies plans during training when the cost model says they pay; `checkpoint.py` saves the maps in force
+beside a checkpoint and applies them before it loads (`layout_state_dict`, `apply_layout`). Framework
+packages are imported only inside their backend; `Replacer`, `plan_maps`, `layout_state_dict` and
+`apply_layout` (torch) are imported on first use.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 
 from moeload.act.permute import Moves, check_expert_to_rank, contiguous_expert_to_rank, phy2log, plan_moves
 
-__all__ = ["Moves", "Replacer", "check_expert_to_rank", "contiguous_expert_to_rank", "phy2log", "plan_maps", "plan_moves"]
+__all__ = ["Moves", "Replacer", "apply_layout", "check_expert_to_rank", "contiguous_expert_to_rank",
+           "layout_state_dict", "phy2log", "plan_maps", "plan_moves"]
 
 
 def __getattr__(name: str) -> Any:
@@ -21,4 +24,8 @@ def __getattr__(name: str) -> Any:
         from moeload.act import loop
 
         return getattr(loop, name)
+    if name in ("apply_layout", "layout_state_dict"):
+        from moeload.act import checkpoint
+
+        return getattr(checkpoint, name)
     raise AttributeError(f"module 'moeload.act' has no attribute {name!r}")

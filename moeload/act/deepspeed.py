@@ -12,9 +12,10 @@ All ranks of the layer's expert-parallel group call it together at a step bounda
 `optimizer.step()`, before the next forward). Parameters keep their identity (DeepSpeed's gradient
 groups and the optimizer's param_groups stay valid); only their contents change.
 
-Not handled here: ZeRO and fp16/bf16 optimizer wrappers (they flatten parameters; refused), and
-DeepSpeed checkpoints, which name expert files by slot (`expert_{p}`), not by logical expert. The
-gate's `exp_counts` and tracers see slot ids; `expert_to_rank(layer)` gives the map in force.
+Not handled here: ZeRO and fp16/bf16 optimizer wrappers (they flatten parameters; refused).
+Checkpoints hold experts by slot (state dicts, DeepSpeed's `expert_{p}` files): save the map with them
+(`act.checkpoint`). The gate's `exp_counts` and tracers see slot ids; `expert_to_rank(layer)` gives the
+map in force.
 """
 
 from __future__ import annotations

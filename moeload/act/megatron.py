@@ -15,8 +15,8 @@ All ranks of the layer's expert-parallel group (`moe_layer.ep_group`, megatron's
 Refused (InputError): `GroupedMLP`/`TEGroupedMLP` experts (one tensor for all local experts),
 group-limited routing (`moe_router_num_groups`: the groups are blocks of slots, so a permutation
 changes which experts compete), megatron's DDP (`main_grad` buffers) and megatron's optimizer
-wrappers (only a plain torch optimizer is moved). Checkpoints name experts by slot; tracers see
-slot ids; `expert_to_rank(layer)` gives the map in force.
+wrappers (only a plain torch optimizer is moved). Checkpoints hold experts by slot: save the map
+with them (`act.checkpoint`). Tracers see slot ids; `expert_to_rank(layer)` gives the map in force.
 """
 
 from __future__ import annotations

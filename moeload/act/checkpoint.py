@@ -1,0 +1,149 @@
+"""Checkpoints across re-placements: the expert->rank map of every MoE layer, saved beside the model
+and optimizer state, and applied before they are loaded.
+
+After `permute_experts`, slot p of a layer holds logical expert `phy2log(map)[p]`. The model's and the
+optimizer's state dicts are by slot (and so are DeepSpeed's `expert_{p}` files); they do not say which
+expert sits where. Save the map with them and apply it before loading::
+
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                "layout": layout_state_dict(model)}, f"ckpt/rank{rank}.pt")    # each rank its own file
+
+    ck = torch.load(f"ckpt/rank{rank}.pt")
+    apply_layout(model, ck["layout"], opt)     # collective: every MoE layer to the saved map
+    model.load_state_dict(ck["model"]); opt.load_state_dict(ck["optimizer"])
+    apply_layout(model, "contiguous", opt)     # optional, collective: back to the contiguous layout
+
+Loading a permuted checkpoint without its map also gives a model that computes the same function
+(gate rows and experts are both by slot), but logical expert e is then wherever slot e was: the
+tracer's counts, `expert_to_rank` and any plan refer to the wrong experts.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch.distributed as dist
+
+from moeload.act.permute import check_expert_to_rank, contiguous_expert_to_rank
+from moeload.errors import InputError
+
+FORMAT, VERSION = "moeload-expert-layout", 1
+
+
+def moe_layers(model: Any) -> list[tuple[str, str, Any]]:
+    """model (an nn.Module; a DeepSpeed engine or DDP wrapper is unwrapped) -> [(module path, backend,
+    layer)] for its `deepspeed.moe.layer.MoE` layers (backend "deepspeed") and megatron-core `MoELayer`
+    layers (backend "megatron"), in module order."""
+    while hasattr(model, "module") and hasattr(model.module, "named_modules"):
+        model = model.module
+    out = []
+    for name, m in model.named_modules():
+        if hasattr(m, "deepspeed_moe"):
+            out.append((name, "deepspeed", m))
+        elif hasattr(m, "local_expert_indices") and hasattr(m, "router") and hasattr(m, "experts"):
+            out.append((name, "megatron", m))
+    return out
+
+
+def _backend(name: str) -> ModuleType:
+    """"deepspeed" | "megatron" -> the act backend module (expert_to_rank, permute_experts)."""
+    import importlib
+
+    return importlib.import_module(f"moeload.act.{name}")
+
+
+def _ep_size(backend: str, layer: Any) -> int:
+    if backend == "deepspeed":
+        return int(layer.deepspeed_moe.ep_size)
+    from moeload.act.megatron import _ep_size
+
+    return _ep_size(layer)
+
+
+def _ep_group(backend: str, layer: Any) -> Any:
+    return layer.deepspeed_moe.ep_group if backend == "deepspeed" else getattr(layer, "ep_group", None)
+
+
+def layout_state_dict(model: Any) -> dict[str, Any]:
+    """The maps in force, to save beside the model's and optimizer's state (each rank its own copy):
+    {"format", "version", "layers": {module path: {"backend", "ep_size", "expert_to_rank": [E]}}}.
+    Plain lists and strings: it fits in torch.save, JSON and DeepSpeed's client_state. InputError
+    where the model has no MoE layer of a supported backend."""
+    layers = moe_layers(model)
+    if not layers:
+        raise InputError(f"layout_state_dict: {type(model).__name__} has no DeepSpeed MoE or megatron-core MoELayer layer")
+    return {"format": FORMAT, "version": VERSION,
+            "layers": {name: {"backend": b, "ep_size": _ep_size(b, m), "expert_to_rank": _backend(b).expert_to_rank(m)}
+                       for name, b, m in layers}}
+
+
+def _targets(layers: list[tuple[str, str, Any]], layout: Any) -> dict[str, list[int]]:
+    """The map each layer goes to (rank-local checks only): {module path: [E]}."""
+    if isinstance(layout, str) and layout == "contiguous":
+        return {name: contiguous_expert_to_rank(len(_backend(b).expert_to_rank(m)), _ep_size(b, m)).tolist()
+                for name, b, m in layers}
+    if not isinstance(layout, dict) or layout.get("format") != FORMAT:
+        raise InputError(f"layout: expected 'contiguous' or a layout_state_dict() ({FORMAT!r}), got {layout!r:.80}")
+    if layout.get("version") != VERSION:
+        raise InputError(f"layout: version {layout.get('version')!r}, this moeload reads version {VERSION}")
+    saved = layout.get("layers")
+    if not isinstance(saved, dict):
+        raise InputError("layout: 'layers' is not a dict")
+    names = [name for name, _, _ in layers]
+    missing, extra = [n for n in names if n not in saved], [n for n in saved if n not in names]
+    if missing or extra:
+        raise InputError(f"layout: its layers do not match the model's (not saved: {missing[:3]}, not in the model: "
+                         f"{extra[:3]}); save and load the same kind of object (the engine or its module)")
+    out = {}
+    for name, b, m in layers:
+        entry, E, G = saved[name], len(_backend(b).expert_to_rank(m)), _ep_size(b, m)
+        if not isinstance(entry, dict) or entry.get("backend") != b or entry.get("ep_size") != G:
+            got = (entry.get("backend"), entry.get("ep_size")) if isinstance(entry, dict) else entry
+            raise InputError(f"layout: layer {name!r} was saved as {got!r}; the model's is ({b!r}, {G}) (backend, ep_size)")
+        out[name] = check_expert_to_rank(entry.get("expert_to_rank"), E, G, f"layout[{name!r}]").tolist()
+    return out
+
+
+def apply_layout(model: Any, layout: Any, optimizer: Any = None, *, group: Any = None) -> dict[str, dict]:
+    """Move every MoE layer of `model` to the maps of `layout` (collective over `group`, default the
+    world: every rank calls it, at a step boundary).
+
+    layout: a `layout_state_dict()` (this rank's saved copy), or "contiguous"; optimizer: the torch
+    optimizer or DeepSpeed engine whose state moves with the experts (see the backends'
+    `permute_experts`). Before loading a checkpoint, call it with the checkpoint's layout: the layers'
+    slots then hold the experts the saved state dicts hold there. After loading, "contiguous" moves the
+    experts, their optimizer state and the router rows back to the contiguous layout.
+    Everything is checked before any expert moves: a layout that does not fit the model, or ranks of
+    one expert-parallel group given different maps (files of different checkpoints), raise InputError
+    on every rank of `group`. -> {module path: permute_experts' stats} (a layer already in its map
+    moves nothing).
+    """
+    layers = moe_layers(model)
+    error, targets = "", {}
+    try:
+        if not layers:
+            raise InputError(f"apply_layout: {type(model).__name__} has no DeepSpeed MoE or megatron-core MoELayer layer")
+        targets = _targets(layers, layout)
+    except InputError as e:
+        error = str(e)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        keyed = {}
+        if not error:  # a layer is known by its path and its EP group's global ranks (pipeline stages may repeat paths)
+            for name, b, m in layers:
+                g = _ep_group(b, m)
+                keyed[name, tuple(dist.get_process_group_ranks(g)) if g is not None else ()] = targets[name]
+        every: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, (error, keyed), group=group)
+        if not error:
+            errs = [f"rank {r}: {err}" for r, (err, _) in enumerate(every) if err]
+            seen: dict = {}
+            for r, (_, k) in enumerate(every):
+                for key, m in k.items():
+                    if seen.setdefault(key, (r, m))[1] != m:
+                        errs.append(f"layout: ranks {seen[key][0]} and {r} were given different maps for layer "
+                                    f"{key[0]!r} ({seen[key][1]} and {m}); load every rank's file of one checkpoint")
+            error = errs[0] if errs else ""
+    if error:
+        raise InputError(error)
+    return {name: _backend(b).permute_experts(m, targets[name], optimizer) for name, b, m in layers}

@@ -1,0 +1,243 @@
+"""Checkpoints after a re-placement (moeload.act.checkpoint) on real DeepSpeed MoE layers, 2 gloo ranks on CPU.
+
+This file is also the worker, launched twice under `torch.distributed.run` (two process groups, two sets
+of processes). "train": A is never permuted; B is permuted after step K; after step N both save
+(torch.save per rank of the module's and the optimizer's state dicts, and B also its layout); both go on
+to N + M. "resume": fresh models from another seed load the checkpoint and go on to N + M:
+R1 starts contiguous and loads into the saved layout; R2 the same, then goes back to the contiguous layout;
+R3 starts in another permuted layout; R4 (the control) loads B's files without the layout. Each rank
+writes what it measured to <phase>_rank<r>.json; the tests below check it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+H, TOKENS, E, K, N, M = 16, 32, 4, 2, 4, 3
+MAPS = ([1, 0, 1, 0], [1, 1, 0, 0], [0, 1, 1, 0])  # B after step K: layers 0, 1, 2
+OTHER = ([0, 1, 1, 0], [0, 1, 0, 1], [1, 0, 0, 1])  # R3's layout before it loads
+
+
+def _worker(out: Path, phase: str) -> None:
+    import datetime
+
+    import deepspeed
+    import deepspeed.ops
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(1)
+    deepspeed.ops.__compatible_ops__ = {}  # no C++ op build on a CPU-only torch; gloo does the collectives
+    deepspeed.init_distributed("gloo", timeout=datetime.timedelta(seconds=60))
+    from deepspeed.moe.layer import MoE
+
+    from moeload.act.checkpoint import apply_layout, layout_state_dict
+    from moeload.act.deepspeed import expert_to_rank, permute_experts
+    from moeload.errors import InputError
+
+    dist = torch.distributed
+    rank = dist.get_rank()
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.moe = nn.ModuleList(
+                MoE(H, nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.Linear(2 * H, H)), num_experts=E,
+                    ep_size=2, k=k, min_capacity=1, drop_tokens=drop, use_rts=False, top2_2nd_expert_sampling=False)
+                for k, drop in ((1, False), (2, False), (1, True)))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            aux = 0.0
+            for m in self.moe:
+                y, l_aux, _ = m(x)
+                x, aux = x + y, aux + l_aux
+            return x.pow(2).mean() + 0.01 * aux
+
+    def engine(seed: int) -> object:
+        torch.manual_seed(seed)
+        model = Net()
+        cfg = {"train_micro_batch_size_per_gpu": 1,
+               "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True, "adam_w_mode": False}}}
+        return deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())[0]
+
+    gen = torch.Generator().manual_seed(1000 + rank)  # different tokens on each rank, the same in both phases
+    xs = [torch.randn(1, TOKENS, H, generator=gen) for _ in range(N + M)]
+
+    def step(eng: object, t: int) -> float:
+        torch.manual_seed(10 + t)
+        loss = eng(xs[t])
+        eng.backward(loss)
+        eng.step()
+        return float(loss.detach())
+
+    def save(eng: object, name: str, layout: bool) -> None:
+        ck = {"model": eng.module.state_dict(), "optimizer": eng.optimizer.state_dict()}
+        if layout:
+            ck["layout"] = layout_state_dict(eng)
+        torch.save(ck, out / f"{name}_rank{rank}.pt")
+
+    def load(eng: object, name: str) -> None:
+        # a fresh torch.load each time: on CPU, Optimizer.load_state_dict keeps the loaded tensors themselves
+        # as its state, so models loaded from one dict would share (and update) the same Adam moments
+        ck = torch.load(out / f"{name}_rank{rank}.pt")
+        eng.module.load_state_dict(ck["model"])
+        eng.optimizer.load_state_dict(ck["optimizer"])
+
+    def diff(eng: object, ref: dict) -> dict:
+        """Max abs difference from a checkpoint, slot by slot: module tensors, and each optimizer state key."""
+        d = {"model": max(float((v - ref["model"][k]).abs().max()) for k, v in eng.module.state_dict().items())}
+        for i, st in eng.optimizer.state_dict()["state"].items():
+            for k, v in st.items():
+                d[k] = max(d.get(k, 0.0), float((v - ref["optimizer"]["state"][i][k]).abs().max()))
+        return d
+
+    def maps(eng: object) -> list:
+        return [expert_to_rank(m) for m in eng.module.moe]
+
+    res: dict = {"rank": rank}
+    if phase == "train":
+        A, B = engine(0), engine(0)
+        losses: dict = {"A": [], "B": []}
+        for t in range(N + M):
+            if t == K:
+                for m, mp in zip(B.module.moe, MAPS):
+                    permute_experts(m, mp, B)
+            if t == N:
+                save(A, "ref", layout=False)
+                save(B, "ckpt", layout=True)
+                res["layout"] = torch.load(out / f"ckpt_rank{rank}.pt")["layout"]
+            losses["A"].append(step(A, t))
+            losses["B"].append(step(B, t))
+        res["losses"] = losses
+    else:
+        ck, ref = torch.load(out / f"ckpt_rank{rank}.pt"), torch.load(out / f"ref_rank{rank}.pt")
+        R1, R2, R3, R4 = (engine(7) for _ in range(4))
+        # refused on every rank before anything moves
+        errors = []
+        before = [p.detach().clone() for p in R1.module.parameters()]
+        wrong_map = {**ck["layout"], "layers": {**ck["layout"]["layers"],
+                                                "moe.1": {**ck["layout"]["layers"]["moe.1"], "expert_to_rank": OTHER[1]}}}
+        missing = {**ck["layout"], "layers": {k: v for k, v in ck["layout"]["layers"].items() if k != "moe.2"}}
+        for bad in ("contig", {"layers": {}}, missing, wrong_map if rank == 0 else ck["layout"]):
+            try:
+                apply_layout(R1, bad, R1)
+                errors.append(None)
+            except InputError as e:
+                errors.append(str(e))
+        res["errors"] = errors
+        res["unchanged_after_errors"] = all(torch.equal(a, p) for a, p in zip(before, R1.module.parameters()))
+        res["map_after_errors"] = maps(R1)
+
+        res["stats"] = {}
+        res["stats"]["R1"] = apply_layout(R1, ck["layout"], R1)
+        load(R1, "ckpt")
+        res["maps_R1"] = maps(R1)
+        res["diff_R1"] = diff(R1, ck)  # the loaded state is the saved one, slot by slot
+
+        apply_layout(R2, ck["layout"], R2)
+        load(R2, "ckpt")
+        res["stats"]["R2_back"] = apply_layout(R2, "contiguous", R2)
+        res["stats"]["R2_again"] = apply_layout(R2, "contiguous", R2)  # already there: nothing moves
+        res["maps_R2"] = maps(R2)
+        res["diff_R2"] = diff(R2, ref)  # contiguous again: slot e holds logical expert e, as in A
+
+        for m, mp in zip(R3.module.moe, OTHER):
+            permute_experts(m, mp, R3)
+        apply_layout(R3, ck["layout"], R3)
+        load(R3, "ckpt")
+        res["maps_R3"] = maps(R3)
+
+        load(R4, "ckpt")  # the control: without the layout, slot e is taken for logical expert e
+        res["maps_R4"] = maps(R4)
+        res["diff_R4"] = diff(R4, ref)
+        res["losses"] = {name: [step(eng, t) for t in range(N, N + M)]
+                         for name, eng in (("R1", R1), ("R2", R2), ("R3", R3), ("R4", R4))}
+    (out / f"{phase}_rank{rank}.json").write_text(json.dumps(res))
+    dist.barrier()
+
+
+pytest.importorskip("deepspeed")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> dict[str, list[dict]]:
+    """The two phases, each a fresh 2-rank gloo launch over the same directory -> what each rank measured."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tracing"))
+    from _shims import free_port
+
+    out = tmp_path_factory.mktemp("act_ckpt")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "DS_BUILD_OPS": "0", "OMP_NUM_THREADS": "1"}
+    res = {}
+    for phase in ("train", "resume"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), __file__, str(out), phase]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=root, env=env)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+        res[phase] = [json.loads((out / f"{phase}_rank{i}.json").read_text()) for i in range(2)]
+    return res
+
+
+@pytest.mark.slow
+def test_the_layout_is_saved_and_training_resumes_identically(ranks):
+    for tr, rs in zip(ranks["train"], ranks["resume"]):
+        assert tr["layout"]["layers"] == {f"moe.{i}": {"backend": "deepspeed", "ep_size": 2, "expert_to_rank": list(m)}
+                                          for i, m in enumerate(MAPS)}
+        la, lb = np.array(tr["losses"]["A"]), np.array(tr["losses"]["B"])
+        np.testing.assert_allclose(lb, la, rtol=1e-6, atol=0)  # the re-placement at step K changed nothing
+        assert rs["maps_R1"] == rs["maps_R3"] == [list(m) for m in MAPS]
+        assert max(rs["diff_R1"].values()) == 0.0
+        s1 = rs["stats"]["R1"]
+        assert [s1[f"moe.{i}"]["experts_moved"] for i in range(3)] == [2, 4, 2] and s1["moe.0"]["bytes_sent"] > 0
+        for name in ("R1", "R3"):  # into the saved layout, from the contiguous one and from another
+            np.testing.assert_allclose(rs["losses"][name], lb[N:], rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_loading_into_the_contiguous_layout_moves_experts_router_rows_and_adam_moments_back(ranks):
+    for tr, rs in zip(ranks["train"], ranks["resume"]):
+        assert rs["maps_R2"] == [[0, 0, 1, 1]] * 3
+        assert {"model", "exp_avg", "exp_avg_sq", "step"} <= set(rs["diff_R2"])
+        assert max(rs["diff_R2"].values()) <= 1e-6, rs["diff_R2"]  # element-wise A's state at step N
+        assert [s["experts_moved"] for s in rs["stats"]["R2_again"].values()] == [0, 0, 0]
+        np.testing.assert_allclose(rs["losses"]["R2"], np.array(tr["losses"]["A"])[N:], rtol=1e-6, atol=0)
+        # the control: loaded without the layout, the model computes the same function (gate rows and experts
+        # are both by slot), so the losses cannot tell; but its experts are not where the map says
+        assert rs["maps_R4"] == [[0, 0, 1, 1]] * 3
+        assert rs["diff_R4"]["model"] > 1e-3 and rs["diff_R4"]["exp_avg"] > 1e-6
+        np.testing.assert_allclose(rs["losses"]["R4"], np.array(tr["losses"]["B"])[N:], rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_a_layout_that_does_not_fit_is_refused_on_every_rank_before_anything_moves(ranks):
+    for rs in ranks["resume"]:
+        errs = rs["errors"]
+        assert None not in errs, errs
+        assert "expected 'contiguous' or a layout_state_dict()" in errs[0] and "got 'contig'" in errs[0]
+        assert "expected 'contiguous'" in errs[1]  # no format key
+        assert "do not match the model's (not saved: ['moe.2']" in errs[2]
+        assert "ranks 0 and 1 were given different maps for layer 'moe.1'" in errs[3]
+        assert rs["unchanged_after_errors"] and rs["map_after_errors"] == [[0, 0, 1, 1]] * 3
+
+
+def test_layout_state_dict_refuses_a_model_without_moe_layers():
+    import torch
+
+    from moeload.act.checkpoint import apply_layout, layout_state_dict
+    from moeload.errors import InputError
+
+    with pytest.raises(InputError, match="Linear has no DeepSpeed MoE or megatron-core MoELayer layer"):
+        layout_state_dict(torch.nn.Linear(2, 2))
+    with pytest.raises(InputError, match="Linear has no DeepSpeed MoE"):
+        apply_layout(torch.nn.Linear(2, 2), "contiguous")
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]), sys.argv[2])
