@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from moeload.trace import open_trace
 
-    ap = argparse.ArgumentParser(prog="python -m moeload.placement", description=compare.__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m moeload.placement", description=(compare.__doc__ or "").partition("\n")[0])
     ap.add_argument("trace")
     ap.add_argument("--gpus", type=int, default=4)
     ap.add_argument("--extra-per-gpu", type=int, default=1)

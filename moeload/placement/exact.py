@@ -42,35 +42,42 @@ def _chosen_layer(w: np.ndarray, num_gpus: int, slots: int, time_limit: float):
     x = lambda u, k: u * g + k  # noqa: E731
     z = lambda u, k: e * g + u * g + k  # noqa: E731
     rows = lil_matrix((2 * e + e * g + 2 * g + max(g - 1, 0), n))
-    lo, hi = [], []
+    lo: list[float] = []  # row bounds of the constraint matrix
+    hi: list[float] = []
     r = 0
     for u in range(e):
         for k in range(g):
             rows[r, x(u, k)] = 1.0
-        lo.append(w[u]), hi.append(w[u])
+        lo.append(w[u])
+        hi.append(w[u])
         r += 1
         for k in range(g):
             rows[r, z(u, k)] = 1.0
-        lo.append(1.0), hi.append(g)
+        lo.append(1.0)
+        hi.append(g)
         r += 1
         for k in range(g):
             rows[r, x(u, k)], rows[r, z(u, k)] = 1.0, -w[u]
-            lo.append(-np.inf), hi.append(0.0)
+            lo.append(-np.inf)
+            hi.append(0.0)
             r += 1
     for k in range(g):
         for u in range(e):
             rows[r, z(u, k)] = 1.0
-        lo.append(1.0), hi.append(slots)
+        lo.append(1.0)
+        hi.append(slots)
         r += 1
         for u in range(e):
             rows[r, x(u, k)] = 1.0
         rows[r, n - 1] = -1.0
-        lo.append(-np.inf), hi.append(0.0)
+        lo.append(-np.inf)
+        hi.append(0.0)
         r += 1
     for k in range(g - 1):  # identical GPUs: order them by load to cut symmetric solutions
         for u in range(e):
             rows[r, x(u, k)], rows[r, x(u, k + 1)] = 1.0, -1.0
-        lo.append(0.0), hi.append(np.inf)
+        lo.append(0.0)
+        hi.append(np.inf)
         r += 1
     integrality = np.r_[np.zeros(e * g), np.ones(e * g), 0]
     upper = np.r_[np.repeat(w, g), np.ones(e * g), np.inf]
@@ -78,7 +85,7 @@ def _chosen_layer(w: np.ndarray, num_gpus: int, slots: int, time_limit: float):
     cost[-1] = 1.0
     sol, optimal = _solve(cost, LinearConstraint(rows.tocsr(), lo, hi), integrality, (np.zeros(n), upper), time_limit)
     present = sol[e * g : 2 * e * g].reshape(e, g) > 0.5
-    hosted = [list(np.flatnonzero(present[:, k])) for k in range(g)]
+    hosted = [[int(u) for u in np.flatnonzero(present[:, k])] for k in range(g)]
     for k in range(g):  # fill free slots with the heaviest units this GPU lacks, then duplicates
         for u in np.argsort(-w, kind="stable"):
             if len(hosted[k]) >= slots:
@@ -102,18 +109,21 @@ def _even_layer(w: np.ndarray, num_gpus: int, slots: int, time_limit: float):
     m = lambda u, c, k: (u * cmax + c - 1) * g + k  # noqa: E731
     b = lambda u, c: nm + u * cmax + c - 1  # noqa: E731
     rows = lil_matrix((e + e * cmax + 2 * g, n))
-    lo, hi = [], []
+    lo: list[float] = []  # row bounds of the constraint matrix
+    hi: list[float] = []
     r = 0
     for u in range(e):
         for c in range(1, cmax + 1):
             rows[r, b(u, c)] = 1.0
-        lo.append(1.0), hi.append(1.0)
+        lo.append(1.0)
+        hi.append(1.0)
         r += 1
         for c in range(1, cmax + 1):
             for k in range(g):
                 rows[r, m(u, c, k)] = 1.0
             rows[r, b(u, c)] = -float(c)
-            lo.append(0.0), hi.append(0.0)
+            lo.append(0.0)
+            hi.append(0.0)
             r += 1
     for k in range(g):
         for u in range(e):

@@ -58,7 +58,8 @@ def _copy_once(hosted, amount, loads, slots: int, w: np.ndarray) -> None:
         without = [g for g in range(len(hosted)) if unit not in amount[g]]
         if not without or amount[top][unit] <= 0:
             continue
-        options = []  # (resulting max load, target, relocation (unit, from, to) or None)
+        # (resulting max load, tie-break, relocation (unit, from, to) or None)
+        options: list[tuple[float, int, tuple[int, int, int] | None]] = []
         direct = [g for g in without if g in room]
         if direct:
             options.append((_trial(hosted, amount, loads, unit, min(direct, key=loads.__getitem__), None, w), 0, None))
@@ -70,9 +71,9 @@ def _copy_once(hosted, amount, loads, slots: int, w: np.ndarray) -> None:
                 move = (v, full, min(dest, key=loads.__getitem__))
                 options.append((_trial(hosted, amount, loads, unit, full, move, w), 1, move))
         if options:
-            _, _, move = min(options, key=lambda o: (o[0], o[1]))
-            target = min(direct, key=loads.__getitem__) if move is None else move[1]
-            _apply(hosted, amount, loads, unit, target, move, w)
+            _, _, chosen = min(options, key=lambda o: (o[0], o[1]))
+            target = min(direct, key=loads.__getitem__) if chosen is None else chosen[1]
+            _apply(hosted, amount, loads, unit, target, chosen, w)
             return
     # Every unit already sits on every GPU with room: duplicate the heaviest unit in place.
     _apply(hosted, amount, loads, int(np.argmax(w)), min(room, key=loads.__getitem__), None, w)

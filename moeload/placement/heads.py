@@ -8,6 +8,8 @@ allocation; `head_placement_table` compares standard TP, FairKV best-effort and 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -71,7 +73,7 @@ def head_placement_table(
         if num_heads % tp:
             raise InputError(f"tp_sizes: {tp} does not divide the number of heads {num_heads}")
         copies = num_heads + extra_per_gpu * tp
-        strategies = [
+        strategies: list[tuple[str, str, int, dict[str, Any]]] = [  # (name, policy, slots, options)
             ("standard", "contiguous", num_heads, {}),
             ("best_effort", "fair_copying", num_heads, {}),
             ("fair_copying", "fair_copying", copies, {}),
