@@ -59,6 +59,8 @@ def forecast_vs_actual(
     h = _one_layer(history, "forecast_vs_actual: history", layer)
     f = _one_layer(forecast, "forecast_vs_actual: forecast", layer)
     y = _one_layer(actual, "forecast_vs_actual: actual", layer)
+    if h is None or f is None:
+        raise InputError("forecast_vs_actual: history and forecast are required, got None")
     T, E = h.shape
     H = len(f)
     if f.shape[1] != E or (y is not None and y.shape != f.shape):
@@ -97,10 +99,11 @@ def forecast_vs_actual(
         elif wb is not None:
             ax.fill_between(fx, fb[:, j] - wb[:, j], fb[:, j] + wb[:, j], color=colors[j], alpha=0.18, lw=0)
         ax.plot(fx, fb[:, j], color=colors[j], lw=2.0, ls="--")
+    from matplotlib.artist import Artist
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    extra = [Line2D([], [], color="0.2", lw=2.0, ls="--", label="forecast")]
+    extra: list[Artist] = [Line2D([], [], color="0.2", lw=2.0, ls="--", label="forecast")]
     if yb is not None:
         extra += [Line2D([], [], color="0.2", lw=0.8, alpha=0.6, label="actual"),
                   Patch(facecolor="0.2", alpha=0.18, label="error (forecast − actual)")]

@@ -111,9 +111,12 @@ def proportions_over_time(
     x, s, li, label = _layer_proportions(p, layer, steps, "proportions_over_time: p")
     S, E = x.shape
     lab = _labels_of(labels, li, S)
-    sel = list(range(E)) if experts is None else [int(e) for e in experts]
-    if any(not 0 <= e < E for e in sel):
-        raise InputError(f"experts={list(experts)}: indices must be in [0, {E})")
+    if experts is None:
+        sel = list(range(E))
+    else:
+        sel = [int(e) for e in experts]
+        if any(not 0 <= e < E for e in sel):
+            raise InputError(f"experts={list(experts)}: indices must be in [0, {E})")
     ax = c.new_axes(ax, (9, 3.6))
     xs, xb, b = c.bin_rows(s, x[:, sel], max_points)
     edges = c.edges_of(xs)
@@ -244,10 +247,10 @@ def fluctuation(
     for li in range(L):
         ax.plot(xs, yb[:, li], color=colors[li], lw=1.1, label=names[li])
     if threshold is not None:
-        thr = np.asarray(threshold, dtype=np.float64)
-        thr = np.broadcast_to(thr if thr.ndim != 1 else thr[None, :], (S, L)) if thr.ndim <= 1 or thr.shape == (S, L) else None
-        if thr is None:
+        given = np.asarray(threshold, dtype=np.float64)
+        if not (given.ndim <= 1 or given.shape == (S, L)):
             raise InputError(f"threshold: expected a scalar, [L={L}] or [S={S}, L={L}], got shape {np.shape(threshold)}")
+        thr = np.broadcast_to(given if given.ndim != 1 else given[None, :], (S, L))
         _, tb, _ = c.bin_rows(s, np.array(thr, dtype=np.float64), max_points)
         same = np.allclose(tb, tb[:, :1], equal_nan=True)
         for li in range(1 if same else L):

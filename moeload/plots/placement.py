@@ -84,7 +84,8 @@ def gpu_load(
     xs, _, b = c.bin_rows(s, data[0][2][:, None], max_points)
     run_colors = {labels[0]: "#d62728", labels[1]: "#1f77b4", "load": "0.15"}
     if has_loads:
-        single = len(data) == 1 and data[0][1].shape[1] <= 16
+        first = data[0][1]  # [S, G]; not None when it is the only run and has_loads
+        single = len(data) == 1 and first is not None and first.shape[1] <= 16
         for lab, ld, _ in data:
             if ld is None:
                 continue
