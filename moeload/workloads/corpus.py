@@ -34,7 +34,7 @@ def stdlib_root() -> Path:
 def stdlib_files(root: Path | None = None) -> list[Path]:
     """Sorted ``*.py`` files of the standard library (installed packages excluded)."""
     root = stdlib_root() if root is None else Path(root)
-    files = []
+    files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
         files.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))

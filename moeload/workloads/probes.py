@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from moeload.errors import InputError
-from moeload.workloads.model import MoEGPT, RouterOutput, TopKRouter
+from moeload.workloads.model import Block, MoEGPT, RouterOutput, TopKRouter
 
 
 def reference_counts(model: MoEGPT, tokens: Tensor) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -61,7 +63,7 @@ def attention_maps(model: MoEGPT, tokens: Tensor) -> Tensor:
     try:
         with torch.no_grad():
             x = model.embed(tokens[None])
-            for block in model.blocks:
+            for block in cast("list[Block]", model.blocks):  # MoEGPT builds its ModuleList of Blocks
                 maps.append(block.attn.attention_probs(block.ln1(x))[0])
                 x, _ = block(x)
     finally:
