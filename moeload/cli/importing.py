@@ -43,15 +43,15 @@ def import_cmd(
     }
     opts = {k: v for k, v in given.items() if v is not None}
     _check_sizes(opts)
-    with progress_status(f"importing {source}"):
-        out = import_trace(fmt, source, dest, **opts)
-    t = open_trace(out)
-    if top_k is None and t.manifest.extra.get("top_k_known") is False:
-        import shutil
 
-        shutil.rmtree(out)  # a new directory (import_trace refuses an existing one): nothing else is removed
-        raise InputError(f"{source}: {fmt} logs do not say how many experts each token is routed to; give --top-k K "
-                         f"(e.g. --top-k 2); nothing was written to {dest}")
+    def require_top_k(imp) -> None:
+        if top_k is None and imp.extra.get("top_k_known") is False:
+            raise InputError(f"{source}: {fmt} logs do not say how many experts each token is routed to; give "
+                             f"--top-k K (e.g. --top-k 2); nothing was written to {dest}")
+
+    with progress_status(f"importing {source}"):
+        out = import_trace(fmt, source, dest, check=require_top_k, **opts)
+    t = open_trace(out)
     s = t.steps
     console().print(
         f"imported {fmt} {source} -> {out}: {len(s)} steps ({s[0]}..{s[-1]}), {t.num_layers} layers, "

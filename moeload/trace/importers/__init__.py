@@ -1,7 +1,8 @@
 """Importers: other tools' expert-load logs -> moeload traces (one module per format).
 
-`import_trace(fmt, source, dest, **options)` reads `source`, writes a new trace at `dest` and
-returns its path; `available()` lists formats; `options(fmt)` lists a format's keyword options.
+`import_trace(fmt, source, dest, **options)` reads `source`, writes a new trace at `dest` (which
+appears only when complete) and returns its path; `available()` lists formats; `options(fmt)`
+lists a format's keyword options.
 Bad or malformed input raises InputError / TraceFormatError with the file and the problem.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moeload.errors import InputError
-from moeload.trace.importers._common import Imported, write
+from moeload.trace.importers._common import Imported, check_dest, write
 from moeload.trace.importers.arrays import read_numpy
 from moeload.trace.importers.megatron import read_router_trace, read_tokens_per_expert
 from moeload.trace.importers.sglang import read_sglang
@@ -45,8 +46,20 @@ def _reader(fmt: str) -> Callable[..., Imported]:
     return READERS[fmt]
 
 
-def import_trace(fmt: str, source: str | os.PathLike, dest: str | os.PathLike, **opts: Any) -> Path:
-    """Convert `source` (a file or directory in format `fmt`) into a new trace directory `dest`."""
+def import_trace(
+    fmt: str,
+    source: str | os.PathLike,
+    dest: str | os.PathLike,
+    *,
+    check: Callable[[Imported], None] | None = None,
+    **opts: Any,
+) -> Path:
+    """Convert `source` (a file or directory in format `fmt`) into a new trace directory `dest`.
+
+    `dest` appears only complete (built in a hidden sibling and renamed; see `_common.write`).
+    check: called with what was read, once it is known to make a valid trace and before anything is
+    written; it raises to refuse the import.
+    """
     reader = _reader(fmt)
     unknown = sorted(set(opts) - set(options(fmt)))
     if unknown:
@@ -54,10 +67,8 @@ def import_trace(fmt: str, source: str | os.PathLike, dest: str | os.PathLike, *
     for k, v in opts.items():
         if isinstance(v, int) and not isinstance(v, bool) and v < 1 and k != "first_step":
             raise InputError(f"option {k}={v}: must be >= 1")
-    from moeload.trace.importers._common import check_dest
-
     check_dest(dest)  # fail before reading a large source
-    return write(reader(source, **opts), dest, source)
+    return write(reader(source, **opts), dest, source, check=check)
 
 
 __all__ = ["Imported", "available", "import_trace", "options"]

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
+import secrets
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from moeload.errors import InputError, TraceFormatError, first_line
-from moeload.trace.manifest import Manifest
+from moeload.trace.manifest import PARTS_DIR, Manifest
 from moeload.trace.writer import TraceWriter
 
 BLOCK = 1000  # steps per Parquet part
@@ -54,8 +58,19 @@ def check_dest(dest: str | os.PathLike) -> Path:
     return d
 
 
-def write(imp: Imported, dest: str | os.PathLike, source: str | os.PathLike) -> Path:
-    """Write `imp` as a new trace at `dest` (blocks of BLOCK steps). Returns the trace path."""
+def write(imp: Imported, dest: str | os.PathLike, source: str | os.PathLike, *,
+          check: Callable[[Imported], None] | None = None) -> Path:
+    """Write `imp` as a new trace at `dest` (blocks of BLOCK steps). Returns the trace path.
+
+    check: called with `imp` once it is known to make a valid trace, before anything is written;
+    it raises to refuse the import.
+
+    The trace is built in a hidden sibling of `dest` (same parent, so the final rename is atomic)
+    and renamed to `dest` only when complete. After any failure (disk full, out of memory, an
+    interrupt) the sibling and the parent folders this call created are removed and `dest` does
+    not exist; a write error or MemoryError becomes an InputError naming `dest`. A process killed
+    outright leaves only the hidden `.NAME.importing-*` sibling, never a partial `dest`.
+    """
     d = check_dest(dest)
     S = len(imp.steps)
     if S == 0:
@@ -63,12 +78,71 @@ def write(imp: Imported, dest: str | os.PathLike, source: str | os.PathLike) -> 
     if imp.counts.shape[0] != S or imp.counts.ndim != 4:
         raise ValueError(f"importer bug: counts {imp.counts.shape} for {S} steps")
     m = _manifest(imp, source)
+    if check is not None:
+        check(imp)
     order = np.argsort(imp.steps, kind="stable")
     steps, counts = imp.steps[order], imp.counts[order]
-    with TraceWriter(d, m) as w:
-        for i in range(0, S, BLOCK):
-            w.write_block(steps[i : i + BLOCK], counts[i : i + BLOCK])
+    target = Path(os.path.realpath(d))  # a link to an empty directory: build beside where it points
+    tmp = target.parent / f".{target.name[:200]}.importing-{os.getpid()}-{secrets.token_hex(4)}"
+    created: list[Path] = []
+    try:
+        created = _make_parents(target.parent)
+        tmp.mkdir()
+        with TraceWriter(tmp, m) as w:
+            for i in range(0, S, BLOCK):
+                w.write_block(steps[i : i + BLOCK], counts[i : i + BLOCK])
+        _fsync_dir(tmp / PARTS_DIR)
+        _fsync_dir(tmp)
+        _publish(tmp, target, d)
+        _fsync_dir(target.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:  # deepest first; stops at the first that is not empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        if isinstance(e, OSError):
+            raise InputError(f"{d}: cannot write the imported trace ({e.strerror or first_line(e)}); "
+                             "nothing was written") from None
+        if isinstance(e, MemoryError):
+            raise InputError(f"{d}: out of memory while writing the imported trace; import a part of "
+                             f"{source}; nothing was written") from None
+        raise
     return d
+
+
+def _make_parents(p: Path) -> list[Path]:
+    """mkdir -p `p`; returns the folders it created, deepest first."""
+    missing = []
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for q in reversed(missing):
+        q.mkdir(exist_ok=True)
+    return missing
+
+
+def _publish(tmp: Path, target: Path, dest: Path) -> None:
+    """Rename the finished trace `tmp` to `target` (an empty directory there is replaced); a
+    `dest` that appeared meanwhile with content, or as a file, is refused."""
+    try:
+        os.rename(tmp, target)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise InputError(f"{dest}: already exists; choose a new directory for the imported trace") from None
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the names in directory `path` durable (a no-op where directories cannot be opened)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _manifest(imp: Imported, source: str | os.PathLike) -> Manifest:
