@@ -62,14 +62,13 @@ def write(imp: Imported, dest: str | os.PathLike, source: str | os.PathLike, *,
           check: Callable[[Imported], None] | None = None) -> Path:
     """Write `imp` as a new trace at `dest` (blocks of BLOCK steps). Returns the trace path.
 
-    check: called with `imp` once it is known to make a valid trace, before anything is written;
-    it raises to refuse the import.
-
     The trace is built in a hidden sibling of `dest` (same parent, so the final rename is atomic)
     and renamed to `dest` only when complete. After any failure (disk full, out of memory, an
     interrupt) the sibling and the parent folders this call created are removed and `dest` does
     not exist; a write error or MemoryError becomes an InputError naming `dest`. A process killed
     outright leaves only the hidden `.NAME.importing-*` sibling, never a partial `dest`.
+    check: called with `imp` once it is known to make a valid trace, before anything is written;
+    it raises to refuse the import.
     """
     d = check_dest(dest)
     S = len(imp.steps)
@@ -94,7 +93,6 @@ def write(imp: Imported, dest: str | os.PathLike, source: str | os.PathLike, *,
         _fsync_dir(tmp / PARTS_DIR)
         _fsync_dir(tmp)
         _publish(tmp, target, d)
-        _fsync_dir(target.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         for p in created:  # deepest first; stops at the first that is not empty
@@ -109,6 +107,10 @@ def write(imp: Imported, dest: str | os.PathLike, source: str | os.PathLike, *,
             raise InputError(f"{d}: out of memory while writing the imported trace; import a part of "
                              f"{source}; nothing was written") from None
         raise
+    try:
+        _fsync_dir(target.parent)  # the trace is complete and in place; this only makes its name durable
+    except OSError:
+        pass
     return d
 
 
