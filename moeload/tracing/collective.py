@@ -27,6 +27,14 @@ def all_gather(out: torch.Tensor, inp: torch.Tensor, group: Any, timeout: float 
         raise RuntimeError(f"all_gather not done within flush_timeout={timeout:g} s")
 
 
+def all_gather_object(obj: Any, group: Any, world_size: int) -> list[Any]:
+    """[R] `obj` of every rank of `group` (picklable; on the tracer's gloo group the wait is bounded by
+    its timeout, see `tracer_group`). Raises the backend's error where a peer is gone or late."""
+    out: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(out, obj, group=group)
+    return out
+
+
 def tracer_group(group: Any, timeout: float | None) -> Any:
     """A gloo group of the same ranks as `group` (None: the world) for the tracer's own collectives, with
     `timeout` (seconds) as its operation timeout: a flush that fails or times out there never leaves a

@@ -29,6 +29,7 @@ from torch import Tensor
 from moeload.trace import TraceWriter
 from moeload.trace.manifest import MANIFEST_NAME, write_json_atomic
 from moeload.trace.writer import part_name
+from moeload.tracing.ranks import RankLayout, to_global
 
 FLAG_COL = -3
 NAN_COL = -2
@@ -109,7 +110,10 @@ class BlockWriter:
     the manifest's `extra.lost_steps`), so `submit` never waits for the disk. closing(): True once the
     tracer closes; the last block then waits for a buffer instead. top_k: [L] of each layer;
     exact: [L] True where a layer's routes must add up to tokens x top_k (False where its counts
-    are taken after capacity dropping: at most that). See `check_conservation`.
+    are taken after capacity dropping: at most that). See `check_conservation`. rank_layout: where
+    ranks hold different gates (pipeline stages) or replicate them (tensor parallel), gathered blocks
+    hold `rank_layout.width` layer slots per rank and are mapped to the global layers first
+    (`ranks.to_global`); a replica whose counts differ from its primary's disables that layer.
     A block whose part fails to be written (disk full, directory gone or read-only) is lost the same
     way; the next block is tried again, and the manifest is rewritten as soon as it can be.
     """
@@ -134,8 +138,10 @@ class BlockWriter:
         closing: Callable[[], bool] = lambda: False,
         top_k: Sequence[int] | None = None,
         exact: Sequence[bool] | None = None,
+        rank_layout: RankLayout | None = None,
     ) -> None:
         self.layout = layout
+        self.rank_layout = rank_layout
         self.writer = writer
         self.sinks: tuple[Callable[[FlushedBlock], None], ...] = () if sink is None else (sink,)
         self.ranks_recorded = ranks_recorded
@@ -335,6 +341,9 @@ class BlockWriter:
             a = a[None]
         n = len(job.steps)
         a = a[:, :n].transpose(1, 0, 2, 3, 4)  # [S, R, P, L, W]
+        if self.rank_layout is not None and job.host.ndim == 5:
+            a, bad = to_global(a, self.rank_layout)
+            self._note_replicas(bad, job.steps)
         self._note_disabled(a, job.steps)
         if self.writer is not None or job.host.ndim == 4:  # ranks without a writer skip a gathered block
             try:
@@ -388,6 +397,22 @@ class BlockWriter:
             w.manifest.tokens_per_step = int(block.tokens[0, :, 0].sum())
             self._dirty = True
         return True
+
+    def _note_replicas(self, bad: list[tuple[int, int, int]], steps: np.ndarray) -> None:
+        """Layers whose declared tensor-parallel replica saw other tokens than its primary: disabled (the
+        counts left out were not copies), warned once."""
+        for s, r, li in bad:
+            name = self.layout.layers[li]
+            if name in self.disabled:
+                continue
+            p = int(self.rank_layout.primary[r])
+            self.disabled[name] = {"step": int(steps[s]), "ranks": [r],
+                                   "reason": f"rank {r}'s counts differ from rank {p}'s, of which it was declared a "
+                                             "tensor-parallel replica (sequence parallel? then do not pass tp_group); "
+                                             f"only rank {p}'s are recorded"}
+            self._dirty = True
+            warnings.warn(f"moeload: layer {name!r}, step {int(steps[s])}: {self.disabled[name]['reason']}",
+                          RuntimeWarning, stacklevel=2)
 
     def _note_disabled(self, a: np.ndarray, steps: np.ndarray) -> None:
         """a: [S, R, P, L, W] host block; steps: [S]. Notes each layer disabled (FLAG_COL) or showing NaN

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from moeload.errors import InputError, first_line
+from moeload.errors import InputError, NoGatingModulesError, first_line
 from moeload.trace import Manifest, TraceWriter
 from moeload.trace import lock as trace_lock
 from moeload.tracing.accumulate import accumulate, as_routing
 from moeload.tracing.adapters import Adapter, GateSpec, GenericAdapter, RoutingShapeError, discover, registered_adapters
-from moeload.tracing.collective import all_gather, tracer_group
+from moeload.tracing.collective import all_gather, all_gather_object, tracer_group
 from moeload.tracing.flush import (
     DISABLED_ERROR,
     DISABLED_SHAPE,
@@ -30,6 +30,7 @@ from moeload.tracing.flush import (
     FlushedBlock,
     Layout,
 )
+from moeload.tracing.ranks import RankLayout, describe, reconcile
 
 MAX_FLUSH_EVERY = 1_000_000
 """Largest `flush_every`: one block of steps lives in a device buffer, so it is bounded before allocating."""
@@ -80,6 +81,21 @@ class LoadTracer:
     (``all_gather_single`` of the block). Rank 0 writes the trace; with ``ranks="auto"`` and more
     than one rank, parts hold one row per rank (``ranks=False``: the sum only). ``close()`` inside a
     failing ``with`` block skips the collective, so a crashed distributed run loses its partial block.
+
+    Parallel layouts. Each rank traces the gates it holds; the constructor is a collective (on a gloo
+    group of the tracer's own): every rank declares its gates by layer name (megatron-core: the global
+    layer number, so pipeline stages do not collide) and the ranks agree once on the union of layers
+    and on each layer's owners (`rank_layout`, `moeload.tracing.ranks`). Pipeline stages (even or
+    uneven, a stage without MoE layers included) each fill their own layers; data- and expert-parallel
+    replicas of a layer are summed; ranks of ``tp_group`` after its first (tensor parallel without
+    sequence parallel: the same router on the same tokens; megatron-core's TP group is found by
+    itself in that case) are compared with the first and counted once (a difference disables the
+    layer in the manifest: they were no replicas). Every rank's buffer has the same agreed shape, so a
+    flush cannot fail on sizes. What cannot be reconciled (different ``flush_every``, ``record_eval``,
+    ``kept`` or ``ranks``; one layer with different experts, top-k, count kind or expert map) raises
+    InputError in the constructor on every rank alike, before training starts. The manifest lists
+    ``extra.layer_owners`` ({layer: ranks}) and ``extra.replica_ranks`` where not every rank holds
+    every layer. `layers` is the trace's (global) layer list; `local_layers` this rank's gates.
 
     Resume after a crash: a run that dies after flushing steps past its last checkpoint, and resumes
     from that checkpoint (``load_state_dict`` with the checkpoint's ``state_dict()``, or a callback
@@ -138,7 +154,8 @@ class LoadTracer:
     block written before.
 
     Arguments (keyword-only after ``path``): path: trace directory (appended to if it holds the same
-    model); sink: ``fn(FlushedBlock)`` called on the writer thread after each block (every rank; more
+    model); tp_group: the tensor-parallel group, where its ranks run the same routers on the same tokens
+    (no sequence parallelism; see "Parallel layouts"); sink: ``fn(FlushedBlock)`` called on the writer thread after each block (every rank; more
     with ``add_sink``; an exception in a sink is reported like a writer failure and skips nothing else);
     flush_every: steps per block; record_eval; kept: record kept (after capacity dropping) counts
     when a gate's adapter reports drops (True), never (False), or always ("always": gates without
@@ -181,6 +198,7 @@ class LoadTracer:
         flush_timeout: float | None = 300.0,
         max_pending: int | None = None,
         gate_output: str = "auto",
+        tp_group: Any = None,
     ) -> None:
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or not 1 <= flush_every <= MAX_FLUSH_EVERY:
             raise InputError(f"flush_every={flush_every!r}: must be an integer in 1..{MAX_FLUSH_EVERY:,} "
@@ -214,20 +232,40 @@ class LoadTracer:
                                            has_kept=kept == "always", gate_output=gate_output))
         elif gate_output != "auto":
             raise InputError(f"gate_output={gate_output!r}: applies to gates chosen with gates= or gate_types= only")
-        self.specs: list[GateSpec] = discover(model, tried)
-        self.layers = [plain_name(s.name) for s in self.specs]
-        self.layer_count_kinds = layer_count_kinds(self.specs, kept)
-        self.count_kind = trace_count_kind(self.layer_count_kinds)
-        self.kept = self.count_kind != "routed"
-        self.layout = Layout.make(self.layers, [s.num_experts for s in self.specs], self.kept, record_eval)
         self.world_size, self.rank = 1, 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self.world_size = torch.distributed.get_world_size(group)
             self.rank = torch.distributed.get_rank(group)
+        try:
+            self.specs: list[GateSpec] = discover(model, tried)
+        except NoGatingModulesError:
+            if self.world_size == 1:
+                raise
+            self.specs = []  # a pipeline stage without MoE layers still joins the agreement and the flushes
+        self.local_layers = [plain_name(s.name) for s in self.specs]
+        """This rank's gates (hook and buffer slot order); `layers` is the trace's global list."""
+        self.errors: list[str] = []
+        self.tracing_stopped: dict[str, Any] | None = None
+        """{"step", "reason"} once a flush's collective failed or timed out on this rank (tracing stopped)."""
+        self._cpu_pg: Any = None
+        declared = {"layers": [describe(n, s.num_experts, s.top_k, kind, expert_to_rank=s.expert_to_rank,
+                                        ep_size=s.ep_size, framework=s.framework, framework_version=s.framework_version,
+                                        gate_class=type(s.module).__name__)
+                               for n, s, kind in zip(self.local_layers, self.specs, layer_count_kinds(self.specs, kept))],
+                    "flush_every": flush_every, "record_eval": bool(record_eval), "kept": kept, "ranks": ranks,
+                    "replica_of": None}
+        self.rank_layout: RankLayout = self._agree(declared, group, tp_group)
+        descs = self.rank_layout.layers
+        self.layers = self.rank_layout.names
+        self.layer_count_kinds = [d["kind"] for d in descs]
+        self.count_kind = trace_count_kind(self.layer_count_kinds)
+        self.kept = self.count_kind != "routed"
+        self.layout = Layout.make(self.layers, [d["num_experts"] for d in descs], self.kept, record_eval)
+        self._slot_of = {int(g): i for i, g in enumerate(self.rank_layout.local_slots(self.rank))}
+        """{global layer index: this rank's buffer slot} for the layers it holds."""
         self.ranks_recorded = self.world_size > 1 if ranks == "auto" else bool(ranks)
         self.device = torch.device(device) if device is not None else self._default_device()
         self.manifest = self._manifest(model_name or type(model).__name__, tokens_per_step, extra or {})
-        self.errors: list[str] = []
         self.collectives = 0
         self.flushes = 0
         self._first_step = 0
@@ -241,8 +279,6 @@ class LoadTracer:
         self._warn_writer = False
         self._closed = False
         self._pg: Any = group
-        self.tracing_stopped: dict[str, Any] | None = None
-        """{"step", "reason"} once a flush's collective failed or timed out on this rank (tracing stopped)."""
         self._warned_stall = False
         self._calls = [0] * len(self.specs)
         """[L] forwards of each gate seen by its hook since start() (host ints, any mode)."""
@@ -263,19 +299,46 @@ class LoadTracer:
                 return t.device
         return torch.device("cpu")
 
+    def _agree(self, declared: dict[str, Any], group: Any, tp_group: Any) -> RankLayout:
+        """The RankLayout of every rank's `declared` gates (a collective where world_size > 1). InputError
+        where they cannot be reconciled (on every rank alike); where the collective itself fails, this
+        rank's own layout, with tracing stopped (training goes on)."""
+        if self.world_size == 1:
+            return reconcile([declared])
+        if tp_group is None:
+            tp_group = _megatron_tp_group(self.specs)
+        if tp_group is not None:
+            declared["replica_of"] = _replica_of(tp_group, group, self.rank)
+        self._cpu_pg = tracer_group(group, self.flush_timeout)
+        try:
+            every = all_gather_object(declared, self._cpu_pg, self.world_size)
+        except Exception as e:  # a dead or late peer: record nothing rather than something wrong
+            reason = f"layer agreement failed: {type(e).__name__}: {first_line(e, 160)}"
+            self.tracing_stopped = {"step": 0, "reason": reason}
+            self.errors.append(f"tracing stopped at step 0: {reason}")
+            warnings.warn(f"moeload: tracing stopped on rank {self.rank} before the first step ({reason}); training "
+                          "continues", RuntimeWarning, stacklevel=3)
+            return reconcile([declared])
+        return reconcile(every)
+
     def _manifest(self, model_name: str, tokens_per_step: int | None, extra: dict[str, Any]) -> Manifest:
-        specs = self.specs
-        ep = max(s.ep_size for s in specs)
+        descs = self.rank_layout.layers
+        ep = max(d["ep_size"] for d in descs)
         maps = None
-        if any(s.expert_to_rank is not None for s in specs):
-            maps = [list(s.expert_to_rank) if s.expert_to_rank is not None else _contiguous(s.num_experts, ep) for s in specs]
+        if any(d["expert_to_rank"] is not None for d in descs):
+            maps = [list(d["expert_to_rank"]) if d["expert_to_rank"] is not None else _contiguous(d["num_experts"], ep)
+                    for d in descs]
             ep = max(ep, 1 + max(max(m) for m in maps))
-        frameworks = sorted({s.framework for s in specs})
-        fv = sorted({f"{s.framework} {s.framework_version}" for s in specs if s.framework_version})
+        frameworks = sorted({d["framework"] for d in descs})
+        fv = sorted({f"{d['framework']} {d['framework_version']}" for d in descs if d["framework_version"]})
+        lay = self.rank_layout
+        if not lay.uniform:
+            extra = {**extra, "layer_owners": lay.owners(),
+                     **({"replica_ranks": {str(r): p for r, p in lay.replicas().items()}} if lay.replicas() else {})}
         return Manifest(
             layers=self.layers,
-            experts_per_layer=[s.num_experts for s in specs],
-            top_k=[s.top_k for s in specs],
+            experts_per_layer=[d["num_experts"] for d in descs],
+            top_k=[d["top_k"] for d in descs],
             framework="+".join(frameworks),
             framework_version=", ".join(fv) or None,
             model_name=model_name,
@@ -286,7 +349,7 @@ class LoadTracer:
             count_kind=self.count_kind,
             ranks_recorded=self.ranks_recorded,
             flush_every=self.flush_every,
-            extra={**extra, "record_eval": self.record_eval, "gate_classes": sorted({type(s.module).__name__ for s in specs}),
+            extra={**extra, "record_eval": self.record_eval, "gate_classes": sorted({d["gate_class"] for d in descs}),
                    **({"layer_count_kinds": self.layer_count_kinds} if len(set(self.layer_count_kinds)) > 1 else {})},
         )
 
@@ -308,12 +371,14 @@ class LoadTracer:
             return self
         if self._closed:
             raise InputError("LoadTracer: start() after close(); create a new tracer (same path appends)")
-        L, P, W = len(self.layers), self.layout.planes, self.layout.width
+        if self.tracing_stopped is not None:  # the layer agreement failed: nothing is recorded on this rank
+            return self
+        L, P, W = self.rank_layout.width, self.layout.planes, self.layout.width
         self._buf = torch.zeros(self.flush_every, P, L, W, dtype=torch.int64, device=self.device)
         if self.world_size > 1:
             self._gathered = torch.empty((self.world_size, *self._buf.shape), dtype=torch.int64, device=self.device)
             if self._buf.device.type == "cpu":
-                self._pg = tracer_group(self.group, self.flush_timeout)
+                self._pg = self._cpu_pg
         writer = None
         if self.path is not None and self.rank == 0:
             self._lock = trace_lock.TraceLock(self.path)  # one writer per trace directory
@@ -331,8 +396,9 @@ class LoadTracer:
         self._writer = BlockWriter(
             self.layout, writer=writer, sink=None, ranks_recorded=self.ranks_recorded,
             on_error=self._on_writer_error, notes=self._notes, max_pending=self.max_pending,
-            closing=lambda: self._closed, top_k=[s.top_k for s in self.specs],
+            closing=lambda: self._closed, top_k=[d["top_k"] for d in self.rank_layout.layers],
             exact=[k != "kept" for k in self.layer_count_kinds],
+            rank_layout=None if self.rank_layout.uniform else self.rank_layout,
         )
         self._writer.event_timeout = self.flush_timeout
         for fn in self._sinks:
@@ -384,7 +450,7 @@ class LoadTracer:
             return
         runs.append([step, step])
         if len(runs) == 1:
-            warnings.warn(f"moeload: step {step}: no forward of any of the {len(self.layers)} traced gates was seen, so "
+            warnings.warn(f"moeload: step {step}: no forward of any of the {len(self.local_layers)} traced gates was seen, so "
                           "its counts are zero. If the model (or the training step) was compiled and run before the "
                           "tracer attached, dynamo does not call hooks added later: create the tracer before "
                           "compiling, or call torch.compiler.reset() after creating it (manifest "
@@ -402,11 +468,11 @@ class LoadTracer:
                   "attached? create the tracer before compiling or call torch.compiler.reset())")
         for li, n in enumerate(self._calls):
             if n == 0:
-                self._silent[self.layers[li]] = {"step": self._first_step, "ranks": [self.rank], "reason": reason}
+                self._silent[self.local_layers[li]] = {"step": self._first_step, "ranks": [self.rank], "reason": reason}
         if self._silent:
             names = list(self._silent)
             shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
-            warnings.warn(f"moeload: {len(names)} of {len(self.layers)} traced gates ({shown}) {reason}; listed in the "
+            warnings.warn(f"moeload: {len(names)} of {len(self.local_layers)} traced gates ({shown}) {reason}; listed in the "
                           "manifest's extra.disabled_layers", RuntimeWarning, stacklevel=3)
 
     # ---- hot path ---------------------------------------------------------------------------------
@@ -440,7 +506,7 @@ class LoadTracer:
         handle = self._handles.pop(li, None)
         if handle is not None:
             handle.remove()
-        name = self.layers[li]
+        name = self.local_layers[li]
         if name in self._hook_errors:
             return
         self._hook_errors[name] = msg
@@ -520,7 +586,10 @@ class LoadTracer:
         block whose device->host copy was given up (NCCL: a dead or slow peer)."""
         w = self._writer
         while not w.nan_layers.empty():
-            li, step, ranks = w.nan_layers.get()
+            g, step, ranks = w.nan_layers.get()
+            li = self._slot_of.get(g)
+            if li is None:  # another rank's layer: its own tracer removes the hook
+                continue
             self._disable(li, f"NaN in the router probabilities at step {step} on rank(s) {ranks}", None)
         if w.stalled is not None and not self._warned_stall:
             self._warned_stall = True
@@ -544,7 +613,7 @@ class LoadTracer:
             raise InputError(f"record_rank_map: layer {layer!r} is not a traced layer (0..{len(self.layers) - 1} or a name)")
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise InputError(f"record_rank_map: step must be an integer >= 0, got {step!r}")
-        E, G = self.specs[li].num_experts, self.manifest.ep_size
+        E, G = self.rank_layout.layers[li]["num_experts"], self.manifest.ep_size
         maps = {"expert_to_rank": expert_to_rank, "phy2log": phy2log}
         for name, m in maps.items():
             if m is None:
@@ -556,10 +625,12 @@ class LoadTracer:
                 raise InputError(f"record_rank_map: expert_to_rank holds ranks outside [0, ep_size={G}): {a.tolist()}")
             if name == "phy2log" and sorted(a.tolist()) != list(range(E)):
                 raise InputError(f"record_rank_map: phy2log must be a permutation of 0..{E - 1}, got {a.tolist()}")
-        spec = self.specs[int(li)]
-        own = self._gate_counts.setdefault(int(li), spec.counts)
-        p2l = list(range(E)) if phy2log is None else [int(x) for x in phy2log]
-        spec.counts = own if p2l == list(range(E)) else _logical_counts(own, p2l, self.device)
+        slot = self._slot_of.get(int(li))
+        if slot is not None:  # a gate this rank holds: count logical experts from the next forward on
+            spec = self.specs[slot]
+            own = self._gate_counts.setdefault(slot, spec.counts)
+            p2l = list(range(E)) if phy2log is None else [int(x) for x in phy2log]
+            spec.counts = own if p2l == list(range(E)) else _logical_counts(own, p2l, self.device)
         self.manifest.rank_map_changes.append(
             {"step": int(step), "layer": int(li), "expert_to_rank": [int(r) for r in expert_to_rank]})
 
@@ -772,3 +843,27 @@ def _logical_counts(counts: Callable, phy2log: list[int], device: torch.device) 
 def _contiguous(num_experts: int, ep_size: int) -> list[int]:
     per = max(1, -(-num_experts // ep_size))
     return [min(i // per, ep_size - 1) for i in range(num_experts)]
+
+
+def _replica_of(tp_group: Any, group: Any, rank: int) -> int | None:
+    """This rank's primary in `group` numbering: the first rank of `tp_group` (None where that is this rank)."""
+    dist = torch.distributed
+    first = dist.get_process_group_ranks(tp_group)[0]
+    p = first if group is None else dist.get_group_rank(group, first)
+    return None if p == rank else int(p)
+
+
+def _megatron_tp_group(specs: Sequence[GateSpec]) -> Any:
+    """megatron-core's tensor-parallel group where its routers are replicated (TP > 1 without sequence
+    parallel: every TP rank routes the same tokens), else None."""
+    cfgs = [getattr(s.module, "config", None) for s in specs if s.framework == "megatron-core"]
+    if not cfgs or any(getattr(c, "sequence_parallel", False) for c in cfgs):
+        return None
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
+            return ps.get_tensor_model_parallel_group()
+    except Exception:  # not initialised the usual way: the caller can pass tp_group=
+        return None
+    return None

@@ -87,7 +87,8 @@ class MegatronAdapter(Adapter):
             ep, rank = _ep(parents.get(id(r)), E)
             local = max(1, E // ep)
             spec = GateSpec(
-                module=r, name=name, num_experts=E, top_k=k, counts=router_routing,
+                module=r, name=global_name(name, getattr(r, "layer_number", None)), num_experts=E, top_k=k,
+                counts=router_routing,
                 framework="megatron-core", framework_version=_version(),
                 expert_to_rank=[e // local for e in range(E)] if ep > 1 else None, ep_size=ep, ep_rank=rank,
             )
@@ -97,6 +98,23 @@ class MegatronAdapter(Adapter):
         return out
 
 
+def global_name(path: str, layer_number: int | None) -> str:
+    """A router's module path with its stage-local layer index replaced by the global one: under
+    pipeline parallelism every stage numbers its layers from `decoder.layers.0`, while the router
+    knows its TransformerLayer's global `layer_number` (1-based, virtual stages included). The
+    last numeric segment of the path (the layer's index in its container: `decoder.layers.<i>`)
+    becomes `<layer_number - 1>`; a path without one gets `@layer<layer_number - 1>` appended, so
+    two stages' routers never share a name. Unchanged without a layer number."""
+    if not isinstance(layer_number, int) or isinstance(layer_number, bool) or layer_number < 1:
+        return path
+    parts = path.split(".")
+    for j in range(len(parts) - 1, -1, -1):
+        if parts[j].isdigit():
+            parts[j] = str(layer_number - 1)
+            return ".".join(parts)
+    return f"{path}@layer{layer_number - 1}"
+
+
 ADAPTER: Adapter = MegatronAdapter()
 
-__all__ = ["ADAPTER", "MegatronAdapter", "router_routing"]
+__all__ = ["ADAPTER", "MegatronAdapter", "global_name", "router_routing"]

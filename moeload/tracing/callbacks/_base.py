@@ -52,7 +52,7 @@ class TracingSession:
         self.tracer = LoadTracer(model, self.path, sink=self._sink, **self.tracer_kwargs)
         if self.metrics is not None:
             m = self.tracer.manifest
-            self.metrics.configure(self.tracer.layers, [s.num_experts for s in self.tracer.specs], m.expert_to_rank)
+            self.metrics.configure(self.tracer.layers, list(m.experts_per_layer), m.expert_to_rank)
         if self._pending is not None:
             self.tracer.load_state_dict(self._pending)
             self._aligned = True

@@ -114,11 +114,11 @@ class OnlinePlanner:
         self.top_k = top_k
         self.num_experts: int | None = None
         if tracer is not None:
-            E = {s.num_experts for s in tracer.specs}
+            E = set(tracer.manifest.experts_per_layer)  # the trace's layers (every pipeline stage's)
             if len(E) > 1:
                 raise InputError(f"OnlinePlanner: layers have different expert counts {sorted(E)}; one plan needs one E")
             self.layers, self.num_experts, self.rank = list(tracer.layers), E.pop(), tracer.rank
-            self.top_k = [s.top_k for s in tracer.specs] if top_k is None else top_k
+            self.top_k = list(tracer.manifest.top_k) if top_k is None else top_k
             self._check_sizes(self.num_experts)
         self._predictor_proto = copy.deepcopy(predictor)
         if detector is None:
