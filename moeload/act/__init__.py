@@ -2,7 +2,7 @@
 
 `permute.py` plans a re-placement as arrays (pure NumPy); `deepspeed.py` applies one to a
 `deepspeed.moe.layer.MoE` layer and `megatron.py` to a megatron-core `MoELayer` (SequentialMLP
-experts), each collectively over its expert-parallel group; `loop.py` (`Replacer`, DeepSpeed only so far)
+experts), each collectively over its expert-parallel group; `loop.py` (`Replacer`, both backends)
 applies plans during training when the cost model says they pay; `checkpoint.py` saves the maps in force
 beside a checkpoint and applies them before it loads (`layout_state_dict`, `apply_layout`). Framework
 packages are imported only inside their backend; `Replacer`, `plan_maps`, `layout_state_dict` and

@@ -20,68 +20,34 @@ tracer's counts, `expert_to_rank` and any plan refer to the wrong experts.
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any
 
 import torch.distributed as dist
 
+from moeload.act import _backends as bk
 from moeload.act.permute import check_expert_to_rank, contiguous_expert_to_rank
 from moeload.errors import InputError
 
 FORMAT, VERSION = "moeload-expert-layout", 1
 
 
-def moe_layers(model: Any) -> list[tuple[str, str, Any]]:
-    """model (an nn.Module; a DeepSpeed engine or DDP wrapper is unwrapped) -> [(module path, backend,
-    layer)] for its `deepspeed.moe.layer.MoE` layers (backend "deepspeed") and megatron-core `MoELayer`
-    layers (backend "megatron"), in module order."""
-    while hasattr(model, "module") and hasattr(model.module, "named_modules"):
-        model = model.module
-    out = []
-    for name, m in model.named_modules():
-        if hasattr(m, "deepspeed_moe"):
-            out.append((name, "deepspeed", m))
-        elif hasattr(m, "local_expert_indices") and hasattr(m, "router") and hasattr(m, "experts"):
-            out.append((name, "megatron", m))
-    return out
-
-
-def _backend(name: str) -> ModuleType:
-    """"deepspeed" | "megatron" -> the act backend module (expert_to_rank, permute_experts)."""
-    import importlib
-
-    return importlib.import_module(f"moeload.act.{name}")
-
-
-def _ep_size(backend: str, layer: Any) -> int:
-    if backend == "deepspeed":
-        return int(layer.deepspeed_moe.ep_size)
-    from moeload.act.megatron import _ep_size
-
-    return _ep_size(layer)
-
-
-def _ep_group(backend: str, layer: Any) -> Any:
-    return layer.deepspeed_moe.ep_group if backend == "deepspeed" else getattr(layer, "ep_group", None)
-
-
 def layout_state_dict(model: Any) -> dict[str, Any]:
     """The maps in force, to save beside the model's and optimizer's state (each rank its own copy):
     {"format", "version", "layers": {module path: {"backend", "ep_size", "expert_to_rank": [E]}}}.
-    Plain lists and strings: it fits in torch.save, JSON and DeepSpeed's client_state. InputError
+    Plain lists and strings: it fits in torch.save and JSON. InputError
     where the model has no MoE layer of a supported backend."""
-    layers = moe_layers(model)
+    layers = bk.moe_layers(model)
     if not layers:
         raise InputError(f"layout_state_dict: {type(model).__name__} has no DeepSpeed MoE or megatron-core MoELayer layer")
     return {"format": FORMAT, "version": VERSION,
-            "layers": {name: {"backend": b, "ep_size": _ep_size(b, m), "expert_to_rank": _backend(b).expert_to_rank(m)}
+            "layers": {name: {"backend": b, "ep_size": bk.ep_size(b, m), "expert_to_rank": bk.backend(b).expert_to_rank(m)}
                        for name, b, m in layers}}
 
 
 def _targets(layers: list[tuple[str, str, Any]], layout: Any) -> dict[str, list[int]]:
     """The map each layer goes to (rank-local checks only): {module path: [E]}."""
     if isinstance(layout, str) and layout == "contiguous":
-        return {name: contiguous_expert_to_rank(len(_backend(b).expert_to_rank(m)), _ep_size(b, m)).tolist()
+        return {name: contiguous_expert_to_rank(len(bk.backend(b).expert_to_rank(m)), bk.ep_size(b, m)).tolist()
                 for name, b, m in layers}
     if not isinstance(layout, dict) or layout.get("format") != FORMAT:
         raise InputError(f"layout: expected 'contiguous' or a layout_state_dict() ({FORMAT!r}), got {layout!r:.80}")
@@ -97,7 +63,7 @@ def _targets(layers: list[tuple[str, str, Any]], layout: Any) -> dict[str, list[
                          f"{extra[:3]}); save and load the same kind of object (the engine or its module)")
     out = {}
     for name, b, m in layers:
-        entry, E, G = saved[name], len(_backend(b).expert_to_rank(m)), _ep_size(b, m)
+        entry, E, G = saved[name], len(bk.backend(b).expert_to_rank(m)), bk.ep_size(b, m)
         if not isinstance(entry, dict) or entry.get("backend") != b or entry.get("ep_size") != G:
             got = (entry.get("backend"), entry.get("ep_size")) if isinstance(entry, dict) else entry
             raise InputError(f"layout: layer {name!r} was saved as {got!r}; the model's is ({b!r}, {G}) (backend, ep_size)")
@@ -119,7 +85,7 @@ def apply_layout(model: Any, layout: Any, optimizer: Any = None, *, group: Any =
     on every rank of `group`. -> {module path: permute_experts' stats} (a layer already in its map
     moves nothing).
     """
-    layers = moe_layers(model)
+    layers = bk.moe_layers(model)
     error, targets = "", {}
     try:
         if not layers:
@@ -131,7 +97,7 @@ def apply_layout(model: Any, layout: Any, optimizer: Any = None, *, group: Any =
         keyed = {}
         if not error:  # a layer is known by its path and its EP group's global ranks (pipeline stages may repeat paths)
             for name, b, m in layers:
-                g = _ep_group(b, m)
+                g = bk.ep_group(b, m)
                 keyed[name, tuple(dist.get_process_group_ranks(g)) if g is not None else ()] = targets[name]
         every: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(every, (error, keyed), group=group)
@@ -146,4 +112,4 @@ def apply_layout(model: Any, layout: Any, optimizer: Any = None, *, group: Any =
             error = errs[0] if errs else ""
     if error:
         raise InputError(error)
-    return {name: _backend(b).permute_experts(m, targets[name], optimizer) for name, b, m in layers}
+    return {name: bk.backend(b).permute_experts(m, targets[name], optimizer) for name, b, m in layers}

@@ -18,7 +18,8 @@ flushed), and for each layer whose map would change predicts the MoE step time u
 and the planned map (`moeload.advise`: `Setting.times`, the mean counts of the window standing for
 the next `horizon` steps) and the stall of moving the experts (`advise.cost.migration_time`). A
 layer is re-placed where `horizon x (before - after) > migration`. Rank 0 broadcasts the decision,
-so every rank applies the same one: `act.deepspeed.permute_experts` on each chosen layer, then
+so every rank applies the same one: the backend's `permute_experts` (`act.deepspeed` for DeepSpeed MoE
+layers, `act.megatron` for megatron-core MoELayers with SequentialMLP experts) on each chosen layer, then
 `tracer.record_rank_map` (the manifest's `rank_map_changes`; counts stay per logical expert). Each
 check is one line on the `moeload.act` logger and one entry of `history`. A fault in rank 0's
 decision (a bad plan) is broadcast too: every rank warns once, skips that check, training goes on.
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moeload.act.deepspeed import _moe_layer, expert_to_rank, permute_experts
+from moeload.act import _backends as bk
 from moeload.act.permute import check_expert_to_rank, phy2log
 from moeload.advise.cost import Calibration, ExpertShape, default_calibration
 from moeload.advise.strategies import Setting
@@ -76,28 +77,42 @@ def plan_maps(plan: Any, num_experts: list[int], ep_size: int) -> list[list[int]
 
 
 def expert_shape(layer: Any, optimizer: Any = None) -> ExpertShape:
-    """The `ExpertShape` of one DeepSpeed MoE layer: hidden from its gate, ffn_hidden from one expert's
-    parameter count (two matrices with biases), bytes per parameter that migrate from the parameters
-    and their optimizer state as they are now (Adam after its first step: 3 x 4 fp32)."""
-    moe: Any = _moe_layer(layer)
-    hidden = int(moe.gate.wg.in_features)
-    params = list(moe.experts.deepspeed_experts[0].parameters())
+    """The `ExpertShape` of one MoE layer, measured from it: hidden from its gate / router; ffn_hidden
+    from one expert's parameter count (DeepSpeed: two matrices with biases) or from the config
+    (megatron-core: `moe_ffn_hidden_size`, `gated_linear_unit`); bytes per parameter that migrate from
+    the parameters and their optimizer state as they are now (Adam after its first step: 3 x 4 fp32)."""
+    found = [(b, m) for _, b, m in bk.moe_layers(layer) if m is layer]
+    if not found:
+        raise InputError(f"expert_shape: expected a DeepSpeed MoE or megatron-core MoELayer layer, got {type(layer).__name__}")
+    backend = found[0][0]
+    if backend == "deepspeed":
+        moe: Any = layer.deepspeed_moe
+        hidden, gated = int(moe.gate.wg.in_features), False
+        params = list(moe.experts.deepspeed_experts[0].parameters())
+        ffn = max(1, round((sum(p.numel() for p in params) - hidden) / (2 * hidden + 1)))
+    else:
+        from moeload.act.megatron import _local_experts
+
+        cfg = layer.config
+        hidden, gated = int(layer.router.weight.shape[1]), bool(getattr(cfg, "gated_linear_unit", False))
+        params = list(_local_experts(layer)[0].parameters())
+        ffn = int(getattr(cfg, "moe_ffn_hidden_size", None) or cfg.ffn_hidden_size)
     n = sum(p.numel() for p in params)
     opt = getattr(optimizer, "optimizer", optimizer)
     state = getattr(opt, "state", {})
     nbytes = sum(p.numel() * p.element_size() + sum(t.numel() * t.element_size() for t in state.get(p, {}).values()
                                                     if isinstance(t, torch.Tensor)) for p in params)
-    ffn = max(1, round((n - hidden) / (2 * hidden + 1)))
-    return ExpertShape(hidden, ffn, act_bytes=params[0].element_size(), state_bytes_per_param=max(1, math.ceil(nbytes / n)),
-                       source="measured from the layer")
+    return ExpertShape(hidden, ffn, gated=gated, act_bytes=params[0].element_size(),
+                       state_bytes_per_param=max(1, math.ceil(nbytes / n)), source="measured from the layer")
 
 
 class Replacer:
     """Applies re-placement plans at step boundaries when the predicted gain beats the migration cost.
 
-    tracer: a started-or-not `LoadTracer` over a model of DeepSpeed MoE layers (every traced layer
-    must be one, with ep_size >= 2); plan: see `plan_maps` (or None; `set_plan` gives one later);
-    optimizer: the torch optimizer or DeepSpeed engine whose state moves with the experts; every:
+    tracer: a started-or-not `LoadTracer` over a model of DeepSpeed MoE layers or megatron-core
+    MoELayers with SequentialMLP experts (every traced gate must be one's gate / router, all with the
+    same ep_size >= 2); plan: see `plan_maps` (or None; `set_plan` gives one later);
+    optimizer: the torch optimizer (or DeepSpeed engine) whose state moves with the experts; every:
     steps between checks (at `tracer.step_count % every == 0`); horizon: steps the gain is counted
     over (default `every`); window: recent steps whose mean counts predict them; shape: an
     `ExpertShape` (default: read from each layer, `expert_shape`); calibration: a `Calibration` or
@@ -122,13 +137,14 @@ class Replacer:
         self.calibration = Calibration.load(calibration) if isinstance(calibration, (str, Path)) else calibration
         self.group = tracer.group if group is None else group
         self.wait_s = float(wait_s)
-        owners: dict[int, Any] = {id(getattr(m.deepspeed_moe, "gate", None)): m for m in tracer.model.modules()
-                                  if hasattr(m, "deepspeed_moe")}
+        owners = {id(bk.gate(b, m)): (b, m) for _, b, m in bk.moe_layers(tracer.model)}
         missing = [n for n, s in zip(tracer.layers, tracer.specs) if id(s.module) not in owners]
         if missing:
-            raise InputError(f"Replacer: traced layer(s) {missing[:3]} are not gates of deepspeed.moe.layer.MoE layers")
-        self.layers: list[Any] = [owners[id(s.module)] for s in tracer.specs]
-        sizes = sorted({int(m.deepspeed_moe.ep_size) for m in self.layers})
+            raise InputError(f"Replacer: traced layer(s) {missing[:3]} are not gates of deepspeed.moe.layer.MoE or "
+                             "megatron-core MoELayer layers")
+        self.backends: list[str] = [owners[id(s.module)][0] for s in tracer.specs]
+        self.layers: list[Any] = [owners[id(s.module)][1] for s in tracer.specs]
+        sizes = sorted({bk.ep_size(b, m) for b, m in zip(self.backends, self.layers)})
         if len(sizes) > 1 or sizes[0] < 2:
             raise InputError(f"Replacer: every MoE layer needs the same ep_size >= 2, got {sizes}")
         self.ep_size = sizes[0]
@@ -181,7 +197,7 @@ class Replacer:
             self.history.append(decision)
             return decision
         for li, m in sorted(decision["apply"].items()):
-            stats = permute_experts(self.layers[li], m, self.optimizer)
+            stats = bk.backend(self.backends[li]).permute_experts(self.layers[li], m, self.optimizer)
             self.tracer.record_rank_map(step, li, m, phy2log=phy2log(np.asarray(m)).tolist())
             info = decision["layers"][li]
             info.update(experts_moved=stats["experts_moved"], bytes_total=stats["bytes_total"], seconds=stats["seconds"])
@@ -217,7 +233,7 @@ class Replacer:
         new = plan_maps(self.plan, self.num_experts, self.ep_size)
         mean = counts.astype(np.float64).mean(axis=0)  # [L, E] routes per step
         for li, layer in enumerate(self.layers):
-            cur, E = expert_to_rank(layer), self.num_experts[li]
+            cur, E = bk.backend(self.backends[li]).expert_to_rank(layer), self.num_experts[li]
             if new[li] == cur:
                 continue
             shape = self.shape or expert_shape(layer, self.optimizer)
