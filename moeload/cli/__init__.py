@@ -7,8 +7,9 @@ User errors (moeload.errors.MoeloadError, file errors) print one line and exit w
 from __future__ import annotations
 
 import typer
+from typer.core import TyperCommand
 
-from moeload.cli._common import ErrorGroup
+from moeload.cli._common import ErrorGroup, FlagHelpCommand
 
 app = typer.Typer(
     name="moeload",
@@ -56,6 +57,9 @@ def _register() -> None:
             raise
     else:
         demo.register(app)
+    for command in app.registered_commands:  # every plain command's help shows flags as flags
+        if command.cls in (None, TyperCommand):
+            command.cls = FlagHelpCommand
 
 
 _register()

@@ -13,7 +13,7 @@ import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from moeload.errors import InputError, MoeloadError
 
@@ -49,11 +49,27 @@ def fail(message: str) -> None:
     raise typer.Exit(EXIT_USER_ERROR)
 
 
-class ErrorGroup(TyperGroup):
+class FlagHelp:
+    """Help that shows flags as flags: typer's rich help prints a value type beside every option,
+    `<bool>` for `--json` or `--help` too, though a flag takes no value (its plain-text help
+    already leaves it out). Mixed into the group and every command."""
+
+    def format_help(self, ctx: typer.Context, formatter: Any) -> None:
+        for p in self.get_params(ctx):  # type: ignore[attr-defined]
+            if getattr(p, "is_flag", False) or getattr(p, "count", False):
+                p.metavar = ""  # the rich help prints the metavar, when set, in place of the type
+        super().format_help(ctx, formatter)  # type: ignore[misc]
+
+
+class FlagHelpCommand(FlagHelp, TyperCommand):
+    """A command whose help shows flags as flags (see FlagHelp)."""
+
+
+class ErrorGroup(FlagHelp, TyperGroup):
     """Top-level group: a MoeloadError, a file error or a usage error becomes one stderr line and
     exit code 2.
 
-    Anything else is a bug and keeps its traceback.
+    Anything else is a bug and keeps its traceback. Help shows flags as flags (FlagHelp).
     """
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
