@@ -54,7 +54,7 @@ class FlagHelp:
     `<bool>` for `--json` or `--help` too, though a flag takes no value (its plain-text help
     already leaves it out). Mixed into the group and every command."""
 
-    def format_help(self, ctx: typer.Context, formatter: Any) -> None:
+    def format_help(self, ctx: Any, formatter: Any) -> None:
         for p in self.get_params(ctx):  # type: ignore[attr-defined]
             if getattr(p, "is_flag", False) or getattr(p, "count", False):
                 p.metavar = ""  # the rich help prints the metavar, when set, in place of the type
