@@ -4,9 +4,9 @@
 `deepspeed.moe.layer.MoE` layer and `megatron.py` to a megatron-core `MoELayer` (SequentialMLP
 experts), each collectively over its expert-parallel group; `loop.py` (`Replacer`, both backends)
 applies plans during training when the cost model says they pay; `checkpoint.py` saves the maps in force
-beside a checkpoint and applies them before it loads (`layout_state_dict`, `apply_layout`). Framework
-packages are imported only inside their backend; `Replacer`, `plan_maps`, `layout_state_dict` and
-`apply_layout` (torch) are imported on first use.
+beside a checkpoint and applies them before it loads (`layout_state_dict`, `apply_layout`,
+`record_layout` for a resumed tracer). Framework packages are imported only inside their backend;
+`Replacer`, `plan_maps` and the checkpoint functions (torch) are imported on first use.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from moeload.act.permute import Moves, check_expert_to_rank, contiguous_expert_to_rank, phy2log, plan_moves
 
 __all__ = ["Moves", "Replacer", "apply_layout", "check_expert_to_rank", "contiguous_expert_to_rank",
-           "layout_state_dict", "phy2log", "plan_maps", "plan_moves"]
+           "layout_state_dict", "phy2log", "plan_maps", "plan_moves", "record_layout"]
 
 
 def __getattr__(name: str) -> Any:
@@ -24,7 +24,7 @@ def __getattr__(name: str) -> Any:
         from moeload.act import loop
 
         return getattr(loop, name)
-    if name in ("apply_layout", "layout_state_dict"):
+    if name in ("apply_layout", "layout_state_dict", "record_layout"):
         from moeload.act import checkpoint
 
         return getattr(checkpoint, name)

@@ -25,7 +25,7 @@ from typing import Any
 import torch.distributed as dist
 
 from moeload.act import _backends as bk
-from moeload.act.permute import check_expert_to_rank, contiguous_expert_to_rank
+from moeload.act.permute import check_expert_to_rank, contiguous_expert_to_rank, phy2log
 from moeload.errors import InputError
 
 FORMAT, VERSION = "moeload-expert-layout", 1
@@ -113,3 +113,23 @@ def apply_layout(model: Any, layout: Any, optimizer: Any = None, *, group: Any =
     if error:
         raise InputError(error)
     return {name: bk.backend(b).permute_experts(m, targets[name], optimizer) for name, b, m in layers}
+
+
+def record_layout(tracer: Any, model: Any) -> list[str]:
+    """Tell a `LoadTracer` started on a model that was re-placed before it (a run resumed from a
+    checkpoint, after `apply_layout`) the maps in force: `tracer.record_rank_map(tracer.step_count,
+    layer, map, phy2log=...)` for each traced gate whose layer is not in the contiguous layout, so that
+    its counts are per logical expert and `Trace.gpu_loads()` follows the map from this step on.
+    Call it on every rank after `tracer.start()` (and `tracer.load_state_dict`, where steps continue),
+    before the next forward. -> the trace's layer names recorded."""
+    owners = {id(bk.gate(b, m)): (b, m) for _, b, m in bk.moe_layers(model)}
+    done = []
+    for name, spec in zip(tracer.local_layers, tracer.specs):
+        if id(spec.module) not in owners:
+            continue
+        b, m = owners[id(spec.module)]
+        e2r = bk.backend(b).expert_to_rank(m)
+        if e2r != contiguous_expert_to_rank(len(e2r), bk.ep_size(b, m)).tolist():
+            tracer.record_rank_map(tracer.step_count, name, e2r, phy2log=phy2log(e2r).tolist())
+            done.append(name)
+    return done

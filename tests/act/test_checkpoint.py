@@ -5,7 +5,8 @@ of processes). "train": A is never permuted; B is permuted after step K; after s
 (torch.save per rank of the module's and the optimizer's state dicts, and B also its layout); both go on
 to N + M. "resume": fresh models from another seed load the checkpoint and go on to N + M:
 R1 starts contiguous and loads into the saved layout; R2 the same, then goes back to the contiguous layout;
-R3 starts in another permuted layout; R4 (the control) loads B's files without the layout. Each rank
+R3 starts in another permuted layout; R4 (the control) loads B's files without the layout. A, B, R1 and R3
+are traced; R1's tracer is told the loaded layout (record_layout), R3's is not. Each rank
 writes what it measured to <phase>_rank<r>.json; the tests below check it.
 """
 
@@ -38,7 +39,8 @@ def _worker(out: Path, phase: str) -> None:
     deepspeed.init_distributed("gloo", timeout=datetime.timedelta(seconds=60))
     from deepspeed.moe.layer import MoE
 
-    from moeload.act.checkpoint import apply_layout, layout_state_dict
+    from moeload import LoadTracer
+    from moeload.act.checkpoint import apply_layout, layout_state_dict, record_layout
     from moeload.act.deepspeed import expert_to_rank, permute_experts
     from moeload.errors import InputError
 
@@ -70,12 +72,19 @@ def _worker(out: Path, phase: str) -> None:
     gen = torch.Generator().manual_seed(1000 + rank)  # different tokens on each rank, the same in both phases
     xs = [torch.randn(1, TOKENS, H, generator=gen) for _ in range(N + M)]
 
-    def step(eng: object, t: int) -> float:
+    def step(eng: object, t: int, tracer: LoadTracer | None = None) -> float:
         torch.manual_seed(10 + t)
         loss = eng(xs[t])
         eng.backward(loss)
         eng.step()
+        if tracer is not None:
+            tracer.step()
         return float(loss.detach())
+
+    def traced(eng: object, name: str, start: int) -> LoadTracer:
+        tracer = LoadTracer(eng.module, out / f"trace_{name}", flush_every=1, fsync=False)
+        tracer.load_state_dict({"step": start})
+        return tracer.start()
 
     def save(eng: object, name: str, layout: bool) -> None:
         ck = {"model": eng.module.state_dict(), "optimizer": eng.optimizer.state_dict()}
@@ -104,17 +113,21 @@ def _worker(out: Path, phase: str) -> None:
     res: dict = {"rank": rank}
     if phase == "train":
         A, B = engine(0), engine(0)
+        ta, tb = traced(A, "a", 0), traced(B, "b", 0)
         losses: dict = {"A": [], "B": []}
         for t in range(N + M):
             if t == K:
                 for m, mp in zip(B.module.moe, MAPS):
                     permute_experts(m, mp, B)
+                res["recorded_B"] = record_layout(tb, B)
             if t == N:
                 save(A, "ref", layout=False)
                 save(B, "ckpt", layout=True)
                 res["layout"] = torch.load(out / f"ckpt_rank{rank}.pt")["layout"]
-            losses["A"].append(step(A, t))
-            losses["B"].append(step(B, t))
+            losses["A"].append(step(A, t, ta))
+            losses["B"].append(step(B, t, tb))
+        ta.close()
+        tb.close()
         res["losses"] = losses
     else:
         ck, ref = torch.load(out / f"ckpt_rank{rank}.pt"), torch.load(out / f"ref_rank{rank}.pt")
@@ -157,8 +170,13 @@ def _worker(out: Path, phase: str) -> None:
         load(R4, "ckpt")  # the control: without the layout, slot e is taken for logical expert e
         res["maps_R4"] = maps(R4)
         res["diff_R4"] = diff(R4, ref)
-        res["losses"] = {name: [step(eng, t) for t in range(N, N + M)]
-                         for name, eng in (("R1", R1), ("R2", R2), ("R3", R3), ("R4", R4))}
+        # R1's trace continues from step N and is told the layout; R3's (the control) is not: it counts slots
+        t1, t3 = traced(R1, "r1", N), traced(R3, "r3", N)
+        res["recorded_R1"] = record_layout(t1, R1)
+        res["losses"] = {name: [step(eng, t, tracer) for t in range(N, N + M)]
+                         for name, eng, tracer in (("R1", R1, t1), ("R2", R2, None), ("R3", R3, t3), ("R4", R4, None))}
+        t1.close()
+        t3.close()
     (out / f"{phase}_rank{rank}.json").write_text(json.dumps(res))
     dist.barrier()
 
@@ -167,15 +185,16 @@ pytest.importorskip("deepspeed")
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> dict[str, list[dict]]:
-    """The two phases, each a fresh 2-rank gloo launch over the same directory -> what each rank measured."""
+def ranks(tmp_path_factory) -> dict:
+    """The two phases, each a fresh 2-rank gloo launch over the same directory -> {"train", "resume": what
+    each rank measured, "out": the directory}."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tracing"))
     from _shims import free_port
 
     out = tmp_path_factory.mktemp("act_ckpt")
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "DS_BUILD_OPS": "0", "OMP_NUM_THREADS": "1"}
-    res = {}
+    res: dict = {"out": out}
     for phase in ("train", "resume"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), __file__, str(out), phase]
@@ -237,6 +256,24 @@ def test_layout_state_dict_refuses_a_model_without_moe_layers():
         layout_state_dict(torch.nn.Linear(2, 2))
     with pytest.raises(InputError, match="Linear has no DeepSpeed MoE"):
         apply_layout(torch.nn.Linear(2, 2), "contiguous")
+
+
+
+@pytest.mark.slow
+def test_a_resumed_trace_told_the_layout_counts_logical_experts(ranks):
+    from moeload import open_trace
+
+    out = ranks["out"]
+    gates = [f"moe.{i}.deepspeed_moe.gate" for i in range(3)]
+    assert ranks["train"][0]["recorded_B"] == ranks["resume"][0]["recorded_R1"] == gates
+    a, b, r1, r3 = (open_trace(out / f"trace_{n}") for n in ("a", "b", "r1", "r3"))
+    assert r1.steps.tolist() == r3.steps.tolist() == list(range(N, N + M))
+    ca = a.counts()
+    np.testing.assert_array_equal(b.counts(), ca)  # the re-placement at step K: counts stay logical
+    np.testing.assert_array_equal(r1.counts(), ca[N:])  # and so after the resume
+    assert r1.meta["rank_map_changes"] == [{"step": N, "layer": i, "expert_to_rank": list(m)} for i, m in enumerate(MAPS)]
+    np.testing.assert_array_equal(r1.gpu_loads(), b.gpu_loads()[N:])
+    assert not np.array_equal(r3.counts(), ca[N:])  # the control counted slots, not experts
 
 
 if __name__ == "__main__":
