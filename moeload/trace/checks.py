@@ -116,6 +116,10 @@ def _type_problem(schema: pa.Schema) -> str | None:
             t = schema.field(name).type
             if not (pa.types.is_list(t) and pa.types.is_integer(t.value_type)):
                 return f"column {name!r} is {t}, expected list<int>"
+    if "bias" in schema.names:
+        t = schema.field("bias").type
+        if not (pa.types.is_list(t) and pa.types.is_floating(t.value_type)):
+            return f"column 'bias' is {t}, expected list<double>"
     return None
 
 

@@ -12,9 +12,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from moeload.errors import InputError, TraceFormatError
-from moeload.trace.checks import I64_MAX, check_part, checked_sum, index_part, list_lengths, read_columns, rows_problem
+from moeload.trace.checks import (
+    I64_MAX,
+    check_part,
+    checked_sum,
+    index_part,
+    list_lengths,
+    read_columns,
+    reading,
+    rows_problem,
+)
 from moeload.trace.manifest import PARTS_DIR, Manifest, read_manifest
 from moeload.trace.writer import PART_RE
 
@@ -424,6 +434,41 @@ class Trace:
     def tokens(self, steps: StepSel = None, layers: LayerSel = None, *, split: str = "train") -> np.ndarray:
         """[S, L] tokens that reached each router in each step, summed over ranks."""
         return self._gather(steps, layers, split, "tokens", per_rank=False)[1]
+
+    def router_bias(self, steps: StepSel = None, layers: LayerSel = None) -> np.ndarray | None:
+        """[S, L, E] float64 expert bias each router routed with in each step (aux-loss-free routing:
+        megatron-core expert_bias, torchtitan expert_bias, DeepSeek-V3 e_score_correction_bias), as
+        the tracer read it before the step's first forward; NaN for layers without one (and for
+        steps written by a session that recorded none). None where the trace records no bias."""
+        extra = self.manifest.extra if isinstance(self.manifest.extra, dict) else {}
+        if not extra.get("router_bias_layers"):
+            return None
+        sel_steps, owner = self._select_steps(steps, "train")
+        lay = self._select_layers(layers)
+        out = np.full((len(sel_steps), len(lay), self.num_experts), np.nan)
+        lay_pos = np.full(self.num_layers, -1)
+        lay_pos[lay] = np.arange(len(lay))
+        for pi in np.unique(owner):
+            part = self._parts[pi]
+            with reading(part.path), pq.ParquetFile(part.path) as pf:
+                if "bias" not in pf.schema_arrow.names:
+                    continue
+            mine = sel_steps[owner == pi]
+            t = read_columns(part.path, ["step", "layer", "bias"],
+                             [("step", ">=", int(mine.min())), ("step", "<=", int(mine.max()))])
+            s, lyr = t.column("step").to_numpy(), t.column("layer").to_numpy()
+            if len(lyr) and (lyr.min() < 0 or lyr.max() >= self.num_layers):
+                raise TraceFormatError(f"{part.path}: layer ids outside 0..{self.num_layers - 1}{SKIP_HINT}")
+            rows = np.isin(s, mine) & (lay_pos[lyr] >= 0)
+            col = t.column("bias").filter(pa.array(rows))
+            lengths, vals, _ = list_lengths(col)
+            if len(lengths) and (lengths.max() > self.num_experts):
+                raise TraceFormatError(f"{part.path}: a bias row holds more than {self.num_experts} values{SKIP_HINT}")
+            si, li = np.searchsorted(sel_steps, s[rows]), lay_pos[lyr[rows]]
+            starts = np.cumsum(lengths) - lengths
+            r = np.repeat(np.arange(len(lengths)), lengths)
+            out[si[r], li[r], np.arange(len(vals)) - np.repeat(starts, lengths)] = vals
+        return out
 
     def gpu_loads(self, steps: StepSel = None, layers: LayerSel = None, *, kind: str = "routed", split: str = "train") -> np.ndarray:
         """[S, L, G] tokens processed by each expert-parallel rank under the expert->rank map in force

@@ -29,8 +29,11 @@ def part_name(seq: int, writer_rank: int, split: str, first: int, last: int) -> 
 
 
 def _list_array(x: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
-    """x: [N, Emax] counts; lengths: [N] experts in each row's layer -> list<int32|int64>."""
-    if x.size and (x.max() >= 2**31 or x.min() < 0):
+    """x: [N, Emax] counts; lengths: [N] experts in each row's layer -> list<int32|int64> (float64 for
+    a floating x)."""
+    if x.dtype.kind == "f":
+        values_dtype: type = np.float64
+    elif x.size and (x.max() >= 2**31 or x.min() < 0):
         values_dtype = np.int64
     else:
         values_dtype = np.int32
@@ -114,12 +117,15 @@ class TraceWriter:
         *,
         split: str = "train",
         times: np.ndarray | None = None,
+        bias: np.ndarray | None = None,
     ) -> Path | None:
         """Write one part.
 
         steps: [S] step numbers; routed, kept: [S, R, L, E] or [S, L, E] counts (E may be the max
         over layers, padding beyond a layer's experts is ignored); tokens: [S, R, L] or [S, L]
-        tokens seen by each router; times: [S] unix seconds at step end. R = world_size when the
+        tokens seen by each router; times: [S] unix seconds at step end; bias: [S, L, E] float64
+        router expert bias in force during each step (NaN: none), written to every rank row of its
+        (step, layer) as the list<float64> column "bias". R = world_size when the
         manifest records ranks, else 1 (pre-summed global counts). Returns the part path.
         """
         m = self.manifest
@@ -182,6 +188,12 @@ class TraceWriter:
             cols["kept"] = _list_array(kept[..., :E].reshape(n, E), lengths)
         if times is not None:
             cols["time"] = pa.array(np.tile(np.repeat(np.asarray(times, dtype=np.float64), R), L))
+        if bias is not None:
+            b = np.asarray(bias, dtype=np.float64)
+            if b.shape[:2] != (S, L) or b.shape[2] < E:
+                raise ValueError(f"write_block: bias has shape {b.shape}, expected [S={S}, L={L}, E>={E}]")
+            rows = np.repeat(b.transpose(1, 0, 2)[..., :E].reshape(L * S, E), R, axis=0)  # (layer, step, rank) rows
+            cols["bias"] = _list_array(rows, lengths)
         table = pa.table(cols)
         name = part_name(self._seq, self.writer_rank, split, int(steps.min()), int(steps.max()))
         final = self.parts_dir / name

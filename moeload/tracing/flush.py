@@ -60,6 +60,9 @@ class FlushedBlock(NamedTuple):
     """[S, R, L] tokens that reached each gate."""
     times: np.ndarray
     """[S] unix seconds at the end of each step."""
+    bias: np.ndarray | None = None
+    """[S, L, E] float64 router expert bias in force during each step (train blocks of traces that
+    record it; NaN for layers without one), else None."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,23 +75,42 @@ class Layout:
     kept: int | None
     eval_routed: int | None
     eval_kept: int | None
+    bias: int | None = None
+    """Plane of the router expert bias: float64 bits in columns [1, E] (see `bias_of`)."""
 
     @property
     def planes(self) -> int:
-        return 1 + sum(p is not None for p in (self.kept, self.eval_routed, self.eval_kept))
+        return 1 + sum(p is not None for p in (self.kept, self.eval_routed, self.eval_kept, self.bias))
 
     @property
     def width(self) -> int:
         return max(self.experts_per_layer) + 5
 
     @staticmethod
-    def make(layers: list[str], experts_per_layer: list[int], kept: bool, record_eval: bool) -> Layout:
-        n = iter(range(4))
+    def make(layers: list[str], experts_per_layer: list[int], kept: bool, record_eval: bool, bias: bool = False) -> Layout:
+        n = iter(range(5))
         r = next(n)
         k = next(n) if kept else None
         er = next(n) if record_eval else None
         ek = next(n) if record_eval and kept else None
-        return Layout(list(layers), list(experts_per_layer), r, k, er, ek)
+        b = next(n) if bias else None
+        return Layout(list(layers), list(experts_per_layer), r, k, er, ek, b)
+
+
+def bias_of(a: np.ndarray, layout: Layout, has_bias: Sequence[bool], rank_of: Sequence[int]) -> np.ndarray | None:
+    """a: [S, R, P, L, W] host block -> [S, L, E_max] float64 expert bias (NaN where a layer has none), read
+    from rank rank_of[l] (a rank that holds layer l); None where the layout records no bias."""
+    if layout.bias is None:
+        return None
+    E = max(layout.experts_per_layer)
+    raw = np.ascontiguousarray(a[:, :, layout.bias, :, 1 : E + 1])  # [S, R, L, E] int64 bits
+    vals = raw.view(np.float64)
+    out = np.full((a.shape[0], len(layout.layers), E), np.nan)
+    for li, (has, r) in enumerate(zip(has_bias, rank_of)):
+        if has:
+            e = layout.experts_per_layer[li]
+            out[:, li, :e] = vals[:, r, li, :e]
+    return out
 
 
 class _Job(NamedTuple):
@@ -114,6 +136,8 @@ class BlockWriter:
     ranks hold different gates (pipeline stages) or replicate them (tensor parallel), gathered blocks
     hold `rank_layout.width` layer slots per rank and are mapped to the global layers first
     (`ranks.to_global`); a replica whose counts differ from its primary's disables that layer.
+    has_bias, bias_rank: [L] where the layout has a bias plane: layers whose router has an expert
+    bias, and the rank (block row) to read it from.
     A block whose part fails to be written (disk full, directory gone or read-only) is lost the same
     way; the next block is tried again, and the manifest is rewritten as soon as it can be.
     """
@@ -139,9 +163,13 @@ class BlockWriter:
         top_k: Sequence[int] | None = None,
         exact: Sequence[bool] | None = None,
         rank_layout: RankLayout | None = None,
+        has_bias: Sequence[bool] | None = None,
+        bias_rank: Sequence[int] | None = None,
     ) -> None:
         self.layout = layout
         self.rank_layout = rank_layout
+        self.has_bias = [False] * len(layout.layers) if has_bias is None else list(has_bias)
+        self.bias_rank = [0] * len(layout.layers) if bias_rank is None else list(bias_rank)
         self.writer = writer
         self.sinks: tuple[Callable[[FlushedBlock], None], ...] = () if sink is None else (sink,)
         self.ranks_recorded = ranks_recorded
@@ -351,6 +379,7 @@ class BlockWriter:
             except Exception as e:
                 self.on_error(f"conservation check of steps {job.steps[0]}..{job.steps[-1]} failed: {type(e).__name__}: {e}")
         E = max(lay.experts_per_layer)
+        bias = bias_of(a, lay, self.has_bias, self.bias_rank) if a.shape[1] > max(self.bias_rank, default=0) else None
         written = True
         out: list[FlushedBlock] = []
         for split, pr, pk in (("train", lay.routed, lay.kept), ("eval", lay.eval_routed, lay.eval_kept)):
@@ -368,7 +397,8 @@ class BlockWriter:
             if not self.ranks_recorded:
                 routed, tokens = routed.sum(1, keepdims=True), tokens.sum(1, keepdims=True)
                 kept = kept.sum(1, keepdims=True) if kept is not None else None
-            block = FlushedBlock(split, steps.copy(), routed.copy(), None if kept is None else kept.copy(), tokens.copy(), times.copy())
+            block = FlushedBlock(split, steps.copy(), routed.copy(), None if kept is None else kept.copy(), tokens.copy(),
+                                 times.copy(), bias if split == "train" else None)
             if self.writer is not None and not self._write_part(block) and split == "train":
                 written = False
             out.append(block)
@@ -383,7 +413,8 @@ class BlockWriter:
         first, last = int(block.steps[0]), int(block.steps[-1])
         tmp = w.parts_dir / f".{part_name(w._seq, w.writer_rank, block.split, int(block.steps.min()), int(block.steps.max()))}.tmp"
         try:
-            w.write_block(block.steps, block.routed, block.kept, block.tokens, split=block.split, times=block.times)
+            w.write_block(block.steps, block.routed, block.kept, block.tokens, split=block.split, times=block.times,
+                          bias=block.bias)
         except OSError as e:
             _remove(tmp)
             reason = f"{type(e).__name__}: " + (f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e))

@@ -25,7 +25,7 @@ import numpy as np
 
 from moeload.errors import InputError
 
-LAYER_KEYS = ("num_experts", "top_k", "kind", "expert_to_rank")
+LAYER_KEYS = ("num_experts", "top_k", "kind", "expert_to_rank", "bias")
 """Per-layer fields every rank that holds the layer must agree on."""
 RUN_KEYS = ("flush_every", "record_eval", "kept", "ranks")
 """Tracer settings every rank must agree on."""

@@ -19,6 +19,7 @@ from moeload.trace import Manifest, TraceWriter
 from moeload.trace import lock as trace_lock
 from moeload.tracing.accumulate import accumulate, as_routing
 from moeload.tracing.adapters import Adapter, GateSpec, GenericAdapter, RoutingShapeError, discover, registered_adapters
+from moeload.tracing.adapters.base import find_bias
 from moeload.tracing.collective import all_gather, all_gather_object, tracer_group
 from moeload.tracing.flush import (
     DISABLED_ERROR,
@@ -242,6 +243,10 @@ class LoadTracer:
             if self.world_size == 1:
                 raise
             self.specs = []  # a pipeline stage without MoE layers still joins the agreement and the flushes
+        parents = {id(c): m for m in model.modules() for c in m.children()}
+        for s in self.specs:
+            if s.bias is None:
+                s.bias = find_bias(s.module, parents.get(id(s.module)), s.num_experts)
         self.local_layers = [plain_name(s.name) for s in self.specs]
         """This rank's gates (hook and buffer slot order); `layers` is the trace's global list."""
         self.errors: list[str] = []
@@ -250,7 +255,7 @@ class LoadTracer:
         self._cpu_pg: Any = None
         declared = {"layers": [describe(n, s.num_experts, s.top_k, kind, expert_to_rank=s.expert_to_rank,
                                         ep_size=s.ep_size, framework=s.framework, framework_version=s.framework_version,
-                                        gate_class=type(s.module).__name__)
+                                        gate_class=type(s.module).__name__, bias=s.bias is not None)
                                for n, s, kind in zip(self.local_layers, self.specs, layer_count_kinds(self.specs, kept))],
                     "flush_every": flush_every, "record_eval": bool(record_eval), "kept": kept, "ranks": ranks,
                     "replica_of": None}
@@ -260,7 +265,12 @@ class LoadTracer:
         self.layer_count_kinds = [d["kind"] for d in descs]
         self.count_kind = trace_count_kind(self.layer_count_kinds)
         self.kept = self.count_kind != "routed"
-        self.layout = Layout.make(self.layers, [d["num_experts"] for d in descs], self.kept, record_eval)
+        self.bias_layers = [d["name"] for d in descs if d.get("bias")]
+        """Layers whose router has an expert bias (aux-loss-free routing): recorded per step, `Trace.router_bias()`."""
+        self.layout = Layout.make(self.layers, [d["num_experts"] for d in descs], self.kept, record_eval,
+                                  bias=bool(self.bias_layers))
+        self._bias_fns = [(i, s.bias, s.num_experts) for i, s in enumerate(self.specs) if s.bias is not None]
+        self._bias_errors: dict[str, str] = {}
         self._slot_of = {int(g): i for i, g in enumerate(self.rank_layout.local_slots(self.rank))}
         """{global layer index: this rank's buffer slot} for the layers it holds."""
         self.ranks_recorded = self.world_size > 1 if ranks == "auto" else bool(ranks)
@@ -399,6 +409,8 @@ class LoadTracer:
             closing=lambda: self._closed, top_k=[d["top_k"] for d in self.rank_layout.layers],
             exact=[k != "kept" for k in self.layer_count_kinds],
             rank_layout=None if self.rank_layout.uniform else self.rank_layout,
+            has_bias=[bool(d.get("bias")) for d in self.rank_layout.layers],
+            bias_rank=[(o or [0])[0] for o in self.rank_layout.owners().values()],
         )
         self._writer.event_timeout = self.flush_timeout
         for fn in self._sinks:
@@ -407,6 +419,7 @@ class LoadTracer:
         for li, spec in enumerate(self.specs):
             self._handles[li] = spec.module.register_forward_hook(self._make_hook(li, spec))
         self._reset_compiled()
+        self._snap_bias()
         if self.world_size == 1:  # a forgotten close() still writes the last block at interpreter exit
             atexit.register(self.close)
         return self
@@ -500,6 +513,31 @@ class LoadTracer:
 
         return hook
 
+    def _snap_bias(self) -> None:
+        """Copy each router's expert bias into the current slot (the bias the coming step routes with:
+        taken at start() and after each step(), i.e. after the optimizer step that updated it). One
+        device copy per biased gate, no host sync; a bias that cannot be read stops being recorded for
+        that layer (NaN from there, one warning, manifest extra.bias_errors)."""
+        if not self._bias_fns or self._buf is None or self.tracing_stopped is not None:
+            return
+        row = self._buf[self._slot, self.layout.bias]
+        for entry in list(self._bias_fns):
+            li, fn, E = entry
+            dst = row[li, 1 : E + 1].view(torch.float64)
+            try:
+                v = fn()
+                if v is None:
+                    dst.fill_(float("nan"))
+                else:
+                    dst.copy_(v.detach().reshape(E))
+            except Exception as e:
+                self._bias_fns.remove(entry)
+                dst.fill_(float("nan"))
+                name = self.local_layers[li]
+                self._bias_errors[name] = f"step {self.step_count}: {type(e).__name__}: {first_line(e, 160)}"
+                warnings.warn(f"moeload: the expert bias of layer {name!r} could not be read ({self._bias_errors[name]}); "
+                              "it is not recorded from here on (counts are)", RuntimeWarning, stacklevel=3)
+
     def _disable(self, li: int, msg: str, code: int | None) -> None:
         """On the main thread: remove layer `li`'s hook, note why, warn once per layer. code: the FLAG_COL
         value written into this step's block (None for NaN: the writer thread found it in the block)."""
@@ -534,6 +572,7 @@ class LoadTracer:
         if self._slot == self.flush_every:
             self._check_silent()
             self._flush()
+        self._snap_bias()
         if self._warn_writer:
             self._warn_writer = False
             warnings.warn(f"moeload: trace writing failed ({self.errors[-1]}); training continues, see tracer.errors",
@@ -645,6 +684,10 @@ class LoadTracer:
         """On the writer thread: notes for the manifest's `extra`; gates that never ran go into the writer's
         `disabled_layers` (its own thread's dict, so one dict holds every reason)."""
         notes: dict[str, Any] = {"hook_errors": dict(self._hook_errors)} if self._hook_errors else {}
+        if self.bias_layers:
+            notes["router_bias_layers"] = list(self.bias_layers)
+        if self._bias_errors:
+            notes["bias_errors"] = dict(self._bias_errors)
         if len(self.manifest.rank_map_changes) != self._map_changes_noted:  # record_rank_map: write the manifest
             self._map_changes_noted = len(self.manifest.rank_map_changes)
             if self._writer is not None:

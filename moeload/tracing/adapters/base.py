@@ -80,6 +80,9 @@ class GateSpec:
     ep_size: int = 1
     ep_rank: int = 0
     count_kind: str | None = None
+    bias: Callable[[], Tensor | None] | None = None
+    """Reads the router's expert-bias vector [E] (aux-loss-free routing, DeepSeek-V3 style) as it is
+    now, or None while it has none; None: the router has no bias (`find_bias` fills it in)."""
 
     def __post_init__(self) -> None:
         if self.count_kind not in (None, "routed", "kept"):
@@ -109,6 +112,31 @@ class Adapter:
         return self.name
 
 
+BIAS_NAMES = ("expert_bias", "e_score_correction_bias")
+"""Attributes holding a router's expert-bias vector: megatron-core `TopKRouter.expert_bias`
+(moe_router_enable_expert_bias), torchtitan `MoE.expert_bias` (on the router's parent), transformers
+DeepSeek-V3 / GLM-4-MoE `e_score_correction_bias` (on the gate)."""
+
+
+def find_bias(gate: nn.Module, parent: nn.Module | None, num_experts: int) -> Callable[[], Tensor | None] | None:
+    """A reader of the expert bias of `gate` (looked up on the gate, then its parent, by BIAS_NAMES; a
+    tensor of num_experts elements), re-read at every call since frameworks may replace the buffer;
+    None where neither has one."""
+    from torch import Tensor
+
+    for owner in (gate, parent):
+        if owner is None:
+            continue
+        for name in BIAS_NAMES:
+            v = getattr(owner, name, None)
+            if isinstance(v, Tensor) and v.numel() == num_experts and v.is_floating_point():
+                def read(owner: nn.Module = owner, name: str = name) -> Tensor | None:
+                    t = getattr(owner, name, None)
+                    return t if isinstance(t, Tensor) and t.numel() == num_experts else None
+                return read
+    return None
+
+
 def module_paths(model: nn.Module) -> dict[int, str]:
     """id(module) -> module path in `model` ("" for the model itself), first path wins."""
     out: dict[int, str] = {}
@@ -117,4 +145,4 @@ def module_paths(model: nn.Module) -> dict[int, str]:
     return out
 
 
-__all__ = ["Adapter", "CountsFn", "GateSpec", "Routing", "RoutingShapeError", "module_paths"]
+__all__ = ["BIAS_NAMES", "Adapter", "CountsFn", "GateSpec", "Routing", "RoutingShapeError", "find_bias", "module_paths"]
