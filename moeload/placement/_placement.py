@@ -18,6 +18,23 @@ class Evaluation(NamedTuple):
     imbalance: np.ndarray
 
 
+def slot_gpu(num_slots: int, num_gpus: int) -> np.ndarray:
+    """[num_slots] GPU of each physical slot: slot s is on GPU `s // (num_slots // num_gpus)`.
+
+    The one home of this layout (DeepSeek EPLB's): GPU g holds the contiguous slots
+    `g * k .. (g + 1) * k - 1`, k = num_slots // num_gpus; `check_sizes` ensures num_gpus divides it.
+    """
+    return np.arange(num_slots) // (num_slots // num_gpus)
+
+
+def gpu_loads(per_slot: np.ndarray, num_gpus: int) -> np.ndarray:
+    """`per_slot: [..., R]` load of each slot -> `[..., num_gpus]` summed over each GPU's slots.
+
+    Sums over the blocks of `slot_gpu(R, num_gpus)` (a reshape: the same layout, without a bincount).
+    """
+    return per_slot.reshape(per_slot.shape[:-1] + (num_gpus, per_slot.shape[-1] // num_gpus)).sum(-1)
+
+
 def imbalance_of(gpu_load: np.ndarray) -> np.ndarray:
     """Max / mean over the last axis of `gpu_load: [..., G]` -> `[...]`; 1.0 where every GPU is idle."""
     gpu_load = np.asarray(gpu_load, dtype=np.float64)
@@ -68,7 +85,7 @@ class Placement:
     @property
     def slot_gpu(self) -> np.ndarray:
         """[num_replicas] GPU of each physical slot."""
-        return np.arange(self.num_replicas) // self.slots_per_gpu
+        return slot_gpu(self.num_replicas, self.num_gpus)
 
     @cached_property
     def replica_counts(self) -> np.ndarray:
@@ -106,7 +123,7 @@ class Placement:
             )
         per_slot = np.take_along_axis(w, np.broadcast_to(self.phy2log, w.shape[:-1] + self.phy2log.shape[-1:]), -1)
         per_slot = per_slot * self.share
-        gpu_load = per_slot.reshape(per_slot.shape[:-1] + (self.num_gpus, self.slots_per_gpu)).sum(-1)
+        gpu_load = gpu_loads(per_slot, self.num_gpus)
         return Evaluation(gpu_load, imbalance_of(gpu_load))
 
     @cached_property

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from moeload.placement._placement import slot_gpu as slot_gpu_of
+
 
 def water_fill(base: np.ndarray, amount: float) -> np.ndarray:
     """Pour `amount` onto bins of level `base: [k]`, lowest first, to a common level.
@@ -23,7 +25,7 @@ def water_fill(base: np.ndarray, amount: float) -> np.ndarray:
 def optimal_split(phy2log: np.ndarray, weight: np.ndarray, num_gpus: int, *, even_tiebreak: bool = False) -> np.ndarray:
     """Split that minimises the max GPU load for one layer's copies (a linear program).
 
-    phy2log: [R] unit of each slot (slot s on GPU s // (R / num_gpus)); weight: [E].
+    phy2log: [R] unit of each slot (slot s on GPU `slot_gpu(R, num_gpus)[s]`); weight: [E].
     even_tiebreak: among the optimal splits take the one closest (L1) to the even split (a second
     LP), so that copies share a unit's work as evenly as the optimum allows: step-to-step noise of
     a unit is then spread over its copies instead of landing on one of them.
@@ -39,7 +41,7 @@ def optimal_split(phy2log: np.ndarray, weight: np.ndarray, num_gpus: int, *, eve
     if total <= 0:
         return share
     w = weight * (num_gpus / total)  # mean GPU load 1: the objective is the imbalance
-    slot_gpu = np.arange(num_slots) // (num_slots // num_gpus)
+    slot_gpu = slot_gpu_of(num_slots, num_gpus)
     cols = np.arange(num_slots)
     a_eq = csr_matrix((np.ones(num_slots), (phy2log, cols)), shape=(num_experts, num_slots + 1))
     a_ub = csr_matrix(
@@ -80,5 +82,5 @@ def _closest_to_even(x, phy2log, w, slot_gpu, num_gpus, level, even, linprog):
 
 def split_loads(phy2log: np.ndarray, share: np.ndarray, weight: np.ndarray, num_gpus: int) -> np.ndarray:
     """`phy2log, share: [R]`, `weight: [E]` -> `[num_gpus]` GPU loads of one layer."""
-    gpu = np.arange(phy2log.size) // (phy2log.size // num_gpus)
+    gpu = slot_gpu_of(phy2log.size, num_gpus)
     return np.bincount(gpu, weights=weight[phy2log] * share, minlength=num_gpus)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from moeload.errors import InputError
-from moeload.placement._placement import Placement, even_share, imbalance_of
+from moeload.placement._placement import Placement, even_share, gpu_loads, imbalance_of, slot_gpu
 from moeload.placement._split import optimal_split, split_loads
 from moeload.placement.eplb import balanced_packing, plan_eplb
 from moeload.placement.fair_copying import plan_fair_copying
@@ -35,7 +35,7 @@ def swap_refine(phy2log: np.ndarray, per_slot: np.ndarray, num_gpus: int, max_ro
     phy2log, per_slot = phy2log.copy(), per_slot.copy()
     slots = phy2log.shape[0] // num_gpus
     for _ in range(max_rounds):
-        load = per_slot.reshape(num_gpus, slots).sum(1)
+        load = gpu_loads(per_slot, num_gpus)
         top = int(np.argmax(load))
         mine = per_slot[top * slots : (top + 1) * slots]
         best, move = load[top] * (1 - 1e-12), None
@@ -64,7 +64,7 @@ def _pack_even(w: np.ndarray, count: np.ndarray, num_gpus: int) -> tuple[np.ndar
     order = np.empty_like(phy2mlog)
     order[pack * (phy2mlog.size // num_gpus) + rank] = np.arange(phy2mlog.size)
     phy2log = swap_refine(phy2mlog[order], per_replica[order], num_gpus)
-    return phy2log, float((w[phy2log] / count[phy2log]).reshape(num_gpus, -1).sum(1).max())
+    return phy2log, float(gpu_loads(w[phy2log] / count[phy2log], num_gpus).max())
 
 
 def count_search(phy2log: np.ndarray, w: np.ndarray, num_gpus: int, max_evals: int, top: int = 3) -> np.ndarray:
@@ -76,12 +76,12 @@ def count_search(phy2log: np.ndarray, w: np.ndarray, num_gpus: int, max_evals: i
     """
     count = np.bincount(phy2log, minlength=w.size)
     per_slot = w[phy2log] / count[phy2log]
-    best = float(per_slot.reshape(num_gpus, -1).sum(1).max())
+    best = float(gpu_loads(per_slot, num_gpus).max())
     mean = w.sum() / num_gpus
     evals = 0
     while evals < max_evals and mean > 0 and best > mean * (1 + 1e-3):
         slots = phy2log.size // num_gpus
-        busiest = int(np.argmax((w[phy2log] / count[phy2log]).reshape(num_gpus, -1).sum(1)))
+        busiest = int(np.argmax(gpu_loads(w[phy2log] / count[phy2log], num_gpus)))
         on_top = phy2log[busiest * slots : (busiest + 1) * slots]
         heavy = [int(u) for u in on_top[np.argsort(-(w[on_top] / count[on_top]), kind="stable")]][:top]
         spare = np.flatnonzero(count >= 2)
@@ -113,7 +113,7 @@ def split_search(
 
     Returns the improved `phy2log: [R]` and its `share: [R]`.
     """
-    gpu = np.arange(phy2log.size) // (phy2log.size // num_gpus)
+    gpu = slot_gpu(phy2log.size, num_gpus)
     share = optimal_split(phy2log, w, num_gpus)
     load = split_loads(phy2log, share, w, num_gpus)
     evals = 0
