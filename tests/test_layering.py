@@ -37,3 +37,10 @@ def test_analysis_packages_do_not_import_tracing_or_torch_at_import_time() -> No
             "moeload.advise; bad = [m for m in ('torch', 'moeload.tracing') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
+
+
+def test_leaf_modules_import_nothing_of_moeload() -> None:
+    """errors, _version and _balance sit below every package (each may import them)."""
+    bad = [f"{name}:{line} {mod}" for name in ("errors.py", "_version.py", "_balance.py")
+           for line, mod, _ in _imports(PKG / name) if mod.startswith("moeload")]
+    assert bad == [], bad

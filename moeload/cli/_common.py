@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
+from moeload._balance import balance_stats, max_over_mean
 from moeload.errors import InputError, MoeloadError
 
 try:  # typer >= 0.20 carries its own copy of click
@@ -302,16 +303,16 @@ def layer_stats(c: np.ndarray, experts: list[int]) -> list[dict[str, Any]]:
     """Per-layer imbalance statistics of counts c: [S, L, E] (experts: [L] real experts per layer).
 
     imbalance_mean / imbalance_max: max/mean expert load per step, averaged / maximal over steps;
-    imbalance_window: max/mean of the loads summed over the window; cv and min_max of those sums.
+    imbalance_window: max/mean of the loads summed over the window; cv and min_max of those sums
+    (all from `moeload._balance`, as the TensorBoard metrics and placement's imbalance).
     """
     out = []
     for li in range(c.shape[1]):
         x = c[:, li, : experts[li]].astype(np.float64)  # [S, E_l]
         tot = x.sum(0)
-        per_step_mean = x.mean(1)
-        ok = per_step_mean > 0
-        ratio = x.max(1)[ok] / per_step_mean[ok]
-        mean_tot = tot.mean()
+        ratio = max_over_mean(x)  # [S], NaN for steps without tokens (left out)
+        ratio = ratio[~np.isnan(ratio)]
+        window = balance_stats(tot)
         order = np.argsort(-tot, kind="stable")
         share = tot / tot.sum() if tot.sum() > 0 else np.full_like(tot, np.nan)
         out.append(
@@ -319,9 +320,9 @@ def layer_stats(c: np.ndarray, experts: list[int]) -> list[dict[str, Any]]:
                 "assignments": int(tot.sum()),
                 "imbalance_mean": float(ratio.mean()) if len(ratio) else float("nan"),
                 "imbalance_max": float(ratio.max()) if len(ratio) else float("nan"),
-                "imbalance_window": float(tot.max() / mean_tot) if mean_tot > 0 else float("nan"),
-                "cv": float(tot.std() / mean_tot) if mean_tot > 0 else float("nan"),
-                "min_max": float(tot.min() / tot.max()) if tot.max() > 0 else float("nan"),
+                "imbalance_window": float(window["max_over_mean"]),
+                "cv": float(window["cv"]),
+                "min_max": float(window["min_over_max"]),
                 "hottest": [[int(e), float(share[e])] for e in order[:3]],
                 "coldest": [[int(e), float(share[e])] for e in order[::-1][:3]],
             }

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from moeload._balance import max_over_mean
 from moeload.errors import InputError
 
 
@@ -37,12 +38,7 @@ def gpu_loads(per_slot: np.ndarray, num_gpus: int) -> np.ndarray:
 
 def imbalance_of(gpu_load: np.ndarray) -> np.ndarray:
     """Max / mean over the last axis of `gpu_load: [..., G]` -> `[...]`; 1.0 where every GPU is idle."""
-    gpu_load = np.asarray(gpu_load, dtype=np.float64)
-    mean = gpu_load.mean(axis=-1)
-    top = gpu_load.max(axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(mean > 0, top / np.where(mean > 0, mean, 1.0), 1.0)
-    return out
+    return max_over_mean(gpu_load, idle=1.0)
 
 
 @dataclass(frozen=True)

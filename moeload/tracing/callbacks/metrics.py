@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from moeload._balance import balance_stats
+
 METRICS = (
     "max_over_mean", "min_over_max", "cv", "hottest_share",
     "tokens_min", "tokens_max", "tokens_std", "tokens_p50", "tokens_p90", "tokens_p99",
@@ -26,8 +28,8 @@ def load_metrics(counts: np.ndarray, experts_per_layer: Sequence[int] | None = N
     counts: [L, E] routed (token, expert) assignments; experts_per_layer: [L] real experts of each
     layer (columns past it are ignored), default E. Returns name -> [L] float64, NaN for a layer
     with no tokens: max_over_mean (max / mean expert load, 1 = balanced), min_over_max,
-    cv (std / mean, population std), hottest_share (max / sum), and the raw tokens per expert
-    min / max / std / p50 / p90 / p99.
+    cv (std / mean, population std), hottest_share (max / sum), all from
+    `moeload._balance.balance_stats`, and the raw tokens per expert min / max / std / p50 / p90 / p99.
     """
     c = np.asarray(counts, dtype=np.float64)
     if c.ndim != 2:
@@ -40,10 +42,10 @@ def load_metrics(counts: np.ndarray, experts_per_layer: Sequence[int] | None = N
         tot = x.sum()
         if tot <= 0:
             continue
-        mean, mx, mn, sd = x.mean(), x.max(), x.min(), x.std()
         p50, p90, p99 = np.percentile(x, [50, 90, 99])
-        vals = dict(max_over_mean=mx / mean, min_over_max=mn / mx, cv=sd / mean, hottest_share=mx / tot,
-                    tokens_min=mn, tokens_max=mx, tokens_std=sd, tokens_p50=p50, tokens_p90=p90, tokens_p99=p99)
+        vals = {k: float(v) for k, v in balance_stats(x).items()}
+        vals.update(tokens_min=x.min(), tokens_max=x.max(), tokens_std=x.std(), tokens_p50=p50, tokens_p90=p90,
+                    tokens_p99=p99)
         for k, v in vals.items():
             out[k][i] = v
     return out
