@@ -26,7 +26,7 @@ from moeload.trace.checks import (
     rows_problem,
 )
 from moeload.trace.manifest import PARTS_DIR, Manifest, read_manifest
-from moeload.trace.writer import PART_RE
+from moeload.trace.writer import MICRO_DIR, PART_RE
 
 SKIP_HINT = "; open_trace(..., skip_bad_parts=True) or --skip-bad-parts reads the other parts"
 StepSel = None | slice | range | tuple[int, int] | Sequence[int] | np.ndarray
@@ -435,6 +435,57 @@ class Trace:
         """[S, L] tokens that reached each router in each step, summed over ranks."""
         return self._gather(steps, layers, split, "tokens", per_rank=False)[1]
 
+    def micro_batch_counts(self, steps: StepSel = None, layers: LayerSel = None, *, per_rank: bool = False) -> np.ndarray:
+        """[S, M, L, E] int64 routed counts of each micro-batch (summed over ranks), or [S, R, M, L, E]
+        with per_rank, for traces recorded with LoadTracer(per_micro_batch=True): micro-batch m of a
+        step is the m-th training forward of each gate in it. M: the most micro-batches (that saw
+        tokens) of a step in the selection; steps with fewer have zero rows after theirs. Summed over M, the counts equal
+        `counts()` (`rank_counts()`). Raises TraceFormatError for steps without micro-batch rows (a
+        trace recorded without it, rows lost, or past extra.micro_batches_stopped)."""
+        m = self.manifest
+        extra = m.extra if isinstance(m.extra, dict) else {}
+        if not extra.get("per_micro_batch"):
+            raise TraceFormatError(f"{self.path}: recorded without micro-batch rows (LoadTracer(per_micro_batch=True))")
+        if per_rank and not m.ranks_recorded:
+            raise TraceFormatError(f"{self.path}: this trace holds global counts only (ranks_recorded is false)")
+        sel_steps, owner = self._select_steps(steps, "train")
+        lay = self._select_layers(layers)
+        lay_pos = np.full(self.num_layers, -1)
+        lay_pos[lay] = np.arange(len(lay))
+        R, E = (m.world_size if per_rank else 1), self.num_experts
+        pieces = []
+        for pi in np.unique(owner):
+            part = self._parts[pi]
+            mine = sel_steps[owner == pi]
+            mp = self.path / MICRO_DIR / part.path.name
+            stop, lost = extra.get("micro_batches_stopped"), extra.get("micro_lost")
+            why = (f"micro-batch rows stopped at step {stop.get('step')}: {stop.get('reason')}" if isinstance(stop, dict)
+                   else f"lost: {lost}" if lost else None)
+            if not mp.exists():
+                raise TraceFormatError(f"{mp}: missing: steps {part.first}..{part.last} have no micro-batch rows"
+                                       + (f" ({_clip(why)})" if why else ""))
+            t = read_columns(mp, ["step", "micro_batch", "layer", "rank", "tokens", "routed"],
+                             [("step", ">=", int(mine.min())), ("step", "<=", int(mine.max()))])
+            st, mb, lyr, rk = (t.column(c).to_numpy() for c in ("step", "micro_batch", "layer", "rank"))
+            if len(st) and (lyr.min() < 0 or lyr.max() >= self.num_layers or mb.min() < 0 or mb.max() >= 4096
+                            or rk.max() >= m.world_size):
+                raise TraceFormatError(f"{mp}: layer, micro_batch or rank ids out of range{SKIP_HINT}")
+            absent = np.setdiff1d(mine, st)
+            if len(absent):
+                raise TraceFormatError(f"{mp}: no micro-batch rows for step(s) {absent[:5].tolist()}"
+                                       + (f" ({_clip(why)})" if why else ""))
+            rows = np.isin(st, mine) & (lay_pos[lyr] >= 0)
+            vals = _dense_lists(t.column("routed").filter(pa.array(rows)), E)
+            used = t.column("tokens").to_numpy()[rows] > 0
+            pieces.append((np.searchsorted(sel_steps, st[rows]), mb[rows], lay_pos[lyr[rows]],
+                           np.maximum(rk[rows], 0) if per_rank else np.zeros(int(rows.sum()), np.int64), vals, used))
+        M = max([int(p[1][p[5]].max()) + 1 for p in pieces if p[5].any()], default=1)  # micro-batches that saw tokens
+        out = np.zeros((len(sel_steps), R, M, len(lay), E), np.int64)
+        for si, mb, li, ri, vals, _ in pieces:
+            keep = mb < M
+            np.add.at(out, (si[keep], ri[keep], mb[keep], li[keep]), vals[keep])
+        return out if per_rank else out[:, 0]
+
     def router_bias(self, steps: StepSel = None, layers: LayerSel = None) -> np.ndarray | None:
         """[S, L, E] float64 expert bias each router routed with in each step (aux-loss-free routing:
         megatron-core expert_bias, torchtitan expert_bias, DeepSeek-V3 e_score_correction_bias), as
@@ -554,3 +605,8 @@ def _ranges(steps: np.ndarray) -> list[tuple[int, int]]:
     firsts = np.r_[steps[0], steps[cut + 1]]
     lasts = np.r_[steps[cut], steps[-1]]
     return [(int(a), int(b)) for a, b in zip(firsts, lasts)]
+
+
+def _clip(x: Any, n: int = 160) -> str:
+    t = str(x)
+    return t if len(t) <= n else t[: n - 3] + "..."

@@ -24,6 +24,10 @@ PART_RE = re.compile(r"^part-(\d{6,})-r(\d+)-(train|eval)-s(\d+)-(\d+)\.parquet$
 SPLITS = ("train", "eval")
 
 
+MICRO_DIR = "micro"
+"""Subdirectory of the micro-batch parts (LoadTracer(per_micro_batch=True)), named like the train parts they refine."""
+
+
 def part_name(seq: int, writer_rank: int, split: str, first: int, last: int) -> str:
     return f"part-{seq:06d}-r{writer_rank}-{split}-s{first:09d}-{last:09d}.parquet"
 
@@ -207,6 +211,45 @@ class TraceWriter:
         os.replace(tmp, final)
         self._seq += 1
         self.parts_written.append(final)
+        return final
+
+    def write_micro_block(self, seq: int, steps: np.ndarray, routed: np.ndarray, tokens: np.ndarray) -> Path | None:
+        """Write the micro-batch rows of the train part numbered `seq` (written just before) into
+        `micro/`, under that part's name: the reader takes a step's micro-batches from the part that
+        owns the step. steps: [S]; routed: [S, R, M, L, E] counts; tokens: [S, R, M, L]; R as in
+        `write_block`. Rows: (layer, step, micro_batch, rank), micro-batches 0..M-1."""
+        m = self.manifest
+        steps = np.asarray(steps, dtype=np.int64).reshape(-1)
+        S = len(steps)
+        if S == 0:
+            return None
+        routed, tokens = np.asarray(routed), np.asarray(tokens)
+        if routed.ndim != 5 or routed.shape[0] != S or routed.shape[3] != m.num_layers or tokens.shape != routed.shape[:4]:
+            raise ValueError(f"write_micro_block: routed {routed.shape} / tokens {tokens.shape}, expected "
+                             f"[S={S}, R, M, L={m.num_layers}, E] / [S, R, M, L]")
+        _, R, M, L, _ = routed.shape
+        E = m.num_experts
+        n = S * R * M * L
+        r = routed.transpose(3, 0, 2, 1, 4)[..., :E].reshape(n, E)  # (layer, step, micro_batch, rank) rows
+        rank_ids = np.arange(R, dtype=np.int32) if m.ranks_recorded else np.full(1, -1, dtype=np.int32)
+        table = pa.table({
+            "step": pa.array(np.tile(np.repeat(steps, M * R), L)),
+            "micro_batch": pa.array(np.tile(np.repeat(np.arange(M, dtype=np.int32), R), S * L)),
+            "layer": pa.array(np.repeat(np.arange(L, dtype=np.int32), S * M * R)),
+            "rank": pa.array(np.tile(rank_ids, S * M * L)),
+            "tokens": pa.array(tokens.transpose(3, 0, 2, 1).reshape(n).astype(np.int64)),
+            "routed": _list_array(r, np.repeat(self._lengths, S * M * R)),
+        })
+        d = self.path / MICRO_DIR
+        d.mkdir(exist_ok=True)
+        name = part_name(seq, self.writer_rank, "train", int(steps.min()), int(steps.max()))
+        final, tmp = d / name, d / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd", row_group_size=S * M * R, write_page_checksum=True)
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, final)
         return final
 
     def close(self) -> None:

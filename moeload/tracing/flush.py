@@ -60,6 +60,8 @@ class FlushedBlock(NamedTuple):
     """[S, R, L] tokens that reached each gate."""
     times: np.ndarray
     """[S] unix seconds at the end of each step."""
+    micro: np.ndarray | None = None
+    """[S, R, M, L, E] int64 routed counts of each micro-batch (train blocks with per_micro_batch), else None."""
     bias: np.ndarray | None = None
     """[S, L, E] float64 router expert bias in force during each step (train blocks of traces that
     record it; NaN for layers without one), else None."""
@@ -118,6 +120,8 @@ class _Job(NamedTuple):
     event: Any
     steps: np.ndarray
     times: np.ndarray
+    micro: Tensor | None = None
+    micro_until: int | None = None
 
 
 class BlockWriter:
@@ -187,6 +191,8 @@ class BlockWriter:
         """Blocks dropped by this writer because all `max_pending` buffers were in use."""
         self.buffers_allocated = 0
         """Host buffers allocated so far (`max_pending`, plus replacements of a wrong shape)."""
+        self.micro_lost: list[dict[str, Any]] = []
+        """Steps whose micro-batch rows could not be written (their step totals were)."""
         self.write_seconds = 0.0
         """Time the thread spent on blocks (check, parts, sinks, manifest): its busy time."""
         ex = writer.manifest.extra if writer is not None else {}
@@ -230,8 +236,12 @@ class BlockWriter:
         self.buffers_allocated += 1
         return torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
 
-    def submit(self, src: Tensor, steps: np.ndarray, times: np.ndarray) -> bool:
+    def submit(self, src: Tensor, steps: np.ndarray, times: np.ndarray, micro: Tensor | None = None,
+               micro_until: int | None = None) -> bool:
         """Queue `src` ([F, P, L, W] or [R, F, P, L, W]) for writing; `src` may be reused right after.
+        micro: [F, M, L, W] or [R, F, M, L, W] routed rows of each micro-batch (copied off the device
+        with the block); micro_until: micro-batch rows of steps from here on are not written (the
+        tracer stopped recording them).
 
         Returns False where the block was dropped: all `max_pending` buffers still wait for the disk.
         """
@@ -247,13 +257,18 @@ class BlockWriter:
         if host.shape != src.shape:  # replaces the buffer: the count of buffers stays the same
             host = self._host_like(src)
         event = None
+        host_mb = None if micro is None else torch.empty(micro.shape, dtype=micro.dtype, pin_memory=micro.is_cuda)
         if src.is_cuda:
             host.copy_(src, non_blocking=True)
+            if host_mb is not None:
+                host_mb.copy_(micro, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         else:
             host.copy_(src)
-        self._jobs.put(_Job(host, event, steps, np.asarray(times, np.float64)))
+            if host_mb is not None:
+                host_mb.copy_(micro)
+        self._jobs.put(_Job(host, event, steps, np.asarray(times, np.float64), host_mb, micro_until))
         return True
 
     def _drop(self, steps: np.ndarray) -> None:
@@ -379,6 +394,7 @@ class BlockWriter:
             except Exception as e:
                 self.on_error(f"conservation check of steps {job.steps[0]}..{job.steps[-1]} failed: {type(e).__name__}: {e}")
         E = max(lay.experts_per_layer)
+        micro = self._micro(job, E)
         bias = bias_of(a, lay, self.has_bias, self.bias_rank) if a.shape[1] > max(self.bias_rank, default=0) else None
         written = True
         out: list[FlushedBlock] = []
@@ -398,13 +414,46 @@ class BlockWriter:
                 routed, tokens = routed.sum(1, keepdims=True), tokens.sum(1, keepdims=True)
                 kept = kept.sum(1, keepdims=True) if kept is not None else None
             block = FlushedBlock(split, steps.copy(), routed.copy(), None if kept is None else kept.copy(), tokens.copy(),
-                                 times.copy(), bias if split == "train" else None)
+                                 times.copy(), None if split != "train" or micro is None else micro[0],
+                                 bias if split == "train" else None)
             if self.writer is not None and not self._write_part(block) and split == "train":
                 written = False
+            elif self.writer is not None and split == "train" and micro is not None:
+                self._write_micro(self.writer._seq - 1, job, *micro)
             out.append(block)
         if written:
             self.last_flushed_step = int(job.steps[-1])
         return out
+
+    def _micro(self, job: _Job, E: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The job's micro-batch rows -> (routed [S, R, M, L, E], tokens [S, R, M, L]) in global layers,
+        summed over ranks where ranks are not recorded; None without micro-batch rows."""
+        if job.micro is None:
+            return None
+        mb = job.micro.numpy()
+        if mb.ndim == 4:
+            mb = mb[None]
+        mb = mb[:, : len(job.steps)].transpose(1, 0, 2, 3, 4)  # [S, R, M, L, W]
+        if self.rank_layout is not None and job.micro.ndim == 5:
+            mb, _ = to_global(mb, self.rank_layout)  # M takes the place of the planes
+        routed, tokens = mb[..., 1 : E + 1], mb[..., TOKENS_COL]
+        if not self.ranks_recorded:
+            routed, tokens = routed.sum(1, keepdims=True), tokens.sum(1, keepdims=True)
+        return routed, tokens
+
+    def _write_micro(self, seq: int, job: _Job, routed: np.ndarray, tokens: np.ndarray) -> None:
+        keep = job.steps < (job.micro_until if job.micro_until is not None else np.iinfo(np.int64).max)
+        if not keep.any():
+            return
+        try:
+            self.writer.write_micro_block(seq, job.steps[keep], routed[keep], tokens[keep])
+        except OSError as e:
+            first, last = int(job.steps[keep][0]), int(job.steps[keep][-1])
+            with self._lock:
+                self.micro_lost.append({"first": first, "last": last, "reason": f"{type(e).__name__}: {e.strerror or e}"})
+                self._dirty = True
+            self.on_error(f"writing the micro-batch rows of steps {first}..{last} failed ({type(e).__name__}: "
+                          f"{e.strerror or e}); their step totals are written (manifest extra.micro_lost)")
 
     def _write_part(self, block: FlushedBlock) -> bool:
         """One part of `block` -> True; where that fails (OSError), its steps are lost, no temporary file
@@ -502,6 +551,7 @@ class BlockWriter:
             return {
                 "lost_steps": copy.deepcopy(self.lost_steps),
                 "dropped_blocks": self._dropped_before + self.dropped_blocks,
+                **({"micro_lost": copy.deepcopy(self.micro_lost)} if self.micro_lost else {}),
                 "conservation": {"checked_blocks": self.checked_blocks, "violations": copy.deepcopy(self.violations),
                                  "violations_total": self.violations_total},
             }

@@ -200,6 +200,8 @@ class LoadTracer:
         max_pending: int | None = None,
         gate_output: str = "auto",
         tp_group: Any = None,
+        per_micro_batch: bool = False,
+        max_micro_batches: int = 16,
     ) -> None:
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or not 1 <= flush_every <= MAX_FLUSH_EVERY:
             raise InputError(f"flush_every={flush_every!r}: must be an integer in 1..{MAX_FLUSH_EVERY:,} "
@@ -212,6 +214,11 @@ class LoadTracer:
             raise InputError(f"gate_output={gate_output!r}: expected 'auto', 'logits' or 'mask'")
         if path is None and sink is None:
             raise InputError("LoadTracer: give a trace path or a sink (or both)")
+        if not isinstance(per_micro_batch, bool):
+            raise InputError(f"per_micro_batch={per_micro_batch!r}: expected True or False")
+        if isinstance(max_micro_batches, bool) or not isinstance(max_micro_batches, int) or not 1 <= max_micro_batches <= 4096:
+            raise InputError(f"max_micro_batches={max_micro_batches!r}: must be an integer in 1..4096 (device buffer slots)")
+        self.per_micro_batch, self.max_micro_batches = per_micro_batch, max_micro_batches
         if max_pending is not None and (not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1):
             raise InputError(f"max_pending={max_pending!r}: must be None or a positive integer (blocks waiting for the writer)")
         if flush_timeout is not None and (isinstance(flush_timeout, bool) or not isinstance(flush_timeout, (int, float))
@@ -258,7 +265,7 @@ class LoadTracer:
                                         gate_class=type(s.module).__name__, bias=s.bias is not None)
                                for n, s, kind in zip(self.local_layers, self.specs, layer_count_kinds(self.specs, kept))],
                     "flush_every": flush_every, "record_eval": bool(record_eval), "kept": kept, "ranks": ranks,
-                    "replica_of": None}
+                    "per_micro_batch": per_micro_batch and max_micro_batches, "replica_of": None}
         self.rank_layout: RankLayout = self._agree(declared, group, tp_group)
         descs = self.rank_layout.layers
         self.layers = self.rank_layout.names
@@ -300,6 +307,13 @@ class LoadTracer:
         self.dynamo_reset: dict[str, Any] | None = None
         """{"step", "modules"} where start() found compiled code for the model and reset dynamo."""
         self._gate_counts: dict[int, Callable] = {}  # each re-mapped layer's own counts function
+        self._mb: torch.Tensor | None = None  # [F, M, L, W] routed rows of each micro-batch (per_micro_batch)
+        self._mb_gathered: torch.Tensor | None = None
+        self._mb_calls = [0] * len(self.specs)  # train forwards of each gate in the current step
+        self._mb_used = 0  # micro-batches seen in the current block (the rows written)
+        self.micro_batches_stopped: dict[str, Any] | None = None
+        """{"step", "reason"} where a step had more than max_micro_batches forwards of a gate: micro-batch
+        rows stop there (step totals stay exact)."""
         self._map_changes_noted = 0
 
     # ---- setup ------------------------------------------------------------------------------------
@@ -385,8 +399,18 @@ class LoadTracer:
             return self
         L, P, W = self.rank_layout.width, self.layout.planes, self.layout.width
         self._buf = torch.zeros(self.flush_every, P, L, W, dtype=torch.int64, device=self.device)
+        if self.per_micro_batch:
+            nbytes = self.flush_every * self.max_micro_batches * L * W * 8 * (1 + self.world_size * (self.world_size > 1))
+            if nbytes > 1 << 30:
+                self._buf = None
+                raise InputError(f"per_micro_batch: flush_every={self.flush_every} x max_micro_batches="
+                                 f"{self.max_micro_batches} x {L} layers x {W} columns needs {nbytes / 2**30:.1f} GiB of "
+                                 "device buffers (limit 1 GiB); lower flush_every or max_micro_batches")
+            self._mb = torch.zeros(self.flush_every, self.max_micro_batches, L, W, dtype=torch.int64, device=self.device)
         if self.world_size > 1:
             self._gathered = torch.empty((self.world_size, *self._buf.shape), dtype=torch.int64, device=self.device)
+            if self._mb is not None:
+                self._mb_gathered = torch.empty((self.world_size, *self._mb.shape), dtype=torch.int64, device=self.device)
             if self._buf.device.type == "cpu":
                 self._pg = self._cpu_pg
         writer = None
@@ -491,7 +515,7 @@ class LoadTracer:
     # ---- hot path ---------------------------------------------------------------------------------
     def _make_hook(self, li: int, spec: GateSpec) -> Callable:
         lay = self.layout
-        calls = self._calls
+        calls, mb_calls = self._calls, self._mb_calls
 
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             calls[li] += 1
@@ -505,13 +529,33 @@ class LoadTracer:
                 else:
                     return
                 rows = self._buf[self._slot]
+                routed = rows[pr, li]
+                if self._mb is not None and pr == lay.routed:  # the m-th train forward of this gate: micro-batch m
+                    m = mb_calls[li]
+                    mb_calls[li] = m + 1
+                    if m < self.max_micro_batches:
+                        routed = self._mb[self._slot, m, li]
+                    else:
+                        self._stop_micro(m)
                 r = spec.counts(module, inputs, output)
-                accumulate(r, rows[pr, li], None if pk is None else rows[pk, li], spec.num_experts, spec.top_k)
+                accumulate(r, routed, None if pk is None else rows[pk, li], spec.num_experts, spec.top_k)
             except Exception as e:
                 code = DISABLED_SHAPE if isinstance(e, RoutingShapeError) else DISABLED_ERROR
                 self._disable(li, f"{type(e).__name__}: {e}", code)
 
         return hook
+
+    def _stop_micro(self, m: int) -> None:
+        """A gate ran more than max_micro_batches times in one step: micro-batch rows stop from this step
+        (its earlier micro-batches are still summed into the step), one warning, manifest note."""
+        if self.micro_batches_stopped is None:
+            step = self.step_count
+            self.micro_batches_stopped = {
+                "step": step, "reason": f"a gate ran more than max_micro_batches={self.max_micro_batches} forwards in step "
+                                        f"{step}; step totals stay exact"}
+            warnings.warn(f"moeload: micro-batch rows stop at step {step}: more than max_micro_batches="
+                          f"{self.max_micro_batches} forwards of one gate in a step (raise it); step totals are exact",
+                          RuntimeWarning, stacklevel=4)
 
     def _snap_bias(self) -> None:
         """Copy each router's expert bias into the current slot (the bias the coming step routes with:
@@ -567,6 +611,9 @@ class LoadTracer:
         if (w.stalled is not None and not self._warned_stall) or not w.nan_layers.empty():
             self._poll_writer()
         self._check_forwards()
+        if self._mb is not None:
+            self._mb_used = max(self._mb_used, min(max(self._mb_calls, default=0), self.max_micro_batches))
+            self._mb_calls[:] = [0] * len(self._mb_calls)
         self._times[self._slot] = time.time()
         self._slot += 1
         if self._slot == self.flush_every:
@@ -582,7 +629,10 @@ class LoadTracer:
         n = self._slot
         if n == 0 or self._buf is None or self._writer is None or self.tracing_stopped is not None:
             return
-        src = self._buf
+        src, micro = self._buf, None
+        if self._mb is not None:  # micro-batch rows add up to the step's routed row
+            self._buf[:n, self.layout.routed] += self._mb[:n].sum(1)
+            micro = self._mb
         if self._gathered is not None:
             if not collective:
                 self._reset(n)
@@ -591,18 +641,28 @@ class LoadTracer:
             self.collectives += 1
             try:
                 all_gather(self._gathered, self._buf, self._pg, self.flush_timeout)
+                if self._mb is not None:  # per_micro_batch: a second collective
+                    self.collectives += 1
+                    all_gather(self._mb_gathered, self._mb, self._pg, self.flush_timeout)
+                    micro = self._mb_gathered
             except Exception as e:  # timed out, or a peer is gone (gloo fails at once on a closed connection)
                 self._reset(n)
                 self._stop(first, first + n - 1, f"flush collective failed: {type(e).__name__}: {first_line(e, 160)}")
                 return
             src = self._gathered
         steps = np.arange(self._first_step, self._first_step + n, dtype=np.int64)
-        self._writer.submit(src, steps, self._times[:n].copy())
+        if micro is not None:
+            micro = micro.narrow(micro.dim() - 3, 0, max(1, self._mb_used))
+        until = None if self.micro_batches_stopped is None else self.micro_batches_stopped["step"]
+        self._writer.submit(src, steps, self._times[:n].copy(), micro=micro, micro_until=until)
         self.flushes += 1
         self._reset(n)
 
     def _reset(self, n: int) -> None:
         self._buf.zero_()
+        if self._mb is not None:
+            self._mb.zero_()
+            self._mb_used = 0
         self._first_step += n
         self._slot = 0
 
@@ -686,6 +746,10 @@ class LoadTracer:
         notes: dict[str, Any] = {"hook_errors": dict(self._hook_errors)} if self._hook_errors else {}
         if self.bias_layers:
             notes["router_bias_layers"] = list(self.bias_layers)
+        if self.per_micro_batch:
+            notes["per_micro_batch"] = {"max_micro_batches": self.max_micro_batches}
+        if self.micro_batches_stopped is not None:
+            notes["micro_batches_stopped"] = dict(self.micro_batches_stopped)
         if self._bias_errors:
             notes["bias_errors"] = dict(self._bias_errors)
         if len(self.manifest.rank_map_changes) != self._map_changes_noted:  # record_rank_map: write the manifest
@@ -724,7 +788,7 @@ class LoadTracer:
                 self._writer._update_manifest()
         if getattr(self, "_lock", None) is not None:
             self._lock.release()
-        self._buf = self._gathered = None
+        self._buf = self._gathered = self._mb = self._mb_gathered = None
         if self._warn_writer:
             self._warn_writer = False
             warnings.warn(f"moeload: trace writing failed ({self.errors[-1]}); see tracer.errors", RuntimeWarning, stacklevel=2)

@@ -30,6 +30,7 @@ FRAMEWORK_ADAPTERS: tuple[str, ...] = (
     "moeload.tracing.adapters.deepspeed",
     "moeload.tracing.adapters.megatron",
     "moeload.tracing.adapters.hf",
+    "moeload.tracing.adapters.torchtitan",
 )
 # ---------------------------------------------------------------------------------------------------
 
