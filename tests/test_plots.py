@@ -175,35 +175,45 @@ def test_proportions_long_input_is_binned_and_fast(big):
 
 
 # ---- fluctuation -----------------------------------------------------------------------------
-def brute_fluct(p, w, stat, agg):
+def brute_fluct(p, w, stat, agg, min_periods=None):
+    """The window rule's statistic by its definition: per expert over the trailing w steps, steps
+    without tokens (NaN rows) skipped, range or sample variance (ddof=1), in shares."""
     S = len(p)
+    mp = max(2, w // 2) if min_periods is None else min_periods
     out = np.full(p.shape[:2], np.nan)
     for t in range(w - 1, S):
-        win = 100 * p[t - w + 1 : t + 1]
-        v = win.max(0) - win.min(0) if stat == "range" else win.std(0)
-        out[t] = v.mean(-1) if agg == "mean" else v.max(-1)
+        for li in range(p.shape[1]):
+            win = p[t - w + 1 : t + 1, li]
+            win = win[~np.isnan(win).all(1)]
+            if len(win) < mp:
+                continue
+            v = win.max(0) - win.min(0) if stat == "range" else win.var(0, ddof=1)
+            out[t, li] = v.mean(-1) if agg == "mean" else v.max(-1)
     return out
 
 
-@pytest.mark.parametrize("stat", ["range", "std"])
+@pytest.mark.parametrize("stat", ["range", "var"])
 @pytest.mark.parametrize("agg", ["mean", "max"])
 @pytest.mark.parametrize("w", [4, 7])
 def test_rolling_fluctuation_matches_brute_force(stat, agg, w):
     rng = np.random.default_rng(3)
     p = rng.dirichlet(np.ones(5), size=(30, 2))
-    np.testing.assert_allclose(plots.rolling_fluctuation(p, w, stat, agg), brute_fluct(p, w, stat, agg), atol=1e-9)
+    np.testing.assert_allclose(plots.rolling_fluctuation(p, w, stat, agg), brute_fluct(p, w, stat, agg), atol=1e-12)
 
 
-def test_rolling_fluctuation_repeats_rows_without_tokens():
+def test_rolling_fluctuation_skips_rows_without_tokens_as_the_detector():
     rng = np.random.default_rng(4)
     p = rng.dirichlet(np.ones(3), size=(12, 1))
     q = p.copy()
     q[5] = np.nan
-    filled = p.copy()
-    filled[5] = p[4]
-    np.testing.assert_allclose(plots.rolling_fluctuation(q, 3), brute_fluct(filled, 3, "range", "mean"))
+    q[8:11] = np.nan  # window 3 ending at step 10 has a single step with tokens: NaN
+    got = plots.rolling_fluctuation(q, 3)
+    np.testing.assert_allclose(got, brute_fluct(q, 3, "range", "mean"), atol=1e-12)
+    assert np.isnan(got[10, 0]) and np.isfinite(got[7, 0])
     with pytest.raises(InputError, match="window"):
         plots.rolling_fluctuation(p, 1)
+    with pytest.raises(InputError, match="var"):
+        plots.rolling_fluctuation(p, 3, "std")  # the detector has no std: a figure of it would disagree
 
 
 def test_rolling_fluctuation_leaves_out_padded_experts():
@@ -212,10 +222,26 @@ def test_rolling_fluctuation_leaves_out_padded_experts():
     p[:, 0] = rng.dirichlet(np.ones(6), size=25)
     p[:, 1, :4] = rng.dirichlet(np.ones(4), size=25)  # layer 1 has 4 experts, 2 padding columns
     got = plots.rolling_fluctuation(p, 5, experts=[6, 4])
-    np.testing.assert_allclose(got[:, 1], brute_fluct(p[:, 1:, :4], 5, "range", "mean")[:, 0])
-    np.testing.assert_allclose(got[:, 0], brute_fluct(p[:, :1], 5, "range", "mean")[:, 0])
+    np.testing.assert_allclose(got[:, 1], brute_fluct(p[:, 1:, :4], 5, "range", "mean")[:, 0], atol=1e-12)
+    np.testing.assert_allclose(got[:, 0], brute_fluct(p[:, :1], 5, "range", "mean")[:, 0], atol=1e-12)
     with pytest.raises(InputError, match="experts"):
         plots.rolling_fluctuation(p, 5, experts=[6, 7])
+
+
+@pytest.mark.parametrize("stat,agg", [("range", "mean"), ("var", "mean"), ("var", "max")])
+def test_figure_statistic_is_the_detectors_on_a_trace(trace, stat, agg):
+    """The figure of a trace and the figure of `states.detect` on it draw the same numbers."""
+    r = states.detect(trace, method="window", window=50, stat=stat, agg=agg)
+    got = plots.rolling_fluctuation(trace.proportions(), 50, stat, agg, trace.experts_per_layer)
+    np.testing.assert_array_equal(got, r.fluctuation)
+    assert np.isfinite(got[49:]).all()
+    from_trace = plots.fluctuation(trace, window=50, stat=stat, agg=agg, log=False)
+    plt.close("all")
+    from_states = plots.fluctuation(r, log=False)
+    for li in range(L):
+        a = [ln for ln in from_trace.get_lines() if ln.get_label().startswith(f"{li}:")][0].get_ydata()
+        b = lines_labelled(from_states, f"layer {li}")[0].get_ydata()
+        np.testing.assert_array_equal(a, b)
 
 
 def test_fluctuation_from_trace_with_boundaries(trace):
@@ -226,7 +252,7 @@ def test_fluctuation_from_trace_with_boundaries(trace):
     assert sorted(ln.get_xdata()[0] for ln in vlines) == [300, 500]
     assert ax.get_yscale() == "log"
     assert ax.get_xlim()[0] <= 10 and ax.get_xlim()[1] >= 1209
-    assert "rolling range (pp)" in ax.get_ylabel()
+    assert "rolling range (share)" in ax.get_ylabel()
     assert any("trailing window of 50" in n for n in notes(ax))
 
 

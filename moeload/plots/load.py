@@ -150,47 +150,25 @@ def rolling_fluctuation(
 ) -> np.ndarray:
     """Per-layer fluctuation of proportions p: [S, L, E] over trailing windows of `window` rows.
 
-    Each expert's share over the window gives a range (max - min, stat="range") or a standard
-    deviation (stat="std"), in percentage points; `agg` ("mean" or "max") combines the experts, as
-    in `states.detect(method="window")`. experts: [L] experts per layer, where layers have fewer
-    than E (the columns past them are padding and left out). Returns [S, L]; the first window - 1
-    rows are NaN. All-NaN rows (no tokens) repeat the previous row.
+    The window rule's own statistic (`states.window.window_statistic`, what `states.detect(p,
+    method="window", window=..., stat=..., agg=...)` thresholds), so a figure and the detector
+    cannot disagree: each expert's share over the window gives a range (max - min, stat="range")
+    or a sample variance (ddof=1, stat="var"), in units of proportions; `agg` ("mean" or "max")
+    combines the experts; steps without tokens (all-NaN rows) are skipped, and a window with fewer
+    than max(2, window // 2) of them is NaN. experts: [L] experts per layer, where layers have
+    fewer than E (the columns past them are padding and left out). Returns [S, L]; the first
+    window - 1 rows are NaN (a window longer than the S rows is cut to S).
     """
-    if stat not in ("range", "std"):
-        raise InputError(f"stat={stat!r}: choose 'range' or 'std'")
+    from moeload.states.window import window_statistic
+
+    if stat not in ("range", "var"):
+        raise InputError(f"stat={stat!r}: choose 'range' or 'var' (the window rule's statistics)")
     if agg not in ("mean", "max"):
         raise InputError(f"agg={agg!r}: choose 'mean' or 'max'")
     if int(window) < 2:
         raise InputError(f"window={window}: must be at least 2 steps")
-    x = c.array(p, "rolling_fluctuation: p", (3,)) * 100
-    S, L, E = x.shape
-    n_exp = np.full(L, E) if experts is None else np.asarray(experts, dtype=np.int64).reshape(-1)
-    if len(n_exp) != L or (n_exp < 1).any() or (n_exp > E).any():
-        raise InputError(f"experts: expected [L={L}] counts in 1..{E}, got {experts!r}")
-    pad = np.arange(E)[None, None, :] >= n_exp[None, :, None]  # [1, L, E]
-
-    def combine(v: np.ndarray) -> np.ndarray:
-        v = np.where(pad, np.nan, v)
-        return np.nanmean(v, axis=2) if agg == "mean" else np.nanmax(v, axis=2)
-
-    valid = ~np.isnan(x).all(axis=2, keepdims=True)
-    idx = np.maximum.accumulate(np.where(valid, np.arange(S)[:, None, None], 0), axis=0)
-    x = np.nan_to_num(np.take_along_axis(x, np.broadcast_to(idx, x.shape), axis=0))
-    w = min(int(window), S)
-    out = np.full(x.shape[:2], np.nan)
-    if stat == "range":
-        from scipy.ndimage import maximum_filter1d, minimum_filter1d
-
-        o = (w - 1) // 2  # shift the filter left: output t covers rows t - w + 1 .. t
-        rng = maximum_filter1d(x, w, axis=0, origin=o) - minimum_filter1d(x, w, axis=0, origin=o)
-        out[w - 1 :] = combine(rng[w - 1 :])
-    else:
-        c1 = np.concatenate([np.zeros((1,) + x.shape[1:]), np.cumsum(x, axis=0)])
-        c2 = np.concatenate([np.zeros((1,) + x.shape[1:]), np.cumsum(x * x, axis=0)])
-        s1, s2 = c1[w:] - c1[:-w], c2[w:] - c2[:-w]
-        var = np.maximum(s2 / w - (s1 / w) ** 2, 0.0)
-        out[w - 1 :] = combine(np.sqrt(var))
-    return out
+    x = c.array(p, "rolling_fluctuation: p", (3,))
+    return window_statistic(x, max(2, min(int(window), x.shape[0])), stat, agg, experts)
 
 
 def fluctuation(
@@ -215,7 +193,7 @@ def fluctuation(
     final stable phase starts (-1 = none). threshold: scalar, [L] or [S, L], drawn dotted.
     Returns the Axes.
     """
-    unit = "pp"
+    computed = True  # the statistic is computed here (not given)
     title = "Load fluctuation per layer"
     if hasattr(data, "fluctuation") and hasattr(data, "boundaries"):  # states.StateResult
         stat_v = c.array(data.fluctuation, "fluctuation: data.fluctuation", (2,))
@@ -223,7 +201,7 @@ def fluctuation(
         boundaries = data.boundaries if boundaries is None else boundaries
         if threshold is None and np.isfinite(np.asarray(data.threshold, dtype=np.float64)).any():
             threshold = data.threshold
-        ylabel, unit = _state_label(data), ""
+        ylabel, computed = _state_label(data), False
     elif c.is_trace(data):
         layer_names = layer_names or [f"{i}: {n}" for i, n in enumerate(data.layers)]
         s_arr = c.trace_steps(data, steps)
@@ -235,7 +213,7 @@ def fluctuation(
         if a.ndim == 3:
             stat_v, ylabel = rolling_fluctuation(a, window, stat, agg), _stat_label(stat, agg)
         else:
-            stat_v, ylabel, unit = a, "fluctuation", ""
+            stat_v, ylabel, computed = a, "fluctuation", False
     S, L = stat_v.shape
     s = c.step_numbers(steps, S)
     names = list(layer_names) if layer_names is not None else [f"layer {i}" for i in range(L)]
@@ -272,7 +250,7 @@ def fluctuation(
     ax.set_ylabel(ylabel)
     ax.set_title(title, loc="left")
     notes = [c.bin_note(s, b)]
-    if unit:
+    if computed:
         notes.insert(0, f"trailing window of {min(window, S)} recorded steps")
     elif "window" in (getattr(data, "params", None) or {}):
         notes.insert(0, f"{data.method} rule, window of {data.params['window']} steps")
@@ -283,7 +261,7 @@ def fluctuation(
 
 
 def _stat_label(stat: str, agg: str) -> str:
-    return f"{agg} over experts of\nrolling {stat} (pp)"
+    return f"{agg} over experts of\nrolling {stat} (share)"
 
 
 def _state_label(r: Any) -> str:

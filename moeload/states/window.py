@@ -103,6 +103,54 @@ def d2(m: np.ndarray, m_max: int) -> np.ndarray:
     return _d2_table(int(m_max))[np.clip(np.nan_to_num(m).astype(np.int64), 0, m_max)]
 
 
+def _aggregate(x: np.ndarray, agg: str) -> np.ndarray:
+    return x.mean(-1) if agg == "mean" else x.max(-1)
+
+
+def _window_ok(p: np.ndarray, w: int, min_periods: int) -> tuple[np.ndarray, np.ndarray]:
+    """([S, L] windows with >= min_periods steps with tokens and spanning w steps, [S, L] those steps)."""
+    valid = ~np.isnan(p[:, :, 0])  # [S, L]; rows are all NaN or all numbers
+    n = rolling_sum(valid.astype(np.float64), w)  # [S, L] steps with tokens in each window
+    ok = n >= min_periods
+    ok[: w - 1] = False  # a window must span w steps
+    return ok, n
+
+
+def window_statistic(p: np.ndarray, window: int, stat: str = "range", agg: str = "mean",
+                     experts: Any = None, min_periods: int | None = None) -> np.ndarray:
+    """The window rule's fluctuation statistic: proportions p: [S, L, E] -> [S, L] float64.
+
+    Per expert over the trailing window of `window` steps (steps with no tokens, all-NaN rows,
+    skipped): range = max - min, or var = sample variance (ddof=1), in units of proportions
+    (squared for var); `agg` ("mean" | "max") over the layer's experts. experts: [L] experts per
+    layer (columns past them are padding and left out; default E). NaN where a window has fewer
+    than `min_periods` steps with tokens (None = max(2, window // 2)) and for the first window - 1
+    steps. `WindowRule` thresholds exactly this; `plots.fluctuation` draws it.
+    """
+    w = int_param(window, "window", 2)
+    if stat not in ("range", "var"):
+        raise InputError(f"stat: expected 'range' or 'var', got {stat!r}")
+    if agg not in ("mean", "max"):
+        raise InputError(f"agg: expected 'mean' or 'max', got {agg!r}")
+    S, L, E = p.shape
+    n_exp = np.full(L, E, np.int64) if experts is None else np.asarray(experts, dtype=np.int64).reshape(-1)
+    if n_exp.shape != (L,) or (n_exp < 1).any() or (n_exp > E).any():
+        raise InputError(f"experts: expected [L={L}] counts in 1..{E}, got {experts!r}")
+    mp = int_param(max(2, w // 2) if min_periods is None else min_periods, "min_periods", 2)
+    ok, _ = _window_ok(p, w, mp)
+    fluct = np.full((S, L), np.nan)
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for li in range(L):
+            x = np.ascontiguousarray(p[:, li, : int(n_exp[li])])  # [S, E_l]
+            if stat == "range":
+                per = rolling_extreme(x, w, np.fmax) - rolling_extreme(x, w, np.fmin)
+            else:
+                per = rolling_var(x, w)[1]
+            fluct[:, li] = np.where(ok[:, li], _aggregate(per, agg), np.nan)
+    return fluct
+
+
 class WindowRule:
     """Rolling fluctuation thresholded with hysteresis. Hyperparameters as in the module docstring.
 
@@ -156,32 +204,22 @@ class WindowRule:
         return self.reference != "late" and not self.center
 
     # -- statistics -------------------------------------------------------------------------
-    def _agg(self, x: np.ndarray) -> np.ndarray:
-        return x.mean(-1) if self.agg == "mean" else x.max(-1)
-
     def statistic(self, p: np.ndarray, inp: LoadInput, assignments: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Trailing-window layer statistic [S, L] and, for reference="noise", its noise level [S, L]."""
+        """Trailing-window layer statistic [S, L] (`window_statistic`) and, for reference="noise",
+        its noise level [S, L]."""
         w = self.window
         S, L, _ = p.shape
         if self.reference == "noise" and assignments is None:
             raise InputError("reference='noise' needs routed assignments per step: pass integer counts, a Trace or tokens=")
-        valid = ~np.isnan(p[:, :, 0])  # [S, L]; rows are all NaN or all numbers
-        n = rolling_sum(valid.astype(np.float64), w)  # [S, L] steps with tokens in each window
-        ok = n >= self.min_periods
-        ok[: w - 1] = False  # a window must span w steps
-        fluct = np.full((S, L), np.nan)
-        noise = np.full((S, L), np.nan) if self.reference == "noise" else None
+        fluct = window_statistic(p, w, self.stat, self.agg, inp.experts, self.min_periods)
+        if self.reference != "noise" or assignments is None:  # assignments are checked above for "noise"
+            return fluct, None
+        ok, n = _window_ok(p, w, self.min_periods)
+        noise = np.full((S, L), np.nan)
         with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)
             for li in range(L):
                 x = np.ascontiguousarray(p[:, li, : int(inp.experts[li])])  # [S, E_l]
-                if self.stat == "range":
-                    per = rolling_extreme(x, w, np.fmax) - rolling_extreme(x, w, np.fmin)
-                else:
-                    per = rolling_var(x, w)[1]
-                fluct[:, li] = np.where(ok[:, li], self._agg(per), np.nan)
-                if noise is None or assignments is None:  # assignments are checked above for "noise"
-                    continue
                 a = assignments[:, li]
                 inv_n = np.where(a > 0, 1.0 / np.where(a > 0, a, 1), np.nan)
                 inv_mean = rolling_sum(inv_n, w) / n[:, li]  # [S]
@@ -189,7 +227,7 @@ class WindowRule:
                 k = float(inp.top_k[li])
                 sig2 = np.maximum(mean * (1 - np.minimum(k * mean, 1.0)), 0.0) * inv_mean[:, None]
                 ref = sig2 if self.stat == "var" else d2(n[:, li], w)[:, None] * np.sqrt(sig2)
-                noise[:, li] = np.where(ok[:, li], self._agg(ref), np.nan)
+                noise[:, li] = np.where(ok[:, li], _aggregate(ref, self.agg), np.nan)
         return fluct, noise
 
     def codes(self, fluct: np.ndarray, thr: np.ndarray) -> np.ndarray:
