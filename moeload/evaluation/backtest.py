@@ -13,32 +13,14 @@ import pandas as pd
 
 from moeload.errors import InputError
 from moeload.evaluation.metrics import METRICS, contiguous_map, error_metrics
+from moeload.predictors.registry import from_spec, spec_label
 from moeload.states._input import LoadInput, int_param, load_input
 
 
-def _spec_label(spec: Any) -> str:
-    if isinstance(spec, str):
-        return spec
-    if isinstance(spec, tuple):
-        name, kw = spec
-        return name + ("(" + ", ".join(f"{k}={v}" for k, v in sorted(kw.items())) + ")" if kw else "")
-    return repr(spec)
-
-
 def _factory(spec: Any):
-    """A zero-argument function giving a fresh, unfitted predictor for `spec`."""
-    import moeload.predictors as predictors
-
-    if isinstance(spec, str):
-        predictors.get(spec)
-        return lambda: predictors.get(spec)
-    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict):
-        predictors.get(spec[0], **spec[1])
-        return lambda: predictors.get(spec[0], **spec[1])
-    if isinstance(spec, predictors.Predictor):
-        cls, params = type(spec), spec.get_params()
-        return lambda: cls(**params)
-    raise InputError(f"predictors: expected a name, a (name, kwargs) tuple or a Predictor, got {spec!r}")
+    """A zero-argument function giving a fresh, unfitted predictor for `spec` (checked now)."""
+    from_spec(spec, "predictors")
+    return lambda: from_spec(spec, "predictors")
 
 
 def _origins(inp: LoadInput, origins: Any, every: int | None, min_history: int, hmin: int) -> np.ndarray:
@@ -85,8 +67,8 @@ def backtest(p: Any, predictors: Sequence[Any] = ("last", "sw_avg", "ema"), hori
              progress: bool = False) -> pd.DataFrame:
     """Rolling-origin evaluation: at each origin o fit on p[:o], forecast H steps, compare with p[o:o+H].
 
-    p: [S, L, E] proportions, integer counts or a Trace. predictors: names, (name, kwargs) tuples or
-    Predictor instances (copied unfitted). origins: step numbers (Trace or steps= given) or indices;
+    p: [S, L, E] proportions, integer counts or a Trace. predictors: specs of
+    `predictors.from_spec` (names, (name, kwargs) pairs, Predictor instances copied unfitted). origins: step numbers (Trace or steps= given) or indices;
     default every `every` steps (default min(horizons) // 2) from min_history on. Origin/horizon
     pairs that run past the trace are skipped and counted in df.attrs["origins_used"/"origins_skipped"].
     phases: None = `states.detect` window labels at step o - 1; a StateResult or [S] / [S, L] bool or
@@ -118,7 +100,7 @@ def backtest(p: Any, predictors: Sequence[Any] = ("last", "sw_avg", "ema"), hori
             raise InputError(f"gpu_map: expected GPU ids [E] or [L, E] = [{L}, {E}] (-1 = padding column), got {np.shape(gpu_map)}")
     used = {h: int(((org + h) <= S).sum()) for h in hs}
     rows: list[dict[str, Any]] = []
-    specs = [(_spec_label(s), _factory(s)) for s in predictors]
+    specs = [(spec_label(s), _factory(s)) for s in predictors]
     bar = _progress(progress, len(specs) * len(org))
     for label, make in specs:
         pred, last_o = None, 0

@@ -22,6 +22,6 @@ from moeload.predictors import (  # noqa: F401
     sw_avg,
 )
 from moeload.predictors.base import Predictor
-from moeload.predictors.registry import available, get, register
+from moeload.predictors.registry import available, from_spec, get, register, spec_label
 
-__all__ = ["Predictor", "available", "get", "register"]
+__all__ = ["Predictor", "available", "from_spec", "get", "register", "spec_label"]

@@ -1,7 +1,7 @@
 """`combo`: the average of several predictors' forecasts (forecast combination).
 
 Averaging forecasts whose errors are not perfectly correlated lowers the error of the mean share;
-members are given as names (default hyperparameters) or (name, hyper) pairs, and `weights`
+members are predictor specs (`registry.from_spec`: names, (name, hyper) pairs or Predictors), and `weights`
 (None = equal) must be non-negative.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 
 from moeload.errors import InputError
 from moeload.predictors.base import Predictor
-from moeload.predictors.registry import get, register
+from moeload.predictors.registry import from_spec, register
 
 # tuned on synthetic seed 0 (benchmarks/predictor_accuracy.py): ridge for the stable phase, the
 # trend-extrapolating adaptive window for transients
@@ -34,12 +34,9 @@ class Combination(Predictor):
         self.weights = weights
 
     def _make(self) -> list[Predictor]:
-        out = []
-        for m in self.members:
-            name, hyper = (m, {}) if isinstance(m, str) else (m[0], dict(m[1]))
-            if name == "combo":
-                raise InputError("members: a combo cannot contain a combo")
-            out.append(get(name, **hyper))
+        out = [from_spec(m, "members") for m in self.members]
+        if any(isinstance(m, Combination) for m in out):
+            raise InputError("members: a combo cannot contain a combo")
         if not out:
             raise InputError("members: give at least one predictor")
         w = np.ones(len(out)) if self.weights is None else np.asarray(self.weights, dtype=np.float64)

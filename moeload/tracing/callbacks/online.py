@@ -52,8 +52,9 @@ class OnlinePlanner:
     tracer: attach to it with `add_sink` (layer names, top-k and rank come from it; only rank 0
     writes files; every rank decides the same); without one, call `feed(steps, counts)` yourself or
     pass the planner as a `sink`. num_gpus: GPUs of one expert-parallel group; num_replicas:
-    physical expert slots per layer (default E, no redundant experts); predictor: a name of
-    `moeload.predictors` or an instance (unfitted; refitted on the first block); detector: a
+    physical expert slots per layer (default E, no redundant experts); predictor: a spec of
+    `predictors.from_spec` (a name, a (name, hyper) pair or an instance; refitted on the first
+    block); detector: a
     causal `StreamingDetector` (default: method "window", reference "noise", `window` steps);
     policy / policy_options: of `placement.plan`; horizon: forecast steps; min_gain / min_cv_drop:
     the threshold (see the module docstring); out_dir: where plans are written (None: none
@@ -101,10 +102,7 @@ class OnlinePlanner:
                 raise InputError(f"OnlinePlanner: {name}={v!r}: expected a positive integer")
         if policy not in placement.available():
             raise InputError(f"OnlinePlanner: policy={policy!r}: unknown; available: {placement.available()}")
-        if isinstance(predictor, str):
-            predictor = predictors.get(predictor)
-        elif not isinstance(predictor, predictors.Predictor):
-            raise InputError(f"OnlinePlanner: predictor must be a name in {predictors.available()} or a Predictor, got {predictor!r}")
+        predictor = predictors.from_spec(predictor, "OnlinePlanner: predictor")
         self.num_gpus, self.num_replicas = int(num_gpus), num_replicas
         self.policy, self.policy_options = policy, dict(policy_options or {})
         self.horizon, self.max_history = int(horizon), int(max_history)
