@@ -19,71 +19,36 @@ from typing import Any
 import numpy as np
 
 from moeload.errors import InputError, NotFittedError
+from moeload.states._input import check_proportions
 
-ROW_SUM_ATOL = 1e-3
 
-
-def _fill_missing(p: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Forward-fill all-NaN rows and zero padded experts. p: [T, L, E] -> (p [T, L, E], mask [L, E])."""
-    nan = np.isnan(p)
-    missing_row = nan.all(axis=2)  # [T, L]
+def _fill_missing(p: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Forward-fill all-NaN rows of p: [T, L, E] (mask: [L, E] real experts) -> [T, L, E] without NaN."""
+    missing_row = np.isnan(p).all(axis=2)  # [T, L]
+    if not missing_row.any():
+        return p
+    T, L, E = p.shape
     valid_row = ~missing_row
-    # expert padding: NaN in every valid row of its layer
-    pad = np.where(valid_row[:, :, None], nan, True).all(axis=0) & valid_row.any(axis=0)[:, None]
-    partial = nan & ~missing_row[:, :, None] & ~pad[None]
-    if partial.any():
-        t, layer, e = np.argwhere(partial)[0]
-        raise InputError(
-            f"{name}: NaN at step {t}, layer {layer}, expert {e} in a row that is not entirely NaN; "
-            "only whole missing rows (no tokens) or whole padded expert columns are allowed"
-        )
-    mask = ~pad
-    out = np.where(pad[None], 0.0, p)
-    if missing_row.any():
-        T, L, E = p.shape
-        idx = np.where(valid_row, np.arange(T)[:, None], -1)
-        idx = np.maximum.accumulate(idx, axis=0)  # last valid row at or before t
-        first = np.where(valid_row.any(axis=0), valid_row.argmax(axis=0), -1)  # [L]
-        idx = np.where(idx < 0, first[None, :], idx)
-        layers = np.arange(L)[None, :]
-        filled = out[np.maximum(idx, 0), layers]  # [T, L, E]
-        n_exist = np.maximum(mask.sum(axis=1), 1)
-        uniform = np.broadcast_to(mask / n_exist[:, None], filled.shape)
-        filled = np.where((idx < 0)[:, :, None], uniform, filled)
-        out = filled
-    return out, mask
+    idx = np.where(valid_row, np.arange(T)[:, None], -1)
+    idx = np.maximum.accumulate(idx, axis=0)  # last valid row at or before t
+    first = np.where(valid_row.any(axis=0), valid_row.argmax(axis=0), -1)  # [L]
+    idx = np.where(idx < 0, first[None, :], idx)
+    layers = np.arange(L)[None, :]
+    filled = p[np.maximum(idx, 0), layers]  # [T, L, E]
+    n_exist = np.maximum(mask.sum(axis=1), 1)
+    uniform = np.broadcast_to(mask / n_exist[:, None], filled.shape)
+    return np.where((idx < 0)[:, :, None], uniform, filled)
 
 
 def validate_proportions(p: Any, name: str = "p") -> tuple[np.ndarray, np.ndarray]:
-    """Check proportions and fill missing rows.
+    """Check proportions with the one validator (`states._input.check_proportions`: shapes, NaN
+    rows and padding, sign, row sums within its ROW_SUM_TOL) and fill missing rows.
 
     p: [T, L, E] (or [T, E] for one layer) non-negative, rows summing to 1 over experts.
     Returns (p [T, L, E] float64, rows renormalised exactly; expert mask [L, E] bool).
     """
-    try:
-        arr = np.asarray(p, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name}: cannot convert to a float array ({exc})") from None
-    if arr.ndim == 2:
-        arr = arr[:, None, :]
-    if arr.ndim != 3:
-        raise InputError(f"{name}: expected shape [T, L, E], got {arr.shape}")
-    if min(arr.shape) == 0:
-        raise InputError(f"{name}: empty array of shape {arr.shape}")
-    if np.isinf(arr).any():
-        raise InputError(f"{name}: contains inf")
-    arr, mask = _fill_missing(arr, name)
-    if (arr < 0).any():
-        raise InputError(f"{name}: contains negative proportions (min {arr.min():.3g})")
-    sums = arr.sum(axis=2)
-    bad = np.abs(sums - 1.0) > ROW_SUM_ATOL
-    if bad.any():
-        t, layer = np.argwhere(bad)[0]
-        raise InputError(
-            f"{name}: row at step {t}, layer {layer} sums to {sums[t, layer]:.6g}, not 1; "
-            "pass proportions (counts / counts.sum(-1)), not counts"
-        )
-    return arr / sums[:, :, None], mask
+    arr, mask = check_proportions(p, name)
+    return _fill_missing(arr, mask), mask
 
 
 def to_simplex(x: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""Checking and normalising the load input shared by `states` and `evaluation`.
+"""Checking and normalising the load input shared by `states`, `evaluation` and `predictors`.
 
-Accepted input: proportions `[S, L, E]` (float, each row sums to 1 over experts, or is all NaN for a
-step where the layer saw no tokens), integer counts `[S, L, E]` (converted to proportions, and
-their row sums give the routed assignments per step), or a `moeload.trace.Trace`.
+Accepted input: proportions `[S, L, E]` or `[S, E]` for one layer (float, checked by
+`check_proportions`, the one validator of proportions), integer counts of the same shapes
+(converted to proportions, and their row sums give the routed assignments per step), or a
+`moeload.trace.Trace`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from moeload.errors import InputError
 
-ROW_SUM_TOL = 1e-6
+ROW_SUM_TOL = 1e-3  # why this value: `check_proportions`
 
 
 @dataclasses.dataclass
@@ -56,18 +57,30 @@ def load_input(p: Any, name: str = "p", steps: Any = None, tokens: Any = None) -
     return _from_array(p, name, steps, tokens)
 
 
+def _as_3d(a: np.ndarray, name: str) -> np.ndarray:
+    """[S, L, E] or [S, E] (one layer) -> [S, L, E], at least one of each, else InputError."""
+    if a.ndim == 2:
+        a = a[:, None, :]
+    if a.ndim != 3:
+        raise InputError(
+            f"{name}: expected proportions [steps, layers, experts] or [steps, experts] (one layer), "
+            f"got shape {a.shape}"
+        )
+    if min(a.shape) == 0:
+        raise InputError(f"{name}: empty array of shape {a.shape}; needs at least 1 step, 1 layer and 1 expert")
+    return a
+
+
 def _from_array(p: Any, name: str, steps: Any, tokens: Any) -> LoadInput:
     try:
         a = np.asarray(p)
     except Exception as exc:  # ragged lists and the like
         raise InputError(f"{name}: cannot be read as an array ({exc})") from None
-    if a.ndim != 3:
-        raise InputError(
-            f"{name}: expected proportions [steps, layers, experts] (3 dims), got shape {a.shape}; "
-            "for one layer use p[:, None, :]"
-        )
-    if a.shape[0] == 0 or a.shape[1] == 0 or a.shape[2] < 2:
-        raise InputError(f"{name}: needs at least 1 step, 1 layer and 2 experts, got shape {a.shape}")
+    if a.dtype.kind not in "iubf":
+        raise InputError(f"{name}: expected a numeric array, got dtype {a.dtype}")
+    a = _as_3d(a, name)
+    S, L, E = a.shape
+    experts = np.full(L, E, np.int64)
     if a.dtype.kind in "iub":
         if (a < 0).any():
             raise InputError(f"{name}: counts must be non-negative, found {int(a.min())}")
@@ -76,13 +89,15 @@ def _from_array(p: Any, name: str, steps: Any, tokens: Any) -> LoadInput:
         with np.errstate(invalid="ignore", divide="ignore"):
             prop = np.where(tot[..., None] > 0, c / np.where(tot > 0, tot, 1)[..., None], np.nan)
         assignments = tot
-    elif a.dtype.kind == "f":
-        prop = a.astype(np.float64, copy=False)
-        _check_proportions(prop, name)
-        assignments = None
     else:
-        raise InputError(f"{name}: expected a numeric array, got dtype {a.dtype}")
-    S, L, E = prop.shape
+        prop, mask = check_proportions(a, name)
+        experts = mask.sum(1)
+        trailing = np.arange(E)[None, :] < experts[:, None]
+        if not (mask == trailing).all():
+            li = int(np.flatnonzero((mask != trailing).any(1))[0])
+            raise InputError(f"{name}: layer {li} has NaN (padding) expert columns before real ones; "
+                             "padding must be the last columns of a layer")
+        assignments = None
     if tokens is not None:
         assignments = np.asarray(tokens, dtype=np.float64)
         if assignments.ndim == 1:
@@ -95,27 +110,57 @@ def _from_array(p: Any, name: str, steps: Any, tokens: Any) -> LoadInput:
         st = np.asarray(steps, dtype=np.int64)
         if st.shape != (S,) or (S > 1 and (np.diff(st) <= 0).any()):
             raise InputError(f"steps: expected {S} strictly increasing step numbers, got shape {st.shape}")
-    return LoadInput(prop, st, assignments, np.ones(L, np.int64), np.full(L, E, np.int64), None, steps is not None)
+    return LoadInput(prop, st, assignments, np.ones(L, np.int64), experts, None, steps is not None)
 
 
-def _check_proportions(p: np.ndarray, name: str) -> None:
-    nan = np.isnan(p)
-    row_nan = nan.all(-1)
-    if (nan.any(-1) & ~row_nan).any():
-        s, li = np.argwhere(nan.any(-1) & ~row_nan)[0]
-        raise InputError(f"{name}: row (step {s}, layer {li}) is partly NaN; a row is either all NaN (no tokens) or all numbers")
-    if np.isinf(p).any():
+def check_proportions(p: Any, name: str = "p") -> tuple[np.ndarray, np.ndarray]:
+    """The one validator of proportions (states, evaluation and predictors call it).
+
+    p: [S, L, E], or [S, E] for one layer. A row (step, layer) is either all NaN (the layer saw no
+    tokens) or finite, non-negative numbers summing to 1 over experts within ROW_SUM_TOL; an expert
+    column that is NaN in every row with numbers of its layer is padding (a layer with fewer
+    experts). Returns (p [S, L, E] float64 with NaN rows kept, padding set to 0 and every other row
+    divided by its sum, so that it sums to 1 to rounding; mask [L, E] True for the real experts).
+    Bad input -> InputError naming `name` and the first bad row.
+
+    ROW_SUM_TOL = 1e-3: the coarsest format proportions are commonly kept in is float16 (a softmax
+    or a mean share in half precision): each value is rounded to within 2^-11 of itself, so a row
+    of them misses 1 by up to 4.9e-4 — which 1e-6 (the old states check) refused for any layer;
+    float32 and float64 rows are far inside. The mistakes the check is for (counts, rows
+    normalised over the wrong axis, a missing expert column) miss 1 by far more than 1e-3. Rows
+    are renormalised, so the tolerance never reaches a result.
+    """
+    try:
+        arr = np.asarray(p, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name}: cannot be read as a numeric (float) array ({exc})") from None
+    arr = _as_3d(arr, name)
+    if np.isinf(arr).any():
         raise InputError(f"{name}: contains inf")
-    if (p[~nan] < 0).any():
-        raise InputError(f"{name}: proportions must be non-negative, found {float(np.nanmin(p)):.3g}")
-    sums = np.nansum(p, -1)
+    nan = np.isnan(arr)
+    row_nan = nan.all(axis=2)  # [S, L] steps without tokens
+    pad = np.where(row_nan[:, :, None], True, nan).all(axis=0) & (~row_nan).any(axis=0)[:, None]  # [L, E]
+    partial = nan & ~row_nan[:, :, None] & ~pad[None]
+    if partial.any():
+        t, li, e = np.argwhere(partial)[0]
+        raise InputError(
+            f"{name}: NaN at step {t}, layer {li}, expert {e}: the row is partly NaN; a row is all NaN "
+            "(no tokens) or all numbers, and only whole padded expert columns may be NaN"
+        )
+    out = np.where(pad[None] & ~row_nan[:, :, None], 0.0, arr)  # rows without tokens stay all NaN
+    if (out < 0).any():
+        raise InputError(f"{name}: contains negative proportions (min {np.nanmin(out):.3g}); they must be non-negative")
+    sums = out.sum(axis=2)  # NaN for rows without tokens
     bad = ~row_nan & (np.abs(sums - 1.0) > ROW_SUM_TOL)
     if bad.any():
-        s, li = np.argwhere(bad)[0]
+        t, li = np.argwhere(bad)[0]
         raise InputError(
-            f"{name}: rows must sum to 1 over experts; step {s}, layer {li} sums to {sums[s, li]:.6g} "
-            "(pass integer counts to have them normalised)"
+            f"{name}: row at step {t}, layer {li} sums to {sums[t, li]:.6g}; rows must sum to 1 over experts "
+            f"(within {ROW_SUM_TOL:g}): pass integer counts to have them normalised"
         )
+    with np.errstate(invalid="ignore"):
+        out = out / np.where(row_nan, 1.0, sums)[:, :, None]
+    return out, ~pad
 
 
 def int_param(value: Any, name: str, lo: int = 1) -> int:

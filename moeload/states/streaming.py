@@ -120,6 +120,8 @@ class StreamingDetector:
             blk = blk[None]
         inp = _from_array(blk, "p_block", None, tokens)
         t, L, E = inp.p.shape
+        if (inp.experts < E).any():  # a block cannot tell padding from a column without tokens yet
+            raise InputError("p_block: NaN expert columns (padding) are not supported when streaming; pass 0 for them")
         if self._buf is None:
             self._buf = np.zeros((0, L, E))
             self._buf_n = None if inp.assignments is None else np.zeros((0, L))

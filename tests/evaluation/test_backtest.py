@@ -134,7 +134,7 @@ def test_bad_arguments(kw, match):
 
 
 def test_bad_array_input():
-    with pytest.raises(InputError, match="3 dims"):
-        evaluation.backtest(np.full((300, 4), 0.25), predictors=["last"], horizons=(10,))
+    with pytest.raises(InputError, match="one layer"):
+        evaluation.backtest(np.full((300, 4, 1, 1), 0.25), predictors=["last"], horizons=(10,))
     with pytest.raises(InputError, match="non-negative"):
         evaluation.backtest(-np.ones((300, 1, 4), np.int64), predictors=["last"], horizons=(10,))

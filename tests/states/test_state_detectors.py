@@ -133,10 +133,11 @@ def test_missing_rows_are_skipped(onset):
 @pytest.mark.parametrize(
     "bad,match",
     [
-        (np.full((10, 8), 1 / 8), "3 dims"),
+        (np.full((10, 1, 8, 1), 1 / 8), r"\[steps, experts\] \(one layer\)"),
         (-np.ones((10, 1, 2)), "negative|non-negative"),
         (np.full((10, 1, 4), 0.3), "sum to 1"),
-        (np.array([[[0.5, np.nan]]]), "partly NaN"),
+        (np.array([[[0.5, 0.5]], [[0.5, np.nan]]]), "partly NaN"),
+        (np.array([[[np.nan, 1.0]]]), "padding must be the last"),
         (np.full((0, 1, 4), 0.25), "at least 1 step"),
         (np.array([[["a", "b"]]]), "numeric"),
     ],
