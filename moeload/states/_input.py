@@ -137,9 +137,10 @@ def check_proportions(p: Any, name: str = "p") -> tuple[np.ndarray, np.ndarray]:
     arr = _as_3d(arr, name)
     if np.isinf(arr).any():
         raise InputError(f"{name}: contains inf")
-    nan = np.isnan(arr)
-    row_nan = nan.all(axis=2)  # [S, L] steps without tokens
-    pad = np.where(row_nan[:, :, None], True, nan).all(axis=0) & (~row_nan).any(axis=0)[:, None]  # [L, E]
+    nan = np.asarray(np.isnan(arr))
+    row_nan = np.asarray(nan.all(axis=2))  # [S, L] steps without tokens
+    has_tokens = np.asarray((~row_nan).any(axis=0))  # [L]
+    pad = np.asarray(np.where(row_nan[:, :, None], True, nan).all(axis=0)) & has_tokens[:, None]  # [L, E]
     partial = nan & ~row_nan[:, :, None] & ~pad[None]
     if partial.any():
         t, li, e = np.argwhere(partial)[0]

@@ -103,3 +103,12 @@ def test_padded_layer_is_read_as_its_real_experts() -> None:
     np.testing.assert_array_equal(r.fluctuation[:, 1], alone.fluctuation[:, 0])
     one = states.detect(p[:, 0], window=20)  # [S, E] is one layer
     np.testing.assert_array_equal(r.fluctuation[:, 0], one.fluctuation[:, 0])
+
+
+def test_streaming_refuses_nan_padding() -> None:
+    """A block cannot tell a padded column from an expert without tokens yet: streaming wants 0."""
+    with pytest.raises(InputError, match="padding"):
+        states.StreamingDetector().update(_padded()[:50], tokens=np.full(50, 1000))
+    zero = np.nan_to_num(_padded()[:50], nan=0.0)
+    zero[7, 0] = np.nan
+    assert states.StreamingDetector().update(zero, tokens=np.full(50, 1000)) == []
