@@ -17,7 +17,7 @@ from torch import nn
 from moeload.errors import InputError, NoGatingModulesError, first_line
 from moeload.trace import Manifest, TraceWriter
 from moeload.trace import lock as trace_lock
-from moeload.tracing.accumulate import accumulate, as_routing
+from moeload.tracing.accumulate import KernelCache, accumulate, as_routing
 from moeload.tracing.adapters import Adapter, GateSpec, GenericAdapter, RoutingShapeError, discover, registered_adapters
 from moeload.tracing.adapters.base import find_bias
 from moeload.tracing.collective import all_gather, all_gather_object, tracer_group
@@ -27,6 +27,7 @@ from moeload.tracing.flush import (
     FLAG_COL,
     NAN_REASON,
     REASONS,
+    TOKENS_COL,
     BlockWriter,
     FlushedBlock,
     Layout,
@@ -311,6 +312,11 @@ class LoadTracer:
         self._mb_gathered: torch.Tensor | None = None
         self._mb_calls = [0] * len(self.specs)  # train forwards of each gate in the current step
         self._mb_used = 0  # micro-batches seen in the current block (the rows written)
+        self._cache = KernelCache()
+        self._host_tok: np.ndarray | None = None  # [F, P, L] tokens known on the host (shapes), added at the flush
+        self._host_tok_mb: np.ndarray | None = None  # [F, M, L] the same for micro-batch rows
+        self._nan_step = [-1] * len(self.specs)  # step of each gate's last NaN check
+        self._staging: list[tuple[torch.Tensor, Any]] = []  # pinned host tokens in flight to the device
         self.micro_batches_stopped: dict[str, Any] | None = None
         """{"step", "reason"} where a step had more than max_micro_batches forwards of a gate: micro-batch
         rows stop there (step totals stay exact)."""
@@ -399,6 +405,7 @@ class LoadTracer:
             return self
         L, P, W = self.rank_layout.width, self.layout.planes, self.layout.width
         self._buf = torch.zeros(self.flush_every, P, L, W, dtype=torch.int64, device=self.device)
+        self._host_tok = np.zeros((self.flush_every, P, L), np.int64)
         if self.per_micro_batch:
             nbytes = self.flush_every * self.max_micro_batches * L * W * 8 * (1 + self.world_size * (self.world_size > 1))
             if nbytes > 1 << 30:
@@ -407,6 +414,7 @@ class LoadTracer:
                                  f"{self.max_micro_batches} x {L} layers x {W} columns needs {nbytes / 2**30:.1f} GiB of "
                                  "device buffers (limit 1 GiB); lower flush_every or max_micro_batches")
             self._mb = torch.zeros(self.flush_every, self.max_micro_batches, L, W, dtype=torch.int64, device=self.device)
+            self._host_tok_mb = np.zeros((self.flush_every, self.max_micro_batches, L), np.int64)
         if self.world_size > 1:
             self._gathered = torch.empty((self.world_size, *self._buf.shape), dtype=torch.int64, device=self.device)
             if self._mb is not None:
@@ -515,7 +523,7 @@ class LoadTracer:
     # ---- hot path ---------------------------------------------------------------------------------
     def _make_hook(self, li: int, spec: GateSpec) -> Callable:
         lay = self.layout
-        calls, mb_calls = self._calls, self._mb_calls
+        calls, mb_calls, nan_step, cache = self._calls, self._mb_calls, self._nan_step, self._cache
 
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             calls[li] += 1
@@ -528,17 +536,24 @@ class LoadTracer:
                     pr, pk = lay.eval_routed, lay.eval_kept
                 else:
                     return
-                rows = self._buf[self._slot]
-                routed = rows[pr, li]
+                slot = self._slot
+                rows = self._buf[slot]
+                routed, tally, at = rows[pr, li], self._host_tok, (slot, pr, li)
                 if self._mb is not None and pr == lay.routed:  # the m-th train forward of this gate: micro-batch m
                     m = mb_calls[li]
                     mb_calls[li] = m + 1
                     if m < self.max_micro_batches:
-                        routed = self._mb[self._slot, m, li]
+                        routed, tally, at = self._mb[slot, m, li], self._host_tok_mb, (slot, m, li)
                     else:
                         self._stop_micro(m)
+                step = self._first_step + slot
+                check = nan_step[li] != step  # NaN probabilities: checked at each gate's first forward of a step
+                nan_step[li] = step
                 r = spec.counts(module, inputs, output)
-                accumulate(r, routed, None if pk is None else rows[pk, li], spec.num_experts, spec.top_k)
+                tokens = accumulate(r, routed, None if pk is None else rows[pk, li], spec.num_experts, spec.top_k,
+                                    cache=cache, nan=check)
+                if tokens is not None:
+                    tally[at] += tokens
             except Exception as e:
                 code = DISABLED_SHAPE if isinstance(e, RoutingShapeError) else DISABLED_ERROR
                 self._disable(li, f"{type(e).__name__}: {e}", code)
@@ -630,6 +645,7 @@ class LoadTracer:
         if n == 0 or self._buf is None or self._writer is None or self.tracing_stopped is not None:
             return
         src, micro = self._buf, None
+        self._add_host_tokens(n)
         if self._mb is not None:  # micro-batch rows add up to the step's routed row
             self._buf[:n, self.layout.routed] += self._mb[:n].sum(1)
             micro = self._mb
@@ -658,8 +674,29 @@ class LoadTracer:
         self.flushes += 1
         self._reset(n)
 
+    def _add_host_tokens(self, n: int) -> None:
+        """Add the tokens tallied on the host (from shapes) into the TOKENS_COL bins of the block's first
+        n slots: one host->device copy per flush (pinned and asynchronous on CUDA, no host wait)."""
+        for host, dev in ((self._host_tok, self._buf), (self._host_tok_mb, self._mb)):
+            if host is None or dev is None or not host[:n].any():
+                continue
+            dst = dev[:n, ..., TOKENS_COL]
+            if dst.device.type == "cpu":
+                dst.add_(torch.from_numpy(host[:n]))
+                continue
+            self._staging = [(t, ev) for t, ev in self._staging if not ev.query()]
+            staged = torch.from_numpy(host[:n].copy()).pin_memory()
+            dst.add_(staged.to(dst.device, non_blocking=True))
+            ev = torch.cuda.Event()
+            ev.record()
+            self._staging.append((staged, ev))  # kept alive until the copy is done
+
     def _reset(self, n: int) -> None:
         self._buf.zero_()
+        if self._host_tok is not None:
+            self._host_tok[:] = 0
+        if self._host_tok_mb is not None:
+            self._host_tok_mb[:] = 0
         if self._mb is not None:
             self._mb.zero_()
             self._mb_used = 0

@@ -148,10 +148,9 @@ def test_auto_discovery_counts_and_bias(tmp_path, parallel_dims):
     assert t.meta["framework"] == "torchtitan" and t.meta["framework_version"] == f"torchtitan {torchtitan.__version__}"
 
 
-@pytest.mark.xfail(strict=True, reason="generic adapter reads only 2-D integer indices: torchtitan 0.3.0's "
-                   "[B, L, k] falls through to top-k of the unbiased scores [B, L, E] (generic.parse_output)")
 def test_gates_pattern_counts(tmp_path, parallel_dims):
-    """gates="*.router" (the generic adapter, ahead of auto-discovery): counts exact as well."""
+    """gates="*.router" (the generic adapter, ahead of auto-discovery): counts exact as well ([B, L, k]
+    indices read as indices, not a top-k of the unbiased scores)."""
     run = Run(parallel_dims)
     tracer = LoadTracer(run.model, tmp_path / "t", gates="*.router", flush_every=2).start()
     assert tracer.layers == ROUTERS
@@ -162,7 +161,6 @@ def test_gates_pattern_counts(tmp_path, parallel_dims):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.xfail(strict=True, reason="adapters.base.BIAS_NAMES lacks torchtitan 0.3.0's 'expert_bias_E'")
 def test_gates_pattern_bias(parallel_dims, tmp_path):
     """gates="*.router": the tracer's own bias lookup (find_bias) finds the MoE's expert_bias_E."""
     run = Run(parallel_dims)

@@ -112,9 +112,9 @@ class Adapter:
         return self.name
 
 
-BIAS_NAMES = ("expert_bias", "e_score_correction_bias")
+BIAS_NAMES = ("expert_bias", "expert_bias_E", "e_score_correction_bias")
 """Attributes holding a router's expert-bias vector: megatron-core `TopKRouter.expert_bias`
-(moe_router_enable_expert_bias), torchtitan `MoE.expert_bias` (on the router's parent), transformers
+(moe_router_enable_expert_bias), torchtitan `MoE.expert_bias` / `expert_bias_E` (0.3; on the router's parent), transformers
 DeepSeek-V3 / GLM-4-MoE `e_score_correction_bias` (on the gate)."""
 
 

@@ -97,6 +97,10 @@ def parse_output(out: Any, num_experts: int, top_k: int | None = None, gate_outp
     for v in fields.values():
         if v.dim() == 2 and not v.is_floating_point() and v.dtype != torch.bool:
             return Routing(indices=v, kept=kept, probs=probs)
+    for v in fields.values():  # [batch, seq, k] indices (torchtitan 0.3): tokens are the leading dimensions
+        if v.dim() >= 3 and not v.is_floating_point() and v.dtype != torch.bool and (top_k is None or v.shape[-1] == top_k):
+            return Routing(indices=v.reshape(-1, v.shape[-1]), kept=None if kept is None else kept.reshape(-1),
+                           probs=probs)
     for v in fields.values():
         if v.dim() == 2 and v.dtype == torch.bool and v.shape[-1] == num_experts:
             return Routing(mask=v, probs=probs)
