@@ -137,8 +137,11 @@ class Replacer:
         self.calibration = Calibration.load(calibration) if isinstance(calibration, (str, Path)) else calibration
         self.group = tracer.group if group is None else group
         self.wait_s = float(wait_s)
+        if not tracer.rank_layout.uniform:  # its layer indices are the trace's; pipeline stages would need a map
+            raise InputError("Replacer: every rank must hold every traced layer (no pipeline stages or tp_group "
+                             "replicas yet); re-placement under pipeline parallelism is not supported")
         owners = {id(bk.gate(b, m)): (b, m) for _, b, m in bk.moe_layers(tracer.model)}
-        missing = [n for n, s in zip(tracer.layers, tracer.specs) if id(s.module) not in owners]
+        missing = [n for n, s in zip(tracer.local_layers, tracer.specs) if id(s.module) not in owners]
         if missing:
             raise InputError(f"Replacer: traced layer(s) {missing[:3]} are not gates of deepspeed.moe.layer.MoE or "
                              "megatron-core MoELayer layers")

@@ -39,6 +39,7 @@ from moeload.advise.cost import (
     padded_routes,
 )
 from moeload.errors import InputError
+from moeload.placement._placement import slot_gpu
 
 STRATEGIES = ("none", "eplb_static", "eplb_periodic", "ema_migration", "reactive", "forecast", "oracle")
 
@@ -103,7 +104,7 @@ def assignment(phy2log: np.ndarray, share: np.ndarray, num_experts: int, num_gpu
     """`phy2log, share: [L, R]` -> `[L, E, G]` fraction of expert e's routes that GPU g serves."""
     L, R = phy2log.shape
     out = np.zeros((L, num_experts, num_gpus))
-    gpu = np.broadcast_to(np.arange(R) // (R // num_gpus), (L, R))
+    gpu = np.broadcast_to(slot_gpu(R, num_gpus), (L, R))
     np.add.at(out, (np.broadcast_to(np.arange(L)[:, None], (L, R)), phy2log, gpu), share)
     return out
 
@@ -132,7 +133,7 @@ def _present(phy2log: np.ndarray, num_gpus: int, num_experts: int) -> np.ndarray
     """`phy2log: [L, R]` -> `[L, G, E]` bool: GPU g holds a copy of expert e."""
     L, R = phy2log.shape
     out = np.zeros((L, num_gpus, num_experts), dtype=bool)
-    gpu = np.arange(R) // (R // num_gpus)
+    gpu = slot_gpu(R, num_gpus)
     out[np.arange(L)[:, None], gpu[None, :], phy2log] = True
     return out
 
