@@ -198,16 +198,28 @@ class Trace:
         A session (a writer opened on an existing trace, e.g. a run resumed from a checkpoint) whose
         first step of a split is N supersedes what earlier sessions of the same writer rank wrote in
         that split at steps >= N: those belong to an abandoned run, even where the new run has not
-        rewritten them (yet). Sessions without "first_seq" (older traces) are not considered.
+        rewritten them (yet). N is the session's recorded "first_step" (the tracer notes it before its
+        first part, so it holds even where that part never reached the disk), else its first part's
+        first step. Sessions without "first_seq" (older traces) are not considered.
         """
-        starts = sorted({(int(x["first_seq"]), int(x.get("writer_rank", 0))) for x in self.manifest.sessions
-                         if isinstance(x, dict) and isinstance(x.get("first_seq"), int)})
+        noted: dict[tuple[int, int], int] = {}
+        for x in self.manifest.sessions:
+            if isinstance(x, dict) and isinstance(x.get("first_seq"), int):
+                key = (int(x["first_seq"]), int(x.get("writer_rank", 0)))
+                fs = x.get("first_step")
+                if isinstance(fs, int) and not isinstance(fs, bool) and fs >= 0:
+                    noted[key] = min(fs, noted.get(key, fs))
+                else:
+                    noted.setdefault(key, -1)
+        starts = sorted(noted)
         out = []
         for j, (first_seq, rank) in enumerate(starts):
             nxt = min((f for f, r in starts[j + 1:] if r == rank), default=None)
             for split in {p.split for p in self._parts}:
                 same = [p for p in self._parts if p.writer_rank == rank and p.split == split]
                 mine = [p.first for p in same if p.seq >= first_seq and (nxt is None or p.seq < nxt)]
+                if noted[(first_seq, rank)] >= 0:
+                    mine.append(noted[(first_seq, rank)])
                 if mine and any(p.seq < first_seq for p in same):
                     out.append((first_seq, rank, split, min(mine)))
         return out

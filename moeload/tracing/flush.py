@@ -207,6 +207,8 @@ class BlockWriter:
         self._open_violations: dict[tuple, int] = {}
         self._warned_drop = self._warned_conservation = False
         self._manifest_failing = self._part_failing = self._submitted = False
+        self._session_start: int | None = None  # this session's first step (submit), noted in the manifest
+        self._session_noted = False
         self._lock = threading.Lock()
         self._written_notes: dict[str, Any] = {}
         self._dirty = False
@@ -248,6 +250,7 @@ class BlockWriter:
         steps = np.asarray(steps, np.int64)
         if not self._submitted:
             self._submitted = True
+            self._session_start = int(steps[0])
             self._supersede(int(steps[0]))
         try:
             host = self._free.get(block=self.closing())
@@ -376,8 +379,33 @@ class BlockWriter:
             self.stalled = f"steps {job.steps[0]}..{job.steps[-1]}: {reason}"
         return False
 
+    def _note_session(self, job: _Job) -> bool:
+        """Before this session's first part: the manifest records the step it starts from
+        (`sessions[-1]["first_step"]`), so readers hide what an abandoned earlier run wrote from there on
+        even where this session's first blocks never reach the disk. False (the block is lost) while
+        the manifest cannot be written: no part of this session may land before that note."""
+        if self.writer is None or self._session_noted or self._session_start is None:
+            return True
+        m = self.writer.manifest
+        m.sessions[-1]["first_step"] = self._session_start
+        path = Path(self.writer.path) / MANIFEST_NAME
+        try:
+            write_json_atomic(path, m.to_dict())
+        except OSError as e:
+            _remove(path.with_name(f".{path.name}.tmp"))
+            reason = f"{type(e).__name__}: " + (f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e))
+            self.lose_block(int(job.steps[0]), int(job.steps[-1]), f"{reason} (the manifest could not record where this "
+                                                                  "session starts, so no part was written)")
+            self.on_error(f"writing {path} failed ({reason}); steps {job.steps[0]}..{job.steps[-1]} are lost, the next "
+                          "block tries again")
+            return False
+        self._session_noted = True
+        return True
+
     def _write(self, job: _Job) -> list[FlushedBlock]:
         """Check the block, write its parts -> the FlushedBlocks for the sinks (called by `_run`)."""
+        if not self._note_session(job):
+            return []
         lay = self.layout
         a = job.host.numpy()
         if a.ndim == 4:

@@ -387,3 +387,27 @@ def test_unusable_trace_path_at_start_is_one_clear_error_before_training(tmp_pat
         tr.start()
     assert "\n" not in str(ei.value)
     assert not tr._handles
+
+
+def test_resume_whose_first_block_is_lost_still_supersedes_the_abandoned_steps(tmp_path):
+    """Issue 13: a run resumed at step 15 whose first block (15..19) is lost to a full disk (FAKE FAULT,
+    FakeFullDisk): the abandoned run's steps 15..29 must not show as the new run's. The session's start
+    is in the manifest before its first part, so the reader hides them at once; 15..19 are a gap."""
+    path = tmp_path / "t"
+    lp = Loop()
+    with LoadTracer(lp.model, path, flush_every=5) as tr:
+        lp.run(30, tr)
+    old = open_trace(path).counts()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with LoadTracer(lp.model, path, flush_every=5) as tr:
+            tr.load_state_dict({"step": 15})
+            FakeFullDisk(tr, {15})
+            ref, _ = lp.run(10, tr)  # steps 15..24; 15..19 lost
+    t = open_trace(path)
+    assert t.meta["sessions"][-1]["first_step"] == 15
+    assert t.steps.tolist() == [*range(15), *range(20, 25)] and t.gaps() == [(15, 19)]
+    assert t.superseded() == [(15, 19), (25, 29)]  # the old run's steps not rewritten by the new one
+    np.testing.assert_array_equal(t.counts(steps=range(20, 25)), ref[5:])
+    np.testing.assert_array_equal(t.counts(steps=range(15)), old[:15])
+    assert [(e["first"], e["last"]) for e in t.meta["extra"]["lost_steps"]] == [(15, 19)]
