@@ -488,7 +488,8 @@ class Trace:
                                        + (f" ({_clip(why)})" if why else ""))
             rows = np.isin(st, mine) & (lay_pos[lyr] >= 0)
             vals = _dense_lists(t.column("routed").filter(pa.array(rows)), E)
-            used = t.column("tokens").to_numpy()[rows] > 0
+            tok = t.column("tokens")
+            used = (vals.sum(-1) > 0) if tok.null_count else tok.to_numpy()[rows] > 0  # imports: tokens unknown
             pieces.append((np.searchsorted(sel_steps, st[rows]), mb[rows], lay_pos[lyr[rows]],
                            np.maximum(rk[rows], 0) if per_rank else np.zeros(int(rows.sum()), np.int64), vals, used))
         M = max([int(p[1][p[5]].max()) + 1 for p in pieces if p[5].any()], default=1)  # micro-batches that saw tokens

@@ -213,19 +213,21 @@ class TraceWriter:
         self.parts_written.append(final)
         return final
 
-    def write_micro_block(self, seq: int, steps: np.ndarray, routed: np.ndarray, tokens: np.ndarray) -> Path | None:
+    def write_micro_block(self, seq: int, steps: np.ndarray, routed: np.ndarray, tokens: np.ndarray | None) -> Path | None:
         """Write the micro-batch rows of the train part numbered `seq` (written just before) into
         `micro/`, under that part's name: the reader takes a step's micro-batches from the part that
-        owns the step. steps: [S]; routed: [S, R, M, L, E] counts; tokens: [S, R, M, L]; R as in
-        `write_block`. Rows: (layer, step, micro_batch, rank), micro-batches 0..M-1."""
+        owns the step. steps: [S]; routed: [S, R, M, L, E] counts; tokens: [S, R, M, L] (None: unknown,
+        a null column); R as in `write_block`. Rows: (layer, step, micro_batch, rank), micro-batches 0..M-1."""
         m = self.manifest
         steps = np.asarray(steps, dtype=np.int64).reshape(-1)
         S = len(steps)
         if S == 0:
             return None
-        routed, tokens = np.asarray(routed), np.asarray(tokens)
-        if routed.ndim != 5 or routed.shape[0] != S or routed.shape[3] != m.num_layers or tokens.shape != routed.shape[:4]:
-            raise ValueError(f"write_micro_block: routed {routed.shape} / tokens {tokens.shape}, expected "
+        routed = np.asarray(routed)
+        tokens = None if tokens is None else np.asarray(tokens)
+        if (routed.ndim != 5 or routed.shape[0] != S or routed.shape[3] != m.num_layers
+                or (tokens is not None and tokens.shape != routed.shape[:4])):
+            raise ValueError(f"write_micro_block: routed {routed.shape} / tokens {getattr(tokens, 'shape', None)}, expected "
                              f"[S={S}, R, M, L={m.num_layers}, E] / [S, R, M, L]")
         _, R, M, L, _ = routed.shape
         E = m.num_experts
@@ -237,7 +239,8 @@ class TraceWriter:
             "micro_batch": pa.array(np.tile(np.repeat(np.arange(M, dtype=np.int32), R), S * L)),
             "layer": pa.array(np.repeat(np.arange(L, dtype=np.int32), S * M * R)),
             "rank": pa.array(np.tile(rank_ids, S * M * L)),
-            "tokens": pa.array(tokens.transpose(3, 0, 2, 1).reshape(n).astype(np.int64)),
+            "tokens": (pa.nulls(n, pa.int64()) if tokens is None
+                       else pa.array(tokens.transpose(3, 0, 2, 1).reshape(n).astype(np.int64))),
             "routed": _list_array(r, np.repeat(self._lengths, S * M * R)),
         })
         d = self.path / MICRO_DIR

@@ -42,6 +42,17 @@ def test_megatron_tokens_per_expert_round_trip(tmp_path):
     np.testing.assert_array_equal(t.gpu_loads()[0, 0], [80, 80])
 
 
+def test_megatron_tokens_per_expert_keeps_micro_batches(tmp_path):
+    """tpe holds one row per micro-batch: they are kept (micro/ parts) and add up to the step counts."""
+    t = open_trace(import_trace("megatron-tpe", FIX / "megatron_tpe", tmp_path / "t", top_k=2))
+    mb = t.micro_batch_counts()  # [S, M, L, E]
+    assert mb.shape == (2, 2, 3, 4)
+    # iteration 10, layer 1: rank 0's local experts [30, 10] / [25, 15], rank 1's [12, 28] / [14, 26]
+    np.testing.assert_array_equal(mb[0, :, 0], [[30, 10, 12, 28], [25, 15, 14, 26]])
+    np.testing.assert_array_equal(mb.sum(1), t.counts())
+    assert t.manifest.extra["per_micro_batch"]["max_micro_batches"] == 2
+
+
 def test_megatron_tokens_per_expert_single_file_is_one_rank(tmp_path):
     t = open_trace(import_trace("megatron-tpe", FIX / "megatron_tpe/tokens_per_expert/rank0.jsonl", tmp_path / "t"))
     np.testing.assert_array_equal(t.counts()[0, 0], [55, 25])

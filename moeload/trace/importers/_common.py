@@ -48,6 +48,8 @@ class Imported:
     framework_version: str | None = None
     model_name: str | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    micro: np.ndarray | None = None
+    """[S, R, M, L, E] counts of each micro-batch where the source keeps them (summed over M: `counts`)."""
 
 
 def check_dest(dest: str | os.PathLike) -> Path:
@@ -87,9 +89,12 @@ def write(imp: Imported, dest: str | os.PathLike, source: str | os.PathLike, *,
     try:
         created = _make_parents(target.parent)
         tmp.mkdir()
+        micro = None if imp.micro is None else imp.micro[order]
         with TraceWriter(tmp, m) as w:
             for i in range(0, S, BLOCK):
                 w.write_block(steps[i : i + BLOCK], counts[i : i + BLOCK])
+                if micro is not None:
+                    w.write_micro_block(w._seq - 1, steps[i : i + BLOCK], micro[i : i + BLOCK], None)
         _fsync_dir(tmp / PARTS_DIR)
         _fsync_dir(tmp)
         _publish(tmp, target, d)

@@ -38,6 +38,10 @@ from moeload.trace.importers._common import (
 )
 
 TPE_FILE = re.compile(r"^rank(\d+)\.jsonl$")
+MAX_MICRO = 4096
+"""Micro-batches per record accepted (bounded before allocating)."""
+MAX_MICRO_CELLS = 1 << 28
+"""Counts kept per micro-batch at most (steps x M x layers x experts; 2 GiB of int64)."""
 ROUTER_FILE = re.compile(r"^router_trace_rank(\d+)\.jsonl$")
 
 
@@ -108,6 +112,7 @@ def read_tokens_per_expert(
         raise InputError(f"{src}: {world} ranks do not fit expert_tp {expert_tp_size} x ep {ep} x pp {pp_size}")
     per_stage = world // pp_size
     acc: dict[tuple, np.ndarray] = {}
+    mb_acc: dict[tuple, np.ndarray] = {}  # [M, E] per (iteration, layer): micro-batches kept
     num_local: int | None = None
     for rank, path in files.items():
         if rank % expert_tp_size:
@@ -129,6 +134,15 @@ def read_tokens_per_expert(
             key = (it, _layer_key(rec, stage, where))
             row = acc.setdefault(key, np.zeros(ep * num_local, dtype=np.int64))
             row[ep_rank * num_local : (ep_rank + 1) * num_local] += a.sum(0)
+            if a.shape[0] > MAX_MICRO:
+                raise TraceFormatError(f"{where}: {a.shape[0]} micro-batches is implausible (limit {MAX_MICRO})")
+            mbs = mb_acc.get(key)
+            if mbs is None or mbs.shape[0] < a.shape[0]:
+                grown = np.zeros((a.shape[0], ep * num_local), dtype=np.int64)
+                if mbs is not None:
+                    grown[: mbs.shape[0]] = mbs
+                mbs = mb_acc[key] = grown
+            mbs[: a.shape[0], ep_rank * num_local : (ep_rank + 1) * num_local] += a
     if not acc:
         raise InputError(f"{src}: no tokens-per-expert records")
     layer_keys = _order({k for _, k in acc})
@@ -136,6 +150,14 @@ def read_tokens_per_expert(
     steps = sorted({s for s, _ in acc})
     E = ep * num_local
     counts = dense({(s, 0, lpos[k]): v for (s, k), v in acc.items()}, steps, len(layer_keys), 1, E, src)
+    M = max(v.shape[0] for v in mb_acc.values())
+    if len(steps) * M * len(layer_keys) * E > MAX_MICRO_CELLS:
+        raise InputError(f"{src}: {len(steps)} steps x {M} micro-batches x {len(layer_keys)} layers x {E} experts is "
+                         f"too many counts to keep per micro-batch (limit {MAX_MICRO_CELLS:,}); import fewer iterations")
+    micro = np.zeros((len(steps), 1, M, len(layer_keys), E), dtype=np.int64)
+    spos = {s: i for i, s in enumerate(steps)}
+    for (s, k), v in mb_acc.items():
+        micro[spos[s], 0, : v.shape[0], lpos[k]] = v
     return Imported(
         steps=np.asarray(steps, dtype=np.int64),
         counts=counts,
@@ -149,8 +171,10 @@ def read_tokens_per_expert(
             "source_format": "megatron tokens_per_expert",
             "counts_measured": "tokens received by each expert after dispatch (grouped fc1 m_splits)",
             "ranks_read": sorted(r for r in files if r % expert_tp_size == 0),
+            "per_micro_batch": {"max_micro_batches": M, "source": "tpe lists one row per micro-batch"},
             **({} if top_k else {"top_k_known": False}),
         },
+        micro=micro,
     )
 
 
