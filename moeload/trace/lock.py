@@ -65,7 +65,7 @@ class TraceLock:
                     raise InputError(f"{self.directory}: this process already writes this trace "
                                      f"(lock {self.path}); close the other tracer first") from None
                 stale = owner is not None and owner.get("host") == socket.gethostname() and not _alive(owner["pid"])
-                if not stale:
+                if owner is None or not stale:  # (stale implies an owner)
                     who = "unknown owner" if owner is None else f"host {owner.get('host')} pid {owner['pid']}"
                     raise InputError(f"{self.directory}: another writer holds this trace ({who}, lock {self.path}); "
                                      "use another directory, or remove the lock if that job is gone") from None

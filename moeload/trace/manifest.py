@@ -9,7 +9,7 @@ import operator
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -150,7 +150,8 @@ class Manifest:
             raise TraceFormatError(f"{where}: 'layers' is empty; a trace needs at least one MoE layer")
         if len(set(self.layers)) != L:
             raise TraceFormatError(f"{where}: layer names are not unique: {self.layers}")
-        for name, seq in (("experts_per_layer", self.experts_per_layer), ("top_k", self.top_k)):
+        top_k = cast(list[int], self.top_k)  # a list since _check_types
+        for name, seq in (("experts_per_layer", self.experts_per_layer), ("top_k", top_k)):
             if len(seq) != L:
                 raise TraceFormatError(f"{where}: '{name}' has {len(seq)} entries for {L} layers")
             if any(v < 1 for v in seq):

@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -111,7 +111,7 @@ class Trace:
 
     @property
     def top_k(self) -> list[int]:
-        return list(self.manifest.top_k)
+        return list(cast(list[int], self.manifest.top_k))  # a list once the manifest is checked
 
     @property
     def parts(self) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -152,7 +153,7 @@ class TraceWriter:
                 raise ValueError(f"write_block: {name} has shape {a.shape}, expected [S={S}, R, L={m.num_layers}, ...]")
             return a
 
-        routed = as4("routed", routed, 1)
+        routed = cast(np.ndarray, as4("routed", routed, 1))  # not None: routed is required
         kept = as4("kept", kept, 1)
         tokens = as4("tokens", tokens, 0)
         R = routed.shape[1]

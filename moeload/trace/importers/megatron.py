@@ -143,7 +143,7 @@ def read_tokens_per_expert(
                     grown[: mbs.shape[0]] = mbs
                 mbs = mb_acc[key] = grown
             mbs[: a.shape[0], ep_rank * num_local : (ep_rank + 1) * num_local] += a
-    if not acc:
+    if not acc or num_local is None:  # (num_local is set where acc is)
         raise InputError(f"{src}: no tokens-per-expert records")
     layer_keys = _order({k for _, k in acc})
     lpos = {k: i for i, k in enumerate(layer_keys)}

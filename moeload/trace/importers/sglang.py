@@ -104,7 +104,8 @@ def read_sglang(source: str | os.PathLike, *, top_k: int | None = None, keep_emp
 
 
 def _stat(dumps: list[tuple[Path, dict]]):
-    blocks, rates = [], []
+    blocks: list[np.ndarray] = []
+    rates: list[Any] = []
     for path, d in dumps:
         c = _np(d["logical_count"], f"{path}: logical_count")
         if c.ndim != 3:
@@ -128,7 +129,8 @@ def _stat(dumps: list[tuple[Path, dict]]):
 
 def _detail(dumps: list[tuple[Path, dict]]):
     acc: dict[tuple[int, int], np.ndarray] = {}
-    L = E = None
+    L: int | None = None
+    E: int | None = None
     for path, d in dumps:
         recs = d["records"]
         if not isinstance(recs, list):
@@ -141,7 +143,7 @@ def _detail(dumps: list[tuple[Path, dict]]):
         if p2l.max() >= MAX_EXPERTS:
             raise TraceFormatError(f"{path}: last_physical_to_logical_map holds expert {p2l.max()} (limit {MAX_EXPERTS})")
         n_log = int(p2l.max()) + 1
-        if L is None:
+        if L is None or E is None:  # (set together)
             L, E = p2l.shape[0], n_log
         elif (p2l.shape[0], n_log) != (L, E):
             raise TraceFormatError(f"{path}: {p2l.shape[0]} layers x {n_log} experts differs from earlier files ({L} x {E})")
@@ -158,7 +160,7 @@ def _detail(dumps: list[tuple[Path, dict]]):
             if key[1] >= MAX_RANKS:
                 raise TraceFormatError(f"{where}: rank {key[1]} is implausible (limit {MAX_RANKS})")
             acc[key] = acc.get(key, 0) + logical
-    if not acc:
+    if not acc or L is None or E is None:  # (L, E are set where acc is)
         raise InputError(f"{dumps[0][0]}: no records")
     steps = sorted({s for s, _ in acc})
     R = max(r for _, r in acc) + 1

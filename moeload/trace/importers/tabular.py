@@ -73,10 +73,10 @@ def read_csv(source: str | os.PathLike, *, num_experts: int | None = None, top_k
         li = pd.Categorical(df["layer"].astype(str), categories=names).codes
     steps = np.unique(df["step"].to_numpy())
     si = np.searchsorted(steps, df["step"].to_numpy())
-    e = df["expert"].to_numpy()
+    ei = df["expert"].to_numpy()
     L = len(names)
     per_layer = np.zeros(L, dtype=np.int64)
-    np.maximum.at(per_layer, li, e + 1)
+    np.maximum.at(per_layer, li, ei + 1)
     if num_experts is not None:
         if per_layer.max() > num_experts:
             raise InputError(f"{path}: expert index {per_layer.max() - 1} >= --num-experts {num_experts}")
@@ -87,7 +87,7 @@ def read_csv(source: str | os.PathLike, *, num_experts: int | None = None, top_k
     shape = (len(steps), R, L, int(per_layer.max()))
     check_dense(path, shape)
     out = np.zeros(shape, dtype=np.int64)
-    out[si, ri, li, e] = df["count"].to_numpy()
+    out[si, ri, li, ei] = df["count"].to_numpy()
     return Imported(
         steps=steps,
         counts=out,
