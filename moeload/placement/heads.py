@@ -3,52 +3,125 @@
 With a compressed KV cache each head keeps its own number of keys, so the decode attention work of
 a head is proportional to its budget and tensor-parallel ranks holding contiguous heads become
 unbalanced. `adakv_budgets` derives per-head budgets from attention weights with Ada-KV's adaptive
-allocation; `head_placement_table` compares standard TP, FairKV best-effort and Fair-Copying.
+allocation; `head_placement_table` compares standard TP, FairKV best-effort and Fair-Copying;
+`split_requests` turns a plan's fractional shares into whole decode requests per head copy and
+`rank_work` gives each rank's resulting work.
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from moeload.errors import InputError
+from moeload.placement._placement import Placement, gpu_loads
 from moeload.placement._registry import plan
 
 
-def adakv_budgets(attn: np.ndarray, budget: int, *, window: int = 16, alpha: float = 0.2) -> np.ndarray:
+def adakv_budgets(
+    attn: np.ndarray,
+    budget: int | None = None,
+    *,
+    total: int | None = None,
+    window: int = 16,
+    alpha: float = 0.2,
+) -> np.ndarray:
     """Ada-KV budgets of each head from attention weights `attn: [L, H, T, T]` (rows = queries).
 
-    Each head scores key j by its mean attention from the last `window` queries (the observation
-    window of SnapKV / Ada-KV). Per layer the total budget is B = budget * H: every head first gets
-    the safeguard floor(alpha * budget), and the remaining keys go to the highest scores across all
-    heads of the layer (Ada-KV's adaptive top-B selection), so heads whose attention is
-    concentrated on few keys receive small budgets and diffuse heads large ones. Budgets are capped
-    at T. Returns `budgets: [L, H]` int64 (number of keys each head keeps).
+    The rule is Ada-KV's adaptive budget allocation (Feng et al., "Ada-KV: Optimizing KV Cache
+    Eviction by Adaptive Budget Allocation for Efficient LLM Inference", arXiv 2407.11550), the
+    allocation FairKV (arXiv 2502.15804) balances:
+
+    1. Scores: head h scores key j by its mean attention from the last `window` queries (the
+       observation window of SnapKV / Ada-KV; no pooling).
+    2. Total: each layer keeps B = `total` keys over all its heads (default `budget * H`, i.e.
+       `budget` keys per head on average).
+    3. Safeguard: every head first keeps its own top floor(alpha * B / H) keys (Ada-KV's code calls
+       alpha `floor_alpha`, 0.2 in its scripts); alpha is read as the decimal it prints as, so the
+       floor is exact (0.57 * 100 is 57, not 56.99...).
+    4. Adaptive part: the remaining B - H * floor keys go to the highest scores left across all
+       heads of the layer (one top-k over the concatenated scores); a head's budget is its floor
+       plus its keys in that top-k. Heads whose attention is concentrated on few keys get small
+       budgets, diffuse heads large ones. Among equal scores the key ranked higher in its own head
+       goes first, then the lower head index, so identical heads split evenly (within one key).
+
+    Guarantees: integer budgets, each row sums to exactly B, 0 <= budget <= T (a head cannot keep
+    more keys than exist). With B < H (and then a zero floor) some heads keep nothing.
+    Returns `budgets: [L, H]` int64 (number of keys each head keeps).
     """
     a = np.asarray(attn, dtype=np.float64)
     if a.ndim != 4 or a.shape[2] != a.shape[3]:
         raise InputError(f"attn: expected shape [L, H, T, T], got {a.shape}")
     num_layers, num_heads, t, _ = a.shape
-    if not 1 <= budget <= t:
+    if (budget is None) == (total is None):
+        raise InputError(f"adakv_budgets: give exactly one of budget= (per head) or total= (per layer), "
+                         f"got budget={budget}, total={total}")
+    if budget is not None and not 1 <= budget <= t:
         raise InputError(f"budget={budget}: expected 1 <= budget <= T={t}")
+    b = budget * num_heads if budget is not None else int(total)  # type: ignore[arg-type]
+    if not 1 <= b <= num_heads * t:
+        raise InputError(f"total={total}: expected 1 <= total <= H * T = {num_heads * t}")
     if not 1 <= window <= t:
         raise InputError(f"window={window}: expected 1 <= window <= T={t}")
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"alpha={alpha}: expected a fraction in [0, 1]")
     scores = a[:, :, t - window :, :].mean(axis=2)  # [L, H, T]
-    floor = int(alpha * budget)
+    floor = int(Fraction(repr(float(alpha))) * b // num_heads)
+    rest = b - floor * num_heads
     out = np.empty((num_layers, num_heads), dtype=np.int64)
     for layer in range(num_layers):
-        rest = budget * num_heads - floor * num_heads
-        # Keys of the same head beyond the safeguard compete across heads; the floor keys are the
-        # head's own top keys, so they are excluded from the competition.
+        # The floor keys are each head's own top keys, so only the keys after them compete.
         ranked = -np.sort(-scores[layer], axis=1)[:, floor:]  # [H, T - floor]
-        flat = ranked.reshape(-1)
-        chosen = np.argsort(-flat, kind="stable")[:rest]
-        out[layer] = floor + np.bincount(chosen // ranked.shape[1], minlength=num_heads)
-    return np.minimum(out, t)
+        head, pos = np.divmod(np.arange(ranked.size), ranked.shape[1])
+        chosen = np.lexsort((head, pos, -ranked.reshape(-1)))[:rest]  # score, then rank in head, then head
+        out[layer] = floor + np.bincount(head[chosen], minlength=num_heads)
+    return out
+
+
+def split_requests(placement: Placement, requests: int | np.ndarray) -> np.ndarray:
+    """Whole decode requests served by each slot: `[L, R]` int64.
+
+    requests: decode requests of each head, an int (every head), `[E]` or `[L, E]` non-negative ints.
+    A head's requests are divided among its copies in proportion to `placement.share` by largest
+    remainders (Hamilton's method; equal remainders go to the lower slot), so the counts of one
+    head's slots add up exactly to its requests: no request is lost or served twice. Shares are
+    rounded to 9 decimals first, so float noise in a share does not decide a remainder.
+    """
+    num_layers, num_units = placement.num_layers, placement.num_experts
+    req = np.broadcast_to(np.asarray(requests), (num_layers, num_units))
+    if not np.issubdtype(req.dtype, np.integer) or np.any(req < 0):
+        raise InputError(f"requests: expected non-negative integers per head, got {np.asarray(requests)!r}")
+    out = np.zeros((num_layers, placement.num_replicas), dtype=np.int64)
+    for layer in range(num_layers):
+        phy2log = placement.phy2log[layer]
+        exact = np.round(req[layer, phy2log] * placement.share[layer], 9)  # [R]
+        out[layer] = np.floor(exact).astype(np.int64)
+        for unit in range(num_units):
+            slots = np.flatnonzero(phy2log == unit)
+            missing = int(req[layer, unit] - out[layer, slots].sum())
+            order = np.argsort(-(exact[slots] - out[layer, slots]), kind="stable")
+            out[layer, slots[order[:missing]]] += 1
+    return out
+
+
+def rank_work(placement: Placement, lengths: np.ndarray, per_slot: np.ndarray) -> np.ndarray:
+    """Decode attention work of each rank: `[L, G]`, sum over its slots of requests x KV length.
+
+    lengths: `[L, E]` KV length (budget) of each head; per_slot: `[L, R]` requests each slot serves
+    (`split_requests`). Equals the simulator's `placement.evaluate(lengths * requests).gpu_load`
+    wherever the shares divide the requests exactly; otherwise it differs by the rounding of whole
+    requests, less than one request's KV per copy of each head.
+    """
+    ln = np.asarray(lengths, dtype=np.float64)
+    if ln.shape != (placement.num_layers, placement.num_experts):
+        raise InputError(f"lengths: expected shape {(placement.num_layers, placement.num_experts)}, got {ln.shape}")
+    if np.shape(per_slot) != placement.phy2log.shape:
+        raise InputError(f"per_slot: expected shape {placement.phy2log.shape}, got {np.shape(per_slot)}")
+    per_slot_work = np.take_along_axis(ln, placement.phy2log, axis=1) * per_slot
+    return gpu_loads(per_slot_work, placement.num_gpus)
 
 
 def head_placement_table(
