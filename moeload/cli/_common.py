@@ -7,7 +7,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import typer
@@ -19,9 +19,11 @@ from moeload._balance import balance_stats, max_over_mean
 from moeload.errors import InputError, MoeloadError
 
 try:  # typer >= 0.20 carries its own copy of click
+    from typer._click.core import Context
     from typer._click.exceptions import UsageError
 except ImportError:  # pragma: no cover - older typer uses click itself
-    from click.exceptions import UsageError
+    from click.core import Context  # type: ignore[assignment]  # click's class of the same name
+    from click.exceptions import UsageError  # type: ignore[assignment]  # click's class of the same name
 
 EXIT_USER_ERROR = 2
 _WARNINGS: list[str] = []  # one-line warnings of the running command
@@ -44,7 +46,7 @@ def console() -> Console:
     return Console(file=sys.stdout, soft_wrap=True)
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Print one error line to stderr and exit with code 2 (user error)."""
     typer.echo(f"moeload: error: {message}", err=True)
     raise typer.Exit(EXIT_USER_ERROR)
@@ -73,7 +75,7 @@ class ErrorGroup(FlagHelp, TyperGroup):
     Anything else is a bug and keeps its traceback. Help shows flags as flags (FlagHelp).
     """
 
-    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
         try:
             return super().parse_args(ctx, args)
         except UsageError as e:
@@ -81,7 +83,7 @@ class ErrorGroup(FlagHelp, TyperGroup):
                 raise
             fail(_one_line(f"moeload: {e.format_message()} (see moeload --help)"))
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: Context) -> Any:
         import warnings
 
         _WARNINGS.clear()
@@ -94,8 +96,8 @@ class ErrorGroup(FlagHelp, TyperGroup):
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             notes = _WARNINGS + [_one_line(str(w.message)).removeprefix("moeload: ") for w in caught
                                  if not issubclass(w.category, dev)]
-            for w in dict.fromkeys(notes):  # printed after a successful command only: a failure is one line
-                typer.echo(f"moeload: warning: {w}", err=True)
+            for note in dict.fromkeys(notes):  # printed after a successful command only: a failure is one line
+                typer.echo(f"moeload: warning: {note}", err=True)
             return out
         except UsageError as e:
             where = e.ctx.command_path if e.ctx is not None else "moeload"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import typer
@@ -121,6 +123,9 @@ def analyse(con, trace) -> dict:
     out: dict = {}
     p = trace.proportions()
     S = p.shape[0]
+    states: ModuleType | None
+    evaluation: ModuleType | None
+    placement: ModuleType | None
     try:
         import moeload.states as states
     except ImportError:
@@ -138,7 +143,7 @@ def analyse(con, trace) -> dict:
         evaluation = None
     if evaluation is not None and S >= 100:
         h = (max(10, S // 10), max(20, S // 5))
-        preds = ["last", "sw_avg", "ema", "arima", "damped_trend", "ridge", "state_aware", "combo"]
+        preds: list[str | tuple[str, dict[str, Any]]] = ["last", "sw_avg", "ema", "arima", "damped_trend", "ridge", "state_aware", "combo"]
         import moeload.predictors as predictors
 
         preds = [x for x in preds if x in predictors.available()]

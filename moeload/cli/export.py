@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import typer
@@ -48,7 +49,8 @@ def write_array(
     if fmt == "npy":
         np.save(out, arr)
     elif fmt == "npz":
-        np.savez_compressed(out, **{value: arr, "steps": np.asarray(steps), "layers": names, "experts_per_layer": experts})
+        arrays: dict[str, Any] = {value: arr, "steps": np.asarray(steps), "layers": names, "experts_per_layer": experts}
+        np.savez_compressed(out, **arrays)
     else:
         import pandas as pd
 

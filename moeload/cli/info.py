@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -292,7 +293,7 @@ def states_cmd(
     step_nums, lay, c = load_window(t, steps, layers, what="counts")
     with progress_status("detecting phases"):
         r = states.detect(c, method=method, steps=step_nums, **parse_params(param))
-    out = {
+    out: dict[str, Any] = {
         "path": str(t.path),
         "method": r.method,
         "params": r.params,
