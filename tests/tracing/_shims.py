@@ -13,7 +13,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -46,6 +46,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_workers(tmp_path: Path, source: str, world: int, args: Callable[[int], list[str]], timeout: float = 90) -> None:
+    """Run `source` (a worker script) as `world` real processes, `python worker.py RANK *args(RANK)`, with
+    MASTER_ADDR/PORT set for a gloo group, the checkout and tests/tracing on PYTHONPATH; kills them all
+    and fails the test after `timeout` seconds (CI never hangs); asserts every one exited 0."""
+    import time
+
+    import pytest
+
+    script = tmp_path / "worker.py"
+    script.write_text(source)
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{here.parents[1]}{os.pathsep}{here}",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    t0 = time.time()
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), *args(r)], env=env, stderr=subprocess.PIPE)
+             for r in range(world)]
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, timeout - (time.time() - t0)))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a rank hung (killed after {timeout:g} s)")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} exit {p.returncode}: " + p.stderr.read().decode()[-3000:]
 
 
 def run_ep_script(script: str, out: Path, *args: str) -> dict:

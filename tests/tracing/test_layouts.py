@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _shims import run_workers
 
 from moeload import open_trace
 from moeload.errors import InputError
@@ -88,36 +87,14 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(tmp_path: Path, layers: list[list[int]], **cfg) -> list[dict]:
     """One process per entry of `layers` (the layer ids that rank holds); -> each rank's result."""
     world = len(layers)
     cfg = {"E": E, "K": K, "T": T, "steps": STEPS, "layers": layers, "seed_of": cfg.pop("seed_of", list(range(world))),
            **cfg}
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()))
     outs = [tmp_path / f"rank{r}.json" for r in range(world)]
-    t0 = time.time()
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), str(tmp_path / "t"), str(outs[r]),
-                               json.dumps(cfg)], env=env, stderr=subprocess.PIPE) for r in range(world)]
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, HARD_TIMEOUT - (time.time() - t0)))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"a rank hung (killed after {HARD_TIMEOUT} s)")
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} exit {p.returncode}: " + p.stderr.read().decode()[-3000:]
+    run_workers(tmp_path, WORKER, world, lambda r: [str(world), str(tmp_path / "t"), str(outs[r]), json.dumps(cfg)],
+                timeout=HARD_TIMEOUT)
     return [json.loads(o.read_text()) for o in outs]
 
 

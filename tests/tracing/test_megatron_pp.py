@@ -11,18 +11,14 @@ The CPU shims are the ones in tests/tracing/_shims.py (router weight device, mis
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("megatron.core")
-from _shims import free_port  # noqa: E402
+from _shims import run_workers  # noqa: E402
 
 from moeload import open_trace  # noqa: E402
 
@@ -96,26 +92,9 @@ WORKER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_pipeline_two_stages_times_expert_parallel_two(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
     outs = [tmp_path / f"rank{r}.json" for r in range(4)]
     args = [str(v) for v in (STEPS, E, H, TOKENS, PER_STAGE)]
-    t0 = time.time()
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "t"), str(outs[r]), *args], env=env,
-                              stderr=subprocess.PIPE) for r in range(4)]
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, 150 - (time.time() - t0)))
-    except subprocess.TimeoutExpired:
-        pytest.fail("a rank hung (killed after 150 s)")
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r}: " + p.stderr.read().decode()[-3000:]
+    run_workers(tmp_path, WORKER, 4, lambda r: [str(tmp_path / "t"), str(outs[r]), *args], timeout=150)
     res = [json.loads(o.read_text()) for o in outs]
     names = [f"decoder.layers.{i}.mlp.router" for i in range(2 * PER_STAGE)]
     stage_of = {r["rank"]: r["stage"] for r in res}

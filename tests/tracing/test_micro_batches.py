@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -122,22 +120,9 @@ WORKER = textwrap.dedent(
 
 
 def test_two_ranks_per_rank_micro_batches(tmp_path):
-    from _shims import free_port
+    from _shims import run_workers
 
-    script = tmp_path / "w.py"
-    script.write_text(WORKER)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "t"), os.path.dirname(__file__)],
-                              env=env, stderr=subprocess.PIPE) for r in range(2)]
-    for r, p in enumerate(procs):
-        try:
-            p.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a rank hung")
-        assert p.returncode == 0, f"rank {r}: " + p.stderr.read().decode()[-3000:]
+    run_workers(tmp_path, WORKER, 2, lambda r: [str(tmp_path / "t"), os.path.dirname(os.path.abspath(__file__))])
     want = np.stack([np.array(json.loads((tmp_path / f"t.{r}.json").read_text())) for r in range(2)], axis=1)
     t = open_trace(tmp_path / "t")
     per = t.micro_batch_counts(per_rank=True)  # [S, R, M, L, E]
