@@ -124,6 +124,36 @@ def rank_work(placement: Placement, lengths: np.ndarray, per_slot: np.ndarray) -
     return gpu_loads(per_slot_work, placement.num_gpus)
 
 
+def head_plans(
+    budgets: np.ndarray,
+    tp: int,
+    *,
+    extra_per_gpu: int = 1,
+    exact_time_limit: float | None = 5.0,
+) -> dict[str, Placement]:
+    """Plans of heads with loads `budgets: [L, H]` on `tp` ranks, by strategy name.
+
+    `standard` (contiguous heads, H / TP per rank), `best_effort` (FairKV: heads re-assigned
+    LPT-style, still H / TP per rank), `fair_copying` (FairKV: plus `extra_per_gpu` copies per rank
+    with an uneven split), `balanced` (moeload's own, same slots), `exact` (MILP optimum of that
+    copying budget, chosen split, at most `exact_time_limit` s per layer; None leaves it out).
+    """
+    b = np.asarray(budgets, dtype=np.float64)
+    num_heads = b.shape[-1]
+    if num_heads % tp:
+        raise InputError(f"tp: {tp} does not divide the number of heads {num_heads}")
+    copies = num_heads + extra_per_gpu * tp
+    strategies: list[tuple[str, str, int, dict[str, Any]]] = [  # (name, policy, slots, options)
+        ("standard", "contiguous", num_heads, {}),
+        ("best_effort", "fair_copying", num_heads, {}),
+        ("fair_copying", "fair_copying", copies, {}),
+        ("balanced", "balanced", copies, {}),
+    ]
+    if exact_time_limit is not None:
+        strategies.append(("exact", "exact", copies, {"time_limit": exact_time_limit}))
+    return {name: plan(b, tp, slots, policy, **opts) for name, policy, slots, opts in strategies}
+
+
 def head_placement_table(
     budgets: np.ndarray,
     tp_sizes: tuple[int, ...] = (2, 4, 8),
@@ -133,29 +163,12 @@ def head_placement_table(
 ) -> pd.DataFrame:
     """Max / mean rank load of heads with loads `budgets: [L, H]` for each TP size.
 
-    Strategies: `standard` (contiguous heads, H / TP per rank), `best_effort` (FairKV: heads
-    re-assigned LPT-style, still H / TP per rank), `fair_copying` (FairKV: plus `extra_per_gpu`
-    copies per rank with an uneven split), `exact` (MILP optimum of that copying budget, chosen
-    split, at most `exact_time_limit` s per layer; None leaves it out), `balanced` (moeload's own).
-    One row per TP size and strategy: mean and max over layers.
+    Strategies as in `head_plans`. One row per TP size and strategy: mean and max over layers.
     """
-    b = np.asarray(budgets, dtype=np.float64)
-    num_heads = b.shape[-1]
     rows = []
     for tp in tp_sizes:
-        if num_heads % tp:
-            raise InputError(f"tp_sizes: {tp} does not divide the number of heads {num_heads}")
-        copies = num_heads + extra_per_gpu * tp
-        strategies: list[tuple[str, str, int, dict[str, Any]]] = [  # (name, policy, slots, options)
-            ("standard", "contiguous", num_heads, {}),
-            ("best_effort", "fair_copying", num_heads, {}),
-            ("fair_copying", "fair_copying", copies, {}),
-            ("balanced", "balanced", copies, {}),
-        ]
-        if exact_time_limit is not None:
-            strategies.append(("exact", "exact", copies, {"time_limit": exact_time_limit}))
-        for name, policy, slots, opts in strategies:
-            pl = plan(b, tp, slots, policy, **opts)
-            rows.append({"tp": tp, "strategy": name, "slots": slots,
+        plans = head_plans(budgets, tp, extra_per_gpu=extra_per_gpu, exact_time_limit=exact_time_limit)
+        for name, pl in plans.items():
+            rows.append({"tp": tp, "strategy": name, "slots": pl.num_replicas,
                          "imbalance_mean": float(pl.imbalance.mean()), "imbalance_max": float(pl.imbalance.max())})
     return pd.DataFrame(rows)
