@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from moeload.tracing import LoadTracer
 from moeload.workloads.configs import WorkloadConfig
 from moeload.workloads.corpus import load_corpus, split
-from moeload.workloads.model import Experts, MoEGPT, RouterOutput, TopKRouter, expert_capacity, slot_positions
+from moeload.workloads.model import BiasRouter, Experts, MoEGPT, TopKRouter, expert_capacity, slot_positions
 
 CAPACITY_FACTOR = 1.25
 BIAS_UPDATE = 1e-3
@@ -57,47 +57,6 @@ SHAPES = {
     "tiny": dict(name="tiny", n_layers=2, d_model=64, n_heads=4, n_experts=4, moe_every=1, expert_d_ff=128,
                  lr=3e-3),
 }
-
-
-class BiasRouter(TopKRouter):
-    """Aux-loss-free router: top-k of ``probs + expert_bias``, weights from ``probs`` (DeepSeek-V3).
-
-    Buffers: ``expert_bias: [E]`` float32, ``step_load: [E]`` float32 routes per expert counted by
-    training forwards since the last ``update_bias()``.
-    """
-
-    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None = None,
-                 bias_update: float = BIAS_UPDATE) -> None:
-        super().__init__(d_model, num_experts, top_k, capacity_factor)
-        self.bias_update = bias_update
-        self.register_buffer("expert_bias", torch.zeros(num_experts))
-        self.register_buffer("step_load", torch.zeros(num_experts))
-
-    def forward(self, x: Tensor) -> RouterOutput:
-        """Route ``x: [T, H]``; the returned ``aux_loss`` is for logging (not added under ``bias``)."""
-        T, E, k = x.shape[0], self.num_experts, self.top_k
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.gate.weight.float())  # [T, E]
-        probs = logits.softmax(-1)
-        indices = (probs.detach() + self.expert_bias).topk(k, dim=-1).indices  # [T, k]
-        top = probs.gather(1, indices)
-        weights = top / top.sum(-1, keepdim=True)
-        load = torch.zeros(E, device=x.device).scatter_add_(0, indices.reshape(-1), torch.ones(T * k, device=x.device))
-        aux_loss = E * (load / max(T * k, 1) * probs.mean(0)).sum()
-        if self.training:
-            with torch.no_grad():
-                self.step_load.add_(load)
-        if self.capacity_factor is None:
-            kept = torch.ones_like(indices, dtype=torch.bool)
-        else:
-            kept = slot_positions(indices, E) < expert_capacity(T, k, E, self.capacity_factor)
-        return RouterOutput(weights, indices, kept, aux_loss, probs)
-
-    @torch.no_grad()
-    def update_bias(self) -> None:
-        """``expert_bias += u * sign(mean(load) - load)``, then reset the load; no host sync."""
-        self.expert_bias.add_(self.bias_update * torch.sign(self.step_load.mean() - self.step_load))
-        self.step_load.zero_()
 
 
 class GroupedMoE(nn.Module):
@@ -161,7 +120,7 @@ def build_model(cfg: WorkloadConfig, balance: str, seed: int, device: torch.devi
             continue
         router = old.router
         if balance == "bias":
-            router = BiasRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.capacity_factor)
+            router = BiasRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.capacity_factor, BIAS_UPDATE)
             router.gate = old.router.gate
         block.moe = GroupedMoE(router, old.experts)
     return model.to(device)

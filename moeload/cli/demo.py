@@ -29,6 +29,7 @@ def run_demo(
     flush_every: int = 50,
     threads: int | None = 2,
     progress: bool = True,
+    balance: str = "aux",
 ) -> dict:
     """Train `config` with a LoadTracer writing to `out`, read the trace back and print a summary.
 
@@ -41,7 +42,9 @@ def run_demo(
     from moeload.workloads import build_model, get_config, train
 
     con = console()
-    cfg = get_config(config)
+    if balance not in ("aux", "bias"):
+        raise InputError(f"--balance {balance!r}: expected aux (aux loss) or bias (aux-loss-free expert bias)")
+    cfg = get_config(config).replace(balance=balance)
     steps = steps or DEMO_STEPS.get(cfg.name, 100)
     if threads and not 1 <= threads <= MAX_THREADS:
         raise InputError(f"--threads {threads}: must be in 1..{MAX_THREADS}")
@@ -192,10 +195,12 @@ def register(app: typer.Typer) -> None:
         flush_every: int = typer.Option(50, "--flush-every", help="Steps per trace part."),
         threads: int = typer.Option(2, "--threads", help="torch CPU threads (1 is faster on a busy machine)."),
         no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+        balance: str = typer.Option("aux", "--balance", help="aux (Switch aux loss) or bias (aux-loss-free, "
+                                    "DeepSeek-V3 expert bias; the trace records the bias)."),
     ) -> None:
         """Train the embedded MoE GPT on real local text with tracing on, then summarise the trace.
 
         Example: moeload demo --out runs/demo.moeload
         """
         run_demo(out, config=config, steps=steps, seed=seed, device=device, flush_every=flush_every,
-                 threads=threads, progress=not no_progress)
+                 threads=threads, progress=not no_progress, balance=balance)

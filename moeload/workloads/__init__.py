@@ -2,11 +2,12 @@
 
 from moeload.workloads.configs import CONFIGS, WorkloadConfig, get_config
 from moeload.workloads.corpus import load_corpus, split
-from moeload.workloads.model import MoEGPT, MoELayer, RouterOutput, TopKRouter
+from moeload.workloads.model import BiasRouter, MoEGPT, MoELayer, RouterOutput, TopKRouter
 from moeload.workloads.probes import attention_maps, reference_counts
 from moeload.workloads.train import TrainResult, batches, build_model, evaluate, train
 
 __all__ = [
+    "BiasRouter",
     "CONFIGS",
     "MoEGPT",
     "MoELayer",

@@ -57,6 +57,11 @@ class WorkloadConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     aux_coef: float = 0.01
+    balance: str = "aux"
+    """"aux": Switch-style aux loss (aux_coef); "bias": aux-loss-free (DeepSeek-V3): experts chosen by
+    probs + expert_bias, the bias moved by ``bias_update * sign(mean load - load)`` after every
+    optimizer step, no aux loss in the objective (it is still computed, for logging)."""
+    bias_update: float = 1e-3
     val_fraction: float = 0.05
     amp: bool = False
 
@@ -70,6 +75,8 @@ class WorkloadConfig:
             "capacity_factor": self.capacity_factor is None or self.capacity_factor > 0,
             "seq_len": self.seq_len >= 1,
             "batch_size": self.batch_size >= 1,
+            "balance": self.balance in ("aux", "bias"),
+            "bias_update": self.bias_update > 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

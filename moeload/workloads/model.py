@@ -88,6 +88,51 @@ class TopKRouter(nn.Module):
         return RouterOutput(weights, indices, kept, aux_loss, probs)
 
 
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)  # != -1 inside a backward pass
+
+
+class BiasRouter(TopKRouter):
+    """Aux-loss-free router (DeepSeek-V3): top-k of ``probs + expert_bias``, gating weights from the
+    unbiased ``probs``; ``update_bias()`` after each optimizer step moves the bias by
+    ``bias_update * sign(mean load - load)`` from the routes counted since the last update.
+
+    Buffers: ``expert_bias: [E]`` float32 (what `LoadTracer` records per step, `Trace.router_bias()`),
+    ``step_load: [E]`` float32 routes of training forwards since the last update. No host sync.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None = None,
+                 bias_update: float = 1e-3) -> None:
+        super().__init__(d_model, num_experts, top_k, capacity_factor)
+        self.bias_update = bias_update
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+        self.register_buffer("step_load", torch.zeros(num_experts))
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        """Route ``x: [T, H]``; ``aux_loss`` is returned for logging only (the model leaves it out)."""
+        T, E, k = x.shape[0], self.num_experts, self.top_k
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.gate.weight.float())  # [T, E]
+        probs = logits.softmax(-1)
+        indices = (probs.detach() + self.expert_bias).topk(k, dim=-1).indices  # [T, k]
+        top = probs.gather(1, indices)
+        weights = top / top.sum(-1, keepdim=True)
+        load = _one_hot(indices, E).sum((0, 1)).float()  # [E]
+        aux_loss = E * (load / max(T * k, 1) * probs.mean(0)).sum()
+        if self.training and _graph_task_id() == -1:  # not eval, not an activation-checkpoint recompute
+            with torch.no_grad():
+                self.step_load.add_(load)
+        if self.capacity_factor is None:
+            kept = torch.ones_like(indices, dtype=torch.bool)
+        else:
+            kept = slot_positions(indices, E) < expert_capacity(T, k, E, self.capacity_factor)
+        return RouterOutput(weights, indices, kept, aux_loss, probs)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        self.expert_bias.add_(self.bias_update * torch.sign(self.step_load.mean() - self.step_load))
+        self.step_load.zero_()
+
+
 class Experts(nn.Module):
     """``E`` two-layer GELU FFNs with stacked weights ``w1: [E, H, F]``, ``w2: [E, F, H]``."""
 
@@ -122,9 +167,11 @@ class MoELayer(nn.Module):
         num_experts: int,
         top_k: int,
         capacity_factor: float | None = None,
+        bias_update: float | None = None,
     ) -> None:
         super().__init__()
-        self.router = TopKRouter(d_model, num_experts, top_k, capacity_factor)
+        self.router = (TopKRouter(d_model, num_experts, top_k, capacity_factor) if bias_update is None
+                       else BiasRouter(d_model, num_experts, top_k, capacity_factor, bias_update))
         self.experts = Experts(num_experts, d_model, d_ff)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -182,7 +229,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         if is_moe:
             self.moe = MoELayer(
-                cfg.d_model, cfg.expert_width, cfg.n_experts, cfg.top_k, cfg.capacity_factor
+                cfg.d_model, cfg.expert_width, cfg.n_experts, cfg.top_k, cfg.capacity_factor,
+                bias_update=cfg.bias_update if cfg.balance == "bias" else None,
             )
         else:
             self.mlp = nn.Sequential(
@@ -257,8 +305,15 @@ class MoEGPT(nn.Module):
         if targets is None:
             return ModelOutput(logits, None, None, aux_total)
         lm = F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), targets.reshape(-1))
-        return ModelOutput(logits, lm + self.config.aux_coef * aux_total, lm, aux_total)
+        coef = 0.0 if self.config.balance == "bias" else self.config.aux_coef
+        return ModelOutput(logits, lm + coef * aux_total, lm, aux_total)
 
     def routers(self) -> dict[str, TopKRouter]:
         """Module path -> router, in layer order (e.g. ``blocks.3.moe.router``)."""
         return {n: m for n, m in self.named_modules() if isinstance(m, TopKRouter)}
+
+    def update_bias(self) -> None:
+        """After an optimizer step: move every BiasRouter's expert bias (aux-loss-free balancing)."""
+        for r in self.routers().values():
+            if isinstance(r, BiasRouter):
+                r.update_bias()

@@ -159,6 +159,8 @@ def train(
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if cfg.balance == "bias":
+                model.update_bias()  # before on_step: a tracer's step() then records the bias the next step uses
             if on_step is not None:
                 on_step(step, history[step, 0])
             if bar and ((step + 1) % log_every == 0 or step + 1 == steps):
