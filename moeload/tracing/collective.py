@@ -43,7 +43,7 @@ def tracer_group(group: Any, timeout: float | None) -> Any:
     dist = torch.distributed
     try:
         ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-        kw = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
+        kw: dict[str, Any] = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
         return dist.new_group(ranks, backend="gloo", use_local_synchronization=True, **kw)
     except Exception as e:
         warnings.warn(f"moeload: no tracer process group ({type(e).__name__}: {first_line(e, 160)}); flushes use the "

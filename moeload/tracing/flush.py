@@ -195,16 +195,16 @@ class BlockWriter:
         """Steps whose micro-batch rows could not be written (their step totals were)."""
         self.write_seconds = 0.0
         """Time the thread spent on blocks (check, parts, sinks, manifest): its busy time."""
-        ex = writer.manifest.extra if writer is not None else {}
+        ex: dict[str, Any] = writer.manifest.extra if writer is not None else {}
         self.lost_steps: list[dict[str, Any]] = [
             dict(e) for e in ex.get("lost_steps", [])
             if isinstance(e, dict) and isinstance(e.get("first"), int) and isinstance(e.get("last"), int)]
         self._dropped_before = int(ex.get("dropped_blocks", 0) or 0)
-        cons = ex.get("conservation") if isinstance(ex.get("conservation"), dict) else {}
+        cons: dict[str, Any] = ex["conservation"] if isinstance(ex.get("conservation"), dict) else {}
         self.checked_blocks = int(cons.get("checked_blocks", 0) or 0)
         self.violations: list[dict[str, Any]] = list(cons.get("violations", []))[:VIOLATIONS_CAP]
         self.violations_total = int(cons.get("violations_total", len(self.violations)) or 0)
-        self._open_violations: dict[tuple, int] = {}
+        self._open_violations: dict[tuple, tuple[int, int | None]] = {}  # (layer, rank, problem) -> (last step, index)
         self._warned_drop = self._warned_conservation = False
         self._manifest_failing = self._part_failing = self._submitted = False
         self._session_start: int | None = None  # this session's first step (submit), noted in the manifest
@@ -231,7 +231,9 @@ class BlockWriter:
         if n is None and self.max_pending is None:
             lo, hi = AUTO_PENDING
             self.max_pending = max(lo, min(hi, AUTO_PENDING_BYTES // max(1, like.numel() * like.element_size())))
-        for _ in range(self.max_pending if n is None else n):
+        count = self.max_pending if n is None else n
+        assert count is not None  # max_pending was set above where n is None
+        for _ in range(count):
             self._free.put(self._host_like(like))
 
     def _host_like(self, src: Tensor) -> Tensor:
@@ -263,13 +265,13 @@ class BlockWriter:
         host_mb = None if micro is None else torch.empty(micro.shape, dtype=micro.dtype, pin_memory=micro.is_cuda)
         if src.is_cuda:
             host.copy_(src, non_blocking=True)
-            if host_mb is not None:
+            if host_mb is not None and micro is not None:  # (host_mb is None exactly where micro is)
                 host_mb.copy_(micro, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         else:
             host.copy_(src)
-            if host_mb is not None:
+            if host_mb is not None and micro is not None:
                 host_mb.copy_(micro)
         self._jobs.put(_Job(host, event, steps, np.asarray(times, np.float64), host_mb, micro_until))
         return True
@@ -473,6 +475,7 @@ class BlockWriter:
         keep = job.steps < (job.micro_until if job.micro_until is not None else np.iinfo(np.int64).max)
         if not keep.any():
             return
+        assert self.writer is not None  # the caller checks it
         try:
             self.writer.write_micro_block(seq, job.steps[keep], routed[keep], tokens[keep])
         except OSError as e:
@@ -487,6 +490,7 @@ class BlockWriter:
         """One part of `block` -> True; where that fails (OSError), its steps are lost, no temporary file
         stays behind, and False."""
         w = self.writer
+        assert w is not None  # the caller checks it
         first, last = int(block.steps[0]), int(block.steps[-1])
         tmp = w.parts_dir / f".{part_name(w._seq, w.writer_rank, block.split, int(block.steps.min()), int(block.steps.max()))}.tmp"
         try:
@@ -509,6 +513,7 @@ class BlockWriter:
     def _note_replicas(self, bad: list[tuple[int, int, int]], steps: np.ndarray) -> None:
         """Layers whose declared tensor-parallel replica saw other tokens than its primary: disabled (the
         counts left out were not copies), warned once."""
+        assert self.rank_layout is not None  # the caller checks it
         for s, r, li in bad:
             name = self.layout.layers[li]
             if name in self.disabled:

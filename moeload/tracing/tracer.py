@@ -38,6 +38,7 @@ MAX_FLUSH_EVERY = 1_000_000
 """Largest `flush_every`: one block of steps lives in a device buffer, so it is bounded before allocating."""
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+_cache_entries: Callable[[Any], list[Any]] | None
 try:  # private, present since torch 2.1: the compiled code dynamo holds for one code object
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as _cache_entries
 except ImportError:  # pragma: no cover - torch builds without dynamo
@@ -537,6 +538,7 @@ class LoadTracer:
                 else:
                     return
                 slot = self._slot
+                assert self._buf is not None  # hooks exist between start() and close()
                 rows = self._buf[slot]
                 routed, tally, at = rows[pr, li], self._host_tok, (slot, pr, li)
                 if self._mb is not None and pr == lay.routed:  # the m-th train forward of this gate: micro-batch m
@@ -553,6 +555,7 @@ class LoadTracer:
                 tokens = accumulate(r, routed, None if pk is None else rows[pk, li], spec.num_experts, spec.top_k,
                                     cache=cache, nan=check)
                 if tokens is not None:
+                    assert tally is not None  # allocated with the rows it tallies for
                     tally[at] += tokens
             except Exception as e:
                 code = DISABLED_SHAPE if isinstance(e, RoutingShapeError) else DISABLED_ERROR
@@ -623,6 +626,7 @@ class LoadTracer:
             raise InputError("LoadTracer.step() before start() (or after close()): use `with tracer:` or tracer.start() "
                              "before the first forward, so that step's forwards are counted")
         w = self._writer  # what the writer found in blocks before this step()'s flush: a fixed point to act
+        assert w is not None  # start() made it after the buffer
         if (w.stalled is not None and not self._warned_stall) or not w.nan_layers.empty():
             self._poll_writer()
         self._check_forwards()
@@ -658,6 +662,7 @@ class LoadTracer:
             try:
                 all_gather(self._gathered, self._buf, self._pg, self.flush_timeout)
                 if self._mb is not None:  # per_micro_batch: a second collective
+                    assert self._mb_gathered is not None  # allocated with _gathered where _mb is
                     self.collectives += 1
                     all_gather(self._mb_gathered, self._mb, self._pg, self.flush_timeout)
                     micro = self._mb_gathered
@@ -692,6 +697,7 @@ class LoadTracer:
             self._staging.append((staged, ev))  # kept alive until the copy is done
 
     def _reset(self, n: int) -> None:
+        assert self._buf is not None  # called by _flush, which checks it
         self._buf.zero_()
         if self._host_tok is not None:
             self._host_tok[:] = 0
@@ -706,6 +712,7 @@ class LoadTracer:
     def _stop(self, first: int, last: int, reason: str) -> None:
         """This rank stops tracing: hooks removed, no more collectives, steps first..last (the failed
         block) lost; the writer writes what it holds and the manifest (`extra.tracing_stopped`)."""
+        assert self._writer is not None  # called by _flush, which checks it
         self.tracing_stopped = {"step": first, "reason": reason}
         for h in self._handles.values():
             h.remove()
@@ -721,6 +728,7 @@ class LoadTracer:
         """On the main thread: disable the layers the writer thread found NaN in; warn once about a
         block whose device->host copy was given up (NCCL: a dead or slow peer)."""
         w = self._writer
+        assert w is not None  # called by step() and close() with a writer
         while not w.nan_layers.empty():
             g, step, ranks = w.nan_layers.get()
             li = self._slot_of.get(g)
@@ -802,6 +810,7 @@ class LoadTracer:
         if self.dynamo_reset is not None:
             notes["dynamo_reset"] = dict(self.dynamo_reset)
         for name, entry in list(self._silent.items()):
+            assert self._writer is not None  # _silent is filled after start() made the writer
             self._writer.disabled.setdefault(name, dict(entry))
         return notes
 
@@ -892,7 +901,7 @@ def compiled_modules(model: nn.Module, gates: Sequence[nn.Module]) -> list[str]:
     if "torch._dynamo" not in sys.modules:  # nothing was compiled in this process
         return []
     paths = {id(m): p for p, m in model.named_modules()}
-    on_path = set()
+    on_path: set[str] = set()
     for g in gates:
         if id(g) in paths:
             parts = paths[id(g)].split(".") if paths[id(g)] else []

@@ -45,7 +45,8 @@ def bincount_device(idx: Tensor, num_experts: int) -> Tensor:
 
 def gate_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
     """One TopKGate forward -> Routing(counts=exp_counts [E], kept_counts [E] where it drops, tokens, probs=l_aux)."""
-    E = module.wg.out_features
+    wg: Any = module.wg  # the gate's nn.Linear
+    E = wg.out_features
     if not isinstance(out, (tuple, list)):
         raise RoutingShapeError(f"TopKGate returned {type(out).__name__}; expected a tuple of 7 (sparse_routes) or 4")
     if len(out) == 7:  # sparse_routes: indices [k, T]
@@ -138,7 +139,7 @@ class DeepSpeedAdapter(Adapter):
             out.append(GateSpec(
                 module=r, name=name, num_experts=int(r.num_experts), top_k=int(r.top_k), counts=autoep_routing,
                 framework="deepspeed", framework_version=_version(),
-                expert_to_rank=_autoep_placement(owner, ep, int(r.num_experts)) if ep > 1 else None,
+                expert_to_rank=_autoep_placement(owner, ep, int(r.num_experts)) if ep > 1 and owner is not None else None,
                 ep_size=ep, ep_rank=int(getattr(owner, "ep_rank", 0) or 0),
             ))
         return out

@@ -154,7 +154,7 @@ class GenericAdapter(Adapter):
     def __init__(
         self,
         patterns: Sequence[str] = (),
-        types: Sequence[type] = (),
+        types: Sequence[type] | type = (),
         *,
         num_experts: int | None = None,
         top_k: int | None = None,

@@ -31,7 +31,7 @@ def router_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
     if not isinstance(out, (tuple, list)) or len(out) < 2 or not all(isinstance(t, torch.Tensor) for t in out[:2]):
         raise RoutingShapeError(f"TopKRouter returned {type(out).__name__}; expected (probs, routing_map)")
     probs, second = out[0], out[1]
-    cfg = module.config
+    cfg: Any = module.config  # a TransformerConfig
     if second.dtype == torch.bool or (second.is_floating_point() and second.shape[-1] == cfg.num_moe_experts):
         if cfg.moe_expert_capacity_factor is not None and getattr(cfg, "moe_pad_expert_input_to_capacity", False):
             return Routing(mask=second & (probs != 0), probs=probs)
@@ -45,7 +45,7 @@ def _ep(layer: nn.Module | None, num_experts: int) -> tuple[int, int]:
     idx = getattr(layer, "local_expert_indices", None)
     if isinstance(local, int) and local > 0 and idx:
         return num_experts // local, int(idx[0]) // local
-    ps = sys.modules.get("megatron.core.parallel_state")
+    ps: Any = sys.modules.get("megatron.core.parallel_state")  # None without megatron: the except answers
     try:
         return ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
     except Exception:  # parallel state not initialised: no expert parallelism

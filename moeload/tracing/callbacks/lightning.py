@@ -14,7 +14,7 @@ from typing import Any
 try:
     from lightning.pytorch import Callback
 except ImportError:  # pragma: no cover - the standalone package
-    from pytorch_lightning import Callback
+    from pytorch_lightning import Callback  # type: ignore[assignment]  # the same class in the older package
 
 from moeload.tracing.callbacks._base import TracingSession
 

@@ -7,6 +7,7 @@ only on the rank that writes the trace (rank 0).
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -54,8 +55,8 @@ def load_metrics(counts: np.ndarray, experts_per_layer: Sequence[int] | None = N
 def gpu_max_over_mean(counts: np.ndarray, expert_to_rank: Sequence[Sequence[int]]) -> np.ndarray:
     """[L] max / mean load over EP ranks; counts: [L, E], expert_to_rank: [L][E_l] rank of each expert."""
     out = np.full(len(expert_to_rank), np.nan)
-    for i, m in enumerate(expert_to_rank):
-        m = np.asarray(m, dtype=np.int64)
+    for i, row in enumerate(expert_to_rank):
+        m = np.asarray(row, dtype=np.int64)
         g = np.bincount(m, weights=np.asarray(counts[i, : len(m)], np.float64), minlength=int(m.max()) + 1)
         if g.sum() > 0:
             out[i] = g.max() / g.mean()
@@ -109,7 +110,7 @@ class MetricLogger:
         if self.enabled and wandb is not False:
             wb = sys.modules.get("wandb")
             if wb is None and wandb:
-                import wandb as wb
+                wb = importlib.import_module("wandb")  # (the argument `wandb` shadows the name)
             if wb is not None and getattr(wb, "run", None) is not None:
                 self._wandb = wb
                 wb.define_metric("moeload/*", step_metric="moeload/step")

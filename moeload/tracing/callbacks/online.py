@@ -30,7 +30,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -116,7 +116,7 @@ class OnlinePlanner:
             if len(E) > 1:
                 raise InputError(f"OnlinePlanner: layers have different expert counts {sorted(E)}; one plan needs one E")
             self.layers, self.num_experts, self.rank = list(tracer.layers), E.pop(), tracer.rank
-            self.top_k = list(tracer.manifest.top_k) if top_k is None else top_k
+            self.top_k = list(cast(list[int], tracer.manifest.top_k)) if top_k is None else top_k  # a checked manifest's list
             self._check_sizes(self.num_experts)
         self._predictor_proto = copy.deepcopy(predictor)
         if detector is None:
@@ -229,7 +229,7 @@ class OnlinePlanner:
         gain = float(1.0 - imb_a.mean() / imb_b.mean())
         score = gain if self.criterion == "gain" else float(cv_b.mean() - cv_a.mean())
         step = int(st[-1])
-        decision = {
+        decision: dict[str, Any] = {
             "step": step, "first_step": int(st[0]), "gain": gain, "cv_drop": float(cv_b.mean() - cv_a.mean()),
             "imbalance_before": float(imb_b.mean()), "imbalance_after": float(imb_a.mean()),
             "cv_before": float(cv_b.mean()), "cv_after": float(cv_a.mean()),
@@ -258,6 +258,7 @@ class OnlinePlanner:
                   imb_a: np.ndarray, cv_b: np.ndarray, cv_a: np.ndarray, decision: dict[str, Any]) -> dict[str, Any]:
         since = self.detector.stable_since
         stable = self.detector.is_stable
+        assert self.layers is not None and since is not None  # set by feed() and the detector's update
         return {
             "step": step,
             "layers": list(self.layers),
@@ -288,6 +289,7 @@ class OnlinePlanner:
     def _write(self, step: int, doc: dict[str, Any]) -> str:
         from moeload.trace.manifest import write_json_atomic
 
+        assert self.out_dir is not None  # the caller checks it
         self.out_dir.mkdir(parents=True, exist_ok=True)
         name = f"plan-{step:09d}.json"
         write_json_atomic(self.out_dir / name, doc)
