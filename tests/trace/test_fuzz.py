@@ -131,6 +131,105 @@ def test_fuzz_damaged_manifest(template, damage, skip):
             _one_line(e)
 
 
+MANIFEST_FIELDS = ["schema_version", "layers", "experts_per_layer", "top_k", "world_size", "ep_size", "expert_to_rank",
+                   "count_kind", "ranks_recorded", "flush_every", "tokens_per_step", "sessions", "extra",
+                   "rank_map_changes", "framework", "model_name"]
+TYPED = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+              st.text(max_size=4), st.sampled_from([0, 1, 2, 4, -1, 2**31, 2**63])),
+    lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=3), inner, max_size=3)),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=200, **SETTINGS)
+@given(changes=st.lists(st.tuples(st.sampled_from(MANIFEST_FIELDS), TYPED), min_size=1, max_size=3),
+       drop=st.lists(st.sampled_from(MANIFEST_FIELDS), max_size=1))
+def test_fuzz_manifest_field_types_and_ranges(template, changes, drop):
+    """Manifest fields of any JSON type and range (valid JSON, unlike the byte damage above): the trace
+    reads consistently or the error is one line; never a coerced field, never another exception."""
+    src, routed = template
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp) / "t"
+        shutil.copytree(src, d)
+        man = d / "manifest.json"
+        doc = json.loads(man.read_text())
+        for k, v in changes:
+            doc[k] = v
+        for k in drop:
+            doc.pop(k, None)
+        man.write_text(json.dumps(doc))
+        try:
+            t = open_trace(d)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                c = t.counts()
+                assert c.shape == (15, t.num_layers, t.num_experts) and (c >= 0).all()
+                assert isinstance(t.meta["layers"], list) and all(isinstance(x, str) for x in t.layers)
+                assert all(isinstance(e, int) and not isinstance(e, bool) for e in t.experts_per_layer)
+                t.gpu_loads(), t.proportions(), t.gaps()
+        except MoeloadError as e:
+            _one_line(e)
+
+
+ARROW_TYPES = ["int8", "int32", "int64", "uint64", "float64", "string", "bool", "list<int32>", "list<uint64>",
+               "list<float64>", "list<string>", "null"]
+
+
+def _column(kind: str, n: int, rng: np.random.Generator):
+    import pyarrow as pa
+
+    ints = rng.integers(-3, 20, size=n)
+    if kind == "null":
+        return pa.nulls(n)
+    if kind.startswith("list<"):
+        inner = kind[5:-1]
+        vals = [[int(v) for v in rng.integers(0, 9, size=E)] for _ in range(n)]
+        if inner == "uint64":
+            vals = [[2**64 - 1 if i == 0 else v for i, v in enumerate(r)] for r in vals]
+        if inner == "string":
+            return pa.array([[str(v) for v in r] for r in vals], pa.list_(pa.string()))
+        return pa.array(vals, pa.list_(getattr(pa, inner)()))
+    if kind == "string":
+        return pa.array([str(v) for v in ints])
+    if kind == "bool":
+        return pa.array(ints > 5)
+    if kind == "uint64":
+        return pa.array(np.abs(ints).astype(np.uint64))
+    return pa.array(ints.astype(kind))
+
+
+@settings(max_examples=120, **SETTINGS)
+@given(types=st.fixed_dictionaries({c: st.sampled_from(ARROW_TYPES) for c in ["step", "layer", "rank", "routed", "kept",
+                                                                                "tokens", "split"]}),
+       omit=st.lists(st.sampled_from(["step", "layer", "rank", "routed", "kept", "tokens", "split"]), max_size=2),
+       part=st.integers(0, len(BLOCKS) - 1), seed=st.integers(0, 3))
+def test_fuzz_part_schemas(template, types, omit, part, seed):
+    """One part replaced by a Parquet file whose columns have arbitrary types (or are missing): reads are
+    consistent or one-line errors, never a count read from the wrong type."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src, _ = template
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp) / "t"
+        shutil.copytree(src, d)
+        target = sorted((d / "parts").glob("part-*.parquet"))[part]
+        n = 5 * L * R
+        cols = {c: _column(k, n, rng) for c, k in types.items() if c not in omit}
+        pq.write_table(pa.table(cols), target)
+        try:
+            t = open_trace(d)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                c = t.counts()
+                assert c.dtype == np.int64 and (c >= 0).all() and c.shape[1:] == (L, E)
+                assert (c < 2**40).all()  # never a uint64 wrapped to a huge or negative count
+        except MoeloadError as e:
+            _one_line(e)
+
+
 # ---- importers: valid inputs with about one field in ten replaced by junk ----------------------
 JSON_VALUE = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-5, 2**70), st.floats(allow_nan=True), st.text(max_size=3)),
