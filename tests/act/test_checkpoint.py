@@ -12,14 +12,22 @@ writes what it measured to <phase>_rank<r>.json; the tests below check it.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _workers import (
+    DeepSpeedNet,
+    deepspeed_engine,
+    deepspeed_step,
+    deepspeed_world,
+    launch,
+    load_checkpoint,
+    save_checkpoint,
+    state_diff,
+    write_result,
+)
 
 H, TOKENS, E, K, N, M = 16, 32, 4, 2, 4, 3
 MAPS = ([1, 0, 1, 0], [1, 1, 0, 0], [0, 1, 1, 0])  # B after step K: layers 0, 1, 2
@@ -27,85 +35,44 @@ OTHER = ([0, 1, 1, 0], [0, 1, 0, 1], [1, 0, 0, 1])  # R3's layout before it load
 
 
 def _worker(out: Path, phase: str) -> None:
-    import datetime
-
-    import deepspeed
-    import deepspeed.ops
     import torch
-    from torch import nn
 
-    torch.set_num_threads(1)
-    deepspeed.ops.__compatible_ops__ = {}  # no C++ op build on a CPU-only torch; gloo does the collectives
-    deepspeed.init_distributed("gloo", timeout=datetime.timedelta(seconds=60))
-    from deepspeed.moe.layer import MoE
-
+    rank, _ = deepspeed_world()
     from moeload import LoadTracer
     from moeload.act.checkpoint import apply_layout, layout_state_dict, record_layout
     from moeload.act.deepspeed import expert_to_rank, permute_experts
     from moeload.errors import InputError
 
-    dist = torch.distributed
-    rank = dist.get_rank()
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.moe = nn.ModuleList(
-                MoE(H, nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.Linear(2 * H, H)), num_experts=E,
-                    ep_size=2, k=k, min_capacity=1, drop_tokens=drop, use_rts=False, top2_2nd_expert_sampling=False)
-                for k, drop in ((1, False), (2, False), (1, True)))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            aux = 0.0
-            for m in self.moe:
-                y, l_aux, _ = m(x)
-                x, aux = x + y, aux + l_aux
-            return x.pow(2).mean() + 0.01 * aux
-
     def engine(seed: int) -> object:
         torch.manual_seed(seed)
-        model = Net()
-        cfg = {"train_micro_batch_size_per_gpu": 1,
-               "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True, "adam_w_mode": False}}}
-        return deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())[0]
+        return deepspeed_engine(DeepSpeedNet(H, E, 2, ((1, False), (2, False), (1, True))))
 
     gen = torch.Generator().manual_seed(1000 + rank)  # different tokens on each rank, the same in both phases
     xs = [torch.randn(1, TOKENS, H, generator=gen) for _ in range(N + M)]
 
     def step(eng: object, t: int, tracer: LoadTracer | None = None) -> float:
         torch.manual_seed(10 + t)
-        loss = eng(xs[t])
-        eng.backward(loss)
-        eng.step()
+        loss = deepspeed_step(eng, xs[t])
         if tracer is not None:
             tracer.step()
-        return float(loss.detach())
+        return loss
 
     def traced(eng: object, name: str, start: int) -> LoadTracer:
         tracer = LoadTracer(eng.module, out / f"trace_{name}", flush_every=1, fsync=False)
         tracer.load_state_dict({"step": start})
         return tracer.start()
 
+    def ckpt(name: str) -> Path:
+        return out / f"{name}_rank{rank}.pt"
+
     def save(eng: object, name: str, layout: bool) -> None:
-        ck = {"model": eng.module.state_dict(), "optimizer": eng.optimizer.state_dict()}
-        if layout:
-            ck["layout"] = layout_state_dict(eng)
-        torch.save(ck, out / f"{name}_rank{rank}.pt")
+        save_checkpoint(ckpt(name), eng.module, eng.optimizer, layout_state_dict(eng) if layout else None)
 
     def load(eng: object, name: str) -> None:
-        # a fresh torch.load each time: on CPU, Optimizer.load_state_dict keeps the loaded tensors themselves
-        # as its state, so models loaded from one dict would share (and update) the same Adam moments
-        ck = torch.load(out / f"{name}_rank{rank}.pt")
-        eng.module.load_state_dict(ck["model"])
-        eng.optimizer.load_state_dict(ck["optimizer"])
+        load_checkpoint(ckpt(name), eng.module, eng.optimizer)
 
     def diff(eng: object, ref: dict) -> dict:
-        """Max abs difference from a checkpoint, slot by slot: module tensors, and each optimizer state key."""
-        d = {"model": max(float((v - ref["model"][k]).abs().max()) for k, v in eng.module.state_dict().items())}
-        for i, st in eng.optimizer.state_dict()["state"].items():
-            for k, v in st.items():
-                d[k] = max(d.get(k, 0.0), float((v - ref["optimizer"]["state"][i][k]).abs().max()))
-        return d
+        return state_diff(eng.module, eng.optimizer, ref)
 
     def maps(eng: object) -> list:
         return [expert_to_rank(m) for m in eng.module.moe]
@@ -123,14 +90,14 @@ def _worker(out: Path, phase: str) -> None:
             if t == N:
                 save(A, "ref", layout=False)
                 save(B, "ckpt", layout=True)
-                res["layout"] = torch.load(out / f"ckpt_rank{rank}.pt")["layout"]
+                res["layout"] = torch.load(ckpt("ckpt"))["layout"]
             losses["A"].append(step(A, t, ta))
             losses["B"].append(step(B, t, tb))
         ta.close()
         tb.close()
         res["losses"] = losses
     else:
-        ck, ref = torch.load(out / f"ckpt_rank{rank}.pt"), torch.load(out / f"ref_rank{rank}.pt")
+        ck, ref = torch.load(ckpt("ckpt")), torch.load(ckpt("ref"))
         R1, R2, R3, R4 = (engine(7) for _ in range(4))
         # refused on every rank before anything moves
         errors = []
@@ -177,8 +144,7 @@ def _worker(out: Path, phase: str) -> None:
                          for name, eng, tracer in (("R1", R1, t1), ("R2", R2, None), ("R3", R3, t3), ("R4", R4, None))}
         t1.close()
         t3.close()
-    (out / f"{phase}_rank{rank}.json").write_text(json.dumps(res))
-    dist.barrier()
+    write_result(out, res, prefix=f"{phase}_")
 
 
 pytest.importorskip("deepspeed")
@@ -188,20 +154,8 @@ pytest.importorskip("deepspeed")
 def ranks(tmp_path_factory) -> dict:
     """The two phases, each a fresh 2-rank gloo launch over the same directory -> {"train", "resume": what
     each rank measured, "out": the directory}."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tracing"))
-    from _shims import free_port
-
     out = tmp_path_factory.mktemp("act_ckpt")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "DS_BUILD_OPS": "0", "OMP_NUM_THREADS": "1"}
-    res: dict = {"out": out}
-    for phase in ("train", "resume"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), __file__, str(out), phase]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=root, env=env)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-        res[phase] = [json.loads((out / f"{phase}_rank{i}.json").read_text()) for i in range(2)]
-    return res
+    return {"out": out, **{phase: launch(__file__, out, phase, prefix=f"{phase}_") for phase in ("train", "resume")}}
 
 
 @pytest.mark.slow

@@ -1,25 +1,37 @@
 """permute_experts on real DeepSpeed MoE layers, gloo processes on CPU: 2 ranks (ep_size 2, 4 experts)
 and 4 ranks (ep_size 4, 8 experts).
 
-This file is also the worker: pytest runs it under `torch.distributed.run` (once per world size); each
-rank writes what it measured to rank<r>.json and the tests below check it. Three identical models
-(same seed, same per-rank inputs, DeepSpeed engines with torch Adam): A is never permuted; B is
-permuted after step 2 and again after step 3, with its optimizer; C is permuted after step 2 without
-its optimizer (the control: Adam's moments stay behind, so its losses must part from A's).
+This file is also the worker: pytest runs it under `torch.distributed.run` (_workers.launch, once per
+world size); each rank writes what it measured to rank<r>.json and the tests below check it. Three
+identical models (same seed, same per-rank inputs, DeepSpeed engines with torch Adam): A is never
+permuted; B is permuted after step 2 and again after step 3, with its optimizer; C is permuted after
+step 2 without its optimizer (the control: Adam's moments stay behind, so its losses must part from A's).
 Layer 0 is top-1, layer 1 top-2, both drop_tokens=False; layer 2 top-1 with capacity factor 1, so it
 drops tokens (use_rts=False: which tokens is then a function of each expert's column alone).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _workers import (
+    INVALID,
+    DeepSpeedNet,
+    by_logical,
+    check_refusals,
+    check_training_identical,
+    deepspeed_engine,
+    deepspeed_step,
+    deepspeed_world,
+    launch,
+    max_diff,
+    refusals,
+    rows,
+    write_result,
+)
 
 H, TOKENS, STEPS = 16, 32, 5
 E = 4  # experts on 2 ranks; 2 per rank on 4 ranks too
@@ -28,52 +40,21 @@ MAPS_2 = ([0, 1, 1, 0], [0, 1, 0, 1], [1, 0, 0, 1])  # after step 3 (B only)
 MAPS_4 = (([3, 2, 1, 0, 0, 1, 2, 3], [1, 1, 0, 0, 3, 3, 2, 2], [2, 3, 0, 1, 2, 3, 0, 1]),  # 4 ranks, 8 experts:
           ([3, 2, 0, 1, 1, 0, 2, 3], [0, 2, 1, 3, 0, 2, 1, 3], [1, 0, 1, 0, 3, 2, 3, 2]))  # all ranks exchange,
 # then layer 0 only between ranks 0 and 1
-INVALID = ([0, 1, 1], [0, 0, 0, 1], [0, 1, 2, 1], [0.5, 1, 0, 1], "0011")
 
 
 def _worker(out: Path) -> None:
-    import datetime
-
-    import deepspeed
-    import deepspeed.ops
     import torch
-    from torch import nn
 
-    torch.set_num_threads(1)
-    deepspeed.ops.__compatible_ops__ = {}  # no C++ op build on a CPU-only torch; gloo does the collectives
-    deepspeed.init_distributed("gloo", timeout=datetime.timedelta(seconds=60))
-    from deepspeed.moe.layer import MoE
-
+    rank, world = deepspeed_world()
     from moeload.act.deepspeed import expert_to_rank, permute_experts
     from moeload.act.permute import phy2log
-    from moeload.errors import InputError
 
-    dist = torch.distributed
-    rank, world = dist.get_rank(), dist.get_world_size()
     n_exp, L = 2 * world, 2
     maps_1, maps_2 = (MAPS_1, MAPS_2) if world == 2 else MAPS_4
 
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.moe = nn.ModuleList(
-                MoE(H, nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.Linear(2 * H, H)), num_experts=n_exp,
-                    ep_size=world, k=k, min_capacity=1, drop_tokens=drop, use_rts=False, top2_2nd_expert_sampling=False)
-                for k, drop in ((1, False), (2, False), (1, True)))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            aux = 0.0
-            for m in self.moe:
-                y, l_aux, _ = m(x)
-                x, aux = x + y, aux + l_aux
-            return x.pow(2).mean() + 0.01 * aux
-
     def engine() -> object:
         torch.manual_seed(0)  # the same weights on both ranks and in A, B, C
-        model = Net()
-        cfg = {"train_micro_batch_size_per_gpu": 1,
-               "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True, "adam_w_mode": False}}}
-        return deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())[0]
+        return deepspeed_engine(DeepSpeedNet(H, n_exp, world, ((1, False), (2, False), (1, True))))
 
     gen = torch.Generator().manual_seed(1000 + rank)  # different tokens on each rank
     xs = [torch.randn(1, TOKENS, H, generator=gen) for _ in range(STEPS)]
@@ -81,43 +62,16 @@ def _worker(out: Path) -> None:
 
     def step(eng: object, t: int) -> float:
         torch.manual_seed(10 + t)  # RTS draws from the global generator
-        loss = eng(xs[t])
-        eng.backward(loss)
-        eng.step()
-        return float(loss.detach())
+        return deepspeed_step(eng, xs[t])
 
-    def by_logical(eng: object) -> dict:
-        """{layer: {logical expert: {param i: {"param"|state key: list}}}} over both ranks, plus gate rows."""
-        opt = eng.optimizer
-        mine = {}
-        for li, m in enumerate(eng.module.moe):
-            p2l = phy2log(np.asarray(expert_to_rank(m)))
-            layer = {}
-            for j, ex in enumerate(m.deepspeed_moe.experts.deepspeed_experts):
-                layer[int(p2l[rank * L + j])] = {
-                    i: {"param": p.detach().tolist(), **({} if p.grad is None else {"grad": p.grad.tolist()}),
-                        **{k: (v.tolist() if v.dim() else float(v)) for k, v in opt.state[p].items()}}
-                    for i, p in enumerate(ex.parameters())}
-            w = m.deepspeed_moe.gate.wg.weight
-            inv = np.argsort(p2l)  # logical -> slot
-            gate = {"param": w.detach()[inv].tolist(), **({} if w.grad is None else {"grad": w.grad[inv].tolist()}),
-                    **{k: v[inv].tolist() for k, v in opt.state[w].items() if v.dim()}}
-            mine[li] = (layer, gate)
-        every: list = [None] * world
-        dist.all_gather_object(every, mine)
-        merged = {li: ({e: v for r in every for e, v in r[li][0].items()}, every[rank][li][1]) for li in mine}
-        return merged
-
-    def max_diff(a: dict, b: dict) -> dict:
-        d: dict = {}
-        for li in a:
-            for e in a[li][0]:
-                for i in a[li][0][e]:
-                    for k, v in a[li][0][e][i].items():
-                        d[k] = max(d.get(k, 0.0), float(np.abs(np.subtract(v, b[li][0][e][i][k])).max()))
-            for k, v in a[li][1].items():
-                d["gate_" + k] = max(d.get("gate_" + k, 0.0), float(np.abs(np.subtract(v, b[li][1][k])).max()))
-        return d
+    def logical(eng: object) -> dict:
+        """_workers.by_logical, with the gate's rows as "gate_param", "gate_grad", "gate_exp_avg", ..."""
+        layers = []
+        for m in eng.module.moe:
+            e2r = expert_to_rank(m)
+            gate = rows(m.deepspeed_moe.gate.wg.weight, eng.optimizer, np.argsort(phy2log(np.asarray(e2r))))
+            layers.append((e2r, m.deepspeed_moe.experts.deepspeed_experts, {"gate_" + k: v for k, v in gate.items()}))
+        return by_logical(layers, eng.optimizer)
 
     res: dict = {"rank": rank}
     A, B, C = engine(), engine(), engine()
@@ -125,30 +79,8 @@ def _worker(out: Path) -> None:
     losses = {"A": [step(A, t) for t in range(STEPS)], "B": [], "C": []}
     for t in range(STEPS):
         if t == 2:
-            # (c) invalid maps raise on the calling rank alone, before any communication: the other rank
-            # does not call at all, so any collective inside would hang until the timeout
-            layer = B.module.moe[0]
-            before = [p.detach().clone() for p in layer.parameters()]
-            errors = []
-            for caller in range(world):
-                if rank == caller:
-                    for bad in INVALID:
-                        try:
-                            permute_experts(layer, bad, B)
-                            errors.append(None)
-                        except InputError as e:
-                            errors.append(str(e))
-                dist.barrier()
-            # a foreign optimizer on rank 0 only: found on rank 0, shared, so both ranks raise
-            other = torch.optim.Adam(nn.Linear(2, 2).parameters())
-            try:
-                permute_experts(layer, maps_1[0], other if rank == 0 else B)
-                errors.append(None)
-            except InputError as e:
-                errors.append(str(e))
-            res["errors"] = errors
-            res["unchanged_after_errors"] = all(torch.equal(a, p) for a, p in zip(before, layer.parameters()))
-            res["map_after_errors"] = expert_to_rank(layer)
+            # (c) invalid maps raise on the calling rank alone, before any communication
+            res.update(refusals(permute_experts, expert_to_rank, B.module.moe[0], INVALID, maps_1[0], B))
 
             # (a) the function is unchanged by a non-trivial permutation
             with torch.no_grad():
@@ -172,16 +104,15 @@ def _worker(out: Path) -> None:
         losses["C"].append(step(C, t))
     res["losses"] = losses
     res["maps"] = [expert_to_rank(m) for m in B.module.moe]
-    res["diff_B"] = max_diff(by_logical(A), by_logical(B))
-    res["diff_C"] = max_diff(by_logical(A), by_logical(C))
+    res["diff_B"] = max_diff(logical(A), logical(B))
+    res["diff_C"] = max_diff(logical(A), logical(C))
     # gradients move too: a backward without a step, then B goes back to the contiguous layout
     for eng in (A, B):
         torch.manual_seed(99)
         eng.backward(eng(xs[0]))
     res["stats_back"] = [permute_experts(m, np.arange(n_exp) // L, B) for m in B.module.moe]
-    res["diff_back"] = max_diff(by_logical(A), by_logical(B))
-    (out / f"rank{rank}.json").write_text(json.dumps(res))
-    dist.barrier()
+    res["diff_back"] = max_diff(logical(A), logical(B))
+    write_result(out, res)
 
 
 pytest.importorskip("deepspeed")
@@ -189,16 +120,7 @@ pytest.importorskip("deepspeed")
 
 def _launch(nproc: int, out: Path) -> list[dict]:
     """This file as the worker on `nproc` gloo ranks -> what each rank measured."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tracing"))
-    from _shims import free_port
-
-    root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), __file__, str(out)]
-    env = {**os.environ, "DS_BUILD_OPS": "0", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=root, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return [json.loads((out / f"rank{i}.json").read_text()) for i in range(nproc)]
+    return launch(__file__, out, nproc=nproc)
 
 
 @pytest.fixture(scope="module")
@@ -226,16 +148,8 @@ def test_function_unchanged_by_permutation(ranks):
 
 @pytest.mark.slow
 def test_training_identical_and_optimizer_state_moved(ranks):
-    for r in ranks:
-        assert r["optimizer"] == "Adam"
-        la, lb, lc = (np.array(r["losses"][k]) for k in "ABC")
-        np.testing.assert_allclose(lb, la, rtol=1e-6, atol=0)
-        assert max(r["diff_B"].values()) <= 1e-6, r["diff_B"]
-        assert {"param", "exp_avg", "exp_avg_sq", "step", "gate_param", "gate_exp_avg"} <= set(r["diff_B"])
-        # the control: same up to the first update after its permutation, then apart
-        np.testing.assert_allclose(lc[:3], la[:3], rtol=1e-6)
-        assert np.abs(lc[3:] - la[3:]).max() > 1e-4 * np.abs(la).max()
-        assert r["diff_C"]["exp_avg"] > 1e-4
+    assert [r["optimizer"] for r in ranks] == ["Adam", "Adam"]
+    check_training_identical(ranks, {"param", "exp_avg", "exp_avg_sq", "step", "gate_param", "gate_exp_avg"})
 
 
 @pytest.mark.slow
@@ -252,13 +166,7 @@ def test_gradients_move_and_the_contiguous_layout_comes_back(ranks):
 
 @pytest.mark.slow
 def test_invalid_maps_raise_on_every_rank_before_communication(ranks):
-    for r in ranks:
-        errs = r["errors"]
-        assert len(errs) == len(INVALID) + 1 and None not in errs
-        assert "expected 4 entries" in errs[0] and "got [3, 1] experts per rank" in errs[1]
-        assert "outside [0, 2)" in errs[2] and "integer ranks" in errs[3] and "string" in errs[4]
-        assert "does not hold this layer's expert parameters" in errs[5]
-        assert r["unchanged_after_errors"] and r["map_after_errors"] == [0, 0, 1, 1]
+    check_refusals(ranks)
 
 
 @pytest.mark.slow
