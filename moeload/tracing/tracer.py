@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -70,7 +71,9 @@ class LoadTracer:
     (reentrant or not) every checkpointed forward counts once: the original forward counts (it runs
     under ``no_grad`` in the reentrant variant), the recompute does not. Eval-mode forwards are
     ignored, or counted in the "eval" split at the current step number with ``record_eval=True``.
-    Everything counted between two ``step()`` calls is one step (micro-batches are summed). Steps
+    Everything counted between two ``step()`` calls is one step (micro-batches are summed, or kept with
+    ``per_micro_batch``). ``step()`` must always come from one thread, the one that called it first
+    (InputError otherwise: two threads stepping one tracer would race on the step's slot). Steps
     are numbered from 0, or from the step restored by ``load_state_dict``. Hooks are installed by
     ``start()`` (or ``with``); ``step()`` before it raises InputError.
 
@@ -322,6 +325,7 @@ class LoadTracer:
         """{"step", "reason"} where a step had more than max_micro_batches forwards of a gate: micro-batch
         rows stop there (step totals stay exact)."""
         self._map_changes_noted = 0
+        self._thread: int | None = None  # the thread that stepped the tracer first: the only one that may step it
 
     # ---- setup ------------------------------------------------------------------------------------
     def _default_device(self) -> torch.device:
@@ -625,6 +629,12 @@ class LoadTracer:
         if self._buf is None:
             raise InputError("LoadTracer.step() before start() (or after close()): use `with tracer:` or tracer.start() "
                              "before the first forward, so that step's forwards are counted")
+        if self._thread is None:
+            self._thread = threading.get_ident()
+        elif threading.get_ident() != self._thread:
+            raise InputError(f"LoadTracer.step() from thread {threading.current_thread().name!r}: a tracer is stepped by "
+                             "one thread (the one that stepped it first: the training loop's); steps from several "
+                             "threads would race on the step's slot")
         w = self._writer  # what the writer found in blocks before this step()'s flush: a fixed point to act
         assert w is not None  # start() made it after the buffer
         if (w.stalled is not None and not self._warned_stall) or not w.nan_layers.empty():

@@ -130,3 +130,26 @@ def test_two_ranks_per_rank_micro_batches(tmp_path):
     np.testing.assert_array_equal(t.micro_batch_counts(), want.sum(1))
     np.testing.assert_array_equal(per.sum(2), t.rank_counts())
     assert not np.array_equal(per[:, 0], per[:, 1])
+
+
+def test_step_from_another_thread_is_refused(tmp_path):
+    import threading
+
+    model = Net()
+    errors = []
+    with LoadTracer(model, tmp_path / "t", gates="gates.*", top_k=K) as tr:
+        model(torch.randn(4, D))
+
+        def other():
+            try:
+                tr.step()
+            except InputError as e:
+                errors.append(str(e))
+
+        tr.step()  # the first step binds the tracer to this thread
+        th = threading.Thread(target=other, name="loader")
+        th.start()
+        th.join()
+        tr.step()  # this thread still steps it
+    assert len(errors) == 1 and "from thread 'loader'" in errors[0]
+    assert open_trace(tmp_path / "t").steps.tolist() == [0, 1]
