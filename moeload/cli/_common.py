@@ -196,18 +196,9 @@ def load_window(trace, steps: str | None, layers: str | None, *, what: str = "pr
     Raises InputError when the selection holds no recorded step.
     """
     sel = parse_steps(steps)
-    lay = parse_layers(layers)
-    lay_ids = trace._select_layers(lay)  # validates names/indices with a one-line error
+    lay_ids = trace.layer_ids(parse_layers(layers))  # validates names/indices with a one-line error
+    step_nums = trace.select_steps(sel)
     all_steps = trace.steps
-    if sel is None:
-        step_nums = all_steps
-    else:
-        keep = np.ones(len(all_steps), bool)
-        if sel[0] is not None:
-            keep &= all_steps >= sel[0]
-        if sel[1] is not None:
-            keep &= all_steps < sel[1]
-        step_nums = all_steps[keep]
     if len(step_nums) == 0:
         have = f"{all_steps[0]}..{all_steps[-1]}" if len(all_steps) else "none"
         raise InputError(f"{trace.path}: no recorded training steps in --steps {steps or 'all'} (recorded: {have})")

@@ -142,7 +142,7 @@ def _data_layers(t, layers: str | None) -> list[int]:
     """Layer ids the figures use: the --layers selection, else every layer."""
     if layers is None:
         return list(range(t.num_layers))
-    return [int(i) for i in t._select_layers(parse_layers(layers))]
+    return [int(i) for i in t.layer_ids(parse_layers(layers))]
 
 
 def plot(

@@ -59,7 +59,7 @@ def make_forecast(
     import moeload.predictors as predictors
 
     model = predictors.get(predictor, **params)  # unknown names / bad params -> InputError
-    lay = t._select_layers(parse_layers(layers))
+    lay = t.layer_ids(parse_layers(layers))
     all_steps = t.steps
     if len(all_steps) == 0:
         raise InputError(f"{t.path}: the trace holds no training steps")
@@ -211,7 +211,7 @@ def backtest(
     unknown = [n for n in names if n not in predictors.available()]
     if unknown or not names:
         raise InputError(f"--predictors: unknown {unknown or names}; available: {', '.join(predictors.available())}")
-    lay = t._select_layers(parse_layers(layers))
+    lay = t.layer_ids(parse_layers(layers))
     S = len(t.steps)
     if S < 4:
         raise InputError(f"{t.path}: {S} recorded steps are too few to backtest")
@@ -304,7 +304,7 @@ def plan(
     if policy not in placement.available():
         raise InputError(f"--policy: unknown {policy!r}; available: {', '.join(placement.available())}")
     opts = parse_params(option, "--option")
-    lay = t._select_layers(parse_layers(layers))
+    lay = t.layer_ids(parse_layers(layers))
     experts = {t.experts_per_layer[i] for i in lay}
     if len(experts) != 1:
         raise InputError(f"{t.path}: selected layers have different expert counts {sorted(experts)}; plan them separately with --layers")
@@ -385,7 +385,46 @@ def placement_lines(phy2log: np.ndarray, num_gpus: int, layer_ids: list[int], ma
     return out
 
 
+def replay(
+    trace: Path = TRACE_ARG,
+    gpus: int = typer.Option(4, "--gpus", min=1, help="GPUs the experts are placed on."),
+    extra_per_gpu: int = typer.Option(1, "--extra-per-gpu", min=0, help="Replica slots per GPU beyond E / G."),
+    replan_every: int = typer.Option(100, "--replan-every", min=1, help="Steps between re-plans."),
+    window: int = typer.Option(1000, "--window", min=1, help="Steps of history each re-plan uses."),
+    skip: int = typer.Option(0, "--skip", min=0, help="Leading recorded steps to drop (e.g. warm-up)."),
+    as_json: bool = JSON_OPTION,
+    skip_bad_parts: bool = SKIP_BAD_PARTS_OPTION,
+) -> None:
+    """Replay the recorded loads under the standard placement scenarios (moeload.placement.compare).
+
+    Static contiguous, periodic re-plans from the last --window steps (EPLB, balanced), vLLM's
+    defaults, forecast-driven plans and the oracle: realised max/mean GPU load per scenario.
+
+    Example: moeload replay runs/exp1.moeload --gpus 4 --extra-per-gpu 1 --replan-every 100
+    """
+    import moeload.placement as placement
+
+    t = open_trace_arg(trace, skip_bad_parts)
+    S, L, E = len(t.steps), t.num_layers, t.num_experts
+    check_alloc(f"replay of {S} steps x {L} layers", S * L * (E + extra_per_gpu * gpus) * 8 * 4,
+                "steps x layers x slots x 8 bytes, a few copies")
+    counts = t.counts()[skip:]
+    if len(counts) == 0:
+        raise InputError(f"{trace}: --skip {skip} leaves no step of the {S} recorded")
+    R = E + extra_per_gpu * gpus
+    if E % gpus or R % gpus:
+        raise InputError(f"{trace}: {E} experts and {R} slots must both divide over --gpus {gpus}")
+    with progress_status("replaying placements"):
+        df = placement.compare(counts, gpus, R, replan_every=replan_every, window=window)
+    if as_json:
+        print_json({"trace": str(trace), "steps": len(counts), "gpus": gpus, "slots": R, "rows": df.to_dict("records")})
+        return
+    typer.echo(f"{trace}: counts {counts.shape}, {gpus} GPUs, +{extra_per_gpu} slot(s) per GPU")
+    typer.echo(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+
+
 def register(app: typer.Typer) -> None:
     app.command("predict")(predict)
     app.command("backtest")(backtest)
     app.command("plan")(plan)
+    app.command("replay")(replay)

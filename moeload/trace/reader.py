@@ -334,6 +334,16 @@ class Trace:
             raise InputError(f"{self.path}: steps beyond int64 (got {a.max()})")
         return flat.astype(np.int64)
 
+    def layer_ids(self, layers: LayerSel = None) -> np.ndarray:
+        """[L'] layer ids (positions in `layers`) of a layer selection: ids, module paths, or None (all);
+        InputError with one line for a name or id the trace does not hold."""
+        return self._select_layers(layers)
+
+    def select_steps(self, steps: StepSel = None, split: str = "train") -> np.ndarray:
+        """[S'] the recorded step numbers a step selection picks (the rows every read with that `steps`
+        returns), without reading counts; InputError / TraceFormatError as the reads raise them."""
+        return self._select_steps(steps, split)[0].copy()
+
     def _select_layers(self, layers: LayerSel) -> np.ndarray:
         if layers is None:
             return np.arange(self.num_layers)

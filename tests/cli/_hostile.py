@@ -158,6 +158,7 @@ TRACE_COMMANDS: dict[str, Callable[[Path, Path], list[str]]] = {
     "predict": lambda t, d: ["predict", str(t)],
     "backtest": lambda t, d: ["backtest", str(t)],
     "plan": lambda t, d: ["plan", str(t)],
+    "replay": lambda t, d: ["replay", str(t), "--gpus", "2"],
     "export": lambda t, d: ["export", str(t), str(d / "x.npy")],
     "plot": lambda t, d: ["plot", str(t), "-o", str(d / "figs")],
     "report": lambda t, d: ["report", str(t), "-o", str(d / "r.html")],
