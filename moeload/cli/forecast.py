@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from moeload.cli._common import (
     table,
 )
 from moeload.errors import InputError
+from moeload.evaluation.forecast import TraceForecast, forecast_trace
 
 TRACE_ARG = typer.Argument(..., help="Trace directory (holds manifest.json and parts/).", show_default=False)
 PREDICTOR_OPTION = typer.Option("sw_avg", "--predictor", help="Predictor name (see `moeload predict --list`).")
@@ -37,57 +37,18 @@ AT_OPTION = typer.Option(
 HISTORY_OPTION = typer.Option(None, "--history", min=1, help="Fit on at most this many steps before the origin.")
 
 
-@dataclasses.dataclass
-class Forecast:
-    """forecast: [H, L, E] proportions; actual: [h, L, E] recorded proportions after the origin
-    (h <= H, empty when the origin is the end of the trace); fit_steps: [T] steps fitted on."""
-
-    predictor: str
-    params: dict[str, Any]
-    layers: np.ndarray
-    fit_steps: np.ndarray
-    origin: int
-    forecast: np.ndarray
-    actual: np.ndarray
-    actual_steps: np.ndarray
+Forecast = TraceForecast  # the CLI's name for moeload.evaluation.forecast.TraceForecast
 
 
 def make_forecast(
     t, predictor: str, params: dict[str, Any], horizon: int, at: int | None, layers: str | None, history: int | None
-) -> Forecast:
-    """Fit `predictor` on the trace's proportions before `at` (or all) and forecast `horizon` steps."""
-    import moeload.predictors as predictors
-
-    model = predictors.get(predictor, **params)  # unknown names / bad params -> InputError
+) -> TraceForecast:
+    """The CLI's forecast: the allocation checked first, then `evaluation.forecast_trace` with a status line."""
     lay = t.layer_ids(parse_layers(layers))
-    all_steps = t.steps
-    if len(all_steps) == 0:
-        raise InputError(f"{t.path}: the trace holds no training steps")
     check_alloc(f"--horizon {horizon}", horizon * len(lay) * t.num_experts * 8,
                 "horizon x layers x experts x 8 bytes for the forecast")
-    first_step, last_step = int(all_steps[0]), int(all_steps[-1])
-    if at is None:
-        n_fit = len(all_steps)
-        origin = last_step + 1
-    else:
-        n_fit = int(np.searchsorted(all_steps, at, side="left"))
-        origin = int(at)
-        if n_fit == 0:
-            raise InputError(
-                f"--at {at}: no recorded step before it in {t.path} (trace steps {first_step}..{last_step})"
-            )
-        if at > last_step + 1:
-            raise InputError(
-                f"--at {at}: past the end of {t.path} (trace steps {first_step}..{last_step}); the latest "
-                f"origin is {last_step + 1}, the default"
-            )
-    first = 0 if history is None else max(0, n_fit - history)
-    fit_steps = all_steps[first:n_fit]
-    future_steps = all_steps[n_fit : n_fit + horizon]
-    p = t.proportions(all_steps[first : n_fit + len(future_steps)], list(lay))
     with progress_status(f"fitting {predictor}"):
-        fc = model.fit(p[: len(fit_steps)]).predict(horizon)
-    return Forecast(predictor, params, lay, fit_steps, origin, np.asarray(fc), p[len(fit_steps) :], future_steps)
+        return forecast_trace(t, predictor, horizon, params=params, at=at, layers=list(lay), history=history)
 
 
 def _forecast_errors(f: Forecast, experts: list[int]) -> dict[str, list[float]] | None:
