@@ -100,6 +100,9 @@ class BiasRouter(TopKRouter):
     ``step_load: [E]`` float32 routes of training forwards since the last update. No host sync.
     """
 
+    expert_bias: Tensor
+    step_load: Tensor
+
     def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None = None,
                  bias_update: float = 1e-3) -> None:
         super().__init__(d_model, num_experts, top_k, capacity_factor)
