@@ -333,6 +333,7 @@ class BlockWriter:
                 return
             t0 = time.perf_counter()
             blocks: list[FlushedBlock] = []
+            sinks = self.sinks  # the sinks attached before this block was written (add_sink: from then on)
             try:
                 if self._copied(job):
                     blocks = self._write(job)
@@ -341,13 +342,13 @@ class BlockWriter:
             # the manifest first, then the sinks, then the buffer: a sink (or a caller that sees the
             # buffer free) finds the manifest's notes already covering this block
             self._update_manifest()
-            self._call_sinks(blocks)
+            self._call_sinks(blocks, sinks)
             self._free.put(job.host)
             self.write_seconds += time.perf_counter() - t0
 
-    def _call_sinks(self, blocks: list[FlushedBlock]) -> None:
+    def _call_sinks(self, blocks: list[FlushedBlock], sinks: tuple[Callable[[FlushedBlock], None], ...]) -> None:
         for block in blocks:
-            for fn in self.sinks:
+            for fn in sinks:
                 try:
                     fn(block)
                 except Exception as e:

@@ -73,6 +73,7 @@ WORKER = textwrap.dedent(
             res["error"] = f"{type(e).__name__}: {e}"
             dist.barrier()
             open(out, "w").write(json.dumps(res))
+            dist.destroy_process_group()
             sys.exit(0)
         res["layers"], res["local"] = tracer.layers, tracer.local_layers
         with tracer:
@@ -83,6 +84,8 @@ WORKER = textwrap.dedent(
                 tracer.step()
     res["warnings"] = [str(x.message) for x in wrn if str(x.message).startswith("moeload")]
     open(out, "w").write(json.dumps(res))
+    dist.barrier()
+    dist.destroy_process_group()  # gloo's threads joined before exit (else an abort at interpreter exit)
     """
 )
 

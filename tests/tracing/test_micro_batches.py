@@ -115,6 +115,8 @@ WORKER = textwrap.dedent(
     with LoadTracer(model, sys.argv[2], flush_every=2, gates="gates.*", top_k=2, per_micro_batch=True) as tr:
         want = train(model, tr, micro, torch.Generator().manual_seed(10 + rank))
     open(sys.argv[2] + f".{rank}.json", "w").write(json.dumps(want.tolist()))
+    dist.barrier()
+    dist.destroy_process_group()  # gloo's threads joined before exit (else an abort at interpreter exit)
     """
 )
 

@@ -175,6 +175,8 @@ WORKER = textwrap.dedent(
             tr.step()
     if rank == 0:
         open(sys.argv[2] + ".json", "w").write(json.dumps(want))
+    dist.barrier()
+    dist.destroy_process_group()  # gloo's threads joined before exit (else an abort at interpreter exit)
     """
 )
 

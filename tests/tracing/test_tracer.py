@@ -153,8 +153,8 @@ def test_writer_failure_warns_once_and_training_continues(tmp_path):
     lp.run(1, tr)
     # a real fault: the trace directory is replaced by a file, so writing the next parts fails
     deadline = time.time() + 10
-    while tr.last_flushed_step != 0 and time.time() < deadline:
-        time.sleep(0.01)
+    while (tr.last_flushed_step != 0 or tr._writer.pending) and time.time() < deadline:
+        time.sleep(0.01)  # the block written, its manifest update and sinks done: the writer is idle
     shutil.rmtree(path)
     path.write_text("not a directory")
     with warnings.catch_warnings(record=True) as w:
