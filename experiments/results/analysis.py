@@ -137,15 +137,16 @@ def phases(run: Run) -> dict[str, states.StateResult]:
 
 def fluctuation_table(run: Run, windows: tuple[int, ...] = (10, 100, 200), frac: float = 0.2) -> pd.DataFrame:
     """Per layer and window: mean over experts of the rolling range and variance of each expert's
-    share (pp and pp²), averaged over the first `frac` of assessable steps (early) and the last
-    `frac` of the run (late); `range_trend` = mean range over the last frac / 2 of the run divided
-    by that over the frac / 2 before (1 = flat at the end; < 1 = still falling). Returns rows layer,
+    share (pp and pp²; the window rule's statistic, `plots.rolling_fluctuation`: sample variance,
+    ddof = 1), averaged over the first `frac` of assessable steps (early) and the last `frac` of
+    the run (late); `range_trend` = mean range over the last frac / 2 of the run divided by that
+    over the frac / 2 before (1 = flat at the end; < 1 = still falling). Returns rows layer,
     window, range_early, range_late, range_trend, var_early, var_late, early_steps, late_steps."""
     S, L, _ = run.p.shape
     rows = []
     for w in windows:
-        rng = rolling_fluctuation(run.p, w, "range", experts=run.experts)  # [S, L]
-        var = rolling_fluctuation(run.p, w, "std", experts=run.experts) ** 2
+        rng = 100 * rolling_fluctuation(run.p, w, "range", experts=run.experts)  # [S, L], pp
+        var = 1e4 * rolling_fluctuation(run.p, w, "var", experts=run.experts)  # [S, L], pp²
         n = max(1, int(frac * S))
         early, late = slice(w - 1, w - 1 + n), slice(S - n, S)
         last, before = slice(S - n // 2, S), slice(S - n, S - n // 2)
@@ -180,8 +181,9 @@ def best_windows(grid: pd.DataFrame) -> dict[tuple[int, str], int]:
 
 
 def sw_avg_rows(grid: pd.DataFrame, choice: dict[tuple[int, str], int]) -> pd.DataFrame:
-    """Rows of `grid` at the window chosen for their (horizon, phase), relabelled "sw_avg"."""
-    key = [choice[(int(h), str(ph))] for h, ph in zip(grid["horizon"], grid["phase"])]
+    """Rows of `grid` at the window chosen for their (horizon, phase), relabelled "sw_avg" (the
+    horizon's "all" choice where the run the window was chosen on had no rows of that phase)."""
+    key = [choice.get((int(h), str(ph)), choice[(int(h), "all")]) for h, ph in zip(grid["horizon"], grid["phase"])]
     out = grid[grid["window"].to_numpy() == np.asarray(key)].drop(columns="window").copy()
     out["predictor"] = "sw_avg"
     return out
@@ -192,13 +194,15 @@ def sw_avg_rows(grid: pd.DataFrame, choice: dict[tuple[int, str], int]) -> pd.Da
 REFIT_EACH_ORIGIN = {"kalman"}
 
 
-def predictor_jobs(setup: Setup, other: Run) -> list[tuple[str, Any, tuple[int, ...], bool]]:
-    """(label, spec, horizons, incremental) for every registered predictor except sw_avg (done by
-    `sw_grid`). Predictors learned on other runs get the other seed: lstm (CrossRunLSTM) and blend
-    (weights from `learn_blend` on the other seed, one job per horizon, split by phase)."""
+def predictor_jobs(setup: Setup, other: Run,
+                   only: tuple[str, ...] | None = None) -> list[tuple[str, Any, tuple[int, ...], bool]]:
+    """(label, spec, horizons, incremental) for every registered predictor (or those in `only`)
+    except sw_avg (done by `sw_grid`). Predictors learned on other runs get the other seed: lstm
+    (CrossRunLSTM) and blend (weights from `learn_blend` on the other seed, one job per horizon,
+    split by phase)."""
     jobs: list[tuple[str, Any, tuple[int, ...], bool]] = []
     for name in predictors.available():
-        if name == "sw_avg":
+        if name == "sw_avg" or (only is not None and name not in only):
             continue
         if name == "arima":
             jobs.append((name, ("arima", dict(setup.arima)), setup.horizons, True))
@@ -215,9 +219,10 @@ def predictor_jobs(setup: Setup, other: Run) -> list[tuple[str, Any, tuple[int, 
 
 
 def evaluate(run: Run, other: Run, setup: Setup, labels: np.ndarray, other_labels: np.ndarray,
-             log: Any = print) -> tuple[pd.DataFrame, dict[tuple[int, str], int]]:
-    """Backtest every predictor on `run`; SW_Avg's window, the LSTM's weights and blend's weights
-    come from `other`. labels, other_labels: [S, L] stable labels of the two runs (phase of a row =
+             log: Any = print, only: tuple[str, ...] | None = None) -> tuple[pd.DataFrame, dict[tuple[int, str], int]]:
+    """Backtest every predictor (or SW_Avg and those in `only`) on `run`; SW_Avg's window, the
+    LSTM's weights and blend's weights come from `other` (which may be `run` itself where there is
+    no other run). labels, other_labels: [S, L] stable labels of the two runs (phase of a row =
     label at o - 1). Returns (rows of `evaluation.backtest` for all predictors, chosen SW_Avg windows).
     """
     org = origins(setup, run.p.shape[0])
@@ -227,7 +232,7 @@ def evaluate(run: Run, other: Run, setup: Setup, labels: np.ndarray, other_label
     parts = [sw_avg_rows(grid, choice)]
     log(f"  {run.setup} s{run.seed}: {len(org)} origins; sw_avg grid {time.perf_counter() - t0:.1f}s")
     times: dict[str, float] = {}
-    for label, spec, hs, incremental in predictor_jobs(setup, other):
+    for label, spec, hs, incremental in predictor_jobs(setup, other, only):
         t1 = time.perf_counter()
         df = evaluation.backtest(run.p, [spec], hs, origins=org, phases=labels, gpu_map=run.gpu_map,
                                  incremental=incremental)

@@ -6,7 +6,10 @@ Reads experiments/traces/<setup>-s{0,1}.moeload (+ .json), writes experiments/re
 results.json, backtest_rows.csv.gz and the PNG figures. Per setup and seed: phase boundaries
 (moeload.states window rule, docs/metrics.md defaults; PELT as a cross-check), fluctuation early vs
 late per layer, rolling-origin backtests of every registered predictor (SW_Avg window chosen on the
-other seed, LSTM trained on the other seed), the headline check, and the paper's numbers.
+other seed, LSTM trained on the other seed), the headline check, and the paper's numbers. Then the
+long runs of train_long.py (long_runs.py: gpt3-small-moe-bias-s{0,1}, gpt3-medium-moe-aux-s0, where
+present): default-rule phases, shallow vs deep, SW_Avg / ARIMA / LSTM at the longest horizons that
+fit, expert bias vs aux loss, and their figures.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import analysis as A  # noqa: E402
 import figures as F  # noqa: E402
+import long_runs as LR  # noqa: E402
 from report import write_report  # noqa: E402
 
 from moeload import evaluation  # noqa: E402
@@ -38,7 +42,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--traces", type=Path, default=ROOT / "experiments" / "traces")
     ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
-    ap.add_argument("--setup", action="append", choices=sorted(A.SETUPS), help="default: all setups with traces")
+    ap.add_argument("--setup", action="append", choices=sorted([*A.SETUPS, *LR.LONG_SETUPS]),
+                    help="default: all setups with traces (short runs and long runs)")
     ap.add_argument("--horizons", help="comma-separated horizons overriding the setup's (e.g. for a quick check); "
                                        "the two longest become the headline horizons")
     ap.add_argument("--origin-every", type=int, help="one origin grid: every N steps from 50 (overrides the setup's)")
@@ -48,8 +53,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def configure(name: str, a: argparse.Namespace) -> A.Setup:
-    """The setup's settings with command-line overrides (said in the setup's note)."""
-    s = A.SETUPS[name]
+    """The setup's settings (short or long run) with command-line overrides (said in the setup's note)."""
+    s = A.SETUPS[name] if name in A.SETUPS else LR.LONG_SETUPS[name].setup
     if a.horizons:
         hs = tuple(sorted(int(h) for h in a.horizons.split(",")))
         s = A.Setup(**{**s.__dict__, "horizons": hs, "headline": (hs[-2], hs[-1]) if len(hs) > 1 else (hs[0], hs[0]),
@@ -101,11 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_all:6.1f}s] {msg}", flush=True)
 
-    names = a.setup or [n for n in A.SETUPS if (a.traces / f"{n}-s0.moeload").exists()]
+    found = [n for n in A.SETUPS if (a.traces / f"{n}-s0.moeload").exists()] + LR.available(a.traces)
+    names = [n for n in a.setup if n in A.SETUPS] if a.setup else [n for n in found if n in A.SETUPS]
+    long_names = [n for n in (a.setup or found) if n in LR.LONG_SETUPS and n in found]
+    for n in sorted((set(a.setup or []) & set(LR.LONG_SETUPS)) - set(found)):
+        log(f"{n}: no {n}-s0.moeload in {a.traces}; skipped")
     if not names:
-        print(f"error: no traces <setup>-s0.moeload in {a.traces}", file=sys.stderr)
+        print(f"error: no traces <setup>-s0.moeload of the short runs ({', '.join(A.SETUPS)}) in {a.traces}",
+              file=sys.stderr)
         return 2
-    results = {}
+    results, long = {}, {}
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     for name in names:
         log(f"{name}")
@@ -114,14 +124,26 @@ def main(argv: list[str] | None = None) -> int:
         except MoeloadError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    all_rows = pd.concat([r["rows"][s].assign(setup=n, test_seed=s) for n, r in results.items() for s in (0, 1)],
-                         ignore_index=True)
+    for name in long_names:
+        log(f"{name} (long run)")
+        try:
+            long[name] = LR.run_long(name, a.traces, a.out, log, figures=not a.no_figures,
+                                     setup=configure(name, a))
+        except MoeloadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    cmp = LR.bias_vs_aux(a.traces) if long else None
+    all_rows = pd.concat([r["rows"][s].assign(setup=n, test_seed=s) for n, r in {**results, **long}.items()
+                          for s in r["rows"]], ignore_index=True)
     all_rows.to_csv(a.out / "backtest_rows.csv.gz", index=False, float_format="%.6g")
     js, md = write_report(results, a.out, time.perf_counter() - t_all)
+    if long:
+        js["long_runs"] = LR.to_json(long, cmp)
+        md += "\n".join(LR.section(long, cmp, results)) + "\n"
     (a.out / "results.json").write_text(json.dumps(js, indent=1, default=_jsonable))
     (a.out / "results.md").write_text(md)
     log(f"wrote {a.out / 'results.md'}, results.json, backtest_rows.csv.gz and "
-        f"{sum(len(r['figures']) for r in results.values())} figures")
+        f"{sum(len(r['figures']) for r in {**results, **long}.values())} figures")
     return 0
 
 

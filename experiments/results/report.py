@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import analysis as A
 import numpy as np
 import pandas as pd
 
-import analysis as A
 from moeload import evaluation
 from moeload.evaluation import METRICS
 
@@ -62,20 +62,28 @@ def _fluct(r: dict[str, Any], w: int = 100) -> list[str]:
         for x in d.itertuples(index=False):
             rows.append([str(seed), str(x.layer), _f(x.range_early), _f(x.range_late), _f(x.range_early / x.range_late),
                          _f(x.range_trend), _f(x.var_early), _f(x.var_late), _f(x.var_early / x.var_late)])
-    d0 = r["fluct"][0]
+    seeds = sorted(early)
+    d0 = r["fluct"][seeds[0]]
     d0 = d0[d0["window"] == w].iloc[0]
     out = [f"Rolling window w = {w}; mean over experts of each expert's range (pp of share) and variance "
-           f"(pp²); early = steps {d0['early_steps']}, late = steps {d0['late_steps']} (seed 0; first / last 20 % "
+           f"(pp², ddof = 1); early = steps {d0['early_steps']}, late = steps {d0['late_steps']} (seed {seeds[0]}; first / last 20 % "
            "of the assessable steps; late trend = range over the last 10 % / the 10 % before: < 1 means still falling). "
            "Other windows (10, 200) are in results.json.", ""]
     out += _table(["seed", "layer", "range early", "range late", "early / late", "late trend", "var early", "var late",
                    "early / late"], rows)
-    L = len(early[0])
-    rho = [float(pd.Series(early[s]).corr(pd.Series(np.arange(L)), method="spearman")) for s in early]
-    out.append(f"Shallow vs deep (early range): layer 0 {early[0][0]:.3g} / {early[1][0]:.3g} pp vs layer {L - 1} "
-               f"{early[0][-1]:.3g} / {early[1][-1]:.3g} pp (seed 0 / 1); Spearman correlation of early range with "
-               f"depth {rho[0]:+.2f} / {rho[1]:+.2f} (negative = shallow layers fluctuate more, as in the paper).")
+    L = len(early[seeds[0]])
+    rho = depth_rho(early)
+    first = " / ".join(f"{early[s][0]:.3g}" for s in seeds)
+    last = " / ".join(f"{early[s][-1]:.3g}" for s in seeds)
+    out.append(f"Shallow vs deep (early range): layer 0 {first} pp vs layer {L - 1} {last} pp (seed "
+               f"{' / '.join(str(s) for s in seeds)}); Spearman correlation of early range with depth "
+               f"{' / '.join(f'{rho[s]:+.2f}' for s in seeds)} (negative = shallow layers fluctuate more, as in the paper).")
     return out + [""]
+
+
+def depth_rho(per_layer: dict[int, np.ndarray]) -> dict[int, float]:
+    """Seed -> Spearman correlation of a per-layer measure ([L], shallow to deep) with layer depth."""
+    return {s: float(pd.Series(v).corr(pd.Series(np.arange(len(v))), method="spearman")) for s, v in per_layer.items()}
 
 
 def _mean_seeds(summ: dict[int, pd.DataFrame]) -> pd.DataFrame:
@@ -141,7 +149,7 @@ def _forecast(name: str, r: dict[str, Any]) -> list[str]:
     return out
 
 
-def _paper(name: str, setup: A.Setup, m: pd.DataFrame) -> list[str]:
+def _paper(name: str, setup: A.Setup, m: pd.DataFrame, seeds_text: str = "mean of the two test seeds") -> list[str]:
     rows = []
     for h, d in A.PAPER_ERRORS.get(name, {}).items():
         ours = h if h in setup.horizons else max(setup.horizons)
@@ -152,8 +160,8 @@ def _paper(name: str, setup: A.Setup, m: pd.DataFrame) -> list[str]:
     if not rows:
         return []
     out = ["**Next to the paper** (the paper gives no error formula; ours are defined in docs/metrics.md: "
-           "havg_mae_pp and mae_pp in percentage points of share, mre as a percentage; all phases, mean of the two "
-           "test seeds" + ("" if all(h in setup.horizons for h in A.PAPER_ERRORS[name]) else
+           "havg_mae_pp and mae_pp in percentage points of share, mre as a percentage; all phases, " + seeds_text
+           + ("" if all(h in setup.horizons for h in A.PAPER_ERRORS[name]) else
                            f"; our runs are too short for the paper's horizon, so our longest horizon {max(setup.horizons)} is shown")
            + ")", ""]
     return out + _table(["predictor", "paper horizon", "paper error", "our horizon", "havg_mae_pp", "mae_pp", "mre %"], rows)
@@ -188,7 +196,7 @@ def write_report(results: dict[str, Any], out_dir: Path, seconds: float) -> tupl
           "Setups, scaling and GPU commands: `experiments/README.md`; metric and rule definitions: `docs/metrics.md`.", "",
           "## Runs", ""]
     md += _runs(results)
-    for name, r in results.items():
+    for r in results.values():
         for run in r["runs"].values():
             md += [f"- {n}" for n in run.notes]
     md.append("")

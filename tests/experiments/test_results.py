@@ -17,19 +17,24 @@ from moeload.trace import Manifest, TraceWriter
 ROOT = Path(__file__).resolve().parents[2]
 TRACES = ROOT / "experiments" / "traces"
 SETUP = "gpt3-small-moe"
+LONG = "gpt3-small-moe-bias"  # a long run of train_long.py (expert bias), global counts only
 STEPS = 600
 
 
 def _cut(src: Path, dst: Path, steps: int, json_steps: int) -> None:
-    """Copy the first `steps` steps of a trace (per-rank routed and kept counts) and a JSON summary
-    that counts `json_steps` steps (fewer than the trace holds, as for a reused output directory)."""
+    """Copy the first `steps` steps of a trace (per-rank routed and kept counts where recorded, else
+    global counts) and a JSON summary that counts `json_steps` steps (fewer than the trace holds, as
+    for a reused output directory)."""
     t = open_trace(src)
     d = t.manifest.to_dict()
     d["sessions"] = []
     man = Manifest.from_dict(d)
     sel = (0, steps)
     with TraceWriter(dst, man) as w:
-        w.write_block(np.arange(steps), t.rank_counts(steps=sel), kept=t.rank_counts(steps=sel, kind="kept"))
+        if t.meta.get("ranks_recorded", True):
+            w.write_block(np.arange(steps), t.rank_counts(steps=sel), kept=t.rank_counts(steps=sel, kind="kept"))
+        else:
+            w.write_block(np.arange(steps), t.counts(steps=sel), kept=t.counts(steps=sel, kind="kept"))
     summary = json.loads(Path(str(src) + ".json").read_text())
     summary["steps"] = json_steps
     Path(str(dst) + ".json").write_text(json.dumps(summary))
@@ -42,9 +47,13 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("results")
     for seed, n in ((0, STEPS - 100), (1, STEPS)):
         _cut(TRACES / f"{SETUP}-s{seed}.moeload", tmp / f"{SETUP}-s{seed}.moeload", STEPS, n)
+    for seed in (0, 1):
+        if (TRACES / f"{LONG}-s{seed}.moeload").exists():
+            _cut(TRACES / f"{LONG}-s{seed}.moeload", tmp / f"{LONG}-s{seed}.moeload", STEPS, STEPS)
     out = tmp / "out"
     cmd = [sys.executable, str(ROOT / "experiments" / "results" / "make_results.py"), "--traces", str(tmp),
-           "--out", str(out), "--setup", SETUP, "--horizons", "25,50", "--origin-every", "50", "--sw-windows", "10,50"]
+           "--out", str(out), "--setup", SETUP, "--setup", LONG, "--horizons", "25,50", "--origin-every", "50",
+           "--sw-windows", "10,50"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return out
@@ -100,3 +109,29 @@ def test_figures_exist(results: Path) -> None:
         p = results / f
         assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
     assert (results / "backtest_rows.csv.gz").stat().st_size > 0
+
+
+def test_long_run_section(results: Path) -> None:
+    if not (results.parent / f"{LONG}-s1.moeload").exists():
+        pytest.skip("committed long-run traces are not present")
+    js = json.loads((results / "results.json").read_text())["long_runs"]
+    md = (results / "results.md").read_text()
+    r = js[LONG]
+    for seed in ("0", "1"):
+        ph = r["phases"][seed]
+        assert len(ph["boundaries"]) == len(ph["verdicts"]) == 6
+        for b, v in zip(ph["boundaries"], ph["verdicts"]):
+            assert v == ("not stable yet" if b < 0 else f"stable from step {b}")
+        assert r["cross_run"][seed] is True
+        rows = r["summary"][seed]
+        assert {x["predictor"] for x in rows} == {"sw_avg", "arima", "lstm"}
+        assert {x["horizon"] for x in rows} == {25, 50}
+        assert all(x["havg_mae_pp"] > 0 for x in rows)
+    cmp = js["bias_vs_aux"]["rows"]
+    assert [x["balancing"] for x in cmp] == ["aux loss"] * 2 + ["expert bias"] * 2
+    assert all(-1 <= x["rho_depth"] <= 1 and len(x["range_early"]) == 6 for x in cmp)
+    assert "## Long runs (schedule completed in the run, 32k tokens/step)" in md
+    assert f"### {LONG} (6 MoE layers × 16 experts)" in md and "### Aux-loss-free (expert bias) vs aux loss" in md
+    assert len(r["figures"]) == 4
+    for f in r["figures"]:
+        assert (results / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
