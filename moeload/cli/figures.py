@@ -56,7 +56,7 @@ class Data:
     def forecast(self):
         from moeload.cli.forecast import make_forecast
 
-        return make_forecast(self.t, self.predictor, {}, self.horizon, self.at, ",".join(map(str, self.layers)), None)
+        return make_forecast(self.t, self.predictor, {}, self.horizon, self.at, list(self.layers), None)
 
     @cached_property
     def backtest(self):

@@ -41,10 +41,12 @@ Forecast = TraceForecast  # the CLI's name for moeload.evaluation.forecast.Trace
 
 
 def make_forecast(
-    t, predictor: str, params: dict[str, Any], horizon: int, at: int | None, layers: str | None, history: int | None
+    t, predictor: str, params: dict[str, Any], horizon: int, at: int | None, layers: str | list[int] | None,
+    history: int | None
 ) -> TraceForecast:
-    """The CLI's forecast: the allocation checked first, then `evaluation.forecast_trace` with a status line."""
-    lay = t.layer_ids(parse_layers(layers))
+    """The CLI's forecast: the allocation checked first, then `evaluation.forecast_trace` with a status line.
+    layers: a --layers string, or layer ids already selected."""
+    lay = t.layer_ids(parse_layers(layers) if isinstance(layers, str) or layers is None else layers)
     check_alloc(f"--horizon {horizon}", horizon * len(lay) * t.num_experts * 8,
                 "horizon x layers x experts x 8 bytes for the forecast")
     with progress_status(f"fitting {predictor}"):
