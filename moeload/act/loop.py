@@ -47,7 +47,7 @@ from moeload.advise.strategies import Setting
 from moeload.errors import InputError
 
 if TYPE_CHECKING:
-    from moeload.tracing.flush import FlushedBlock
+    from moeload.tracing.block import FlushedBlock
     from moeload.tracing.tracer import LoadTracer
 
 log = logging.getLogger("moeload.act")

@@ -96,6 +96,15 @@ class TraceWriter:
         self._lengths = np.asarray(self.manifest.experts_per_layer, dtype=np.int64)
         self.parts_written: list[Path] = []
 
+    @property
+    def last_seq(self) -> int:
+        """Sequence number of the part written last by this writer (-1 before any)."""
+        return self._seq - 1 if self.parts_written else -1
+
+    def temp_part_path(self, split: str, first: int, last: int) -> Path:
+        """The hidden temporary file the next part of these steps is written to (removed if it fails)."""
+        return self.parts_dir / f".{part_name(self._seq, self.writer_rank, split, first, last)}.tmp"
+
     def _next_seq(self) -> int:
         if not self.parts_dir.is_dir():
             return 0

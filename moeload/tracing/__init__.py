@@ -9,7 +9,7 @@ from moeload.tracing.adapters import (
     discover,
     register_adapter,
 )
-from moeload.tracing.flush import FlushedBlock
+from moeload.tracing.block import FlushedBlock
 from moeload.tracing.tracer import LoadTracer, StepCallback
 
 __all__ = [

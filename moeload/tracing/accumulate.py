@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from moeload.tracing.adapters.base import Routing, RoutingShapeError
-from moeload.tracing.flush import NAN_COL, TOKENS_COL
+from moeload.tracing.block import NAN_COL, TOKENS_COL
 
 
 def as_routing(r: Routing | Tensor) -> Routing:

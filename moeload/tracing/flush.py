@@ -1,19 +1,11 @@
-"""The tracer's flush path: one device->host copy per block, then a background thread that writes it.
-
-Block layout (device and host): `[F, P, L, W]` int64 for one rank, `[R, F, P, L, W]` after the
-gather; F = flush_every slots (steps), P planes (train routed, train kept, eval routed, eval kept;
-see `Layout`), L layers, W = E_max + 5 columns: 0 no expert / dropped, [1, E_max] experts, E + 1
-out-of-range ids (a layer with E < E_max uses its padding), then (routed planes only) FLAG_COL: why
-the layer's hook was disabled in that step (DISABLED_ERROR / DISABLED_SHAPE, 0 while live), NAN_COL:
-forwards whose router probabilities held a NaN (added on the device), TOKENS_COL: tokens. See
-`accumulate`.
-"""
+"""The tracer's flush path: one device->host copy per block, then a background thread (BlockWriter)
+that checks it (`conservation`), writes its parts and keeps the manifest's notes. The block's
+layout and columns are in `moeload.tracing.block`."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import queue
 import threading
 import time
@@ -28,91 +20,24 @@ from torch import Tensor
 
 from moeload.trace import TraceWriter
 from moeload.trace.manifest import MANIFEST_NAME, write_json_atomic
-from moeload.trace.writer import part_name
+from moeload.tracing.block import (  # noqa: F401  (re-exported: the block's names were defined here)
+    DISABLED_ERROR,
+    DISABLED_SHAPE,
+    FLAG_COL,
+    NAN_COL,
+    NAN_REASON,
+    REASONS,
+    TOKENS_COL,
+    FlushedBlock,
+    Layout,
+    bias_of,
+)
+from moeload.tracing.conservation import check_conservation
 from moeload.tracing.ranks import RankLayout, to_global
 
-FLAG_COL = -3
-NAN_COL = -2
-TOKENS_COL = -1
-DISABLED_ERROR = 1
-"""FLAG_COL value: the adapter (or accumulation) raised."""
-DISABLED_SHAPE = 2
-"""FLAG_COL value: the router's output did not have the shape its adapter expects (RoutingShapeError)."""
-REASONS = {DISABLED_ERROR: "hook raised an exception", DISABLED_SHAPE: "unexpected router output shape"}
-NAN_REASON = "NaN router probabilities"
 VIOLATIONS_CAP = 100
 AUTO_PENDING_BYTES = 64 << 20
 AUTO_PENDING = (4, 64)
-
-
-class FlushedBlock(NamedTuple):
-    """One written block, as given to a `sink`. R = ranks recorded (1 for pre-summed counts)."""
-
-    split: str
-    """"train" or "eval"."""
-    steps: np.ndarray
-    """[S] step numbers."""
-    routed: np.ndarray
-    """[S, R, L, E] int64 routed counts."""
-    kept: np.ndarray | None
-    """[S, R, L, E] int64 kept counts, None where not recorded."""
-    tokens: np.ndarray
-    """[S, R, L] tokens that reached each gate."""
-    times: np.ndarray
-    """[S] unix seconds at the end of each step."""
-    micro: np.ndarray | None = None
-    """[S, R, M, L, E] int64 routed counts of each micro-batch (train blocks with per_micro_batch), else None."""
-    bias: np.ndarray | None = None
-    """[S, L, E] float64 router expert bias in force during each step (train blocks of traces that
-    record it; NaN for layers without one), else None."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Plane indices of the block; None where a plane is not recorded."""
-
-    layers: list[str]
-    experts_per_layer: list[int]
-    routed: int
-    kept: int | None
-    eval_routed: int | None
-    eval_kept: int | None
-    bias: int | None = None
-    """Plane of the router expert bias: float64 bits in columns [1, E] (see `bias_of`)."""
-
-    @property
-    def planes(self) -> int:
-        return 1 + sum(p is not None for p in (self.kept, self.eval_routed, self.eval_kept, self.bias))
-
-    @property
-    def width(self) -> int:
-        return max(self.experts_per_layer) + 5
-
-    @staticmethod
-    def make(layers: list[str], experts_per_layer: list[int], kept: bool, record_eval: bool, bias: bool = False) -> Layout:
-        n = iter(range(5))
-        r = next(n)
-        k = next(n) if kept else None
-        er = next(n) if record_eval else None
-        ek = next(n) if record_eval and kept else None
-        b = next(n) if bias else None
-        return Layout(list(layers), list(experts_per_layer), r, k, er, ek, b)
-
-
-def bias_of(a: np.ndarray, layout: Layout, has_bias: Sequence[bool], rank_of: Sequence[int]) -> np.ndarray | None:
-    """a: [S, R, P, L, W] host block -> [S, L, E_max] float64 expert bias (NaN where a layer has none), read
-    from rank rank_of[l] (a rank that holds layer l); None where the layout records no bias."""
-    if layout.bias is None:
-        return None
-    E = max(layout.experts_per_layer)
-    raw = np.ascontiguousarray(a[:, :, layout.bias, :, 1 : E + 1])  # [S, R, L, E] int64 bits
-    vals = raw.view(np.float64)
-    out = np.full((a.shape[0], len(layout.layers), E), np.nan)
-    for li, (has, r) in enumerate(zip(has_bias, rank_of)):
-        if has:
-            e = layout.experts_per_layer[li]
-            out[:, li, :e] = vals[:, r, li, :e]
-    return out
 
 
 class _Job(NamedTuple):
@@ -169,7 +94,9 @@ class BlockWriter:
         rank_layout: RankLayout | None = None,
         has_bias: Sequence[bool] | None = None,
         bias_rank: Sequence[int] | None = None,
+        event_timeout: float | None = None,
     ) -> None:
+        self.event_timeout = event_timeout
         self.layout = layout
         self.rank_layout = rank_layout
         self.has_bias = [False] * len(layout.layers) if has_bias is None else list(has_bias)
@@ -450,7 +377,7 @@ class BlockWriter:
             if self.writer is not None and not self._write_part(block) and split == "train":
                 written = False
             elif self.writer is not None and split == "train" and micro is not None:
-                self._write_micro(self.writer._seq - 1, job, *micro)
+                self._write_micro(self.writer.last_seq, job, *micro)
             out.append(block)
         if written:
             self.last_flushed_step = int(job.steps[-1])
@@ -493,7 +420,7 @@ class BlockWriter:
         w = self.writer
         assert w is not None  # the caller checks it
         first, last = int(block.steps[0]), int(block.steps[-1])
-        tmp = w.parts_dir / f".{part_name(w._seq, w.writer_rank, block.split, int(block.steps.min()), int(block.steps.max()))}.tmp"
+        tmp = w.temp_part_path(block.split, int(block.steps.min()), int(block.steps.max()))
         try:
             w.write_block(block.steps, block.routed, block.kept, block.tokens, split=block.split, times=block.times,
                           bias=block.bias)
@@ -590,6 +517,14 @@ class BlockWriter:
                                  "violations_total": self.violations_total},
             }
 
+    def note_changed(self) -> None:
+        """The caller's notes (`notes()`) changed: the manifest is rewritten after the next block or at close."""
+        self._dirty = True
+
+    def update_manifest(self) -> None:
+        """Write the manifest now where its notes changed (also done after every block and at close)."""
+        self._update_manifest()
+
     def _update_manifest(self) -> None:
         """Write the manifest where its notes changed; where that fails, retry after the next block / at close."""
         if self.writer is None:
@@ -635,39 +570,3 @@ def _unchecked(notes: dict[str, Any]) -> dict[str, Any]:
     return {**notes, "conservation": {**c, "checked_blocks": None}} if isinstance(c, dict) else notes
 
 
-def check_conservation(
-    a: np.ndarray, layout: Layout, top_k: Sequence[int], exact: Sequence[bool]
-) -> list[tuple[int, int, int, str, str]]:
-    """Routes that do not add up, per (step, rank, layer) of one host block.
-
-    a: [S, R, P, L, W] int64 block; top_k, exact: [L]. For each routed plane (train, eval), the sum
-    over all bins (no expert / dropped, experts, out-of-range) must equal tokens x top_k (exact
-    layers; at most that for layers counted after capacity dropping); any route to an id >= E and
-    any kept count above the routed count of its expert is a violation. Rows of a disabled layer
-    (flag column) are skipped. Counts-form gates without tokens infer tokens = routes // top_k, so
-    only a sum that is no multiple of top_k shows there.
-    Returns (layer, step index, rank index, problem, detail) per violation.
-    """
-    out = []
-    planes = (("", layout.routed, layout.kept), ("eval ", layout.eval_routed, layout.eval_kept))
-    for li, E in enumerate(layout.experts_per_layer):
-        k = int(top_k[li])
-        live = a[:, :, layout.routed, li, FLAG_COL] == 0  # [S, R]
-        for pre, pr, pk in planes:
-            if pr is None:
-                continue
-            r = a[:, :, pr, li]  # [S, R, W]
-            tokens, routes, oob = r[..., TOKENS_COL], r[..., : E + 2].sum(-1), r[..., E + 1]
-            bad = routes != tokens * k if exact[li] else routes > tokens * k
-            op = "!=" if exact[li] else ">"
-            for s, q in zip(*np.nonzero(bad & live)):
-                out.append((li, int(s), int(q), f"{pre}routes {op} tokens x top_k",
-                            f"{routes[s, q]} routes for {tokens[s, q]} tokens x top_k {k}"))
-            for s, q in zip(*np.nonzero((oob > 0) & live)):
-                out.append((li, int(s), int(q), f"{pre}expert ids >= {E}", f"{oob[s, q]} routes"))
-            if pk is not None:
-                more = a[:, :, pk, li, 1 : E + 1] > r[..., 1 : E + 1]  # [S, R, E]
-                for s, q in zip(*np.nonzero(more.any(-1) & live)):
-                    out.append((li, int(s), int(q), f"{pre}kept > routed",
-                                f"experts {np.flatnonzero(more[s, q])[:8].tolist()}"))
-    return out

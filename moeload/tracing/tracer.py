@@ -21,18 +21,18 @@ from moeload.trace import lock as trace_lock
 from moeload.tracing.accumulate import KernelCache, accumulate, as_routing
 from moeload.tracing.adapters import Adapter, GateSpec, GenericAdapter, RoutingShapeError, discover, registered_adapters
 from moeload.tracing.adapters.base import find_bias
-from moeload.tracing.collective import all_gather, all_gather_object, tracer_group
-from moeload.tracing.flush import (
+from moeload.tracing.block import (
     DISABLED_ERROR,
     DISABLED_SHAPE,
     FLAG_COL,
     NAN_REASON,
     REASONS,
     TOKENS_COL,
-    BlockWriter,
     FlushedBlock,
     Layout,
 )
+from moeload.tracing.collective import all_gather, all_gather_object, tracer_group
+from moeload.tracing.flush import BlockWriter
 from moeload.tracing.ranks import RankLayout, describe, reconcile
 
 MAX_FLUSH_EVERY = 1_000_000
@@ -445,11 +445,10 @@ class LoadTracer:
             on_error=self._on_writer_error, notes=self._notes, max_pending=self.max_pending,
             closing=lambda: self._closed, top_k=[d["top_k"] for d in self.rank_layout.layers],
             exact=[k != "kept" for k in self.layer_count_kinds],
-            rank_layout=None if self.rank_layout.uniform else self.rank_layout,
+            rank_layout=None if self.rank_layout.uniform else self.rank_layout, event_timeout=self.flush_timeout,
             has_bias=[bool(d.get("bias")) for d in self.rank_layout.layers],
             bias_rank=[(o or [0])[0] for o in self.rank_layout.owners().values()],
         )
-        self._writer.event_timeout = self.flush_timeout
         for fn in self._sinks:
             self._writer.add_sink(fn)
         self._writer.preallocate(self._gathered if self._gathered is not None else self._buf)
@@ -810,7 +809,7 @@ class LoadTracer:
         if len(self.manifest.rank_map_changes) != self._map_changes_noted:  # record_rank_map: write the manifest
             self._map_changes_noted = len(self.manifest.rank_map_changes)
             if self._writer is not None:
-                self._writer._dirty = True
+                self._writer.note_changed()
         if self.tracing_stopped is not None:
             notes["tracing_stopped"] = dict(self.tracing_stopped)
         if self._no_forward_steps:
@@ -841,7 +840,7 @@ class LoadTracer:
             self._writer.close()
             if self._writer.stalled is not None or not self._writer.nan_layers.empty():
                 self._poll_writer()
-                self._writer._update_manifest()
+                self._writer.update_manifest()
         if getattr(self, "_lock", None) is not None:
             self._lock.release()
         self._buf = self._gathered = self._mb = self._mb_gathered = None

@@ -94,7 +94,7 @@ def write(imp: Imported, dest: str | os.PathLike, source: str | os.PathLike, *,
             for i in range(0, S, BLOCK):
                 w.write_block(steps[i : i + BLOCK], counts[i : i + BLOCK])
                 if micro is not None:
-                    w.write_micro_block(w._seq - 1, steps[i : i + BLOCK], micro[i : i + BLOCK], None)
+                    w.write_micro_block(w.last_seq, steps[i : i + BLOCK], micro[i : i + BLOCK], None)
         _fsync_dir(tmp / PARTS_DIR)
         _fsync_dir(tmp)
         _publish(tmp, target, d)

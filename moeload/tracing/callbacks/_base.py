@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from moeload.tracing.block import FlushedBlock
 from moeload.tracing.callbacks.metrics import MetricLogger
-from moeload.tracing.flush import FlushedBlock
 from moeload.tracing.tracer import LoadTracer
 
 

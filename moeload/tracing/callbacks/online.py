@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from moeload.placement import Placement
     from moeload.predictors import Predictor
     from moeload.states import StreamingDetector
-    from moeload.tracing.flush import FlushedBlock
+    from moeload.tracing.block import FlushedBlock
     from moeload.tracing.tracer import LoadTracer
 
 log = logging.getLogger("moeload.online")
