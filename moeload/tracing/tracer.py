@@ -18,6 +18,7 @@ from torch import nn
 from moeload.errors import InputError, NoGatingModulesError, first_line
 from moeload.trace import Manifest, TraceWriter
 from moeload.trace import lock as trace_lock
+from moeload.trace.layout import contiguous_expert_to_rank
 from moeload.tracing.accumulate import KernelCache, accumulate, as_routing
 from moeload.tracing.adapters import Adapter, GateSpec, GenericAdapter, RoutingShapeError, discover, registered_adapters
 from moeload.tracing.adapters.base import find_bias
@@ -1003,8 +1004,8 @@ def _logical_counts(counts: Callable, phy2log: list[int], device: torch.device) 
 
 
 def _contiguous(num_experts: int, ep_size: int) -> list[int]:
-    per = max(1, -(-num_experts // ep_size))
-    return [min(i // per, ep_size - 1) for i in range(num_experts)]
+    """The contiguous expert -> rank map (its one home: moeload.trace.layout)."""
+    return contiguous_expert_to_rank(num_experts, ep_size)
 
 
 def _replica_of(tp_group: Any, group: Any, rank: int) -> int | None:
