@@ -29,6 +29,12 @@ class NoGatingModulesError(MoeloadError, ValueError):
     """A model has no MoE gating module that any adapter recognises."""
 
 
+def clip(x: object, n: int = 100) -> str:
+    """`x` as one line of at most `n` characters (whitespace runs become one space; "..." where cut)."""
+    s = " ".join(str(x).split())
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The gist of an error for a one-line message: its first line (the type's name if it has none),
     without a leading "[file:line] " tag (gloo's) or gloo's advice, at most `limit` characters."""

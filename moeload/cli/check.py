@@ -9,8 +9,8 @@ import numpy as np
 import typer
 
 from moeload.cli._common import JSON_OPTION, console, print_json
-from moeload.cli.info import _clip, gaps_text
-from moeload.errors import InputError, TraceFormatError
+from moeload.cli.info import gaps_text
+from moeload.errors import InputError, TraceFormatError, clip
 
 TRACE_ARG = typer.Argument(..., help="Trace directory (holds manifest.json and parts/).", show_default=False)
 
@@ -159,7 +159,7 @@ def disabled_problems(t, names: set[str] | None = None) -> list[str]:
     if not dis:
         return []
     if not isinstance(dis, dict):
-        return [f"{t.path / 'manifest.json'}: extra.disabled_layers is not a mapping of layer to reason: {_clip(dis, 60)}"]
+        return [f"{t.path / 'manifest.json'}: extra.disabled_layers is not a mapping of layer to reason: {clip(dis, 60)}"]
     out = []
     for name, d in dis.items():
         if names is not None and name not in names:
@@ -167,7 +167,7 @@ def disabled_problems(t, names: set[str] | None = None) -> list[str]:
         d = d if isinstance(d, dict) else {"reason": d}
         ranks = f" on rank(s) {d['ranks']}" if d.get("ranks") else ""
         out.append(f"{t.path}: layer {name} was disabled by the tracer at step {d.get('step', '?')}{ranks}, its counts "
-                   f"are incomplete from there: {_clip(d.get('reason', '?'), 160)}")
+                   f"are incomplete from there: {clip(d.get('reason', '?'), 160)}")
     return out
 
 

@@ -23,6 +23,7 @@ from moeload.cli._common import (
     progress_status,
     table,
 )
+from moeload.errors import clip
 
 TRACE_ARG = typer.Argument(..., help="Trace directory (holds manifest.json and parts/).", show_default=False)
 
@@ -120,11 +121,6 @@ def gaps_text(gaps: list) -> str:
     return f"{n} step(s) missing in {len(gaps)} range(s): {_ranges(gaps)}"
 
 
-def _clip(x: object, n: int = 100) -> str:
-    s = " ".join(str(x).split())
-    return s if len(s) <= n else s[: n - 3] + "..."
-
-
 def fault_rows(gaps: list[tuple[int, int]], extra: dict) -> list[list[str]]:
     """(field, value) rows for step gaps and the fault notes tracing writes into manifest `extra`.
 
@@ -139,7 +135,7 @@ def fault_rows(gaps: list[tuple[int, int]], extra: dict) -> list[list[str]]:
         try:
             text = _FAULT_TEXT[key](extra[key])
         except (TypeError, KeyError, AttributeError, ValueError, IndexError):
-            text = _clip(extra[key])
+            text = clip(extra[key])
         rows.append([key.replace("_", " "), text])
     return rows
 
@@ -148,7 +144,7 @@ def _lost(v: list) -> str:
     if not v:
         return "none"
     n = sum(int(d["last"]) - int(d["first"]) + 1 for d in v)
-    shown = "; ".join(f"{d['first']}..{d['last']} {d.get('split', 'train')} ({_clip(d.get('reason', '?'), 60)})" for d in v[:3])
+    shown = "; ".join(f"{d['first']}..{d['last']} {d.get('split', 'train')} ({clip(d.get('reason', '?'), 60)})" for d in v[:3])
     return f"{n} step(s) in {len(v)} range(s): {shown}" + ("; ..." if len(v) > 3 else "")
 
 
@@ -158,7 +154,7 @@ def _conservation(v: dict) -> str:
     text = f"{int(v.get('checked_blocks', 0))} block(s) checked, {total} violation(s)"
     for d in viol[:2]:
         rank = "" if d.get("rank") is None else f" rank {d['rank']}"
-        text += f"; {d['layer']} steps {d['first']}..{d['last']}{rank}: {_clip(d.get('problem', '?'), 60)}"
+        text += f"; {d['layer']} steps {d['first']}..{d['last']}{rank}: {clip(d.get('problem', '?'), 60)}"
     return text + ("; ..." if total > 2 else "")
 
 
@@ -166,7 +162,7 @@ def _disabled(v: dict) -> str:
     items = list(v.items())
     shown = "; ".join(
         f"{name} at step {d.get('step', '?')}" + (f" ranks {d['ranks']}" if d.get("ranks") else "")
-        + f": {_clip(d.get('reason', '?'), 60)}"
+        + f": {clip(d.get('reason', '?'), 60)}"
         for name, d in items[:3]
     )
     return f"{len(items)} layer(s): {shown}" + ("; ..." if len(items) > 3 else "")
@@ -174,7 +170,7 @@ def _disabled(v: dict) -> str:
 
 def _hook_errors(v: dict) -> str:
     items = list(v.items())
-    shown = "; ".join(f"{name}: {_clip(msg, 60)}" for name, msg in items[:3])
+    shown = "; ".join(f"{name}: {clip(msg, 60)}" for name, msg in items[:3])
     return f"{len(items)} layer(s): {shown}" + ("; ..." if len(items) > 3 else "")
 
 
@@ -184,7 +180,7 @@ _FAULT_TEXT = {
     "conservation": _conservation,
     "disabled_layers": _disabled,
     "hook_errors": _hook_errors,
-    "tracing_stopped": lambda v: f"at step {v['step']}: {_clip(v.get('reason', '?'))}",
+    "tracing_stopped": lambda v: f"at step {v['step']}: {clip(v.get('reason', '?'))}",
 }
 
 

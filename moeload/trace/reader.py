@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moeload.errors import InputError, TraceFormatError
+from moeload.errors import InputError, TraceFormatError, clip
 from moeload.trace.checks import (
     I64_MAX,
     check_part,
@@ -475,17 +475,17 @@ class Trace:
         lay_pos = np.full(self.num_layers, -1)
         lay_pos[lay] = np.arange(len(lay))
         R, E = (m.world_size if per_rank else 1), self.num_experts
+        stop, lost = extra.get("micro_batches_stopped"), extra.get("micro_lost")
+        why = (f"micro-batch rows stopped at step {stop.get('step')}: {stop.get('reason')}" if isinstance(stop, dict)
+               else f"lost: {lost}" if lost else None)
         pieces = []
         for pi in np.unique(owner):
             part = self._parts[pi]
             mine = sel_steps[owner == pi]
             mp = self.path / MICRO_DIR / part.path.name
-            stop, lost = extra.get("micro_batches_stopped"), extra.get("micro_lost")
-            why = (f"micro-batch rows stopped at step {stop.get('step')}: {stop.get('reason')}" if isinstance(stop, dict)
-                   else f"lost: {lost}" if lost else None)
             if not mp.exists():
                 raise TraceFormatError(f"{mp}: missing: steps {part.first}..{part.last} have no micro-batch rows"
-                                       + (f" ({_clip(why)})" if why else ""))
+                                       + (f" ({clip(why, 160)})" if why else ""))
             t = read_columns(mp, ["step", "micro_batch", "layer", "rank", "tokens", "routed"],
                              [("step", ">=", int(mine.min())), ("step", "<=", int(mine.max()))])
             st, mb, lyr, rk = (t.column(c).to_numpy() for c in ("step", "micro_batch", "layer", "rank"))
@@ -495,7 +495,7 @@ class Trace:
             absent = np.setdiff1d(mine, st)
             if len(absent):
                 raise TraceFormatError(f"{mp}: no micro-batch rows for step(s) {absent[:5].tolist()}"
-                                       + (f" ({_clip(why)})" if why else ""))
+                                       + (f" ({clip(why, 160)})" if why else ""))
             rows = np.isin(st, mine) & (lay_pos[lyr] >= 0)
             vals = _dense_lists(t.column("routed").filter(pa.array(rows)), E)
             tok = t.column("tokens")
@@ -535,13 +535,11 @@ class Trace:
                 raise TraceFormatError(f"{part.path}: layer ids outside 0..{self.num_layers - 1}{SKIP_HINT}")
             rows = np.isin(s, mine) & (lay_pos[lyr] >= 0)
             col = t.column("bias").filter(pa.array(rows))
-            lengths, vals, _ = list_lengths(col)
+            lengths, _, _ = list_lengths(col)
             if len(lengths) and (lengths.max() > self.num_experts):
                 raise TraceFormatError(f"{part.path}: a bias row holds more than {self.num_experts} values{SKIP_HINT}")
-            si, li = np.searchsorted(sel_steps, s[rows]), lay_pos[lyr[rows]]
-            starts = np.cumsum(lengths) - lengths
-            r = np.repeat(np.arange(len(lengths)), lengths)
-            out[si[r], li[r], np.arange(len(vals)) - np.repeat(starts, lengths)] = vals
+            dense = _dense_lists(col, self.num_experts, fill=np.nan, dtype=np.float64)
+            out[np.searchsorted(sel_steps, s[rows]), lay_pos[lyr[rows]]] = dense
         return out
 
     def gpu_loads(self, steps: StepSel = None, layers: LayerSel = None, *, kind: str = "routed", split: str = "train") -> np.ndarray:
@@ -604,13 +602,14 @@ class Trace:
         return df
 
 
-def _dense_lists(col: pa.ChunkedArray | pa.ListArray, E: int) -> np.ndarray:
-    """list<int> column whose rows were checked by rows_problem -> [N, E] int64, zero-padded."""
+def _dense_lists(col: pa.ChunkedArray | pa.ListArray, E: int, *, fill: float = 0, dtype: type = np.int64) -> np.ndarray:
+    """list column whose rows were checked (rows_problem, or lengths <= E) -> [N, E] of `dtype`,
+    padded with `fill` (counts: int64 and 0; the bias column: float64 and NaN)."""
     lengths, vals, _ = list_lengths(col)
     n = len(lengths)
     if n and np.all(lengths == E):
-        return vals.reshape(n, E).astype(np.int64, copy=False)
-    out = np.zeros((n, E), dtype=np.int64)
+        return vals.reshape(n, E).astype(dtype, copy=False)
+    out: np.ndarray = np.full((n, E), fill, dtype=dtype)
     starts = np.cumsum(lengths) - lengths
     rows = np.repeat(np.arange(n), lengths)
     out[rows, np.arange(len(vals)) - np.repeat(starts, lengths)] = vals
@@ -628,8 +627,3 @@ def _ranges(steps: np.ndarray) -> list[tuple[int, int]]:
     firsts = np.r_[steps[0], steps[cut + 1]]
     lasts = np.r_[steps[cut], steps[-1]]
     return [(int(a), int(b)) for a, b in zip(firsts, lasts)]
-
-
-def _clip(x: Any, n: int = 160) -> str:
-    t = str(x)
-    return t if len(t) <= n else t[: n - 3] + "..."

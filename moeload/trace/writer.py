@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -208,17 +209,8 @@ class TraceWriter:
                 raise ValueError(f"write_block: bias has shape {b.shape}, expected [S={S}, L={L}, E>={E}]")
             rows = np.repeat(b.transpose(1, 0, 2)[..., :E].reshape(L * S, E), R, axis=0)  # (layer, step, rank) rows
             cols["bias"] = _list_array(rows, lengths)
-        table = pa.table(cols)
         name = part_name(self._seq, self.writer_rank, split, int(steps.min()), int(steps.max()))
-        final = self.parts_dir / name
-        tmp = self.parts_dir / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            # page CRCs let the reader tell a byte-flipped part from a valid one
-            pq.write_table(table, f, compression="zstd", row_group_size=S * R, write_page_checksum=True)
-            if self.fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, final)
+        final = self._publish(pa.table(cols), self.parts_dir, name, row_group_size=S * R)
         self._seq += 1
         self.parts_written.append(final)
         return final
@@ -256,13 +248,25 @@ class TraceWriter:
         d = self.path / MICRO_DIR
         d.mkdir(exist_ok=True)
         name = part_name(seq, self.writer_rank, "train", int(steps.min()), int(steps.max()))
-        final, tmp = d / name, d / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd", row_group_size=S * M * R, write_page_checksum=True)
-            if self.fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, final)
+        return self._publish(table, d, name, row_group_size=S * M * R)
+
+    def _publish(self, table: pa.Table, directory: Path, name: str, *, row_group_size: int) -> Path:
+        """Write `table` to the hidden `.NAME.tmp` in `directory`, fsync it (where `fsync`), rename it to
+        NAME -> that path. Parts appear whole or not at all; a failed write removes its temporary file
+        (where the file system lets it) and raises."""
+        final, tmp = directory / name, directory / f".{name}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                # page CRCs let the reader tell a byte-flipped part from a valid one
+                pq.write_table(table, f, compression="zstd", row_group_size=row_group_size, write_page_checksum=True)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
         return final
 
     def close(self) -> None:

@@ -316,18 +316,12 @@ class BlockWriter:
         the manifest cannot be written: no part of this session may land before that note."""
         if self.writer is None or self._session_noted or self._session_start is None:
             return True
-        m = self.writer.manifest
-        m.sessions[-1]["first_step"] = self._session_start
-        path = Path(self.writer.path) / MANIFEST_NAME
-        try:
-            write_json_atomic(path, m.to_dict())
-        except OSError as e:
-            _remove(path.with_name(f".{path.name}.tmp"))
-            reason = f"{type(e).__name__}: " + (f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e))
-            self.lose_block(int(job.steps[0]), int(job.steps[-1]), f"{reason} (the manifest could not record where this "
+        self.writer.manifest.sessions[-1]["first_step"] = self._session_start
+        self._dirty = True
+        failed = self._update_manifest()
+        if failed is not None:
+            self.lose_block(int(job.steps[0]), int(job.steps[-1]), f"{failed} (the manifest could not record where this "
                                                                   "session starts, so no part was written)")
-            self.on_error(f"writing {path} failed ({reason}); steps {job.steps[0]}..{job.steps[-1]} are lost, the next "
-                          "block tries again")
             return False
         self._session_noted = True
         return True
@@ -409,10 +403,10 @@ class BlockWriter:
         except OSError as e:
             first, last = int(job.steps[keep][0]), int(job.steps[keep][-1])
             with self._lock:
-                self.micro_lost.append({"first": first, "last": last, "reason": f"{type(e).__name__}: {e.strerror or e}"})
+                self.micro_lost.append({"first": first, "last": last, "reason": _os_reason(e)})
                 self._dirty = True
-            self.on_error(f"writing the micro-batch rows of steps {first}..{last} failed ({type(e).__name__}: "
-                          f"{e.strerror or e}); their step totals are written (manifest extra.micro_lost)")
+            self.on_error(f"writing the micro-batch rows of steps {first}..{last} failed ({_os_reason(e)}); their step "
+                          "totals are written (manifest extra.micro_lost)")
 
     def _write_part(self, block: FlushedBlock) -> bool:
         """One part of `block` -> True; where that fails (OSError), its steps are lost, no temporary file
@@ -426,7 +420,7 @@ class BlockWriter:
                           bias=block.bias)
         except OSError as e:
             _remove(tmp)
-            reason = f"{type(e).__name__}: " + (f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e))
+            reason = _os_reason(e)
             self._lose(block.split, first, last, reason)
             self._part_failing = True
             self.on_error(f"writing {block.split} steps {first}..{last} failed ({reason}); these steps are lost "
@@ -525,13 +519,14 @@ class BlockWriter:
         """Write the manifest now where its notes changed (also done after every block and at close)."""
         self._update_manifest()
 
-    def _update_manifest(self) -> None:
-        """Write the manifest where its notes changed; where that fails, retry after the next block / at close."""
+    def _update_manifest(self) -> str | None:
+        """Write the manifest where its notes changed; where that fails, retry after the next block / at close.
+        -> None, or the failure (`_os_reason`)."""
         if self.writer is None:
-            return
+            return None
         notes = {**self.notes(), **({"disabled_layers": self.disabled} if self.disabled else {}), **self._flush_notes()}
         if _unchecked(notes) == _unchecked(self._written_notes) and not self._dirty:
-            return  # a new checked_blocks count alone waits for the next write (at the latest, close)
+            return None  # a new checked_blocks count alone waits for the next write (at the latest, close)
         m = self.writer.manifest
         m.extra.update(notes)
         path = Path(self.writer.path) / MANIFEST_NAME
@@ -544,10 +539,16 @@ class BlockWriter:
                 self._manifest_failing = True
                 self.on_error(f"writing {path} failed ({type(e).__name__}: {e.strerror or e}); "
                               "retried after the next block and at close")
-            return
+            return _os_reason(e)
         self._manifest_failing = False
         self._written_notes = copy.deepcopy(notes)
         self._dirty = False
+        return None
+
+
+def _os_reason(e: OSError) -> str:
+    """How a write failed, for the manifest's notes: "OSError: [Errno 28] No space left on device"."""
+    return f"{type(e).__name__}: " + (f"[Errno {e.errno}] {e.strerror}" if e.strerror else str(e))
 
 
 def _remove(tmp: Path) -> None:

@@ -551,7 +551,7 @@ class LoadTracer:
                     if m < self.max_micro_batches:
                         routed, tally, at = self._mb[slot, m, li], self._host_tok_mb, (slot, m, li)
                     else:
-                        self._stop_micro(m)
+                        self._stop_micro()
                 step = self._first_step + slot
                 check = nan_step[li] != step  # NaN probabilities: checked at each gate's first forward of a step
                 nan_step[li] = step
@@ -567,7 +567,7 @@ class LoadTracer:
 
         return hook
 
-    def _stop_micro(self, m: int) -> None:
+    def _stop_micro(self) -> None:
         """A gate ran more than max_micro_batches times in one step: micro-batch rows stop from this step
         (its earlier micro-batches are still summed into the step), one warning, manifest note."""
         if self.micro_batches_stopped is None:
@@ -700,7 +700,7 @@ class LoadTracer:
                 dst.add_(torch.from_numpy(host[:n]))
                 continue
             self._staging = [(t, ev) for t, ev in self._staging if not ev.query()]
-            staged = torch.from_numpy(host[:n].copy()).pin_memory()
+            staged = torch.from_numpy(host[:n]).pin_memory()  # a pinned copy: the tally is reset after
             dst.add_(staged.to(dst.device, non_blocking=True))
             ev = torch.cuda.Event()
             ev.record()
