@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import resource
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,19 +76,10 @@ def test_file_size_limit_hit_on_the_third_part_leaves_no_target(tmp_path):
     assert leftovers(tmp_path, "t") == ["t"]
 
 
-def _tmpfs_unavailable(where: Path) -> str | None:
-    if shutil.which("unshare") is None or shutil.which("mount") is None:
-        return "unshare or mount not installed"
-    where.mkdir()
-    r = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {where}"],
-                       capture_output=True, text=True)
-    return None if r.returncode == 0 else f"cannot mount a tmpfs in a private mount namespace: {r.stderr.strip()}"
-
-
-def test_real_full_disk_midway_leaves_no_target(tmp_path):
+def test_real_full_disk_midway_leaves_no_target(tmp_path, tmpfs_unavailable):
     """A real 96 KiB tmpfs: a 2000-step import fits; a 3000-step one fills it at its third part."""
     mnt = tmp_path / "mnt"
-    why = _tmpfs_unavailable(mnt)
+    why = tmpfs_unavailable(mnt)
     if why:
         pytest.skip(why)
     small, big = counts_file(tmp_path / "small.npy", 2000), counts_file(tmp_path / "big.npy")

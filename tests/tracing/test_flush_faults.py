@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -167,20 +166,10 @@ print(json.dumps(rep))
 """
 
 
-def _can_mount_tmpfs(where: Path) -> str | None:
-    """None where `unshare -m` + a tmpfs mount works here, else why not."""
-    if shutil.which("unshare") is None or shutil.which("mount") is None:
-        return "unshare or mount not installed"
-    where.mkdir()
-    r = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {where}"],
-                       capture_output=True, text=True)
-    return None if r.returncode == 0 else f"cannot mount a tmpfs in a private mount namespace: {r.stderr.strip()}"
-
-
-def test_real_full_disk_and_read_only_remount(tmp_path):
+def test_real_full_disk_and_read_only_remount(tmp_path, tmpfs_unavailable):
     """A real 256 KiB tmpfs: filled up (ENOSPC), freed, remounted read-only (EROFS), then writable again."""
     mnt, out = tmp_path / "mnt", tmp_path / "out"
-    why = _can_mount_tmpfs(mnt)
+    why = tmpfs_unavailable(mnt)
     if why:
         pytest.skip(why)
     child = tmp_path / "child.py"
