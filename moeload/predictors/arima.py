@@ -32,7 +32,7 @@ import warnings
 
 import numpy as np
 
-from moeload.errors import InputError, NotFittedError
+from moeload.errors import InputError
 from moeload.predictors._util import check_int
 from moeload.predictors.base import Predictor
 from moeload.predictors.registry import register
@@ -207,6 +207,8 @@ class Arima(Predictor):
 
     def _fit(self, hist: np.ndarray) -> None:
         self.order_ = self._check()
+        self.engine_ = self.engine
+        maxiter = check_int("maxiter", self.maxiter, 0)
         if self.max_history is not None:
             hist = hist[-check_int("max_history", self.max_history) :]
         self.series_ = hist.reshape(hist.shape[0], -1).T.copy()  # [n = L*E, T]
@@ -214,8 +216,8 @@ class Arima(Predictor):
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(limits=1):  # small linear algebra: BLAS threads only oversubscribe
-            if self.engine == "batched":
-                self._fit_batched()
+            if self.engine_ == "batched":
+                self._fit_batched(maxiter)
             else:
                 self._fit_statsmodels()
 
@@ -231,7 +233,7 @@ class Arima(Predictor):
         fittable = (scale > 1e-12 * np.maximum(np.abs(y).max(axis=1), 1e-300)) & (y.shape[1] - d >= 3 * (p + q) + 10)
         return (w - mean) / np.where(scale > 0, scale, 1.0)[:, None], scale, fittable
 
-    def _fit_batched(self) -> None:
+    def _fit_batched(self, maxiter: int) -> None:
         p, d, q = self.order_
         w, scale, fit_ok = self._prepare()
         n, T = w.shape
@@ -241,7 +243,7 @@ class Arima(Predictor):
         chunk = max(1, int(2e7 // max(T * (p + q + 1), 1)))
         for lo in range(0, idx.size, chunk):
             sel = idx[lo : lo + chunk]
-            beta, e = css_fit(w[sel], p, q, maxiter=int(self.maxiter))
+            beta, e = css_fit(w[sel], p, q, maxiter=maxiter)
             params[sel] = beta
             if q:
                 self._resid[sel] = e[:, -q:]
@@ -252,9 +254,7 @@ class Arima(Predictor):
         p, d, q = self.order_
         y = self.series_
         fc = self._fallback(horizon)
-        if self.engine == "batched":
-            if self.params_ is None:
-                raise NotFittedError("arima: fitted with engine='statsmodels'; call fit(p) again after changing engine")
+        if self.params_ is not None:  # engine_ == "batched"
             ok = self._fit_ok
             if ok.any():
                 w, scale = self._w[ok], self._prepare()[1][ok]

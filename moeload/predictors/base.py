@@ -12,12 +12,12 @@ and forecasts keep it at 0. Any other NaN (part of a row) is an InputError.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from moeload._estimator import Estimator
 from moeload.errors import InputError, NotFittedError
 from moeload.states._input import check_proportions
 
@@ -61,12 +61,15 @@ def to_simplex(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(s > 0, x / np.where(s > 0, s, 1.0), uniform)
 
 
-class Predictor:
+class Predictor(Estimator):
     """Forecaster of expert load proportions.
 
     `fit(p)` with p: [T, L, E] -> self; `predict(horizon)` -> [horizon, L, E] rows on the simplex;
-    `update(new_p: [t, L, E])` -> self. Fitted attributes end in `_`: `cutoff_` (steps seen),
-    `history_` ([cutoff_, L, E], missing rows filled), `mask_` ([L, E] experts that exist).
+    `update(new_p: [t, L, E])` -> self. Hyperparameters follow `moeload._estimator.Estimator`: a
+    subclass's keyword-only `__init__` only stores them (`get_params` / `set_params` read and change
+    them); `_fit` validates them (InputError) and keeps what `_predict` / `_update` need in fitted
+    attributes. Fitted attributes end in `_`: `cutoff_` (steps seen), `history_` ([cutoff_, L, E],
+    missing rows filled), `mask_` ([L, E] experts that exist).
     """
 
     name: str = ""
@@ -75,23 +78,6 @@ class Predictor:
     cutoff_: int
     history_: np.ndarray  # [cutoff_, L, E]
     mask_: np.ndarray  # [L, E] bool
-
-    def __init__(self, **hyper: Any) -> None:
-        """Store hyperparameters unchanged. A subclass takes keyword-only ones and assigns each to
-        the attribute of the same name (what `get_params` reads), so type checkers see them."""
-        for key, value in hyper.items():
-            setattr(self, key, value)
-
-    # --- parameters -------------------------------------------------------------------------
-    def get_params(self) -> dict[str, Any]:
-        """Hyperparameters as given to `__init__`."""
-        sig = inspect.signature(type(self).__init__)
-        names = [n for n, prm in sig.parameters.items() if n != "self" and prm.kind == prm.KEYWORD_ONLY]
-        return {n: getattr(self, n) for n in names}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
 
     # --- public API --------------------------------------------------------------------------
     def fit(self, p: Any) -> Predictor:

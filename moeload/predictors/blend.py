@@ -129,12 +129,13 @@ class WindowBlend(Predictor):
 
     def _fit(self, p: np.ndarray) -> None:
         ws = [check_int("windows", w) for w in self.windows]
-        if not 0 <= self.ref < len(ws):
+        ref = self.ref
+        if isinstance(ref, bool) or not isinstance(ref, (int, np.integer)) or not 0 <= ref < len(ws):
             raise InputError(f"ref: expected an index into windows (0..{len(ws) - 1}), got {self.ref!r}")
         k = len(ws) - 1 + bool(self.uniform_term)
         coef = self._coef("coef", self.coef, k, len(ws))
         c = cumsum0(p[-max(ws):])
-        X, refv = blend_features(c, np.array([c.shape[0] - 1]), ws, self.ref, self.mask_, bool(self.uniform_term))
+        X, refv = blend_features(c, np.array([c.shape[0] - 1]), ws, int(ref), self.mask_, bool(self.uniform_term))
         self.level_ = refv[0] + X[0] @ coef  # [L, E]
         self.stable_ = np.ones(p.shape[1], dtype=bool)  # [L] label at the last step (all stable without phases)
         if self.coef_transient is not None:

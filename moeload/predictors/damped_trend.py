@@ -45,12 +45,13 @@ class DampedTrend(Predictor):
                 check_float("phi", self.phi, 0.0, 1.0))
 
     def _fit(self, p: np.ndarray) -> None:
-        self.level_, self.trend_ = holt_damped(p, *self._params())
+        self.params_ = self._params()  # (alpha, beta, phi) validated
+        self.level_, self.trend_ = holt_damped(p, *self.params_)
 
     def _update(self, new_p: np.ndarray) -> None:
-        self.level_, self.trend_ = holt_damped(new_p, *self._params(), state=(self.level_, self.trend_))
+        self.level_, self.trend_ = holt_damped(new_p, *self.params_, state=(self.level_, self.trend_))
 
     def _predict(self, horizon: int) -> np.ndarray:
-        phi = self._params()[2]
+        phi = self.params_[2]
         steps = np.cumsum(phi ** np.arange(1, horizon + 1))  # [H]
         return self.level_[None] + steps[:, None, None] * self.trend_[None]

@@ -68,8 +68,8 @@ class LocalLevelKalman(Predictor):
             raise InputError(f"pool: expected 'series', 'layer' or 'all', got {self.pool!r}")
         q_min = check_float("q_min", self.q_min, 0.0, np.inf)
         if self.max_history is not None:
-            p = p[-int(self.max_history) :]
-        b = check_int("block", self.block)
+            p = p[-check_int("max_history", self.max_history) :]
+        b = self.block_ = check_int("block", self.block)
         if b > 1 and p.shape[0] >= 3 * b:
             n = p.shape[0] // b
             blocks = p[p.shape[0] - n * b :].reshape(n, b, *p.shape[1:]).mean(axis=1)
@@ -80,7 +80,7 @@ class LocalLevelKalman(Predictor):
         self.level_ = ema_last(p, self.gain_)  # [L, E]
 
     def _update(self, new_p: np.ndarray) -> None:
-        if check_int("block", self.block) > 1:  # the block estimate needs many blocks: re-estimate as history grows
+        if self.block_ > 1:  # the block estimate needs many blocks: re-estimate as history grows
             self._fit(self.history_)
         else:
             self.level_ = ema_last(new_p, self.gain_, self.level_)

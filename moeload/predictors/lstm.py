@@ -94,12 +94,14 @@ class LSTMPredictor(Predictor):
         self._fit_runs([p])
 
     def _fit_runs(self, runs: Sequence[np.ndarray]) -> None:
-        import torch
-
         block, lookback = check_int("block", self.block), check_int("lookback", self.lookback)
         hidden, epochs = check_int("hidden", self.hidden), check_int("epochs", self.epochs, 0)
         lr = check_float("lr", self.lr, 0.0, 10.0)
         bs = check_int("batch_size", self.batch_size)
+        seed = check_int("seed", self.seed, 0)
+        self.block_, self.lookback_ = block, lookback
+        import torch
+
         E = self._scale()
         xs, ys = [], []
         for r in runs:
@@ -110,7 +112,7 @@ class LSTMPredictor(Predictor):
                 ys.append(z[i])
         n_in = runs[-1].shape[1] * runs[-1].shape[2]
         with torch.random.fork_rng(devices=[]), _one_thread():
-            torch.manual_seed(int(self.seed))
+            torch.manual_seed(seed)
             net = _build(n_in, hidden).double()
             w_min = min(x.shape[0] for x in xs) if xs else 0
             if xs and epochs:
@@ -131,7 +133,7 @@ class LSTMPredictor(Predictor):
     def _predict(self, horizon: int) -> np.ndarray:
         import torch
 
-        block, lookback = check_int("block", self.block), check_int("lookback", self.lookback)
+        block, lookback = self.block_, self.lookback_
         E = self._scale()
         z = _blocks(self.history_, block) * E - 1.0
         window = list(torch.tensor(z[-lookback:]))
@@ -164,7 +166,8 @@ class LSTMPredictor(Predictor):
             blob: dict[str, Any] = torch.load(Path(path), weights_only=True)  # tensors and plain types only
             obj = cls(**blob["params"])
             obj._set_state(blob["history"].numpy(), blob["mask"].numpy())
-            net = _build(obj.history_.shape[1] * obj.history_.shape[2], int(obj.hidden)).double()
+            obj.block_, obj.lookback_ = check_int("block", obj.block), check_int("lookback", obj.lookback)
+            net = _build(obj.history_.shape[1] * obj.history_.shape[2], check_int("hidden", obj.hidden)).double()
             net.load_state_dict(blob["state"])
         except (OSError, KeyError, RuntimeError, TypeError, EOFError, AttributeError, pickle.UnpicklingError) as exc:
             raise InputError(f"{path}: not a saved lstm predictor ({exc})") from None

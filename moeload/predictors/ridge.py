@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from moeload.errors import InputError
 from moeload.predictors._util import check_int
 from moeload.predictors._windows import cumsum0, window_mean
 from moeload.predictors.base import Predictor
@@ -56,7 +57,19 @@ class RidgeWindows(Predictor):
 
     def _fit_runs(self, runs: Sequence[np.ndarray]) -> None:
         self.windows_ = [check_int("windows", w) for w in self.windows]
-        check_int("ref", self.ref, 0)
+        self.ref_ = check_int("ref", self.ref, 0)
+        if self.ref_ >= len(self.windows_):
+            raise InputError(f"ref: expected an index into windows (0..{len(self.windows_) - 1}), got {self.ref!r}")
+        self.stride_ = check_int("stride", self.stride)
+        try:
+            self.alphas_ = tuple(float(a) for a in self.alphas)
+        except (TypeError, ValueError):
+            self.alphas_ = ()
+        if not self.alphas_ or not all(0.0 < a < np.inf for a in self.alphas_):
+            raise InputError(f"alphas: expected positive numbers, got {self.alphas!r}")
+        self.max_samples_ = check_int("max_samples", self.max_samples)
+        self.min_origins_ = check_int("min_origins", self.min_origins)
+        self.train_window_ = None if self.train_window is None else check_int("train_window", self.train_window)
         self.extra_runs_ = [r for r in runs[:-1]]
         self.models_: dict[int, tuple[Any, np.ndarray] | None] = {}  # horizon -> (RidgeCV, feature scale)
 
@@ -70,12 +83,12 @@ class RidgeWindows(Predictor):
         c = cumsum0(p)
         T = p.shape[0]
         first = max(1, min(self.windows_))
-        if self.train_window is not None:
-            first = max(first, T - horizon - check_int("train_window", self.train_window))
+        if self.train_window_ is not None:
+            first = max(first, T - horizon - self.train_window_)
         ends = np.arange(T - horizon, first - 1, -stride)[::-1]
         if ends.size == 0:
             return np.zeros((0, len(self.windows_) - 1)), np.zeros(0)
-        X, refv = window_features(c, ends, self.windows_, self.ref)
+        X, refv = window_features(c, ends, self.windows_, self.ref_)
         y = window_mean(c, ends + horizon, horizon) - refv
         keep = np.broadcast_to(self.mask_[None], y.shape)
         return X[keep], y[keep]
@@ -88,22 +101,22 @@ class RidgeWindows(Predictor):
         n_series = int(self.mask_.sum())
         runs = self.extra_runs_ + [self.history_]
         n_origins = sum(max(0, r.shape[0] - h_eff) for r in runs)
-        stride = max(check_int("stride", self.stride), int(np.ceil(n_origins * n_series / self.max_samples)))
+        stride = max(self.stride_, int(np.ceil(n_origins * n_series / self.max_samples_)))
         parts = [self._samples(r, min(horizon, r.shape[0] // 2) if r is self.history_ else horizon, stride)
                  for r in runs]
         X = np.concatenate([a for a, _ in parts])
         y = np.concatenate([b for _, b in parts])
-        if X.shape[0] < check_int("min_origins", self.min_origins) * max(n_series, 1):
+        if X.shape[0] < self.min_origins_ * max(n_series, 1):
             return None
         scale = X.std(axis=0) + 1e-12
-        model = RidgeCV(alphas=tuple(self.alphas), fit_intercept=True).fit(X / scale, y)
+        model = RidgeCV(alphas=self.alphas_, fit_intercept=True).fit(X / scale, y)
         return model, scale
 
     def _predict(self, horizon: int) -> np.ndarray:
         if horizon not in self.models_:
             self.models_[horizon] = self._train(horizon)
         c = cumsum0(self.history_[-max(self.windows_) :])
-        X, refv = window_features(c, np.array([c.shape[0] - 1]), self.windows_, self.ref)
+        X, refv = window_features(c, np.array([c.shape[0] - 1]), self.windows_, self.ref_)
         fitted = self.models_[horizon]
         out = refv[0]
         if fitted is not None:

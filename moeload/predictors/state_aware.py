@@ -71,6 +71,7 @@ class StateAwareWindow(Predictor):
         block = check_int("block", self.block)
         thr = check_float("threshold", self.threshold, 0.0, np.inf)
         max_w = check_int("max_window", self.max_window)
+        self.reach_ = check_int("trend_reach", self.trend_reach, 0)
         self.window_ = last_shift_window(p[-max_w:], block, thr, check_int("min_blocks", self.min_blocks), max_w)
         T = p.shape[0]
         c = cumsum0(p)
@@ -102,6 +103,5 @@ class StateAwareWindow(Predictor):
     def _predict(self, horizon: int) -> np.ndarray:
         w = np.minimum(self.window_, self.cutoff_)
         h = np.arange(1, horizon + 1, dtype=np.float64)[:, None, None]
-        reach = check_int("trend_reach", self.trend_reach, 0)
-        steps = np.minimum((w - 1)[None] / 2.0 + h, (w - 1)[None] / 2.0 + reach)
+        steps = np.minimum((w - 1)[None] / 2.0 + h, (w - 1)[None] / 2.0 + self.reach_)
         return self.level_[None] + self.slope_[None] * steps

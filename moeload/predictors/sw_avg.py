@@ -27,17 +27,18 @@ class SlidingWindowAverage(Predictor):
         self.slide = slide
 
     def _fit(self, p: np.ndarray) -> None:
-        w = check_int("window", self.window)
-        self.window_ = p[-w:].copy()  # [w', L, E], w' = min(window, T)
+        self.width_ = check_int("window", self.window)
+        self.slide_ = bool(self.slide)
+        self.window_ = p[-self.width_ :].copy()  # [w', L, E], w' = min(window, T)
 
     def _update(self, new_p: np.ndarray) -> None:
-        self._fit(self.history_[-check_int("window", self.window) :])
+        self.window_ = self.history_[-self.width_ :].copy()
 
     def _predict(self, horizon: int) -> np.ndarray:
         buf = self.window_.copy()
         w = buf.shape[0]
         total = buf.sum(axis=0)
-        if not self.slide:
+        if not self.slide_:
             return np.broadcast_to(total / w, (horizon,) + total.shape).copy()
         out = np.empty((horizon,) + total.shape)
         for h in range(horizon):
