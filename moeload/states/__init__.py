@@ -27,7 +27,8 @@ def available() -> list[str]:
 
 
 def get(method: str, **params: Any) -> WindowRule | PeltRule | DriftTest:
-    """The detector object for `method`, with its hyperparameters checked."""
+    """A new detector for `method` with keyword hyperparameters `params` (unknown names ->
+    InputError); their values are checked by its `fit()` / `detect`."""
     if method not in _METHODS:
         raise InputError(f"method: unknown state detector {method!r}; available: {available()}")
     try:
@@ -45,7 +46,7 @@ def detect(p: Any, method: str = "window", *, steps: Any = None, tokens: Any = N
     tokens: [S] or [S, L] routed assignments per step (for reference="noise" with proportions).
     Returns a StateResult: labels [S, L], boundaries [L], model_boundary, fluctuation [S, L], ...
     """
-    rule = get(method, **params)
+    rule = get(method, **params).fit()  # bad hyperparameters are refused before the input is read
     return rule.detect(load_input(p, "p", steps=steps, tokens=tokens))
 
 

@@ -1,15 +1,45 @@
-"""Result object, the hysteresis state machine and run-length segments shared by all detectors."""
+"""Detector base class, result object, the hysteresis state machine and run-length segments shared
+by all detectors."""
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from moeload._estimator import Estimator
+
 # Per-step evidence codes fed to the state machine.
 UNKNOWN, ENTER, BETWEEN, EXIT = -1, 0, 1, 2
+
+
+D = TypeVar("D", bound="Detector")
+
+
+class Detector(Estimator):
+    """A state detector (the estimator protocol of `moeload._estimator`).
+
+    `__init__` takes keyword-only hyperparameters and stores them unchanged (`get_params` /
+    `set_params`); `fit()` validates them (InputError naming the bad one) and resolves their
+    defaults into `params_` (what `StateResult.params` records) and one `<name>_` attribute per
+    hyperparameter, which the rule's methods read; `detect(inp)` calls `fit()` before any work.
+    """
+
+    name: str = ""
+    params_: dict[str, Any]  # resolved hyperparameters, set by `fit`
+
+    def fit(self: D) -> D:
+        """Validate the hyperparameters and resolve their defaults (no data needed). Returns self."""
+        self.params_ = self._resolve()
+        for key, value in self.params_.items():
+            setattr(self, key + "_", value)
+        return self
+
+    def _resolve(self) -> dict[str, Any]:
+        """{name: validated value, defaults resolved} for every hyperparameter, in signature order."""
+        raise NotImplementedError
 
 
 @dataclasses.dataclass

@@ -22,22 +22,28 @@ from typing import Any
 import numpy as np
 
 from moeload.states._input import LoadInput, int_param, pos_param
-from moeload.states.base import ENTER, EXIT, UNKNOWN, StateResult, finish, hysteresis
+from moeload.states.base import ENTER, EXIT, UNKNOWN, Detector, StateResult, finish, hysteresis
 
 
-class DriftTest:
-    """window: w steps per window; alpha: test level; min_run: consecutive tests to flip."""
+class DriftTest(Detector):
+    """window: w steps per window; alpha: test level; min_run: consecutive tests to flip.
+    `evidence` reads the resolved values: call `fit()` first (`detect` does)."""
 
     name = "test"
     causal = True
+    # resolved hyperparameters, set by `fit` (see `base.Detector`)
+    window_: int
+    alpha_: float
+    min_run_: int
 
-    def __init__(self, window: int = 100, alpha: float = 1e-3, min_run: int = 2) -> None:
-        self.window = int_param(window, "window", 3)
-        self.alpha = pos_param(alpha, "alpha")
-        self.min_run = int_param(min_run, "min_run")
+    def __init__(self, *, window: int = 100, alpha: float = 1e-3, min_run: int = 2) -> None:
+        self.window = window
+        self.alpha = alpha
+        self.min_run = min_run
 
-    def params(self) -> dict[str, Any]:
-        return {"window": self.window, "alpha": self.alpha, "min_run": self.min_run}
+    def _resolve(self) -> dict[str, Any]:
+        return {"window": int_param(self.window, "window", 3), "alpha": pos_param(self.alpha, "alpha"),
+                "min_run": int_param(self.min_run, "min_run")}
 
     def test_pair(self, a: np.ndarray, b: np.ndarray, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """a, b: [w, L, E] windows -> (X2/df [L], p-value [L]); NaN where untestable."""
@@ -70,7 +76,7 @@ class DriftTest:
     def evidence(self, p: np.ndarray, experts: np.ndarray, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Codes [t, L] and X2/df [t, L] (held between tests, NaN before the first) for rows p [t, L, E]
         whose first row is step index `offset`; tests need both windows inside p."""
-        w = self.window
+        w = self.window_
         S, L, _ = p.shape
         codes = np.full((S, L), UNKNOWN, dtype=np.int8)
         ratio = np.full((S, L), np.nan)
@@ -81,11 +87,13 @@ class DriftTest:
                 continue
             r, pv = self.test_pair(p[j - 2 * w + 1 : j - w + 1], p[j - w + 1 : j + 1], experts)
             ok = ~np.isnan(pv)
-            codes[j, ok] = np.where(pv[ok] > self.alpha, ENTER, EXIT)
+            codes[j, ok] = np.where(pv[ok] > self.alpha_, ENTER, EXIT)
             ratio[j:] = np.where(np.isnan(r), ratio[j:], r)
         return codes, ratio
 
     def detect(self, inp: LoadInput) -> StateResult:
+        """Labels of every step (module docstring); validates the hyperparameters first (`fit`)."""
+        self.fit()
         codes, ratio = self.evidence(inp.p, inp.experts)
-        labels = np.stack([hysteresis(codes[:, li], self.min_run)[0] for li in range(codes.shape[1])], axis=1)
-        return finish(labels, ratio, np.full(ratio.shape, np.nan), inp.steps, self.name, self.params())
+        labels = np.stack([hysteresis(codes[:, li], self.min_run_)[0] for li in range(codes.shape[1])], axis=1)
+        return finish(labels, ratio, np.full(ratio.shape, np.nan), inp.steps, self.name, self.params_)

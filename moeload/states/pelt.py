@@ -20,7 +20,7 @@ import numpy as np
 
 from moeload.errors import InputError
 from moeload.states._input import LoadInput, int_param, pos_param
-from moeload.states.base import StateResult, finish
+from moeload.states.base import Detector, StateResult, finish
 
 
 @functools.cache
@@ -49,45 +49,58 @@ def _cost_class() -> type:
     return _CumsumL2
 
 
-class PeltRule:
+class PeltRule(Detector):
     """block: minimum block length (steps); max_points: cap on the signal length; stat: "range" |
     "var"; pen: penalty multiplier; min_size: shortest segment in blocks; factor: stable band above
-    the lowest level (proportion scale, squared for "var")."""
+    the lowest level (proportion scale, squared for "var"). `block_signal` reads the resolved
+    values: call `fit()` first (`detect` does)."""
 
     name = "pelt"
     causal = False
+    # resolved hyperparameters, set by `fit` (see `base.Detector`)
+    block_: int
+    max_points_: int
+    stat_: str
+    pen_: float
+    min_size_: int
+    factor_: float
 
-    def __init__(self, block: int = 20, max_points: int = 250, stat: str = "range", pen: float = 4.0,
+    def __init__(self, *, block: int = 20, max_points: int = 250, stat: str = "range", pen: float = 4.0,
                  min_size: int = 3, factor: float = 1.5) -> None:
-        self.block = int_param(block, "block", 2)
-        self.max_points = int_param(max_points, "max_points", 10)
-        if stat not in ("range", "var"):
-            raise InputError(f"stat: expected 'range' or 'var', got {stat!r}")
+        self.block = block
+        self.max_points = max_points
         self.stat = stat
-        self.pen = pos_param(pen, "pen")
-        self.min_size = int_param(min_size, "min_size", 1)
-        self.factor = pos_param(factor, "factor")
+        self.pen = pen
+        self.min_size = min_size
+        self.factor = factor
 
-    def params(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("block", "max_points", "stat", "pen", "min_size", "factor")}
+    def _resolve(self) -> dict[str, Any]:
+        block = int_param(self.block, "block", 2)
+        max_points = int_param(self.max_points, "max_points", 10)
+        if self.stat not in ("range", "var"):
+            raise InputError(f"stat: expected 'range' or 'var', got {self.stat!r}")
+        return {"block": block, "max_points": max_points, "stat": self.stat, "pen": pos_param(self.pen, "pen"),
+                "min_size": int_param(self.min_size, "min_size", 1), "factor": pos_param(self.factor, "factor")}
 
     def block_signal(self, inp: LoadInput) -> tuple[np.ndarray, int]:
         """Per-block mean-over-experts fluctuation [n_blocks, L] and the block length b."""
         p = inp.p
         S, L, E = p.shape
-        b = max(self.block, math.ceil(S / self.max_points))
+        b = max(self.block_, math.ceil(S / self.max_points_))
         nb = S // b
         if nb < 2:
             raise InputError(f"p: pelt needs at least 2 blocks of {b} steps, got {S} steps; lower block=")
         x = p[: nb * b].reshape(nb, b, L, E)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            per = np.nanmax(x, 1) - np.nanmin(x, 1) if self.stat == "range" else np.nanvar(x, 1, ddof=1)
+            per = np.nanmax(x, 1) - np.nanmin(x, 1) if self.stat_ == "range" else np.nanvar(x, 1, ddof=1)
             mask = np.arange(E)[None, :] < inp.experts[:, None]
             sig = np.nanmean(np.where(mask[None], per, np.nan), -1)
         return sig, b
 
     def detect(self, inp: LoadInput) -> StateResult:
+        """Labels of every step (module docstring); validates the hyperparameters first (`fit`)."""
+        self.fit()
         import ruptures
 
         S, L, _ = inp.p.shape
@@ -97,7 +110,7 @@ class PeltRule:
         fluct = np.full((S, L), np.nan)
         fluct[: nb * b] = np.repeat(sig, b, axis=0)
         fluct[nb * b :] = sig[-1]
-        log_factor = math.log(self.factor) * (2 if self.stat == "var" else 1)
+        log_factor = math.log(self.factor_) * (2 if self.stat_ == "var" else 1)
         for li in range(L):
             y = np.log(np.maximum(sig[:, li], 1e-300))
             ok = np.isfinite(sig[:, li]) & (sig[:, li] > 0)
@@ -107,13 +120,13 @@ class PeltRule:
             d = np.diff(y)
             sigma = np.median(np.abs(d - np.median(d))) / 0.6745 / math.sqrt(2)
             sigma = max(sigma, 1e-3)
-            ms = min(self.min_size, max(1, nb // 2))
+            ms = min(self.min_size_, max(1, nb // 2))
             algo = ruptures.Pelt(custom_cost=_cost_class()(), min_size=ms, jump=1).fit(y[:, None])
-            bkps = algo.predict(pen=self.pen * sigma**2 * math.log(nb))
+            bkps = algo.predict(pen=self.pen_ * sigma**2 * math.log(nb))
             starts = [0] + bkps[:-1]
             levels = [y[a:c].mean() for a, c in zip(starts, bkps)]
             low = min(levels)
             for a, c, lv in zip(starts, bkps, levels):
                 stop = S if c == nb else c * b
                 labels[a * b : stop, li] = lv <= low + log_factor
-        return finish(labels, fluct, np.full((S, L), np.nan), inp.steps, self.name, self.params())
+        return finish(labels, fluct, np.full((S, L), np.nan), inp.steps, self.name, self.params_)

@@ -35,7 +35,7 @@ class StreamingDetector:
 
         if method == "window":
             params.setdefault("reference", "noise")
-        rule = get(method, **params)
+        rule = get(method, **params).fit()
         if not isinstance(rule, (WindowRule, DriftTest)) or not rule.causal:
             raise InputError(
                 f"method={method!r} with {params} looks ahead (reference='late', center=True or pelt); "
@@ -44,7 +44,7 @@ class StreamingDetector:
         self.rule: WindowRule | DriftTest = rule
         self.method = method
         self._top_k = top_k
-        self._hist = rule.window - 1 if isinstance(rule, WindowRule) else 2 * rule.window - 1
+        self._hist = rule.window_ - 1 if isinstance(rule, WindowRule) else 2 * rule.window_ - 1
         self._buf: np.ndarray | None = None
         self._buf_n: np.ndarray | None = None
         self._n_seen = 0
@@ -86,7 +86,7 @@ class StreamingDetector:
         methods report `stable_since`."""
         state, _, since = self._started()
         rule = self.rule
-        if not isinstance(rule, WindowRule) or rule.confirm == 0:
+        if not isinstance(rule, WindowRule) or rule.confirm_ == 0:
             return since.copy()
         tail_f, tail_t = self._tail_f, self._tail_t
         if tail_f is None or tail_t is None:  # kept by every update of the window rule
@@ -96,8 +96,8 @@ class StreamingDetector:
         steps = self.steps_so_far
         for li in np.flatnonzero(state):
             run[li] = self._n_seen - int(np.searchsorted(steps, since[li]))
-        dec = rule.max_decline if rule.stat == "range" else 1 - (1 - rule.max_decline) ** 2
-        ok = confirmed_end(run, tail_f, tail_t, rule.confirm, rule.min_under, dec) if n else run < 0
+        dec = rule.max_decline_ if rule.stat_ == "range" else 1 - (1 - rule.max_decline_) ** 2
+        ok = confirmed_end(run, tail_f, tail_t, rule.confirm_, rule.min_under_, dec) if n else run < 0
         return np.where(ok, since, -1)
 
     @property
@@ -151,7 +151,7 @@ class StreamingDetector:
             fluct, noise = rule.statistic(p_all, full, n_all)
             thr = rule.threshold(fluct, noise)
             codes = rule.codes(fluct, thr)[h:]
-            c = rule.confirm
+            c = rule.confirm_
 
             def tail(old: np.ndarray | None, new: np.ndarray) -> np.ndarray:
                 """The last `confirm` rows of old + new (none when confirm = 0)."""
@@ -166,7 +166,7 @@ class StreamingDetector:
         new_events = []
         for li in range(L):
             prev = state[li]
-            labels[:, li], state[li], count[li] = hysteresis(codes[:, li], rule.min_run, bool(prev), int(count[li]))
+            labels[:, li], state[li], count[li] = hysteresis(codes[:, li], rule.min_run_, bool(prev), int(count[li]))
             seq = np.concatenate([[prev], labels[:, li]])
             for j in np.flatnonzero(seq[1:] != seq[:-1]):
                 new_events.append(StateEvent(li, int(st[j]), bool(labels[j, li])))

@@ -35,6 +35,7 @@ from moeload.states.base import (
     ENTER,
     EXIT,
     UNKNOWN,
+    Detector,
     StateResult,
     confirmed_end,
     final_run_length,
@@ -151,7 +152,7 @@ def window_statistic(p: np.ndarray, window: int, stat: str = "range", agg: str =
     return fluct
 
 
-class WindowRule:
+class WindowRule(Detector):
     """Rolling fluctuation thresholded with hysteresis. Hyperparameters as in the module docstring.
 
     window: w steps; stat: "range" | "var"; agg: "mean" | "max" over experts; reference: "late" |
@@ -161,15 +162,46 @@ class WindowRule:
     center: offline only, centre the window instead of trailing it (labels shift by (w - 1) // 2);
     confirm: steps a final stable phase must last to count (None = 3 * window, 0 = no confirmation);
     min_under, max_decline: the trailing checks of the confirmation (module docstring).
+    `statistic`, `threshold` and `codes` read the resolved values: call `fit()` first (`detect` does).
     """
 
     name = "window"
+    # resolved hyperparameters, set by `fit` (see `base.Detector`)
+    window_: int
+    stat_: str
+    agg_: str
+    reference_: str | float
+    factor_: float
+    late_frac_: float
+    min_run_: int
+    exit_ratio_: float
+    min_periods_: int
+    center_: bool
+    confirm_: int
+    min_under_: float
+    max_decline_: float
 
-    def __init__(self, window: int = 100, stat: str = "range", agg: str = "mean", reference: Any = "late",
+    def __init__(self, *, window: int = 100, stat: str = "range", agg: str = "mean", reference: Any = "late",
                  factor: float | None = None, late_frac: float = 0.2, min_run: int | None = None,
                  exit_ratio: float = 1.25, min_periods: int | None = None, center: bool = False,
                  confirm: int | None = None, min_under: float = 0.9, max_decline: float = 0.15) -> None:
-        self.window = int_param(window, "window", 2)
+        self.window = window
+        self.stat = stat
+        self.agg = agg
+        self.reference = reference
+        self.factor = factor
+        self.late_frac = late_frac
+        self.min_run = min_run
+        self.exit_ratio = exit_ratio
+        self.min_periods = min_periods
+        self.center = center
+        self.confirm = confirm
+        self.min_under = min_under
+        self.max_decline = max_decline
+
+    def _resolve(self) -> dict[str, Any]:
+        window = int_param(self.window, "window", 2)
+        stat, agg, reference = self.stat, self.agg, self.reference
         if stat not in ("range", "var"):
             raise InputError(f"stat: expected 'range' or 'var', got {stat!r}")
         if agg not in ("mean", "max"):
@@ -179,25 +211,21 @@ class WindowRule:
                 raise InputError(f"reference: expected 'late', 'noise' or a positive number, got {reference!r}")
         else:
             reference = pos_param(reference, "reference")
-        self.stat, self.agg, self.reference = stat, agg, reference
-        self.factor = pos_param(DEFAULT_FACTOR.get(reference, 1.0) if factor is None else factor, "factor")
-        self.late_frac = pos_param(late_frac, "late_frac")
-        self.min_run = int_param(max(1, self.window // 5) if min_run is None else min_run, "min_run")
-        self.exit_ratio = pos_param(exit_ratio, "exit_ratio")
-        if self.exit_ratio < 1:
-            raise InputError(f"exit_ratio: must be >= 1, got {exit_ratio}")
-        self.min_periods = int_param(max(2, self.window // 2) if min_periods is None else min_periods, "min_periods", 2)
-        self.center = bool(center)
-        self.confirm = int_param(3 * self.window if confirm is None else confirm, "confirm", 0)
-        self.min_under = pos_param(min_under, "min_under")
-        self.max_decline = pos_param(max_decline, "max_decline")
-        if self.min_under > 1 or self.max_decline >= 1:
-            raise InputError(f"min_under must be <= 1 and max_decline < 1, got {min_under}, {max_decline}")
-
-    def params(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("window", "stat", "agg", "reference", "factor", "late_frac",
-                                                "min_run", "exit_ratio", "min_periods", "center",
-                                                "confirm", "min_under", "max_decline")}
+        factor = pos_param(DEFAULT_FACTOR.get(reference, 1.0) if self.factor is None else self.factor, "factor")
+        late_frac = pos_param(self.late_frac, "late_frac")
+        min_run = int_param(max(1, window // 5) if self.min_run is None else self.min_run, "min_run")
+        exit_ratio = pos_param(self.exit_ratio, "exit_ratio")
+        if exit_ratio < 1:
+            raise InputError(f"exit_ratio: must be >= 1, got {self.exit_ratio}")
+        min_periods = int_param(max(2, window // 2) if self.min_periods is None else self.min_periods, "min_periods", 2)
+        confirm = int_param(3 * window if self.confirm is None else self.confirm, "confirm", 0)
+        min_under = pos_param(self.min_under, "min_under")
+        max_decline = pos_param(self.max_decline, "max_decline")
+        if min_under > 1 or max_decline >= 1:
+            raise InputError(f"min_under must be <= 1 and max_decline < 1, got {self.min_under}, {self.max_decline}")
+        return {"window": window, "stat": stat, "agg": agg, "reference": reference, "factor": factor,
+                "late_frac": late_frac, "min_run": min_run, "exit_ratio": exit_ratio, "min_periods": min_periods,
+                "center": bool(self.center), "confirm": confirm, "min_under": min_under, "max_decline": max_decline}
 
     @property
     def causal(self) -> bool:
@@ -207,14 +235,14 @@ class WindowRule:
     def statistic(self, p: np.ndarray, inp: LoadInput, assignments: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         """Trailing-window layer statistic [S, L] (`window_statistic`) and, for reference="noise",
         its noise level [S, L]."""
-        w = self.window
+        w = self.window_
         S, L, _ = p.shape
-        if self.reference == "noise" and assignments is None:
+        if self.reference_ == "noise" and assignments is None:
             raise InputError("reference='noise' needs routed assignments per step: pass integer counts, a Trace or tokens=")
-        fluct = window_statistic(p, w, self.stat, self.agg, inp.experts, self.min_periods)
-        if self.reference != "noise" or assignments is None:  # assignments are checked above for "noise"
+        fluct = window_statistic(p, w, self.stat_, self.agg_, inp.experts, self.min_periods_)
+        if self.reference_ != "noise" or assignments is None:  # assignments are checked above for "noise"
             return fluct, None
-        ok, n = _window_ok(p, w, self.min_periods)
+        ok, n = _window_ok(p, w, self.min_periods_)
         noise = np.full((S, L), np.nan)
         with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -226,45 +254,47 @@ class WindowRule:
                 mean = rolling_sum(x, w) / n[:, li, None]  # [S, E_l]
                 k = float(inp.top_k[li])
                 sig2 = np.maximum(mean * (1 - np.minimum(k * mean, 1.0)), 0.0) * inv_mean[:, None]
-                ref = sig2 if self.stat == "var" else d2(n[:, li], w)[:, None] * np.sqrt(sig2)
-                noise[:, li] = np.where(ok[:, li], _aggregate(ref, self.agg), np.nan)
+                ref = sig2 if self.stat_ == "var" else d2(n[:, li], w)[:, None] * np.sqrt(sig2)
+                noise[:, li] = np.where(ok[:, li], _aggregate(ref, self.agg_), np.nan)
         return fluct, noise
 
     def codes(self, fluct: np.ndarray, thr: np.ndarray) -> np.ndarray:
         """Evidence codes [S, L] from statistic and entry threshold."""
         c = np.full(fluct.shape, BETWEEN, dtype=np.int8)
         c[fluct <= thr] = ENTER
-        c[fluct > self.exit_ratio * thr] = EXIT
+        c[fluct > self.exit_ratio_ * thr] = EXIT
         c[np.isnan(fluct) | np.isnan(thr)] = UNKNOWN
         return c
 
     def threshold(self, fluct: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         """Entry threshold [S, L]."""
-        f = self.factor**2 if self.stat == "var" else self.factor
-        if self.reference == "noise":
+        f = self.factor_**2 if self.stat_ == "var" else self.factor_
+        if self.reference_ == "noise":
             if noise is None:
                 raise InputError("reference='noise' needs the noise level from statistic(); it had no routed assignments")
             return f * noise
-        if self.reference == "late":
+        if self.reference_ == "late":
             S = fluct.shape[0]
-            n_late = min(S, max(self.window, math.ceil(self.late_frac * S)))
+            n_late = min(S, max(self.window_, math.ceil(self.late_frac_ * S)))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 lvl = np.nanmedian(fluct[S - n_late :], axis=0)
             return np.broadcast_to(f * lvl, fluct.shape).copy()
-        return np.full(fluct.shape, float(self.reference))
+        return np.full(fluct.shape, float(self.reference_))
 
     # -- offline ----------------------------------------------------------------------------
     def detect(self, inp: LoadInput) -> StateResult:
+        """Labels of every step (module docstring); validates the hyperparameters first (`fit`)."""
+        self.fit()
         fluct, noise = self.statistic(inp.p, inp, inp.assignments)
         thr = self.threshold(fluct, noise)
         codes = self.codes(fluct, thr)
-        if self.center:
-            shift = (self.window - 1) // 2
+        if self.center_:
+            shift = (self.window_ - 1) // 2
             codes = np.concatenate([codes[shift:], np.full((shift,) + codes.shape[1:], UNKNOWN, np.int8)])
             fluct = np.concatenate([fluct[shift:], np.full((shift,) + fluct.shape[1:], np.nan)])
             thr = np.concatenate([thr[shift:], np.full((shift,) + thr.shape[1:], np.nan)])
-        labels = np.stack([hysteresis(codes[:, li], self.min_run)[0] for li in range(codes.shape[1])], axis=1)
-        dec = self.max_decline if self.stat == "range" else 1 - (1 - self.max_decline) ** 2  # var: squared scale
-        ok = confirmed_end(final_run_length(labels), fluct, thr, self.confirm, self.min_under, dec)
-        return finish(labels, fluct, thr, inp.steps, self.name, self.params(), ok)
+        labels = np.stack([hysteresis(codes[:, li], self.min_run_)[0] for li in range(codes.shape[1])], axis=1)
+        dec = self.max_decline_ if self.stat_ == "range" else 1 - (1 - self.max_decline_) ** 2  # var: squared scale
+        ok = confirmed_end(final_run_length(labels), fluct, thr, self.confirm_, self.min_under_, dec)
+        return finish(labels, fluct, thr, inp.steps, self.name, self.params_, ok)
