@@ -81,23 +81,15 @@ class Predictor(Estimator):
 
     # --- public API --------------------------------------------------------------------------
     def fit(self, p: Any) -> Predictor:
-        """Fit on proportions p: [T, L, E] (a list of such arrays, one per run, where `multi_run`). Returns self."""
-        if isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(r, np.ndarray) and r.ndim >= 2 for r in p):
-            if not self.multi_run and len(p) > 1:
-                raise InputError(
-                    f"p: {self.name or type(self).__name__} fits one run, got a list of {len(p)}; "
-                    "pass one [T, L, E] array"
-                )
-            runs = [validate_proportions(r, f"p[{i}]") for i, r in enumerate(p)]
-            shapes = {r[0].shape[1:] for r in runs}
-            if len(shapes) != 1:
-                raise InputError(f"p: runs have different [L, E] shapes {sorted(shapes)}")
-            self._set_state(runs[-1][0], runs[-1][1])
-            self._fit_runs([r[0] for r in runs])
-        else:
-            arr, mask = validate_proportions(p)
-            self._set_state(arr, mask)
-            self._fit_runs([arr])
+        """Fit on proportions p: [T, L, E] (a list of such arrays, one per run, where `multi_run`). Returns self.
+
+        Bad input or a bad hyperparameter -> InputError, and the predictor is left unfitted."""
+        try:
+            self._fit_input(p)
+        except BaseException:
+            for key in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
+                delattr(self, key)
+            raise
         return self
 
     def predict(self, horizon: int) -> np.ndarray:
@@ -142,6 +134,25 @@ class Predictor(Estimator):
         self._fit(self.history_)
 
     # --- helpers -----------------------------------------------------------------------------
+    def _fit_input(self, p: Any) -> None:
+        """Check p (one run or a list of runs), keep its history and call `_fit_runs`."""
+        if isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(r, np.ndarray) and r.ndim >= 2 for r in p):
+            if not self.multi_run and len(p) > 1:
+                raise InputError(
+                    f"p: {self.name or type(self).__name__} fits one run, got a list of {len(p)}; "
+                    "pass one [T, L, E] array"
+                )
+            runs = [validate_proportions(r, f"p[{i}]") for i, r in enumerate(p)]
+            shapes = {r[0].shape[1:] for r in runs}
+            if len(shapes) != 1:
+                raise InputError(f"p: runs have different [L, E] shapes {sorted(shapes)}")
+            self._set_state(runs[-1][0], runs[-1][1])
+            self._fit_runs([r[0] for r in runs])
+        else:
+            arr, mask = validate_proportions(p)
+            self._set_state(arr, mask)
+            self._fit_runs([arr])
+
     def _set_state(self, p: np.ndarray, mask: np.ndarray) -> None:
         self.history_ = p
         self.mask_ = mask
