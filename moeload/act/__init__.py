@@ -5,8 +5,10 @@
 experts), each collectively over its expert-parallel group; `loop.py` (`Replacer`, both backends)
 applies plans during training when the cost model says they pay; `checkpoint.py` saves the maps in force
 beside a checkpoint and applies them before it loads (`layout_state_dict`, `apply_layout`,
-`record_layout` for a resumed tracer). Framework packages are imported only inside their backend;
-`Replacer`, `plan_maps` and the checkpoint functions (torch) are imported on first use.
+`record_layout` for a resumed tracer); `replicas.py` gives a DeepSpeed MoE layer copies of hot experts
+(`enable_replicas`, `add_replica`, `remove_replica`, `sync_replica_grads`). Framework packages are
+imported only inside their backend; `Replacer`, `plan_maps`, the checkpoint and the replica functions
+are imported on first use.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from typing import Any
 
 from moeload.act.permute import Moves, check_expert_to_rank, contiguous_expert_to_rank, phy2log, plan_moves
 
-__all__ = ["Moves", "Replacer", "apply_layout", "check_expert_to_rank", "contiguous_expert_to_rank",
-           "layout_state_dict", "phy2log", "plan_maps", "plan_moves", "record_layout"]
+__all__ = ["Moves", "Replacer", "add_replica", "apply_layout", "check_expert_to_rank", "contiguous_expert_to_rank",
+           "enable_replicas", "layout_state_dict", "phy2log", "plan_maps", "plan_moves", "record_layout",
+           "remove_replica", "sync_replica_grads"]
+_REPLICAS = ("add_replica", "enable_replicas", "remove_replica", "sync_replica_grads")  # replicas.py (DeepSpeed)
 
 
 def __getattr__(name: str) -> Any:
@@ -28,4 +32,8 @@ def __getattr__(name: str) -> Any:
         from moeload.act import checkpoint
 
         return getattr(checkpoint, name)
+    if name in _REPLICAS:
+        from moeload.act import replicas
+
+        return getattr(replicas, name)
     raise AttributeError(f"module 'moeload.act' has no attribute {name!r}")

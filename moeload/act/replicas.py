@@ -1,0 +1,257 @@
+"""Expert replicas for DeepSpeed MoE (`deepspeed.moe.layer.MoE`): a hot expert on two (or more) slots,
+its tokens split between the copies, the copies' gradients summed.
+
+The layer is built with `S = E + R` expert slots (`MoE(num_experts=S)`, S divisible by ep_size) while the
+router keeps E logical outputs: `enable_replicas(layer, E)` swaps its gate for a `ReplicaGate`. That gate
+routes exactly as DeepSpeed's `TopKGate` over E experts (it runs TopKGate's own forward: the same top-k,
+capacity, drops, l_aux, noise and RTS draws) and then sends each kept route of logical expert e to one
+of e's slots: its copies alternate by the route's position in e's capacity buffer (location l goes to
+copy l % n at location l // n). Slot s lives on EP rank s // (S / ep_size), as DeepSpeed's dispatch puts
+it. Which tokens drop is decided per logical expert before the split, so drops are those of the plain
+layer; the slot capacity is this step's largest slot count over the EP group (one more all-reduce), so
+no kept token is dropped by the split.
+
+Copies start identical (`add_replica` copies parameters, gradients and optimizer state from the
+primary, collectively over the EP group) and stay identical: `sync_replica_grads(model)` sums the
+copies' gradients over the EP group after backward, before `optimizer.step()` (once per step, after
+DeepSpeed's own gradient all-reduce), so each copy applies the whole expert's update.
+
+Initial layout: rank r's first E / ep_size slots hold logical experts r * E / ep_size, ... (the contiguous
+map of the plain layer), its other slots are free; `ReplicaGate.slot_expert` ([S], -1 free) is the map in
+force. The gate's `exp_counts` (and so a LoadTracer's routed counts) stay per logical expert [E];
+`slot_counts` holds the last forward's kept routes per slot [S].
+
+Not handled: ZeRO and fp16/bf16 optimizer wrappers; gradient clipping by the engine (copies count twice in
+its norm); `act.deepspeed.permute_experts` / `Replacer` on a replica layer (they assume one slot per expert).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.moe.sharded_moe import TopKGate
+
+from moeload.act._exchange import apply_slot, slot_payload
+from moeload.act.deepspeed import _torch_optimizer
+from moeload.errors import InputError
+
+
+class ReplicaGate(TopKGate):
+    """A TopKGate over E logical experts that dispatches to S >= E slots (see the module docstring).
+
+    slot_expert: [S] logical expert held by each slot, -1 for a free slot; every expert has >= 1 slot.
+    ep_size: the layer's; slot s is on EP rank s // (S / ep_size)."""
+
+    def __init__(self, gate: TopKGate, num_experts: int, slot_expert: list[int], ep_size: int) -> None:
+        super().__init__(gate.wg.in_features, num_experts, k=gate.k, capacity_factor=gate.capacity_factor,
+                         eval_capacity_factor=gate.eval_capacity_factor, min_capacity=gate.min_capacity,
+                         noisy_gate_policy=gate.noisy_gate_policy, drop_tokens=gate.drop_tokens,
+                         use_rts=gate.use_rts, ep_group=gate.ep_group,
+                         top2_2nd_expert_sampling=gate.top2_2nd_expert_sampling)
+        self.wg.to(device=gate.wg.weight.device, dtype=gate.wg.weight.dtype)
+        self.num_slots, self.ep_size = len(slot_expert), ep_size
+        self.slot_counts: torch.Tensor | None = None
+        self.set_slots(slot_expert)
+
+    def set_slots(self, slot_expert: list[int]) -> None:
+        """Install a slot map ([S] logical expert or -1); InputError unless every expert has a slot."""
+        E, S = self.wg.out_features, self.num_slots
+        a = np.asarray(slot_expert, dtype=np.int64)
+        if a.shape != (S,) or ((a < -1) | (a >= E)).any():
+            raise InputError(f"slot_expert: expected {S} entries in [-1, {E}), got {list(slot_expert)}")
+        missing = sorted(set(range(E)) - set(a.tolist()))
+        if missing:
+            raise InputError(f"slot_expert: experts {missing} have no slot")
+        copies = [self._order(np.flatnonzero(a == e).tolist(), e) for e in range(E)]
+        table = np.full((E, max(len(c) for c in copies)), -1, dtype=np.int64)
+        for e, c in enumerate(copies):
+            table[e, :len(c)] = c
+        self.slot_expert = [int(x) for x in a]
+        dev = self.wg.weight.device
+        self._copies = torch.as_tensor([len(c) for c in copies], device=dev)
+        self._copy_slot = torch.as_tensor(table, device=dev)
+
+    def _order(self, slots: list[int], expert: int) -> list[int]:
+        """Slots of `expert`, its home slot (the contiguous layout's) first where it holds it, then by id."""
+        L, Ls = self.wg.out_features // self.ep_size, self.num_slots // self.ep_size
+        home = expert // L * Ls + expert % L
+        return sorted(slots, key=lambda s: (s != home, s))
+
+    def copies(self, expert: int) -> list[int]:
+        """The slots holding logical expert `expert`, primary (the home slot, where it holds it) first;
+        tokens alternate between them in this order."""
+        return self._order([s for s, e in enumerate(self.slot_expert) if e == expert], expert)
+
+    def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None, sparse_routes: bool = False,
+                use_tutel: bool = False) -> Any:
+        l_aux, _, _, idx, loc, gates, exp_counts = super().forward(input, used_token, True, use_tutel)
+        e = idx.long()  # [k, T] logical expert of each route, -1 where capacity dropped it
+        kept = e >= 0
+        ec = e.clamp(min=0)
+        n = self._copies[ec]
+        slot = torch.where(kept, self._copy_slot[ec, loc.long() % n], -1)  # [k, T]
+        where = torch.where(kept, loc.long() // n, 0)  # [k, T] location in the slot's buffer
+        S = self.num_slots
+        counts = torch.zeros(S + 1, dtype=torch.int64, device=slot.device)
+        counts = counts.index_add_(0, torch.where(kept, slot, S).reshape(-1), torch.ones_like(slot).reshape(-1))[:S]
+        self.slot_counts = counts.detach()
+        capacity = counts.max().clamp(min=1)
+        if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
+            dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.ep_group)
+        if sparse_routes:
+            return l_aux, capacity, S, slot.to(torch.int32), where.to(torch.int32), gates, exp_counts
+        C, T = int(capacity), input.shape[0]  # the dense form of TopKGate: combine_weights [T, S, C]
+        combine = torch.zeros(T, S + 1, C, dtype=gates.dtype, device=gates.device)
+        tok = torch.arange(T, device=slot.device).expand_as(slot)
+        combine = combine.index_put((tok.reshape(-1), torch.where(kept, slot, S).reshape(-1), where.reshape(-1)),
+                                    gates.reshape(-1), accumulate=True)[:, :S]
+        return l_aux, combine, combine.bool(), exp_counts
+
+
+def _moe(layer: Any) -> Any:
+    moe = getattr(layer, "deepspeed_moe", layer)
+    if getattr(moe, "experts", None) is None or getattr(moe.experts, "deepspeed_experts", None) is None:
+        raise InputError(f"moe_layer: expected a deepspeed.moe.layer.MoE, got {type(layer).__name__}")
+    return moe
+
+
+def replica_gate(layer: Any) -> ReplicaGate:
+    """The ReplicaGate of a DeepSpeed MoE layer (InputError when `enable_replicas` was not called on it)."""
+    gate = getattr(_moe(layer), "gate", None)
+    if not isinstance(gate, ReplicaGate):
+        raise InputError("moe_layer: has no replica gate; call enable_replicas(layer, num_experts) first")
+    return gate
+
+
+def enable_replicas(moe_layer: Any, num_experts: int) -> ReplicaGate:
+    """Give a DeepSpeed MoE layer built with S expert slots (`MoE(num_experts=S)`) a router of
+    `num_experts` (E < S) logical experts: its TopKGate becomes a ReplicaGate with the same settings and
+    the contiguous layout (rank r's first E / ep_size slots hold its experts, the rest are free).
+
+    Call it before the optimizer (or `deepspeed.initialize`) is built: the gate gets a new weight [E, hidden].
+    The slots' parameters stay; copy the plain model's experts into the primary slots to continue it."""
+    moe = _moe(moe_layer)
+    S, ep = len(moe.experts.deepspeed_experts) * int(moe.ep_size), int(moe.ep_size)
+    if not (0 < num_experts < S) or num_experts % ep:
+        raise InputError(f"num_experts: expected a multiple of ep_size {ep} below the layer's {S} slots, got {num_experts}")
+    if isinstance(moe.gate, ReplicaGate):
+        raise InputError("moe_layer: replicas are already enabled")
+    L, Ls = num_experts // ep, S // ep
+    slot_expert = [r * L + j if j < L else -1 for r in range(ep) for j in range(Ls)]
+    moe.gate = ReplicaGate(moe.gate, num_experts, slot_expert, ep)
+    return moe.gate
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def add_replica(moe_layer: Any, expert: int, slot: int, optimizer: Any = None) -> dict:
+    """Make free `slot` a copy of logical `expert`, collectively over the layer's EP group (every rank
+    calls, with the same arguments, at a step boundary): the primary's parameters, gradients and
+    optimizer state (the torch optimizer or the DeepSpeed engine) are sent to the slot's rank.
+    -> {"expert", "slot", "src_slot", "bytes": what was copied, "seconds"}."""
+    t0 = time.perf_counter()
+    moe = _moe(moe_layer)
+    gate = replica_gate(moe)
+    experts = list(moe.experts.deepspeed_experts)
+    Ls, E = len(experts), gate.wg.out_features
+    if not (0 <= expert < E) or not (0 <= slot < gate.num_slots):
+        raise InputError(f"add_replica: expert must be in [0, {E}) and slot in [0, {gate.num_slots}), got {expert}, {slot}")
+    if gate.slot_expert[slot] != -1:
+        raise InputError(f"add_replica: slot {slot} holds expert {gate.slot_expert[slot]}; pick a free slot")
+    src = gate.copies(expert)[0]
+    (src_r, src_l), (dst_r, dst_l) = divmod(src, Ls), divmod(slot, Ls)
+    group = moe.ep_group
+    me = dist.get_rank(group) if moe.ep_size > 1 else 0
+    error, opt = "", None
+    meta: list[Any] = []
+    tensors: list[torch.Tensor] = []
+    try:
+        opt = _torch_optimizer(optimizer)
+        if opt is not None and me in (src_r, dst_r):
+            held = {id(p) for g in opt.param_groups for p in g["params"]}
+            if any(id(p) not in held for p in experts[src_l if me == src_r else dst_l].parameters()):
+                raise InputError("optimizer: does not hold this layer's expert parameters")
+        if me == src_r:
+            meta, tensors = slot_payload(experts[src_l], opt)
+    except InputError as e:
+        error = str(e)
+    shared: list[Any] = [(error, meta)]
+    if moe.ep_size > 1:
+        shared = [None] * int(moe.ep_size)  # filled by all_gather_object
+        dist.all_gather_object(shared, (error, meta), group=group)
+    errors = [f"rank {r}: {err}" for r, (err, _) in enumerate(shared) if err]
+    if errors:
+        raise InputError(error or errors[0])
+    meta = shared[src_r][1]
+    if src_r == dst_r:
+        if me == dst_r:
+            apply_slot(experts[dst_l], opt, meta, [t.clone() for t in tensors])
+    elif me == src_r:
+        for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, t, dist.get_global_rank(group, dst_r), group)
+                                         for t in tensors]):
+            w.wait()
+    elif me == dst_r:
+        device = next(experts[dst_l].parameters()).device
+        tensors = [torch.empty(shape, dtype=getattr(torch, dt), device=device) for _, _, _, shape, dt, _ in meta]
+        for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, t, dist.get_global_rank(group, src_r), group)
+                                         for t in tensors]):
+            w.wait()
+        apply_slot(experts[dst_l], opt, meta, tensors)
+    gate.set_slots([expert if s == slot else e for s, e in enumerate(gate.slot_expert)])
+    n = sum(int(np.prod(m[3])) * torch.empty(0, dtype=getattr(torch, m[4])).element_size() for m in meta)
+    return {"expert": expert, "slot": slot, "src_slot": src, "bytes": n, "seconds": time.perf_counter() - t0}
+
+
+def remove_replica(moe_layer: Any, slot: int) -> None:
+    """Free `slot`, a copy of an expert that has another copy (every rank of the EP group calls it, with
+    the same slot; nothing is sent). Its parameters stay; the next `add_replica` there overwrites them."""
+    gate = replica_gate(moe_layer)
+    e = gate.slot_expert[slot] if 0 <= slot < gate.num_slots else -1
+    if e < 0 or len(gate.copies(e)) < 2:
+        raise InputError(f"remove_replica: slot {slot} is not a copy of an expert with another copy")
+    gate.set_slots([-1 if s == slot else x for s, x in enumerate(gate.slot_expert)])
+
+
+def sync_replica_grads(model: Any) -> dict:
+    """Sum the gradients of every replicated expert's copies over its layer's EP group, so that each
+    copy holds the whole expert's gradient (a collective: every rank calls, after backward and DeepSpeed's
+    gradient all-reduce, before `optimizer.step()`, once per step). model: the engine, a module, or one
+    MoE layer. -> {"experts": replicated experts synced, "bytes": gradient bytes all-reduced per rank,
+    "seconds"}."""
+    t0 = time.perf_counter()
+    while hasattr(model, "module") and hasattr(model.module, "named_modules"):
+        model = model.module
+    layers = [m for m in model.modules() if isinstance(getattr(m, "gate", None), ReplicaGate)]
+    synced, nbytes = 0, 0
+    for moe in layers:
+        gate, experts = moe.gate, list(moe.experts.deepspeed_experts)
+        Ls = len(experts)
+        me = dist.get_rank(moe.ep_group) if moe.ep_size > 1 else 0
+        hot = [e for e in range(gate.wg.out_features) if len(gate.copies(e)) > 1]
+        if not hot:
+            continue
+        first = list(experts[0].parameters())
+        buf = torch.zeros(len(hot), sum(p.numel() for p in first), dtype=first[0].dtype, device=first[0].device)
+        mine = {e: [experts[s % Ls] for s in gate.copies(e) if s // Ls == me] for e in hot}
+        for i, e in enumerate(hot):
+            for ex in mine[e]:
+                buf[i] += torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                     for p in ex.parameters()])
+        if moe.ep_size > 1:
+            dist.all_reduce(buf, group=moe.ep_group)
+        for i, e in enumerate(hot):
+            for ex in mine[e]:
+                for p, g in zip(ex.parameters(), buf[i].split([p.numel() for p in ex.parameters()])):
+                    if p.grad is None:
+                        p.grad = g.view_as(p).clone()
+                    else:
+                        p.grad.copy_(g.view_as(p))
+        synced += len(hot)
+        nbytes += _nbytes([buf])
+    return {"experts": synced, "bytes": nbytes, "seconds": time.perf_counter() - t0}
