@@ -238,7 +238,7 @@ class Arima(Predictor):
         w, scale, fit_ok = self._prepare()
         n, T = w.shape
         params = np.zeros((n, p + q))
-        self._resid = np.zeros((n, max(q, 1)))
+        self.resid_ = np.zeros((n, max(q, 1)))
         idx = np.flatnonzero(fit_ok)
         chunk = max(1, int(2e7 // max(T * (p + q + 1), 1)))
         for lo in range(0, idx.size, chunk):
@@ -246,23 +246,23 @@ class Arima(Predictor):
             beta, e = css_fit(w[sel], p, q, maxiter=maxiter)
             params[sel] = beta
             if q:
-                self._resid[sel] = e[:, -q:]
+                self.resid_[sel] = e[:, -q:]
         self.params_ = params
-        self._w, self._fit_ok = w, fit_ok
+        self.diffed_, self.fittable_ = w, fit_ok
 
     def _predict(self, horizon: int) -> np.ndarray:
         p, d, q = self.order_
         y = self.series_
         fc = self._fallback(horizon)
         if self.params_ is not None:  # engine_ == "batched"
-            ok = self._fit_ok
+            ok = self.fittable_
             if ok.any():
-                w, scale = self._w[ok], self._prepare()[1][ok]
-                f = arma_forecast(w, self._resid[ok], self.params_[ok], p, q, horizon) * scale[:, None]
+                w, scale = self.diffed_[ok], self._prepare()[1][ok]
+                f = arma_forecast(w, self.resid_[ok], self.params_[ok], p, q, horizon) * scale[:, None]
                 fc[ok] = self._levels(y[ok], f, d)
         else:
-            for i, res in self._sm_results.items():
-                fc[i] = np.asarray(res.forecast(horizon)) * self._scale[i]
+            for i, res in self.sm_results_.items():
+                fc[i] = np.asarray(res.forecast(horizon)) * self.scale_[i]
         L, E = self.history_.shape[1:]
         return fc.T.reshape(horizon, L, E)
 
@@ -284,8 +284,8 @@ class Arima(Predictor):
         return _undifference(y, f, d)
 
     def _fit_statsmodels(self) -> None:
-        _, self._scale, ok = self._prepare()
-        self._sm_results = {int(i): statsmodels_fit(self.series_[i] / self._scale[i], self.order_)
+        _, self.scale_, ok = self._prepare()
+        self.sm_results_ = {int(i): statsmodels_fit(self.series_[i] / self.scale_[i], self.order_)
                             for i in np.flatnonzero(ok)}
 
 
