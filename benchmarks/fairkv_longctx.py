@@ -79,7 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--contexts", default="16384,32768,65536,131072", help="comma-separated context lengths")
     ap.add_argument("--prompts", type=int, default=4, help="prompts (distinct runs of the validation split)")
     ap.add_argument("--window", type=int, default=32, help="observation window: last queries scored")
-    ap.add_argument("--budget", default="2048", help="mean keys per KV head: an integer, or a percentage like 20%%")
+    ap.add_argument("--budget", default="2048,20%",
+                    help="mean keys per KV head: integers or percentages of the context, comma-separated; "
+                         "the first gives budgets_ctx{N}.npy, the others budgets_ctx{N}_{tag}.npy")
     ap.add_argument("--alpha", type=float, default=0.2, help="Ada-KV safeguard floor fraction")
     ap.add_argument("--pool", type=int, default=7, help="max-pool kernel over key scores (odd; 0: none)")
     ap.add_argument("--tail", type=int, default=1024, help="bytes at the end of each prompt whose loss is reported")
@@ -90,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seq_len, args.batch, args.warmup, args.val_batches, args.tail = 128, 4, 5, 2, 64
         if args.contexts == ap.get_default("contexts"):
             args.contexts = "256,512"
-        if args.budget == ap.get_default("budget"):
+        if args.budget == ap.get_default("budget"):  # 20% of 224 or 480 keys
             args.budget = "20%"
     if args.minutes is None:
         args.minutes = 1 / 3 if args.tiny else 5.0
@@ -103,8 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not ok:
             ap.error(f"{name}: not usable (q/kv heads {args.q_heads}/{args.kv_heads}, head dim {args.head_dim}, "
                      f"contexts {args.contexts}, window {args.window}, pool {args.pool}, prompts {args.prompts})")
+    args.budgets = [b.strip() for b in str(args.budget).split(",") if b.strip()]
     try:
-        budget_per_head(args.budget, min(args.contexts) - args.window)
+        if not args.budgets:
+            raise ValueError("no budget given")
+        for spec in args.budgets:
+            budget_per_head(spec, min(args.contexts) - args.window)
     except ValueError as e:
         ap.error(f"--budget: {e}")
     return args
@@ -113,7 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def budget_per_head(spec: str, keys: int) -> int:
     """Mean keys per head for `keys` scored keys: `spec` "2048" or "20%" -> int in [1, keys]."""
     s = str(spec).strip()
-    b = round(float(s[:-1]) / 100 * keys) if s.endswith("%") else int(s)
+    try:
+        b = round(float(s[:-1]) / 100 * keys) if s.endswith("%") else int(s)
+    except ValueError:
+        raise ValueError(f"{spec!r}: expected an integer or a percentage like 20%") from None
     if b < 1:
         raise ValueError(f"{spec!r} gives {b} keys per head, expected >= 1")
     return min(b, keys)
@@ -440,20 +449,26 @@ def consistency(per_prompt: np.ndarray) -> float | None:
     return round(float(c[np.triu_indices_from(c, 1)].mean()), 4)
 
 
-def context_budgets(model, args, torch, device, val, prompts: list[dict], n: int) -> tuple[np.ndarray, list[float]]:
-    """Per-prompt budgets `[P, L, H_kv]` int64 at context `n`, and each prompt's tail loss."""
-    per_head = budget_per_head(args.budget, n - args.window)
-    out, tails = [], []
+def context_budgets(model, args, torch, device, val, prompts: list[dict], n: int) -> tuple[dict, list[float]]:
+    """Per-prompt budgets `[P, L, H_kv]` int64 at context `n` for each --budget spec, and each prompt's tail loss."""
+    out: dict[str, list[np.ndarray]] = {spec: [] for spec in args.budgets}
+    tails = []
     for p in prompts:
         scores, tail = prompt_scores(model, args, torch, device, val[p["start"]:p["start"] + n])
-        out.append(allocate(scores, per_head, args.alpha))
+        for spec in args.budgets:
+            out[spec].append(allocate(scores, budget_per_head(spec, n - args.window), args.alpha))
         tails.append(round(tail, 4))
-    return np.stack(out), tails
+    return {spec: np.stack(v) for spec, v in out.items()}, tails
 
 
-def summarise(per_prompt: np.ndarray, n: int, args) -> dict:
+def file_tag(spec: str) -> str:
+    """File name part of a budget spec: "20%" -> "pct20", "1024" -> "b1024"."""
+    return f"pct{spec.rstrip('%')}" if spec.endswith("%") else f"b{spec}"
+
+
+def summarise(per_prompt: np.ndarray, n: int, args, spec: str) -> dict:
     mean = per_prompt.mean(0)
-    return {"keys_scored": n - args.window, "budget_per_head": budget_per_head(args.budget, n - args.window),
+    return {"budget": spec, "keys_scored": n - args.window, "budget_per_head": budget_per_head(spec, n - args.window),
             "total_per_layer": int(per_prompt[0, 0].sum()), "stats_of_mean": layer_stats(mean),
             "stats_per_prompt_mean": {k: round(float(np.mean([layer_stats(b)["over_layers"][k] for b in per_prompt])), 4)
                                       for k in layer_stats(mean)["over_layers"]},
@@ -530,7 +545,7 @@ def run(args, results: dict, write) -> None:
     torch.manual_seed(args.seed)
     tokens, train_data, val = corpus_splits()
     prompts = prompt_starts(tokens, val, max(args.contexts), args.prompts)
-    results["prompts"] = prompts
+    results["prompts"] = prompts  # context N of a prompt is its first N bytes (shorter contexts are prefixes)
     results["sdpa"] = sdpa = probe_sdpa(torch, device, args)
     model = build_model(args, torch).to(device)
     for m in model.modules():
@@ -545,8 +560,9 @@ def run(args, results: dict, write) -> None:
     control = None
     n0 = args.contexts[0]
     try:  # untrained control at the first context
-        control, _ = context_budgets(model, args, torch, device, val, prompts, n0)
-        results["init_control"] = {"context": n0, **summarise(control, n0, args)}
+        controls, _ = context_budgets(model, args, torch, device, val, prompts, n0)
+        control = controls[args.budgets[0]]
+        results["init_control"] = {"context": n0, **summarise(control, n0, args, args.budgets[0])}
     except torch.cuda.OutOfMemoryError as e:
         results["init_control"] = {"context": n0, "status": "oom", "error": str(e).splitlines()[0][:300]}
     results["train"] = train(model, args, torch, device, train_data, val)
@@ -556,7 +572,7 @@ def run(args, results: dict, write) -> None:
         t0 = time.perf_counter()
         oom = None
         try:
-            per_prompt, tails = context_budgets(model, args, torch, device, val, prompts, n)
+            by_spec, tails = context_budgets(model, args, torch, device, val, prompts, n)
         except torch.cuda.OutOfMemoryError as e:
             oom = str(e).splitlines()[0][:300]
         if oom is not None:
@@ -568,21 +584,26 @@ def run(args, results: dict, write) -> None:
             continue
         if device.type == "cuda":
             results.setdefault("peak_gpu_gib", {})[str(n)] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        mean = per_prompt.mean(0)
-        np.save(args.out / f"budgets_ctx{n}.npy", mean)
-        np.save(args.out / f"budgets_ctx{n}_per_prompt.npy", per_prompt)
-        arrays[n] = per_prompt
-        try:
-            tp = tp_imbalance(mean)
-        except Exception as e:  # the statistic is a bonus; the budgets are saved already
-            tp = {"error": f"{type(e).__name__}: {e}"}
-        results["contexts"][str(n)] = {"status": "ok", **summarise(per_prompt, n, args), "tail_loss": tails,
-                                       "tp_imbalance_mean": tp, "seconds": round(time.perf_counter() - t0, 2),
-                                       "files": [f"budgets_ctx{n}.npy", f"budgets_ctx{n}_per_prompt.npy"]}
-        ov = results["contexts"][str(n)]["stats_of_mean"]["over_layers"]
-        print(f"context {n}: {results['contexts'][str(n)]['budget_per_head']} keys/head, max/mean "
-              f"{ov['max_over_mean']:.3f}, CV {ov['cv']:.3f}, Gini {ov['gini']:.3f}, top-25% share "
-              f"{ov['top25_share']:.3f}, tail loss {np.mean(tails):.3f}, {time.perf_counter() - t0:.1f} s", flush=True)
+        entries = []
+        for i, (spec, per_prompt) in enumerate(by_spec.items()):
+            stem = f"budgets_ctx{n}" if i == 0 else f"budgets_ctx{n}_{file_tag(spec)}"
+            mean = per_prompt.mean(0)
+            np.save(args.out / f"{stem}.npy", mean)
+            np.save(args.out / f"{stem}_per_prompt.npy", per_prompt)
+            try:
+                tp = tp_imbalance(mean)
+            except Exception as e:  # the statistic is a bonus; the budgets are saved already
+                tp = {"error": f"{type(e).__name__}: {e}"}
+            entries.append({**summarise(per_prompt, n, args, spec), "tp_imbalance_mean": tp,
+                            "files": [f"{stem}.npy", f"{stem}_per_prompt.npy"]})
+            ov = entries[-1]["stats_of_mean"]["over_layers"]
+            print(f"context {n}: {entries[-1]['budget_per_head']} keys/head ({spec}), max/mean "
+                  f"{ov['max_over_mean']:.3f}, CV {ov['cv']:.3f}, Gini {ov['gini']:.3f}, top-25% share "
+                  f"{ov['top25_share']:.3f}, tail loss {np.mean(tails):.3f}", flush=True)
+        arrays[n] = by_spec[args.budgets[0]]
+        results["contexts"][str(n)] = {"status": "ok", **entries[0], "tail_loss": tails,
+                                       "other_budgets": {e["budget"]: e for e in entries[1:]},
+                                       "seconds": round(time.perf_counter() - t0, 2)}
         write()
     figure(results, arrays, control, args.out / "fairkv_longctx_budgets.png")
     results["figure"] = "fairkv_longctx_budgets.png"

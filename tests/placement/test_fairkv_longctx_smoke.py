@@ -64,8 +64,10 @@ def test_allocate_is_adakv_budgets_of_the_score_rows(mod):
 def test_budget_spec_and_statistics(mod):
     assert mod.budget_per_head("20%", 480) == 96
     assert mod.budget_per_head("2048", 1000) == 1000  # a head cannot keep more keys than exist
-    with pytest.raises(ValueError):
-        mod.budget_per_head("0", 100)
+    for bad in ("0", "many", "0.1%"):
+        with pytest.raises(ValueError):
+            mod.budget_per_head(bad, 100)
+    assert mod.file_tag("20%") == "pct20" and mod.file_tag("1024") == "b1024"
     assert mod.gini(np.ones(4)) == pytest.approx(0.0)
     assert mod.gini(np.array([0, 0, 0, 1.0])) == pytest.approx(0.75)
     st = mod.layer_stats(np.array([[1.0, 1, 1, 5], [2, 2, 2, 2]]))
@@ -74,7 +76,7 @@ def test_budget_spec_and_statistics(mod):
 
 
 def test_tiny_run_writes_conserved_budgets_that_fairkv_decode_reads(mod, tmp_path):
-    res = mod.main(["--tiny", "--device", "cpu", "--steps", "8", "--out", str(tmp_path)])
+    res = mod.main(["--tiny", "--device", "cpu", "--steps", "8", "--budget", "20%,64", "--out", str(tmp_path)])
     cfg = res["config"]
     L, H, P = cfg["layers"], cfg["kv_heads"], len(res["prompts"])
     assert "error" not in res and P == cfg["prompts"] == 4
@@ -95,9 +97,30 @@ def test_tiny_run_writes_conserved_budgets_that_fairkv_decode_reads(mod, tmp_pat
         np.testing.assert_allclose(mean.sum(1), total)
         np.testing.assert_allclose(mean, per.mean(0))
         assert len(st["tail_loss"]) == P and all(np.isfinite(st["tail_loss"]))
+        other = st["other_budgets"]["64"]  # the second --budget: 64 keys per head, its own files
+        per64 = np.load(tmp_path / f"budgets_ctx{n}_b64_per_prompt.npy")
+        assert other["budget_per_head"] == 64 and other["files"][0] == f"budgets_ctx{n}_b64.npy"
+        np.testing.assert_array_equal(per64.sum(2), 64 * H)
+        np.testing.assert_allclose(np.load(tmp_path / f"budgets_ctx{n}_b64.npy"), per64.mean(0))
         args = decode.parse_args(["--device", "cpu", "--tiny", "--budgets", str(tmp_path / f"budgets_ctx{n}.npy"),
                                   "--out", "x"])
         lengths = decode.head_lengths(args)
         assert lengths.shape == (L, H) and np.all(lengths.sum(1) == args.kv_mean * H)
     ctl = res["init_control"]
     assert ctl["context"] == 256 and ctl["total_per_layer"] == res["contexts"]["256"]["total_per_layer"]
+
+
+def test_a_context_out_of_memory_is_reported_and_skipped(mod, tmp_path, monkeypatch):
+    real = mod.context_budgets
+
+    def short_of_memory(model, args, torch_, device, val, prompts, n):
+        if n == 512:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, args, torch_, device, val, prompts, n)
+
+    monkeypatch.setattr(mod, "context_budgets", short_of_memory)
+    res = mod.main(["--tiny", "--device", "cpu", "--steps", "2", "--out", str(tmp_path)])
+    assert res["contexts"]["512"] == {"status": "oom", "error": "CUDA out of memory (simulated)"}
+    assert res["contexts"]["256"]["status"] == "ok" and (tmp_path / "budgets_ctx256.npy").is_file()
+    assert not (tmp_path / "budgets_ctx512.npy").exists() and (tmp_path / "fairkv_longctx_budgets.png").is_file()
+    assert json.loads((tmp_path / "fairkv_longctx.json").read_text())["contexts"]["512"]["status"] == "oom"
