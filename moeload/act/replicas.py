@@ -19,7 +19,8 @@ DeepSpeed's own gradient all-reduce), so each copy applies the whole expert's up
 Initial layout: rank r's first E / ep_size slots hold logical experts r * E / ep_size, ... (the contiguous
 map of the plain layer), its other slots are free; `ReplicaGate.slot_expert` ([S], -1 free) is the map in
 force. The gate's `exp_counts` (and so a LoadTracer's routed counts) stay per logical expert [E];
-`slot_counts` holds the last forward's kept routes per slot [S].
+`slot_counts` holds the last forward's kept routes per slot [S]. The slot map is saved in the layer's
+state_dict (the gate's extra state) and installed by load_state_dict.
 
 Not handled: ZeRO and fp16/bf16 optimizer wrappers; gradient clipping by the engine (copies count twice in
 its norm); `act.deepspeed.permute_experts` / `Replacer` on a replica layer (they assume one slot per expert).
@@ -71,9 +72,17 @@ class ReplicaGate(TopKGate):
         for e, c in enumerate(copies):
             table[e, :len(c)] = c
         self.slot_expert = [int(x) for x in a]
-        dev = self.wg.weight.device
-        self._copies = torch.as_tensor([len(c) for c in copies], device=dev)
-        self._copy_slot = torch.as_tensor(table, device=dev)
+        dev = self.wg.weight.device  # buffers (not saved): they follow the module to its device
+        self.register_buffer("_copies", torch.as_tensor([len(c) for c in copies], device=dev), persistent=False)
+        self.register_buffer("_copy_slot", torch.as_tensor(table, device=dev), persistent=False)
+
+    def get_extra_state(self) -> dict:
+        """The slot map goes into the layer's state_dict ("...gate._extra_state")."""
+        return {"slot_expert": list(self.slot_expert)}
+
+    def set_extra_state(self, state: dict) -> None:
+        """load_state_dict installs the saved slot map (the slots' tensors load by slot beside it)."""
+        self.set_slots(state["slot_expert"])
 
     def _order(self, slots: list[int], expert: int) -> list[int]:
         """Slots of `expert`, its home slot (the contiguous layout's) first where it holds it, then by id."""
@@ -140,6 +149,9 @@ def enable_replicas(moe_layer: Any, num_experts: int) -> ReplicaGate:
         raise InputError(f"num_experts: expected a multiple of ep_size {ep} below the layer's {S} slots, got {num_experts}")
     if isinstance(moe.gate, ReplicaGate):
         raise InputError("moe_layer: replicas are already enabled")
+    if moe.ep_group is not None:
+        raise InputError("moe_layer: its expert-parallel group is set, so its engine exists; call enable_replicas "
+                         "before deepspeed.initialize (the gate gets a new weight the optimizer must hold)")
     L, Ls = num_experts // ep, S // ep
     slot_expert = [r * L + j if j < L else -1 for r in range(ep) for j in range(Ls)]
     moe.gate = ReplicaGate(moe.gate, num_experts, slot_expert, ep)

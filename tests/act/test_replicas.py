@@ -219,9 +219,10 @@ def test_enable_replicas_refuses_bad_arguments():
         remove_replica(moe, 0)
 
 
-def test_one_process_layer_and_dense_gate_form():
+def test_one_process_layer_dense_gate_form_and_state_dict():
     """ep_size 1, no process group: a replica layer computes the plain layer's output (top-2 with drops); the
-    gate's dense form (TopKGate called on its own) gives each logical expert the plain gate's weights."""
+    gate's dense form (TopKGate called on its own) gives each logical expert the plain gate's weights; the
+    slot map is saved in the state_dict and loaded from it."""
     import torch
     from deepspeed.moe.layer import MoE
 
@@ -253,6 +254,12 @@ def test_one_process_layer_and_dense_gate_form():
     by_expert = torch.stack([combine_rep[:, [s for s, e in enumerate(gate.slot_expert) if e == le]].sum((1, 2))
                              for le in range(4)], 1)
     torch.testing.assert_close(by_expert, combine.sum(-1), rtol=0, atol=0)
+    # the slot map travels in the layer's state_dict: a fresh replica layer loads it with the tensors
+    fresh = MoE(h, ex, num_experts=6, **kw)
+    enable_replicas(fresh, 4)
+    fresh.load_state_dict(rep.state_dict())
+    assert fresh.deepspeed_moe.gate.slot_expert == [0, 1, 2, 3, 1, -1]
+    torch.testing.assert_close(fresh(x)[0], y_rep, rtol=0, atol=0)
 
 
 if __name__ == "__main__":
