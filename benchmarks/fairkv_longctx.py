@@ -21,11 +21,13 @@ the query heads of each KV group; then max-pooling over key positions (--pool, 7
 `AdaptiveSnapKVCluster`; 0 disables it). The window's own keys are kept by every head and not
 counted. The allocation is `moeload.placement.adakv_budgets` (floor alpha, then one top-k across the
 layer's heads; its docstring states the rule): each layer keeps --budget keys per KV head on average
-(a number, or a percentage of the context). Budgets of an untrained copy of the model (same seed) at
-the first context are a control.
+(a number, or a percentage of the context; several, comma-separated, share one scoring pass; default
+2048 and 20%). Budgets of the untrained model (same seed, before training) at the first context are
+a control: they show what training, not the architecture, made uneven.
 
-Writes to --out: budgets_ctx{N}.npy [L, H_kv] (mean over prompts; accepted by
-`fairkv_decode.py --budgets`), budgets_ctx{N}_per_prompt.npy [P, L, H_kv] (int64), fairkv_longctx.json
+Writes to --out: budgets_ctx{N}.npy [L, H_kv] (first --budget, mean over prompts; accepted by
+`fairkv_decode.py --budgets`), budgets_ctx{N}_per_prompt.npy [P, L, H_kv] (int64), the same pair as
+budgets_ctx{N}_{pct20,b1024,...}[_per_prompt].npy for the other --budget specs, fairkv_longctx.json
 (provenance, losses, per-context statistics) and fairkv_longctx_budgets.png. A context that runs out
 of GPU memory is reported and skipped; the JSON is written in any case.
 
