@@ -260,7 +260,7 @@ def run(args) -> dict:
     import torch
     from torch.nn.attention.flex_attention import flex_attention
 
-    from moeload.placement.heads import head_plans, split_requests
+    from moeload.placement.heads import head_plans, rank_slots, split_requests
 
     device = torch.device(args.device)
     if args.tiny:
@@ -321,6 +321,7 @@ def run(args) -> dict:
                     "step_ms": float(ms[kernel].max(axis=1).sum()) if ok else None,
                     "rank_ms": ms[kernel].tolist() if ok else None,
                     "rank_work": work.tolist(), "rank_pairs": pairs.tolist(), "sim_rank_load": sim.tolist(),
+                    "rank_slots": rank_slots(pl, per_slot).tolist(),
                     "total_work": int(work.sum()), "imbalance": float(pl.imbalance.mean()),
                     "work_imbalance": float((work.max(1) / work.mean(1)).mean()),
                     "max_rank_kv_gb": float(work.max(1).sum() * 2 * args.head_dim * elem / 1e9),

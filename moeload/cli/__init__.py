@@ -41,7 +41,7 @@ def _root(
 def _register() -> None:
     import importlib
 
-    from moeload.cli import advise, check, export, figures, forecast, importing, info
+    from moeload.cli import advise, check, export, figures, forecast, heads, importing, info
 
     info.register(app)
     advise.register(app)
@@ -50,6 +50,7 @@ def _register() -> None:
     export.register(app)
     figures.register(app)
     importing.register(app)
+    heads.register(app)
     try:
         demo = importlib.import_module("moeload.cli.demo")
     except ModuleNotFoundError as e:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from moeload.placement._placement import Evaluation, Placement, imbalance_of
 from moeload.placement._registry import available, options, plan
-from moeload.placement.heads import adakv_budgets, head_placement_table
+from moeload.placement.heads import DecodeCost, adakv_budgets, head_decode_table, head_placement_table
 from moeload.placement.replay import ReplayResult, compare, replay
 
 __all__ = [
-    "Evaluation", "Placement", "ReplayResult", "adakv_budgets", "available", "compare",
-    "head_placement_table", "imbalance_of", "options", "plan", "replay",
+    "DecodeCost", "Evaluation", "Placement", "ReplayResult", "adakv_budgets", "available", "compare",
+    "head_decode_table", "head_placement_table", "imbalance_of", "options", "plan", "replay",
 ]

@@ -10,6 +10,7 @@ allocation; `head_placement_table` compares standard TP, FairKV best-effort and 
 
 from __future__ import annotations
 
+import dataclasses
 from fractions import Fraction
 from typing import Any
 
@@ -172,3 +173,113 @@ def head_placement_table(
             rows.append({"tp": tp, "strategy": name, "slots": pl.num_replicas,
                          "imbalance_mean": float(pl.imbalance.mean()), "imbalance_max": float(pl.imbalance.max())})
     return pd.DataFrame(rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCost:
+    """Time of one TP rank's decode attention in one layer: `fixed_s + per_slot_s * slots + bytes / bandwidth`.
+
+    `slots` counts the head copies on the rank that serve at least one request (one attention call
+    each); bytes are the keys and values it reads, `work * 2 * head_dim * dtype_bytes` (work =
+    requests x keys, `rank_work`). The simulator of `Placement.imbalance` is this model with
+    `fixed_s = per_slot_s = 0`: time proportional to KV. Default constants: one H200, bf16, head
+    dim 128, one SDPA call (enable_gqa) per head copy, fit by least squares on the per-rank times of
+    two `benchmarks/fairkv_decode.py` runs (skew 0.5 and 1.0, TP 2/4/8, 64 requests x 8,192 keys;
+    docs/placement.md, "Fair-Copying measured"); on four other runs it predicted the measured
+    speedups within 0.09 and their ranking. Refit for another GPU or kernel with `DecodeCost.fit`.
+    """
+
+    fixed_s: float = 10.0e-6
+    per_slot_s: float = 11.3e-6
+    bandwidth: float = 4.6e12  # bytes per second
+    head_dim: int = 128
+    dtype_bytes: int = 2
+
+    def __post_init__(self) -> None:
+        if not (self.fixed_s >= 0 and self.per_slot_s >= 0 and self.bandwidth > 0):
+            raise InputError(f"DecodeCost: expected fixed_s >= 0, per_slot_s >= 0, bandwidth > 0, got {self}")
+        if self.head_dim < 1 or self.dtype_bytes < 1:
+            raise InputError(f"DecodeCost: expected head_dim >= 1 and dtype_bytes >= 1, got {self}")
+
+    @property
+    def bytes_per_key(self) -> int:
+        return 2 * self.head_dim * self.dtype_bytes  # a key and a value
+
+    def rank_seconds(self, work: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Seconds per (layer, rank): work, slots: `[L, G]` (requests x keys; calls)."""
+        w, s = np.asarray(work, dtype=np.float64), np.asarray(slots, dtype=np.float64)
+        busy = (w > 0) | (s > 0)
+        return np.where(busy, self.fixed_s + self.per_slot_s * s + w * self.bytes_per_key / self.bandwidth, 0.0)
+
+    def step_seconds(self, placement: Placement, lengths: np.ndarray, per_slot: np.ndarray) -> float:
+        """Decode attention time of one step: over layers, the slowest rank (ranks meet at each
+        layer's all-reduce). lengths: `[L, E]` keys per head; per_slot: `[L, R]` (`split_requests`)."""
+        work = rank_work(placement, lengths, per_slot)
+        return float(self.rank_seconds(work, rank_slots(placement, per_slot)).max(axis=1).sum())
+
+    @classmethod
+    def fit(cls, work: np.ndarray, slots: np.ndarray, seconds: np.ndarray, *, head_dim: int = 128,
+            dtype_bytes: int = 2) -> DecodeCost:
+        """Least-squares constants from measured per-rank times: work, slots, seconds of equal shape.
+
+        Coefficients that come out negative (noise on a term the data cannot resolve) are clipped to 0.
+        """
+        w, s, t = (np.ravel(np.asarray(x, dtype=np.float64)) for x in (work, slots, seconds))
+        if not (w.shape == s.shape == t.shape) or w.size < 3:
+            raise InputError(f"DecodeCost.fit: expected >= 3 measurements of equal shape, got {w.size}, {s.size}, {t.size}")
+        a = np.stack([np.ones_like(w), s, w], axis=1)
+        (fixed, per_slot, per_key), *_ = np.linalg.lstsq(a, t, rcond=None)
+        if per_key <= 0:
+            raise InputError("DecodeCost.fit: time does not grow with work in these measurements; no bandwidth to fit")
+        bytes_per_key = 2 * head_dim * dtype_bytes
+        return cls(max(float(fixed), 0.0), max(float(per_slot), 0.0), bytes_per_key / float(per_key), head_dim, dtype_bytes)
+
+
+def rank_slots(placement: Placement, per_slot: np.ndarray) -> np.ndarray:
+    """Head copies on each rank that serve at least one request: `[L, G]` int64 (one call each)."""
+    busy = (np.asarray(per_slot) > 0).astype(np.int64)
+    if busy.shape != placement.phy2log.shape:
+        raise InputError(f"per_slot: expected shape {placement.phy2log.shape}, got {busy.shape}")
+    return gpu_loads(busy, placement.num_gpus).astype(np.int64)
+
+
+def head_decode_table(
+    budgets: np.ndarray,
+    requests: int,
+    tp_sizes: tuple[int, ...] = (2, 4, 8),
+    *,
+    cost: DecodeCost | None = None,
+    extra_per_gpu: int = 1,
+    exact_time_limit: float | None = 5.0,
+) -> pd.DataFrame:
+    """Where Fair-Copying pays: predicted decode attention time of each head plan.
+
+    budgets: `[L, H]` keys each KV head keeps (Ada-KV budgets); every head serves `requests`
+    decode requests of that length. One row per TP size and strategy (`head_plans`): `sim_speedup`
+    (over standard TP, time proportional to KV: the simulator), `step_ms` and `speedup` under `cost`
+    (default `DecodeCost()`, one H200), and `best` (the fastest strategy of its TP size under
+    `cost`). Copies cost a call each and split whole requests (`split_requests`), so with little KV
+    per rank the extra calls can cost more than the imbalance they remove.
+    """
+    cost = DecodeCost() if cost is None else cost
+    b = np.asarray(budgets, dtype=np.float64)
+    if b.ndim == 1:
+        b = b[None]
+    if b.ndim != 2 or np.any(b < 0) or not np.all(np.isfinite(b)):
+        raise InputError(f"budgets: expected finite non-negative [L, H], got shape {np.shape(budgets)}")
+    if isinstance(requests, bool) or not isinstance(requests, (int, np.integer)) or requests < 1:
+        raise InputError(f"requests: expected a positive integer, got {requests!r}")
+    rows = []
+    for tp in tp_sizes:
+        plans = head_plans(b * requests, tp, extra_per_gpu=extra_per_gpu, exact_time_limit=exact_time_limit)
+        for name, pl in plans.items():
+            per_slot = split_requests(pl, int(requests))
+            rows.append({"tp": tp, "strategy": name, "slots": pl.num_replicas,
+                         "sim_step": float(pl.gpu_load.max(axis=1).sum()),
+                         "step_ms": 1e3 * cost.step_seconds(pl, b, per_slot)})
+    df = pd.DataFrame(rows)
+    base = df[df.strategy == "standard"].set_index("tp")
+    df["sim_speedup"] = df.tp.map(base.sim_step) / df.sim_step
+    df["speedup"] = df.tp.map(base.step_ms) / df.step_ms
+    df["best"] = df.step_ms == df.groupby("tp").step_ms.transform("min")
+    return df.drop(columns="sim_step")
