@@ -7,26 +7,51 @@ both arms equally and the overhead is a mean of paired differences:
 
     overhead % = mean(t_traced - t_plain) / mean(t_plain) * 100, with a 95 % t-interval.
 
-The tracer's flushes (every ``--flush-every`` steps) fall inside the timed steps. Writes
-``tracer_overhead_<config>_<device>.json`` and ``.png`` to ``--out``.
+``--mode compiled`` (or ``--compile``) measures ``torch.compile``d models (whole model; the
+backward and the optimizer step stay eager), ``--mode both`` eager and compiled in one run (each
+round runs both modes, each mode its ABBA pair). Compiled arms live in two worker processes, one
+per arm, so that each has its own dynamo cache: dynamo does not guard on module hooks by default
+(``torch._dynamo.config.skip_nnmodule_hook_guards``), and two instances of one model class compiled
+in one process share compiled code, so whichever arm compiles first decides whether the other runs
+the hooks (a traced arm compiled second records zeros). The traced arm's tracer is attached before
+``torch.compile``. The ``--warmup`` steps, which compile, run in both workers at once and are not
+timed; then the workers step in turn, one at a time, and time their own steps. In ``--mode both``
+the eager arms are in the same workers (eager models never enter dynamo). ``--mode eager`` runs
+both arms in this process, as before.
+
+Each worker reports its dynamo statistics (graphs compiled, graph breaks and their reasons,
+recompiles and their guard failures, before and after the warm-up). Each traced arm's counts are
+checked exactly: every step, every traced layer, ``tokens = tokens per step`` and
+``sum of counts = tokens x top_k``; a failed check is printed and the exit code is 1. The
+tracer's flushes (every ``--flush-every`` steps) fall inside the timed steps. Writes
+``tracer_overhead_<config>_<device>[_compiled|_both].json`` and ``.png`` to ``--out``.
 
     python benchmarks/tracer_overhead.py --device cpu --config cpu-demo --steps 60
     python benchmarks/tracer_overhead.py --device cuda --config gpt3-small-moe --steps 300
+    python benchmarks/tracer_overhead.py --device cuda --config gpt3-small-moe --steps 120 --warmup 5 --block 4 --mode both
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import logging
 import math
+import multiprocessing as mp
 import platform
+import sys
 import tempfile
 import time
+import traceback
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+
+ARMS = ("traced", "plain")
 
 
 def build(cfg, device: torch.device, steps: int, seed: int):
@@ -40,6 +65,7 @@ def build(cfg, device: torch.device, steps: int, seed: int):
 
 
 def make_step(cfg, model, opt, sched, device: torch.device, micro: int):
+    """model: the module or its torch.compile wrapper (called for the forward only)."""
     amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else nullcontext()
 
     def step(batch_list) -> None:
@@ -75,7 +101,7 @@ def hook_cost(hooked, bare, x: torch.Tensor, device: torch.device, rounds: int =
     with torch.no_grad():
         for r in range(rounds):
             for name, mod in [("hooked", hooked), ("bare", bare)][:: 1 if r % 2 == 0 else -1]:
-                dt = timed(lambda: [mod(x) for _ in range(calls)], device)
+                dt = timed(lambda mod=mod: [mod(x) for _ in range(calls)], device)
                 per[name].append(dt / calls)
     h, b = np.median(per["hooked"]), np.median(per["bare"])
     return {"router_forward_us": float(1e6 * b), "hook_us": float(1e6 * (h - b)), "rounds": rounds, "calls": calls}
@@ -99,6 +125,243 @@ def summarize(traced: np.ndarray, plain: np.ndarray) -> dict:
         "overhead_ci95_pct": [float(100 * (d.mean() - half) / base), float(100 * (d.mean() + half) / base)],
         "overhead_median_pct": float(100 * (np.median(traced) - np.median(plain)) / np.median(plain)),
     }
+
+
+def check_counts(trace, steps: int, tokens_per_step: int, top_k: int) -> list[str]:
+    """Failures of the exact-count check of one trace: every step recorded; per step and layer,
+    tokens = tokens_per_step and the routed counts sum to tokens_per_step * top_k."""
+    if len(trace.steps) != steps:
+        return [f"{len(trace.steps)} steps recorded, {steps} run"]
+    tok, cnt = trace.tokens(), trace.counts().sum(-1)  # [S, L], [S, L]
+    bad = []
+    for what, got, want in (("tokens", tok, tokens_per_step), ("sum of counts", cnt, tokens_per_step * top_k)):
+        wrong = np.argwhere(got != want)
+        if len(wrong):
+            s, li = wrong[0]
+            bad.append(f"{what} != {want} at {len(wrong)} of {got.size} (step, layer); first: step {s}, layer "
+                       f"{trace.layers[li]!r}: {int(got[s, li])}")
+    return bad
+
+
+class DynamoLog:
+    """Dynamo's counters and recompile messages of this process (one arm per process)."""
+
+    def __init__(self) -> None:
+        self.recompiles: list[str] = []
+        torch._logging.set_logs(recompiles=True)
+        log = logging.getLogger("torch._dynamo.guards.__recompiles")
+        log.propagate = False  # collected here, not printed
+        log.addHandler(_Collect(self.recompiles))
+        self.marks: dict[str, dict] = {}
+
+    def compiles(self) -> int:
+        """Graphs compiled plus recompiles so far (a step that changes it compiled something)."""
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"]) + len(self.recompiles)
+
+    def mark(self, name: str) -> None:
+        from torch._dynamo.utils import counters
+
+        self.marks[name] = {
+            "graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "recompiles": len(self.recompiles),
+        }
+
+    def report(self) -> dict:
+        from torch._dynamo.utils import counters
+
+        reasons = {k.split("\n")[0]: int(v) for k, v in counters["graph_break"].items()}
+        w = self.marks.get("after_warmup", {}).get("recompiles", 0)
+        return {"at": self.marks, "graph_break_reasons": reasons,
+                "recompile_reasons": {"warmup": [_brief(r) for r in self.recompiles[:w][:8]],
+                                      "measured": [_brief(r) for r in self.recompiles[w:][:8]]}}
+
+
+def _brief(message: str) -> str:
+    """A dynamo recompile message -> "function file:line: first failed guard"."""
+    lines = [ln.strip() for ln in message.splitlines()]
+    where = lines[0].removeprefix("Recompiling function ")
+    guard = next((ln[2:] for ln in lines[1:] if ln.startswith("- ")), "")
+    return f"{where}: {guard}"[:300]
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
+
+
+class Arm:
+    """One arm ("traced" or "plain") in this process: per mode ("eager", "compiled") a model built
+    from the same seed, its optimizer and step function; the traced arm's tracers (attached before
+    torch.compile) write to `tmp`. The batches are made here, from the seed, before any timing."""
+
+    def __init__(self, name: str, args, cfg, device: torch.device, modes: list[str], tmp: str) -> None:
+        from moeload import LoadTracer
+        from moeload.workloads import batches
+
+        self.name, self.args, self.cfg, self.device, self.tmp = name, args, cfg, device, Path(tmp)
+        total = args.warmup + args.steps
+        data = batches(cfg, args.seed, device)
+        self.steps_data = [[next(data) for _ in range(args.micro_batches)] for _ in range(total)]
+        self.checksum = int(sum(int(x.sum()) for b in self.steps_data for x, _ in b))
+        self.models, self.steps, self.tracers = {}, {}, {}
+        for mode in modes:
+            model, opt, sched = build(cfg, device, total, args.seed)
+            if name == "traced":
+                self.tracers[mode] = LoadTracer(model, self.tmp / f"{name}_{mode}.moeload", flush_every=args.flush_every).start()
+            fwd = torch.compile(model) if mode == "compiled" else model
+            self.models[mode] = model
+            self.steps[mode] = make_step(cfg, fwd, opt, sched, device, args.micro_batches)
+        self.dynamo = DynamoLog() if "compiled" in modes else None
+        self.compiled_at: dict[str, list[int]] = {}  # mode -> steps in which dynamo compiled or recompiled
+
+    def run(self, mode: str, idxs: list[int]) -> list[float]:
+        """Steps `idxs` of `mode`, each timed alone -> [len(idxs)] seconds."""
+        step, tracer = self.steps[mode], self.tracers.get(mode)
+
+        def one(j: int) -> None:
+            step(self.steps_data[j])
+            if tracer is not None:
+                tracer.step()
+
+        out = []
+        for j in idxs:
+            before = self.dynamo.compiles() if self.dynamo is not None else 0
+            out.append(timed(lambda j=j: one(j), self.device))
+            if self.dynamo is not None and self.dynamo.compiles() != before:
+                self.compiled_at.setdefault(mode, []).append(j)
+        return out
+
+    def mark(self, name: str) -> None:
+        if self.dynamo is not None:
+            self.dynamo.mark(name)
+
+    def finish(self) -> dict:
+        """Closes the tracers -> {"checks": {mode: [failures]}, "trace_bytes", "hook_timing", "dynamo"}."""
+        from moeload import LoadTracer, open_trace
+
+        self.mark("end")
+        out: dict = {"checks": {}, "trace_bytes": {}, "hook_timing": None,
+                     "dynamo": self.dynamo.report() if self.dynamo is not None else None, "compiled_at": self.compiled_at}
+        total = self.args.warmup + self.args.steps
+        for mode, tracer in self.tracers.items():
+            tracer.close()
+            t = open_trace(tracer.path)
+            out["checks"][mode] = [f"tracer error: {e}" for e in tracer.errors] + check_counts(
+                t, total, self.cfg.tokens_per_batch * self.args.micro_batches, self.cfg.top_k)
+            out["trace_bytes"][mode] = t.size_bytes
+        if "eager" in self.tracers:  # the hook's cost per gate forward, apart from the noise of whole steps
+            model = self.models["eager"]
+            name = next(iter(model.routers()))
+            bare = copy.deepcopy(model.routers()[name])  # no hooks: the tracer is closed
+            with warnings.catch_warnings():  # in --mode both the compiled twin's code objects are in dynamo's
+                warnings.simplefilter("ignore")  # cache, which start() reads as this model compiled; timing is over
+                probe = LoadTracer(model, sink=lambda block: None, flush_every=10**6).start()
+            with torch.no_grad():
+                x = model.blocks[self.cfg.moe_layers[0]].ln2(model.embed(self.steps_data[0][0][0])).reshape(-1, self.cfg.d_model)
+            out["hook_timing"] = hook_cost(model.routers()[name], bare, x, self.device)
+            probe.close()
+        return out
+
+
+def setup(args) -> tuple:
+    from moeload.workloads import get_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    return get_config(args.config or ("cpu-demo" if device.type == "cpu" else "gpt3-small-moe")), device
+
+
+def _serve(conn, name: str, argv: list[str], modes: list[str], tmp: str) -> None:
+    """A worker process holding one arm: answers ("run", mode, idxs), ("mark", name), ("finish",)."""
+    try:
+        args = parse(argv)
+        cfg, device = setup(args)
+        arm = Arm(name, args, cfg, device, modes, tmp)
+        conn.send(("ok", arm.checksum))
+        while True:
+            cmd, *rest = conn.recv()
+            if cmd == "run":
+                conn.send(("ok", arm.run(*rest)))
+            elif cmd == "mark":
+                conn.send(("ok", arm.mark(*rest)))
+            else:
+                conn.send(("ok", arm.finish()))
+                return
+    except BaseException as e:  # report to the parent, which stops the run
+        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+class RemoteArm:
+    """An Arm in a worker process (spawned: its own dynamo cache, CUDA context and allocator)."""
+
+    def __init__(self, name: str, argv: list[str], modes: list[str], tmp: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, name, argv, modes, tmp), daemon=True)
+        self.proc.start()
+
+    def send(self, *cmd) -> None:
+        self.conn.send(cmd)
+
+    def recv(self):
+        while not self.conn.poll(1.0):
+            if not self.proc.is_alive():
+                raise SystemExit(f"{self.name} worker died (exit code {self.proc.exitcode})")
+        status, value = self.conn.recv()
+        if status == "error":
+            raise SystemExit(f"{self.name} worker failed: {value}")
+        return value
+
+    def call(self, *cmd):
+        self.send(*cmd)
+        return self.recv()
+
+    def run(self, mode: str, idxs: list[int]) -> list[float]:
+        return self.call("run", mode, idxs)
+
+    def mark(self, name: str) -> None:
+        self.call("mark", name)
+
+    def finish(self) -> dict:
+        out = self.call("finish")
+        self.proc.join(60)
+        return out
+
+
+def interleave(arms: dict, modes: list[str], warmup: int, total: int, block: int, parallel_warmup: bool) -> dict:
+    """Untimed warm-up steps [0, warmup) of every mode (in all arms at once where `parallel_warmup`),
+    then steps [warmup, total) in rounds of `block` steps: each mode, each arm, ABBA (the first arm
+    and the first mode swap every round) -> {mode: {arm: [steps] seconds}}."""
+    warm = list(range(warmup))
+    for mode in modes:
+        if parallel_warmup:
+            for a in arms.values():
+                a.send("run", mode, warm)
+            for a in arms.values():
+                a.recv()
+        else:
+            for a in arms.values():
+                a.run(mode, warm)
+    for a in arms.values():
+        a.mark("after_warmup")
+    times: dict = {m: {a: [] for a in arms} for m in modes}
+    for r, start in enumerate(range(warmup, total, block)):
+        idxs = list(range(start, min(start + block, total)))
+        for mode in modes if r % 2 == 0 else modes[::-1]:
+            for name in ARMS if r % 2 == 0 else ARMS[::-1]:  # ABBA: neither arm always runs first
+                times[mode][name] += arms[name].run(mode, idxs)
+    return times
 
 
 def figure(traced: np.ndarray, plain: np.ndarray, summary: dict, title: str, path: Path) -> None:
@@ -126,12 +389,14 @@ def figure(traced: np.ndarray, plain: np.ndarray, summary: dict, title: str, pat
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--config", default=None, help="workload config (default: cpu-demo on cpu, gpt3-small-moe on cuda)")
-    ap.add_argument("--steps", type=int, default=60, help="measured steps per arm")
-    ap.add_argument("--warmup", type=int, default=3, help="unmeasured steps per arm first")
+    ap.add_argument("--mode", default=None, choices=["eager", "compiled", "both"], help="default: eager")
+    ap.add_argument("--compile", action="store_true", help="same as --mode compiled")
+    ap.add_argument("--steps", type=int, default=60, help="measured steps per arm (and mode)")
+    ap.add_argument("--warmup", type=int, default=3, help="unmeasured steps per arm first (they compile)")
     ap.add_argument("--block", type=int, default=1, help="steps of one arm before switching to the other")
     ap.add_argument("--flush-every", type=int, default=100)
     ap.add_argument("--micro-batches", type=int, default=1)
@@ -139,70 +404,64 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/figures/")
     args = ap.parse_args(argv)
+    if args.compile and args.mode not in (None, "compiled"):
+        ap.error(f"--compile with --mode {args.mode}: give one of them")
+    args.mode = "compiled" if args.compile else (args.mode or "eager")
+    return args
 
-    from moeload import LoadTracer, open_trace
-    from moeload.workloads import batches, get_config
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here")
-    cfg = get_config(args.config or ("cpu-demo" if device.type == "cpu" else "gpt3-small-moe"))
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse(argv)
+    cfg, device = setup(args)
+    modes = ["eager", "compiled"] if args.mode == "both" else [args.mode]
     total = args.warmup + args.steps
-    data = batches(cfg, args.seed, device)
-    # the same batches for both arms, made before timing so data loading is not measured
-    steps_data = [[next(data) for _ in range(args.micro_batches)] for _ in range(total)]
-    traced_model, *rest_t = build(cfg, device, total, args.seed)
-    plain_model, *rest_p = build(cfg, device, total, args.seed)
-    step_t = make_step(cfg, traced_model, *rest_t, device, args.micro_batches)
-    step_p = make_step(cfg, plain_model, *rest_p, device, args.micro_batches)
-
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    times = {"traced": [], "plain": []}
     with tempfile.TemporaryDirectory() as tmp:
-        trace_path = Path(tmp) / "bench.moeload"
-        tracer = LoadTracer(traced_model, trace_path, flush_every=args.flush_every).start()
-
-        def traced_step(b):
-            step_t(b)
-            tracer.step()
-
-        arms = [("traced", traced_step), ("plain", step_p)]
         t_start = time.perf_counter()
-        for r, start in enumerate(range(0, total, args.block)):
-            for name, fn in arms if r % 2 == 0 else arms[::-1]:  # ABBA: neither arm always runs first
-                for j in range(start, min(start + args.block, total)):
-                    dt = timed(lambda: fn(steps_data[j]), device)
-                    if j >= args.warmup:
-                        times[name].append(dt)
+        if args.mode == "eager":  # both arms in this process
+            arms: dict = {name: Arm(name, args, cfg, device, modes, tmp) for name in ARMS}
+            checksums = {name: a.checksum for name, a in arms.items()}
+        else:  # one worker process per arm
+            arms = {name: RemoteArm(name, argv, modes, tmp) for name in ARMS}
+            checksums = {name: a.recv() for name, a in arms.items()}
+        if len(set(checksums.values())) != 1:
+            raise SystemExit(f"the arms' batches differ (token sums {checksums})")
+        setup_s = time.perf_counter() - t_start
+        times = interleave(arms, modes, args.warmup, total, args.block, parallel_warmup=args.mode != "eager")
         wall = time.perf_counter() - t_start
-        tracer.close()
-        t = open_trace(trace_path)
-        assert len(t.steps) == total and not tracer.errors, tracer.errors
-        trace_bytes = t.size_bytes
+        done = {name: a.finish() for name, a in arms.items()}
 
-    # the hook's cost per gate forward, measured apart from the noise of whole steps
-    probe = LoadTracer(plain_model, sink=lambda block: None, flush_every=10**6).start()
-    with torch.no_grad():
-        x = plain_model.blocks[cfg.moe_layers[0]].ln2(plain_model.embed(steps_data[0][0][0])).reshape(-1, cfg.d_model)
-    hooks = hook_cost(plain_model.routers()[probe.layers[0]], traced_model.routers()[probe.layers[0]], x, device)
-    probe.close()
-
-    traced, plain = np.asarray(times["traced"]), np.asarray(times["plain"])
-    summary = summarize(traced, plain)
-    summary["hook_us_per_gate_forward"] = hooks["hook_us"]
-    summary["hook_estimate_pct"] = float(
-        100 * hooks["hook_us"] * 1e-6 * len(cfg.moe_layers) * args.micro_batches / summary["plain_median_s"]
-    )
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    hooks = done["traced"]["hook_timing"]
+    per_mode, failures = {}, []
+    for mode in modes:
+        traced, plain = np.asarray(times[mode]["traced"]), np.asarray(times[mode]["plain"])
+        s = summarize(traced, plain)
+        if mode == "eager" and hooks is not None:
+            s["hook_us_per_gate_forward"] = hooks["hook_us"]
+            s["hook_estimate_pct"] = float(
+                100 * hooks["hook_us"] * 1e-6 * len(cfg.moe_layers) * args.micro_batches / s["plain_median_s"])
+        # steps in which either arm compiled: their pairs hold compile time, so the steady state leaves them out
+        hot = sorted({j for d in done.values() for j in d["compiled_at"].get(mode, []) if j >= args.warmup})
+        if hot:
+            keep = np.ones(len(traced), bool)
+            keep[np.asarray(hot) - args.warmup] = False
+            s["steady"] = {"pairs_left_out": len(hot), "steps_left_out": hot, **summarize(traced[keep], plain[keep])}
+        check = done["traced"]["checks"][mode]
+        failures += [f"{mode}: {f}" for f in check]
+        per_mode[mode] = {"summary": s, "counts_exact": not check, "count_check_failures": check,
+                          "trace_bytes": done["traced"]["trace_bytes"][mode],
+                          "traced_s": traced.tolist(), "plain_s": plain.tolist()}
     result = {
         "config": cfg.name,
         "device": args.device,
         "device_name": dev_name,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "mode": args.mode,
+        "arms_in": "this process" if args.mode == "eager" else "one worker process per arm",
         "steps": args.steps,
         "warmup": args.warmup,
         "block": args.block,
@@ -211,29 +470,61 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_step": cfg.tokens_per_batch * args.micro_batches,
         "moe_layers": len(cfg.moe_layers),
         "experts": cfg.n_experts,
-        "trace_bytes": trace_bytes,
+        "setup_s": setup_s,
         "wall_s": wall,
-        "summary": summary,
         "hook_timing": hooks,
-        "traced_s": traced.tolist(),
-        "plain_s": plain.tolist(),
+        "dynamo": {name: d["dynamo"] for name, d in done.items()} if "compiled" in modes else None,
+        "modes": per_mode,
     }
-    stem = f"tracer_overhead_{cfg.name}_{args.device}"
+    if args.mode == "eager":  # the keys of earlier runs' files
+        m = per_mode["eager"]
+        result.update(trace_bytes=m["trace_bytes"], summary=m["summary"], traced_s=m["traced_s"], plain_s=m["plain_s"])
+    stem = f"tracer_overhead_{cfg.name}_{args.device}" + ("" if args.mode == "eager" else f"_{args.mode}")
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    title = (f"LoadTracer overhead, {cfg.name} on {dev_name}, flush_every={args.flush_every}: "
-             f"{summary['overhead_pct']:+.2f} % (95 % CI {summary['overhead_ci95_pct'][0]:+.2f} .. {summary['overhead_ci95_pct'][1]:+.2f})")
-    figure(traced, plain, summary, title, out_dir / f"{stem}.png")
-    s = summary
-    print(f"config {cfg.name}, device {args.device} ({dev_name}), {s['n_pairs']} step pairs, flush_every {args.flush_every}")
-    print(f"  without tracer: mean {1e3 * s['plain_mean_s']:.2f} ms, median {1e3 * s['plain_median_s']:.2f} ms")
-    print(f"  with tracer:    mean {1e3 * s['traced_mean_s']:.2f} ms, median {1e3 * s['traced_median_s']:.2f} ms")
-    print(f"  overhead: {s['overhead_pct']:+.2f} % (95 % CI {s['overhead_ci95_pct'][0]:+.2f} .. {s['overhead_ci95_pct'][1]:+.2f} %), "
-          f"medians {s['overhead_median_pct']:+.2f} %")
-    print(f"  hook: {hooks['hook_us']:.1f} us per gate forward (router forward {hooks['router_forward_us']:.1f} us) "
-          f"x {len(cfg.moe_layers)} MoE layers = {s['hook_estimate_pct']:.3f} % of a median plain step")
+    s0 = per_mode[modes[-1]]["summary"]
+    title = (f"LoadTracer overhead, {cfg.name} on {dev_name}, {modes[-1]}, flush_every={args.flush_every}: "
+             f"{s0['overhead_pct']:+.2f} % (95 % CI {s0['overhead_ci95_pct'][0]:+.2f} .. {s0['overhead_ci95_pct'][1]:+.2f})")
+    figure(np.asarray(per_mode[modes[-1]]["traced_s"]), np.asarray(per_mode[modes[-1]]["plain_s"]), s0, title,
+           out_dir / f"{stem}.png")
+    print(f"config {cfg.name}, device {args.device} ({dev_name}), torch {torch.__version__}, mode {args.mode} "
+          f"(arms in {result['arms_in']}), flush_every {args.flush_every}, setup {setup_s:.0f} s, wall {wall:.0f} s")
+    for mode in modes:
+        s = per_mode[mode]["summary"]
+        print(f" {mode}: {s['n_pairs']} step pairs")
+        print(f"  without tracer: mean {1e3 * s['plain_mean_s']:.2f} ms, median {1e3 * s['plain_median_s']:.2f} ms")
+        print(f"  with tracer:    mean {1e3 * s['traced_mean_s']:.2f} ms, median {1e3 * s['traced_median_s']:.2f} ms")
+        print(f"  overhead: {s['overhead_pct']:+.2f} % (95 % CI {s['overhead_ci95_pct'][0]:+.2f} .. "
+              f"{s['overhead_ci95_pct'][1]:+.2f} %), medians {s['overhead_median_pct']:+.2f} %")
+        if "steady" in s:
+            st = s["steady"]
+            print(f"  without the {st['pairs_left_out']} pairs in which an arm compiled (steps {st['steps_left_out'][:6]}"
+                  f"{' ...' if len(st['steps_left_out']) > 6 else ''}): {st['overhead_pct']:+.2f} % (95 % CI "
+                  f"{st['overhead_ci95_pct'][0]:+.2f} .. {st['overhead_ci95_pct'][1]:+.2f} %), medians "
+                  f"{st['overhead_median_pct']:+.2f} %, plain median {1e3 * st['plain_median_s']:.2f} ms")
+        print(f"  counts exact: {'yes' if per_mode[mode]['counts_exact'] else 'NO'} "
+              f"({total} steps x {len(cfg.moe_layers)} layers: tokens = {result['tokens_per_step']}, "
+              f"sum of counts = tokens x top_k {cfg.top_k})")
+        if mode == "eager" and hooks is not None:
+            print(f"  hook: {hooks['hook_us']:.1f} us per gate forward (router forward {hooks['router_forward_us']:.1f} us) "
+                  f"x {len(cfg.moe_layers)} MoE layers = {s['hook_estimate_pct']:.3f} % of a median plain step")
+    if result["dynamo"] is not None:
+        for name, d in result["dynamo"].items():
+            w, e = d["at"]["after_warmup"], d["at"]["end"]
+            print(f" dynamo, {name} worker: {w['graphs']} graphs, {w['graph_breaks']} graph breaks, {w['recompiles']} "
+                  f"recompiles in the warm-up; {e['graphs'] - w['graphs']} graphs, {e['graph_breaks'] - w['graph_breaks']} "
+                  f"graph breaks, {e['recompiles'] - w['recompiles']} recompiles while measured")
+            for reason, n in d["graph_break_reasons"].items():
+                print(f"    graph break x{n}: {reason}")
+            for phase, reasons in d["recompile_reasons"].items():
+                for reason in reasons:
+                    print(f"    recompile ({phase}): {reason}")
     print(f"  wrote {out_dir / stem}.json and .png")
+    if failures:
+        print("!" * 72 + "\nCOUNT CHECK FAILED: the traced arm's counts are not exact\n" +
+              "\n".join(f"  {f}" for f in failures) + "\n" + "!" * 72, file=sys.stderr)
+        result["failed"] = failures
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main().get("failed") else 0)
