@@ -6,6 +6,8 @@
 # Writes RUN_DIR.log (stdout + stderr) and RUN_DIR.pid next to RUN_DIR (the trainer creates
 # RUN_DIR itself and refuses an existing one). Poll with:  tail -3 RUN_DIR.log
 # Stop with:  kill $(cat RUN_DIR.pid)   (SIGTERM: the trace is flushed and summary.json written)
+# On CUDA the trainer compiles its blocks by default (about a minute before the first step; --no-compile
+# runs eager). Measure first: train_long.py --config small --bench 90 --out /tmp/b (see its docstring).
 # PYTHON selects the interpreter (default: .venv/bin/python if present, else python3, as on the
 # GPU image); the checkout's root goes first on PYTHONPATH.
 set -euo pipefail
