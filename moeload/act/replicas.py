@@ -28,6 +28,7 @@ its norm); `act.deepspeed.permute_experts` / `Replacer` on a replica layer (they
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
@@ -149,6 +150,8 @@ def enable_replicas(moe_layer: Any, num_experts: int) -> ReplicaGate:
         raise InputError(f"num_experts: expected a multiple of ep_size {ep} below the layer's {S} slots, got {num_experts}")
     if isinstance(moe.gate, ReplicaGate):
         raise InputError("moe_layer: replicas are already enabled")
+    if "sparse_routes" not in inspect.signature(TopKGate.forward).parameters:
+        raise InputError("enable_replicas: needs a DeepSpeed whose TopKGate returns sparse routes (0.19.4 or later)")
     if moe.ep_group is not None:
         raise InputError("moe_layer: its expert-parallel group is set, so its engine exists; call enable_replicas "
                          "before deepspeed.initialize (the gate gets a new weight the optimizer must hold)")
