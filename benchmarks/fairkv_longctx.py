@@ -394,18 +394,11 @@ def prompt_scores(model, args, torch, device, ids: np.ndarray) -> tuple[np.ndarr
 
 
 def allocate(scores: np.ndarray, per_head: int, alpha: float) -> np.ndarray:
-    """Ada-KV budgets `[L, H]` int64 from window-mean scores `scores: [L, H, T]` via `adakv_budgets`.
+    """Ada-KV budgets `[L, H]` int64 from window-mean scores `scores: [L, H, T]`
+    (`moeload.placement.heads.adakv_allocate`, the allocation step of `adakv_budgets`)."""
+    from moeload.placement.heads import adakv_allocate
 
-    `adakv_budgets` takes attention weights `[L, H, T, T]` and averages their last `window` rows;
-    here the window mean is already taken, so it gets a read-only view whose every row is the score
-    vector (row stride 0, no T x T memory) with window=1.
-    """
-    from moeload.placement import adakv_budgets
-    s = np.ascontiguousarray(scores, dtype=np.float64)
-    num_layers, heads, t = s.shape
-    rows = np.lib.stride_tricks.as_strided(s, shape=(num_layers, heads, t, t),
-                                           strides=(s.strides[0], s.strides[1], 0, s.strides[2]), writeable=False)
-    return adakv_budgets(rows, total=per_head * heads, window=1, alpha=alpha)
+    return adakv_allocate(scores, total=per_head * scores.shape[1], alpha=alpha)
 
 
 def gini(x: np.ndarray) -> float:

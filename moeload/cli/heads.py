@@ -76,11 +76,11 @@ def heads(
 
     b = read_budgets(budgets)
     tps = parse_tp(tp, b.shape[1])
-    cost = DecodeCost(head_dim=head_dim, dtype_bytes=dtype_bytes)
-    changes = {k: v for k, v in (("per_slot_s", None if call_us is None else call_us * 1e-6),
-                                 ("fixed_s", None if fixed_us is None else fixed_us * 1e-6),
-                                 ("bandwidth", None if bandwidth_gbs is None else bandwidth_gbs * 1e9)) if v is not None}
-    cost = dataclasses.replace(cost, **changes)
+    default = DecodeCost()
+    cost = DecodeCost(fixed_s=default.fixed_s if fixed_us is None else fixed_us * 1e-6,
+                      per_slot_s=default.per_slot_s if call_us is None else call_us * 1e-6,
+                      bandwidth=default.bandwidth if bandwidth_gbs is None else bandwidth_gbs * 1e9,
+                      head_dim=head_dim, dtype_bytes=dtype_bytes)
     df = head_decode_table(b * 1.0, requests, tps, cost=cost, extra_per_gpu=extra,
                            exact_time_limit=exact_s if exact_s > 0 else None)
     verdicts = []

@@ -56,7 +56,15 @@ def adakv_budgets(
     a = np.asarray(attn, dtype=np.float64)
     if a.ndim != 4 or a.shape[2] != a.shape[3]:
         raise InputError(f"attn: expected shape [L, H, T, T], got {a.shape}")
-    num_layers, num_heads, t, _ = a.shape
+    t = a.shape[2]
+    layer_total(budget, total, a.shape[1], t)
+    if not 1 <= window <= t:
+        raise InputError(f"window={window}: expected 1 <= window <= T={t}")
+    return adakv_allocate(a[:, :, t - window :, :].mean(axis=2), budget, total=total, alpha=alpha)
+
+
+def layer_total(budget: int | None, total: int | None, num_heads: int, t: int) -> int:
+    """Keys B one layer keeps: `budget` per head or `total`; exactly one given, 1 <= B <= H * T."""
     if (budget is None) == (total is None):
         raise InputError(f"adakv_budgets: give exactly one of budget= (per head) or total= (per layer), "
                          f"got budget={budget}, total={total}")
@@ -65,11 +73,28 @@ def adakv_budgets(
     b = budget * num_heads if budget is not None else int(total)  # type: ignore[arg-type]
     if not 1 <= b <= num_heads * t:
         raise InputError(f"total={total}: expected 1 <= total <= H * T = {num_heads * t}")
-    if not 1 <= window <= t:
-        raise InputError(f"window={window}: expected 1 <= window <= T={t}")
+    return b
+
+
+def adakv_allocate(
+    scores: np.ndarray,
+    budget: int | None = None,
+    *,
+    total: int | None = None,
+    alpha: float = 0.2,
+) -> np.ndarray:
+    """Steps 2-4 of `adakv_budgets` on key scores `scores: [L, H, T]` (e.g. the observation window's
+    mean attention, computed without the T x T matrix at long context). Same guarantees; returns
+    `budgets: [L, H]` int64."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 3:
+        raise InputError(f"scores: expected shape [L, H, T], got {scores.shape}")
+    num_layers, num_heads, t = scores.shape
+    b = layer_total(budget, total, num_heads, t)
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"alpha={alpha}: expected a fraction in [0, 1]")
-    scores = a[:, :, t - window :, :].mean(axis=2)  # [L, H, T]
+    if not np.all(np.isfinite(scores)):
+        raise InputError("scores: expected finite values")
     floor = int(Fraction(repr(float(alpha))) * b // num_heads)
     rest = b - floor * num_heads
     out = np.empty((num_layers, num_heads), dtype=np.int64)
