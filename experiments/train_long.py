@@ -35,7 +35,7 @@ steps after ``--bench-warmup`` steps for each of ``--bench-modes`` (default base
 routers eager, eager, compile) in one process and prints steps/s, tokens/s and how many leading
 steps of each mode's trace equal the first mode's:
 
-    PYTHONPATH=$PWD python3 experiments/train_long.py --config small --bench 60 --out /tmp/b
+    PYTHONPATH=$PWD python3 experiments/train_long.py --config small --bench 90 --out /tmp/b
 """
 
 from __future__ import annotations
