@@ -101,6 +101,7 @@ def test_compiled_training_run_traces_as_eager(runs):
     assert "blocks compiled" in t.stdout and t.stdout.count(" steps/s ETA ") == 2
     s = json.loads((d / "run" / "summary.json").read_text())
     assert s["status"] == "done" and s["steps"] == 10 and s["tracer_errors"] == [] and 0 < s["val_lm_loss"] < 6
+    assert s["compiled_graphs"] >= 2 and "compiled " in t.stdout  # compiled, not fallen back to eager
     compiled = open_trace(d / "run" / "trace.moeload")
     eager = open_trace(d / "bench" / "baseline" / "trace.moeload")  # same seed, data and schedule, first 5 steps
     assert compiled.layers == eager.layers == ["blocks.0.moe.router", "blocks.1.moe.router"]
