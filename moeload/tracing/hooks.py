@@ -1,0 +1,144 @@
+"""LoadTracer's hot path: the forward hook each gate gets (counts into the device buffer, micro-batch rows,
+NaN checks), the router-bias snapshot, disabling a faulty layer, and logical-expert counts after a
+re-placement (`record_rank_map(phy2log=...)`)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeload.errors import first_line
+from moeload.tracing.accumulate import accumulate, as_routing
+from moeload.tracing.adapters import GateSpec, RoutingShapeError
+from moeload.tracing.block import DISABLED_ERROR, DISABLED_SHAPE, FLAG_COL, NAN_REASON, REASONS
+from moeload.tracing.tracer_state import TracerState
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread (checkpoint recomputes)."""
+    return _graph_task_id() != -1
+
+
+class GateHooks(TracerState):
+    """The part of LoadTracer that runs inside the gates' forwards."""
+
+    def _make_hook(self, li: int, spec: GateSpec) -> Callable:
+        lay = self.layout
+        calls, mb_calls, nan_step, cache = self._calls, self._mb_calls, self._nan_step, self._cache
+
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            calls[li] += 1
+            try:
+                if module.training:
+                    if in_backward():
+                        return
+                    pr, pk = lay.routed, lay.kept
+                elif lay.eval_routed is not None:
+                    pr, pk = lay.eval_routed, lay.eval_kept
+                else:
+                    return
+                slot = self._slot
+                assert self._buf is not None  # hooks exist between start() and close()
+                rows = self._buf[slot]
+                routed, tally, at = rows[pr, li], self._host_tok, (slot, pr, li)
+                if self._mb is not None and pr == lay.routed:  # the m-th train forward of this gate: micro-batch m
+                    m = mb_calls[li]
+                    mb_calls[li] = m + 1
+                    if m < self.max_micro_batches:
+                        routed, tally, at = self._mb[slot, m, li], self._host_tok_mb, (slot, m, li)
+                    else:
+                        self._stop_micro()
+                step = self._first_step + slot
+                check = nan_step[li] != step  # NaN probabilities: checked at each gate's first forward of a step
+                nan_step[li] = step
+                r = spec.counts(module, inputs, output)
+                tokens = accumulate(r, routed, None if pk is None else rows[pk, li], spec.num_experts, spec.top_k,
+                                    cache=cache, nan=check)
+                if tokens is not None:
+                    assert tally is not None  # allocated with the rows it tallies for
+                    tally[at] += tokens
+            except Exception as e:
+                code = DISABLED_SHAPE if isinstance(e, RoutingShapeError) else DISABLED_ERROR
+                self._disable(li, f"{type(e).__name__}: {e}", code)
+
+        return hook
+
+    def _stop_micro(self) -> None:
+        """A gate ran more than max_micro_batches times in one step: micro-batch rows stop from this step
+        (its earlier micro-batches are still summed into the step), one warning, manifest note."""
+        if self.micro_batches_stopped is None:
+            step = self.step_count
+            self.micro_batches_stopped = {
+                "step": step, "reason": f"a gate ran more than max_micro_batches={self.max_micro_batches} forwards in step "
+                                        f"{step}; step totals stay exact"}
+            warnings.warn(f"moeload: micro-batch rows stop at step {step}: more than max_micro_batches="
+                          f"{self.max_micro_batches} forwards of one gate in a step (raise it); step totals are exact",
+                          RuntimeWarning, stacklevel=4)
+
+    def _snap_bias(self) -> None:
+        """Copy each router's expert bias into the current slot (the bias the coming step routes with:
+        taken at start() and after each step(), i.e. after the optimizer step that updated it). One
+        device copy per biased gate, no host sync; a bias that cannot be read stops being recorded for
+        that layer (NaN from there, one warning, manifest extra.bias_errors)."""
+        if not self._bias_fns or self._buf is None or self.tracing_stopped is not None:
+            return
+        row = self._buf[self._slot, self.layout.bias]
+        for entry in list(self._bias_fns):
+            li, fn, E = entry
+            dst = row[li, 1 : E + 1].view(torch.float64)
+            try:
+                v = fn()
+                if v is None:
+                    dst.fill_(float("nan"))
+                else:
+                    dst.copy_(v.detach().reshape(E))
+            except Exception as e:
+                self._bias_fns.remove(entry)
+                dst.fill_(float("nan"))
+                name = self.local_layers[li]
+                self._bias_errors[name] = f"step {self.step_count}: {type(e).__name__}: {first_line(e, 160)}"
+                warnings.warn(f"moeload: the expert bias of layer {name!r} could not be read ({self._bias_errors[name]}); "
+                              "it is not recorded from here on (counts are)", RuntimeWarning, stacklevel=3)
+
+    def _disable(self, li: int, msg: str, code: int | None) -> None:
+        """On the main thread: remove layer `li`'s hook, note why, warn once per layer. code: the FLAG_COL
+        value written into this step's block (None for NaN: the writer thread found it in the block)."""
+        handle = self._handles.pop(li, None)
+        if handle is not None:
+            handle.remove()
+        name = self.local_layers[li]
+        if name in self._hook_errors:
+            return
+        self._hook_errors[name] = msg
+        self.errors.append(f"layer {name!r} at step {self.step_count}: {msg}")
+        if code is not None and self._buf is not None:
+            self._buf[self._slot, self.layout.routed, li, FLAG_COL].fill_(code)
+        reason = NAN_REASON if code is None else REASONS[code]
+        warnings.warn(f"moeload: tracing of layer {name!r} disabled ({reason}: {msg}); training continues",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _logical_counts(counts: Callable, phy2log: list[int], device: torch.device) -> Callable:
+    """A gate's counts function whose router column p now holds logical expert phy2log[p] -> one that
+    reports logical experts (device-side indexing only, no host sync)."""
+    E = len(phy2log)
+    p2l = torch.tensor(phy2log, dtype=torch.int64, device=device)
+    l2p = torch.argsort(p2l)
+
+    def logical(module: nn.Module, inputs: tuple, output: Any) -> Any:
+        r = as_routing(counts(module, inputs, output))
+        idx = r.indices
+        if idx is not None:
+            ok = (idx >= 0) & (idx < E)
+            idx = torch.where(ok, p2l.to(idx.device)[idx.clamp(0, E - 1).long()].to(idx.dtype), idx)
+        cols = {k: getattr(r, k)[..., l2p.to(getattr(r, k).device)] for k in ("mask", "kept_mask", "counts", "kept_counts")
+                if getattr(r, k) is not None}
+        return r._replace(indices=idx, **cols)
+
+    return logical
