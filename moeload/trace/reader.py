@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from moeload.errors import TraceFormatError, clip
 from moeload.trace.checks import checked_sum, list_lengths, read_columns, reading, rows_problem
-from moeload.trace.index import SKIP_HINT
+from moeload.trace.index import SKIP_HINT, _Part, _ranges  # noqa: F401  (re-exported: defined here before)
 from moeload.trace.select import LayerSel, StepSel, TraceSelection
 from moeload.trace.writer import MICRO_DIR
 
