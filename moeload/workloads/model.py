@@ -50,12 +50,22 @@ def slot_positions(indices: Tensor, num_experts: int) -> Tensor:
     """0-based arrival position of each route in its expert's queue.
 
     ``indices: [T, k]`` -> ``[T, k]`` int64. Queues fill choice-major, token-minor (GShard): all
-    first choices in token order, then all second choices, and so on. One cumsum, no host sync.
+    first choices in token order, then all second choices, and so on. No host sync.
+
+    One flat cumsum over an expert-major one-hot ``[E, k*T]``: entry ``(e, n)`` counts the routes of
+    experts < e plus those of expert e up to route n, so subtracting the first part leaves the
+    position. (A cumsum down the rows of ``[k*T, E]`` gives the same numbers, but CUDA runs it as E
+    threads that each walk all k*T rows: ~10 ms per call at 64k routes on an H200.)
     """
     T, k = indices.shape
-    onehot = _one_hot(indices.t().reshape(-1), num_experts)  # [k*T, E]
-    pos = onehot.cumsum(0) - 1
-    return (pos * onehot).sum(-1).view(k, T).t()
+    if T * k == 0:
+        return torch.zeros_like(indices, dtype=torch.int64)
+    flat = indices.t().reshape(-1)  # [k*T] choice-major
+    onehot = (flat == torch.arange(num_experts, device=flat.device)[:, None]).to(torch.int64)  # [E, k*T]
+    running = onehot.view(-1).cumsum(0).view(num_experts, k * T)
+    before = running[:, -1] - onehot.sum(1)  # [E] routes of experts < e
+    pos = running.gather(0, flat[None]).squeeze(0) - before[flat] - 1  # [k*T]
+    return pos.view(k, T).t()
 
 
 class TopKRouter(nn.Module):

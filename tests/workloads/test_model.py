@@ -47,10 +47,14 @@ def test_aux_loss_is_one_when_router_is_uniform_and_has_gradient():
     assert r.gate.weight.grad is not None and r.gate.weight.grad.abs().sum() > 0
 
 
-def test_slot_positions_match_python_queue():
+@pytest.mark.parametrize("T, k, E, hot", [(40, 2, 5, False), (33, 1, 7, False), (25, 3, 4, True), (9, 1, 1, False),
+                                         (0, 2, 4, False)])
+def test_slot_positions_match_python_queue(T, k, E, hot):
     torch.manual_seed(1)
-    T, k, E = 40, 2, 5
-    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)]) if T else torch.zeros(0, k, dtype=torch.int64)
+    if hot:  # most routes to one expert, so one queue is long and the others short
+        idx[: T // 2, 0] = 2
+        idx[: T // 2, 1:] = torch.tensor([0, 3][: k - 1])
     pos = slot_positions(idx, E)
     fill = [0] * E
     expected = torch.empty(T, k, dtype=torch.int64)
