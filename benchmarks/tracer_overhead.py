@@ -342,9 +342,11 @@ class RemoteArm:
 def interleave(arms: dict, modes: list[str], warmup: int, total: int, block: int, parallel_warmup: bool) -> dict:
     """Untimed warm-up steps [0, warmup) of every mode (in all arms at once where `parallel_warmup`),
     then steps [warmup, total) in rounds of `block` steps: each mode, each arm, ABBA (the first arm
-    and the first mode swap every round) -> {mode: {arm: [steps] seconds}}."""
+    and the first mode swap every round) -> ({mode: {arm: [steps] seconds}}, {phase: seconds})."""
     warm = list(range(warmup))
+    phases: dict = {}
     for mode in modes:
+        t0 = time.perf_counter()
         if parallel_warmup:
             for a in arms.values():
                 a.send("run", mode, warm)
@@ -353,15 +355,18 @@ def interleave(arms: dict, modes: list[str], warmup: int, total: int, block: int
         else:
             for a in arms.values():
                 a.run(mode, warm)
+        phases[f"warmup_{mode}_s"] = time.perf_counter() - t0
     for a in arms.values():
         a.mark("after_warmup")
+    t0 = time.perf_counter()
     times: dict = {m: {a: [] for a in arms} for m in modes}
     for r, start in enumerate(range(warmup, total, block)):
         idxs = list(range(start, min(start + block, total)))
         for mode in modes if r % 2 == 0 else modes[::-1]:
             for name in ARMS if r % 2 == 0 else ARMS[::-1]:  # ABBA: neither arm always runs first
                 times[mode][name] += arms[name].run(mode, idxs)
-    return times
+    phases["measured_s"] = time.perf_counter() - t0
+    return times, phases
 
 
 def figure(traced: np.ndarray, plain: np.ndarray, summary: dict, title: str, path: Path) -> None:
@@ -429,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
         if len(set(checksums.values())) != 1:
             raise SystemExit(f"the arms' batches differ (token sums {checksums})")
         setup_s = time.perf_counter() - t_start
-        times = interleave(arms, modes, args.warmup, total, args.block, parallel_warmup=args.mode != "eager")
+        times, phases = interleave(arms, modes, args.warmup, total, args.block, parallel_warmup=args.mode != "eager")
         wall = time.perf_counter() - t_start
         done = {name: a.finish() for name, a in arms.items()}
 
@@ -445,9 +450,9 @@ def main(argv: list[str] | None = None) -> dict:
                 100 * hooks["hook_us"] * 1e-6 * len(cfg.moe_layers) * args.micro_batches / s["plain_median_s"])
         # steps in which either arm compiled: their pairs hold compile time, so the steady state leaves them out
         hot = sorted({j for d in done.values() for j in d["compiled_at"].get(mode, []) if j >= args.warmup})
-        if hot:
-            keep = np.ones(len(traced), bool)
-            keep[np.asarray(hot) - args.warmup] = False
+        keep = np.ones(len(traced), bool)
+        keep[np.asarray(hot, int) - args.warmup] = False
+        if hot and keep.sum() > 1:
             s["steady"] = {"pairs_left_out": len(hot), "steps_left_out": hot, **summarize(traced[keep], plain[keep])}
         check = done["traced"]["checks"][mode]
         failures += [f"{mode}: {f}" for f in check]
@@ -471,6 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
         "moe_layers": len(cfg.moe_layers),
         "experts": cfg.n_experts,
         "setup_s": setup_s,
+        **phases,
         "wall_s": wall,
         "hook_timing": hooks,
         "dynamo": {name: d["dynamo"] for name, d in done.items()} if "compiled" in modes else None,
@@ -487,7 +493,9 @@ def main(argv: list[str] | None = None) -> dict:
     figure(np.asarray(per_mode[modes[-1]]["traced_s"]), np.asarray(per_mode[modes[-1]]["plain_s"]), s0, title,
            out_dir / f"{stem}.png")
     print(f"config {cfg.name}, device {args.device} ({dev_name}), torch {torch.__version__}, mode {args.mode} "
-          f"(arms in {result['arms_in']}), flush_every {args.flush_every}, setup {setup_s:.0f} s, wall {wall:.0f} s")
+          f"(arms in {result['arms_in']}), flush_every {args.flush_every}")
+    spent = {"setup": setup_s, **{k.removesuffix("_s").replace("_", " "): v for k, v in phases.items()}, "all": wall}
+    print("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in spent.items()))
     for mode in modes:
         s = per_mode[mode]["summary"]
         print(f" {mode}: {s['n_pairs']} step pairs")
