@@ -152,6 +152,8 @@ class DynamoLog:
         log = logging.getLogger("torch._dynamo.guards.__recompiles")
         log.propagate = False  # collected here, not printed
         log.addHandler(_Collect(self.recompiles))
+        self.limits: list[str] = []  # "hit config.recompile_limit": that frame runs eager from then on
+        logging.getLogger("torch._dynamo.convert_frame").addHandler(_Collect(self.limits, "torch._dynamo hit config."))
         self.marks: dict[str, dict] = {}
 
     def compiles(self) -> int:
@@ -167,6 +169,7 @@ class DynamoLog:
             "graphs": int(counters["stats"]["unique_graphs"]),
             "graph_breaks": int(sum(counters["graph_break"].values())),
             "recompiles": len(self.recompiles),
+            "recompile_limit_hits": len(self.limits),
         }
 
     def report(self) -> dict:
@@ -174,7 +177,7 @@ class DynamoLog:
 
         reasons = {k.split("\n")[0]: int(v) for k, v in counters["graph_break"].items()}
         w = self.marks.get("after_warmup", {}).get("recompiles", 0)
-        return {"at": self.marks, "graph_break_reasons": reasons,
+        return {"at": self.marks, "graph_break_reasons": reasons, "recompile_limit_hits": [_brief(m) for m in self.limits],
                 "recompile_reasons": {"warmup": [_brief(r) for r in self.recompiles[:w][:8]],
                                       "measured": [_brief(r) for r in self.recompiles[w:][:8]]}}
 
@@ -182,18 +185,22 @@ class DynamoLog:
 def _brief(message: str) -> str:
     """A dynamo recompile message -> "function file:line: first failed guard"."""
     lines = [ln.strip() for ln in message.splitlines()]
+    if lines[0].startswith("torch._dynamo hit config."):  # recompile limit: "function: ...", "last reason: ..."
+        return " ".join(lines[:3])[:300]
     where = lines[0].removeprefix("Recompiling function ")
     guard = next((ln[2:] for ln in lines[1:] if ln.startswith("- ")), "")
     return f"{where}: {guard}"[:300]
 
 
 class _Collect(logging.Handler):
-    def __init__(self, into: list[str]) -> None:
+    def __init__(self, into: list[str], prefix: str = "") -> None:
         super().__init__(logging.DEBUG)
-        self.into = into
+        self.into, self.prefix = into, prefix
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.into.append(record.getMessage())
+        message = record.getMessage()
+        if message.startswith(self.prefix):
+            self.into.append(message)
 
 
 class Arm:
@@ -520,9 +527,12 @@ def main(argv: list[str] | None = None) -> dict:
             w, e = d["at"]["after_warmup"], d["at"]["end"]
             print(f" dynamo, {name} worker: {w['graphs']} graphs, {w['graph_breaks']} graph breaks, {w['recompiles']} "
                   f"recompiles in the warm-up; {e['graphs'] - w['graphs']} graphs, {e['graph_breaks'] - w['graph_breaks']} "
-                  f"graph breaks, {e['recompiles'] - w['recompiles']} recompiles while measured")
+                  f"graph breaks, {e['recompiles'] - w['recompiles']} recompiles while measured; "
+                  f"{e['recompile_limit_hits']} frames hit the recompile limit (run eager from then on)")
             for reason, n in d["graph_break_reasons"].items():
                 print(f"    graph break x{n}: {reason}")
+            for hit in d["recompile_limit_hits"]:
+                print(f"    {hit}")
             for phase, reasons in d["recompile_reasons"].items():
                 for reason in reasons:
                     print(f"    recompile ({phase}): {reason}")
