@@ -272,7 +272,7 @@ class Arm:
                 probe = LoadTracer(model, sink=lambda block: None, flush_every=10**6).start()
             with torch.no_grad():
                 x = model.blocks[self.cfg.moe_layers[0]].ln2(model.embed(self.steps_data[0][0][0])).reshape(-1, self.cfg.d_model)
-            out["hook_timing"] = hook_cost(model.routers()[name], bare, x, self.device)
+            out["hook_timing"] = hook_cost(model.routers()[name], bare, x, self.device, rounds=self.args.hook_rounds)
             probe.close()
         return out
 
@@ -412,6 +412,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--block", type=int, default=1, help="steps of one arm before switching to the other")
     ap.add_argument("--flush-every", type=int, default=100)
     ap.add_argument("--micro-batches", type=int, default=1)
+    ap.add_argument("--hook-rounds", type=int, default=30, help="rounds of the per-gate-forward hook timing (eager)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/figures/")
