@@ -604,7 +604,34 @@ def run(args, results: dict, write) -> None:
     results["figure"] = "fairkv_longctx_budgets.png"
 
 
+def replot(args, train_steps: int | None) -> None:
+    """Redraw the figure from `budgets_ctx{N}_per_prompt.npy` files already in --out (a run whose JSON
+    and figure did not come back); statistics are recomputed from the budgets, not taken from a log."""
+    arrays = {}
+    for f in sorted(args.out.glob("budgets_ctx*_per_prompt.npy")):
+        stem = f.name.removeprefix("budgets_ctx").removesuffix("_per_prompt.npy")
+        if stem.isdigit():
+            arrays[int(stem)] = np.load(f)
+    if not arrays:
+        raise SystemExit(f"{args.out}: no budgets_ctx{{N}}_per_prompt.npy files to redraw")
+    spec = args.budgets[0]
+    results = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "train": {"steps": train_steps if train_steps is not None else "?"},
+               "prompts": [None] * next(iter(arrays.values())).shape[0],
+               "contexts": {str(n): summarise(a, n, args, spec) for n, a in arrays.items()}}
+    figure(results, arrays, None, args.out / "fairkv_longctx_budgets.png")
+    (args.out / "fairkv_longctx_replot.json").write_text(json.dumps(results, indent=1))
+    print(f"redrew {args.out / 'fairkv_longctx_budgets.png'} from contexts {sorted(arrays)}")
+
+
 def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--replot" in argv:  # `--replot STEPS`: redraw from the files in --out (STEPS: the run's training steps)
+        i = argv.index("--replot")
+        steps = int(argv[i + 1])
+        args = parse_args(argv[:i] + argv[i + 2:])
+        replot(args, steps)
+        return {}
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

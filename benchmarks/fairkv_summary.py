@@ -109,7 +109,8 @@ def main() -> None:
     for d in runs:
         c = d["config"]
         rows = compare(d, args.kernel, cost)
-        print(f"{d['_name']}: skew {c['skew']}, batch {c['batch']}, kv-mean {c['kv_mean']}, {c['layers']} layers, "
+        source = f"budgets {Path(c['budgets']).name}" if c.get("budgets") else f"skew {c['skew']}"
+        print(f"{d['_name']}: {source}, batch {c['batch']}, kv-mean {c['kv_mean']}, {len(d['kv_lengths'])} layers, "
               f"{c['q_heads']}/{c['kv_heads']} heads x {c['head_dim']}, kernel {args.kernel}\n")
         print("| TP | strategy | simulator | cost model | measured | step ms | slowest rank GB |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
