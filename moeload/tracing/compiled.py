@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from moeload.errors import first_line
+from moeload.tracing.block import TOKENS_COL
 from moeload.tracing.tracer_state import TracerState
 
 _cache_entries: Callable[[Any], list[Any]] | None
@@ -51,10 +52,17 @@ class CompileChecks(TracerState):
     def _check_forwards(self) -> None:
         """At step(): note a step in which no gate's hook ran (a model or step function compiled
         before the tracer attached, which start() cannot see; warned once, `extra.no_forward_steps`)."""
+        if self._compiled_layers:  # compiled hooks count on the device; a graph that runs calls them
+            return
         n = sum(self._calls)
         if n != self._calls_at_step:
             self._calls_at_step = n
             return
+        if self._live is not None:  # no eager hook ran: did compiled ones? (one host read, once)
+            ran = (self._live[..., TOKENS_COL].sum(0) > 0).tolist()
+            self._compiled_layers.update(li for li, r in enumerate(ran) if r)
+            if self._compiled_layers:
+                return
         step = self.step_count
         runs = self._no_forward_steps
         if runs and runs[-1][1] == step - 1:
@@ -78,11 +86,15 @@ class CompileChecks(TracerState):
             return
         self._silent_checked = True
         last = self.step_count - 1
-        others = "no other gate ran either" if not any(self._calls) else "other gates ran"
+        others = "no other gate ran either" if not (any(self._calls) or self._compiled_layers) else "other gates ran"
         reason = (f"no forward seen in steps {self._first_step}..{last} ({others}; compiled before the tracer "
                   "attached? create the tracer before compiling or call torch.compiler.reset())")
+        quiet = [li for li, n in enumerate(self._calls) if n == 0 and li not in self._compiled_layers]
+        if quiet and self._buf is not None:  # a gate whose hook runs compiled counts on the device (one host read)
+            tokens = self._buf[: self._slot, :, :, TOKENS_COL].sum((0, 1)).tolist()
+            self._compiled_layers.update(li for li in quiet if tokens[li] > 0)
         for li, n in enumerate(self._calls):
-            if n == 0:
+            if n == 0 and li not in self._compiled_layers:
                 self._silent[self.local_layers[li]] = {"step": self._first_step, "ranks": [self.rank], "reason": reason}
         if self._silent:
             names = list(self._silent)

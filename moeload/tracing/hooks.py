@@ -21,7 +21,13 @@ _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 def in_backward() -> bool:
-    """True while the autograd engine runs a backward pass on this thread (checkpoint recomputes)."""
+    """True while the autograd engine runs a backward pass on this thread (checkpoint recomputes).
+
+    False while dynamo traces a hook (torch.compile): the graph-task query is not traceable and
+    would split the graph at every gate, and a compiled graph's own recomputation (activation
+    checkpointing inside the compiled region) does not run forward hooks again."""
+    if torch.compiler.is_compiling():
+        return False
     return _graph_task_id() != -1
 
 
@@ -33,6 +39,9 @@ class GateHooks(TracerState):
         calls, mb_calls, nan_step, cache = self._calls, self._mb_calls, self._nan_step, self._cache
 
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if torch.compiler.is_compiling():  # traced into a graph: no host state that changes per call
+                compiled_hook(module, inputs, output)
+                return
             calls[li] += 1
             try:
                 if module.training:
@@ -66,6 +75,21 @@ class GateHooks(TracerState):
             except Exception as e:
                 code = DISABLED_SHAPE if isinstance(e, RoutingShapeError) else DISABLED_ERROR
                 self._disable(li, f"{type(e).__name__}: {e}", code)
+
+        def compiled_hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            """The hook as dynamo traces it: the routing is added to `_live` (the open step's rows, folded
+            into the block at step()), tokens and the NaN check on the device; no host state is read or
+            written, so nothing the graph guards on changes from call to call or step to step."""
+            if module.training:
+                pr, pk = lay.routed, lay.kept
+            elif lay.eval_routed is not None:
+                pr, pk = lay.eval_routed, lay.eval_kept
+            else:
+                return
+            live = self._live
+            assert live is not None  # allocated with the buffer
+            r = spec.counts(module, inputs, output)
+            accumulate(r, live[pr, li], None if pk is None else live[pk, li], spec.num_experts, spec.top_k)
 
         return hook
 

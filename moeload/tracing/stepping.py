@@ -41,6 +41,7 @@ class StepFlush(GateHooks, CompileChecks):
         if (w.stalled is not None and not self._warned_stall) or not w.nan_layers.empty():
             self._poll_writer()
         self._check_forwards()
+        self._fold_live()
         if self._mb is not None:
             self._mb_used = max(self._mb_used, min(max(self._mb_calls, default=0), self.max_micro_batches))
             self._mb_calls[:] = [0] * len(self._mb_calls)
@@ -54,6 +55,20 @@ class StepFlush(GateHooks, CompileChecks):
             self._warn_writer = False
             warnings.warn(f"moeload: trace writing failed ({self.errors[-1]}); training continues, see tracer.errors",
                           RuntimeWarning, stacklevel=2)
+
+    def _fold_live(self) -> None:
+        """Add the rows that compiled hooks wrote for this step into its slot (two launches, no sync)."""
+        if self._live is None or self._buf is None:
+            return
+        self._buf[self._slot] += self._live
+        self._live.zero_()
+        if self._compiled_layers and self._mb is not None and self.micro_batches_stopped is None:
+            step = self.step_count
+            self.micro_batches_stopped = {
+                "step": step, "reason": "gates run inside torch.compile graphs, whose hooks add to the step's rows "
+                                        "only; step totals stay exact"}
+            warnings.warn(f"moeload: micro-batch rows stop at step {step}: traced gates run compiled (per_micro_batch "
+                          "needs eager gates); step totals stay exact", RuntimeWarning, stacklevel=3)
 
     def _flush(self, collective: bool = True) -> None:
         n = self._slot

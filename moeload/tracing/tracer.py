@@ -308,6 +308,8 @@ class LoadTracer(StepFlush, LayerAgreement):
         self._mb_calls = [0] * len(self.specs)  # train forwards of each gate in the current step
         self._mb_used = 0  # micro-batches seen in the current block (the rows written)
         self._cache = KernelCache()
+        self._live: torch.Tensor | None = None  # [P, L, W] the open step's rows written by compiled hooks
+        self._compiled_layers: set[int] = set()  # layers whose hook runs inside a compiled graph
         self._host_tok: np.ndarray | None = None  # [F, P, L] tokens known on the host (shapes), added at the flush
         self._host_tok_mb: np.ndarray | None = None  # [F, M, L] the same for micro-batch rows
         self._nan_step = [-1] * len(self.specs)  # step of each gate's last NaN check
@@ -347,6 +349,7 @@ class LoadTracer(StepFlush, LayerAgreement):
             return self
         L, P, W = self.rank_layout.width, self.layout.planes, self.layout.width
         self._buf = torch.zeros(self.flush_every, P, L, W, dtype=torch.int64, device=self.device)
+        self._live = torch.zeros(P, L, W, dtype=torch.int64, device=self.device)
         self._host_tok = np.zeros((self.flush_every, P, L), np.int64)
         if self.per_micro_batch:
             nbytes = self.flush_every * self.max_micro_batches * L * W * 8 * (1 + self.world_size * (self.world_size > 1))

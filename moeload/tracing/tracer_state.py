@@ -57,6 +57,8 @@ class TracerState:
     _mb_calls: list[int]
     _mb_used: int
     _host_tok: np.ndarray | None
+    _live: torch.Tensor | None
+    _compiled_layers: set[int]
     _host_tok_mb: np.ndarray | None
     _staging: list[tuple[torch.Tensor, Any]]
     _times: np.ndarray
