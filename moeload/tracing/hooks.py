@@ -22,12 +22,8 @@ _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 def in_backward() -> bool:
     """True while the autograd engine runs a backward pass on this thread (checkpoint recomputes).
-
-    False while dynamo traces a hook (torch.compile): the graph-task query is not traceable and
-    would split the graph at every gate, and a compiled graph's own recomputation (activation
-    checkpointing inside the compiled region) does not run forward hooks again."""
-    if torch.compiler.is_compiling():
-        return False
+    Not traceable by dynamo: under torch.compile the graph breaks here and the hook runs eagerly
+    (`LoadTracer(hooks_in_graph=True)` takes the in-graph path instead)."""
     return _graph_task_id() != -1
 
 
@@ -37,9 +33,10 @@ class GateHooks(TracerState):
     def _make_hook(self, li: int, spec: GateSpec) -> Callable:
         lay = self.layout
         calls, mb_calls, nan_step, cache = self._calls, self._mb_calls, self._nan_step, self._cache
+        in_graph = self.hooks_in_graph
 
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-            if torch.compiler.is_compiling():  # traced into a graph: no host state that changes per call
+            if in_graph and torch.compiler.is_compiling():  # traced into the graph: no host state per call
                 compiled_hook(module, inputs, output)
                 return
             calls[li] += 1

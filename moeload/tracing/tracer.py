@@ -169,6 +169,13 @@ class LoadTracer(StepFlush, LayerAgreement):
     (``extra.lost_steps`` with the error); the next block is tried again. Every flushed block is checked
     on the writer thread: routes of each (step, rank, layer) must add up to tokens x top_k; violations
     are warned about once and listed in ``extra.conservation`` (nothing is dropped).
+    hooks_in_graph: under ``torch.compile``, trace the hooks into the graph (no graph break at the
+    gates, for ``fullgraph=True`` and CUDA graphs; counts go to device rows folded in at ``step()``)
+    instead of the default, where dynamo breaks the graph at each gate's hook and runs it eagerly
+    (exact in every compile layout). With True, a compiled module run inside
+    ``torch.utils.checkpoint`` (checkpoint around compiled code; compiling the checkpointed block,
+    as torchtitan does, is fine) counts its recomputation again: the hook cannot see the backward
+    pass from inside a graph.
     """
 
     def __init__(
@@ -198,6 +205,7 @@ class LoadTracer(StepFlush, LayerAgreement):
         tp_group: Any = None,
         per_micro_batch: bool = False,
         max_micro_batches: int = 16,
+        hooks_in_graph: bool = False,
     ) -> None:
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or not 1 <= flush_every <= MAX_FLUSH_EVERY:
             raise InputError(f"flush_every={flush_every!r}: must be an integer in 1..{MAX_FLUSH_EVERY:,} "
@@ -215,6 +223,9 @@ class LoadTracer(StepFlush, LayerAgreement):
         if isinstance(max_micro_batches, bool) or not isinstance(max_micro_batches, int) or not 1 <= max_micro_batches <= 4096:
             raise InputError(f"max_micro_batches={max_micro_batches!r}: must be an integer in 1..4096 (device buffer slots)")
         self.per_micro_batch, self.max_micro_batches = per_micro_batch, max_micro_batches
+        if not isinstance(hooks_in_graph, bool):
+            raise InputError(f"hooks_in_graph={hooks_in_graph!r}: expected True or False")
+        self.hooks_in_graph = hooks_in_graph
         if max_pending is not None and (not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1):
             raise InputError(f"max_pending={max_pending!r}: must be None or a positive integer (blocks waiting for the writer)")
         if flush_timeout is not None and (isinstance(flush_timeout, bool) or not isinstance(flush_timeout, (int, float))
@@ -349,7 +360,8 @@ class LoadTracer(StepFlush, LayerAgreement):
             return self
         L, P, W = self.rank_layout.width, self.layout.planes, self.layout.width
         self._buf = torch.zeros(self.flush_every, P, L, W, dtype=torch.int64, device=self.device)
-        self._live = torch.zeros(P, L, W, dtype=torch.int64, device=self.device)
+        if self.hooks_in_graph:
+            self._live = torch.zeros(P, L, W, dtype=torch.int64, device=self.device)
         self._host_tok = np.zeros((self.flush_every, P, L), np.int64)
         if self.per_micro_batch:
             nbytes = self.flush_every * self.max_micro_batches * L * W * 8 * (1 + self.world_size * (self.world_size > 1))

@@ -37,14 +37,18 @@ def reference(model: Model, x: torch.Tensor) -> list[list[int]]:
     return out
 
 
-def test_compiled_after_attach_no_graph_breaks_no_per_step_recompiles(tmp_path):
+@pytest.mark.parametrize("in_graph", [False, True], ids=["eager_hooks", "hooks_in_graph"])
+def test_compiled_after_attach_no_graph_breaks_no_per_step_recompiles(tmp_path, in_graph):
+    """hooks_in_graph: one graph, no break, no recompile once warm. Default: dynamo breaks the graph at each
+    hook and runs it eagerly; still no recompile once a block's slots have been seen."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
     model = Model()
-    tracer = LoadTracer(model, tmp_path / "t", gates="*.router", flush_every=5).start()
+    flush = 5 if in_graph else 3
+    tracer = LoadTracer(model, tmp_path / "t", gates="*.router", flush_every=flush, hooks_in_graph=in_graph).start()
     compiled = torch.compile(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     graphs, want = [], []
@@ -61,10 +65,11 @@ def test_compiled_after_attach_no_graph_breaks_no_per_step_recompiles(tmp_path):
         want.append(step)
         graphs.append(counters["stats"]["unique_graphs"])
     tracer.close()
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    explained = torch._dynamo.explain(model)(torch.randn(10, 16))  # the counters miss some breaks; this does not
-    assert explained.graph_break_count == 0 and explained.graph_count == 1, str(explained)[:2000]
-    assert graphs[2:] == [graphs[2]] * 6, graphs  # no recompiles once warm
+    if in_graph:
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        explained = torch._dynamo.explain(model)(torch.randn(10, 16))  # the counters miss some breaks; this does not
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, str(explained)[:2000]
+    assert graphs[flush:] == [graphs[flush]] * (8 - flush), graphs  # no recompiles once warm
     t = open_trace(tmp_path / "t")
     assert t.tokens().tolist() == [[20, 20]] * 8
     assert t.counts().tolist() == want
@@ -94,25 +99,37 @@ class Stack(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([Checkpointed(Block()) if checkpointed else Block() for _ in range(2)])
 
+
     def forward(self, x):
         for layer in self.layers:
             x = layer(x)
         return x.pow(2).mean()
 
 
-@pytest.mark.parametrize("how", ["whole", "per_block", "per_block_checkpointed", "whole_checkpointed", "one_block"])
-def test_compiled_counts_exact_with_and_without_activation_checkpointing(tmp_path, how):
-    """Whole-model and per-block compile (torchtitan compiles each checkpoint-wrapped block): the compiled
-    hook counts each forward once; checkpoint recomputation inside a compiled region runs no hook again."""
+LAYOUTS = ["whole", "per_block", "per_block_checkpointed", "whole_checkpointed", "one_block", "checkpoint_around_compiled"]
+CASES = [pytest.param(h, g, marks=pytest.mark.xfail(strict=True, reason="documented: with hooks_in_graph a compiled "
+                                                    "module inside torch.utils.checkpoint counts its recomputation"))
+         if (h, g) == ("checkpoint_around_compiled", True) else (h, g) for h in LAYOUTS for g in (False, True)]
+
+
+@pytest.mark.parametrize("how, in_graph", CASES)
+def test_compiled_counts_exact_with_and_without_activation_checkpointing(tmp_path, how, in_graph):
+    """Whole-model and per-block compile (torchtitan compiles each checkpoint-wrapped block), one block
+    compiled next to an eager one, and checkpoint around a compiled block: each forward counted once
+    (checkpoint recomputation inside a compiled region runs no hook again; around it, the eager hook
+    sees the backward pass)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = Stack(checkpointed=how.endswith("checkpointed"))
-    tracer = LoadTracer(model, tmp_path / "t", gates="*.router", flush_every=4).start()
+    model = Stack(checkpointed="checkpoint" in how)
+    tracer = LoadTracer(model, tmp_path / "t", gates="*.router", flush_every=4, hooks_in_graph=in_graph).start()
     run = model
     if how.startswith("whole"):
         run = torch.compile(model)
     elif how == "one_block":  # one gate compiled, one eager
         model.layers[1].compile()
+    elif how == "checkpoint_around_compiled":  # checkpoint(compiled block): recomputed in the backward pass
+        for layer in model.layers:
+            layer.block.compile()
     else:
         for layer in model.layers:
             layer.compile()
