@@ -40,6 +40,10 @@ def _moe_layer(layer: Any) -> Any:
     gate, experts = getattr(moe, "gate", None), getattr(moe, "experts", None)
     if getattr(gate, "wg", None) is None or getattr(experts, "deepspeed_experts", None) is None:
         raise InputError(f"moe_layer: expected a deepspeed.moe.layer.MoE, got {type(layer).__name__}")
+    if getattr(gate, "slot_logical", None) is not None:
+        raise InputError("moe_layer: a layer with expert replicas (moeload.act.replicas.ReplicaGate): permutation, "
+                         "layouts and the Replacer assume one slot per expert; move copies with add_replica / "
+                         "remove_replica")
     return moe
 
 

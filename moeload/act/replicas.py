@@ -76,6 +76,8 @@ class ReplicaGate(TopKGate):
         dev = self.wg.weight.device  # buffers (not saved): they follow the module to its device
         self.register_buffer("_copies", torch.as_tensor([len(c) for c in copies], device=dev), persistent=False)
         self.register_buffer("_copy_slot", torch.as_tensor(table, device=dev), persistent=False)
+        # [S] logical expert of each slot, E for a free slot: what a LoadTracer reads slot ids through
+        self.register_buffer("slot_logical", torch.as_tensor(np.where(a < 0, E, a), device=dev), persistent=False)
 
     def get_extra_state(self) -> dict:
         """The slot map goes into the layer's state_dict ("...gate._extra_state")."""

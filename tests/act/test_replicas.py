@@ -172,6 +172,9 @@ def _check(out: Path, rs: list[dict], world: int) -> None:
     assert all((v > 0).all() for v in busy.values()) and len(busy) == 3  # every copy did work
     a, b = open_trace(out / "a"), open_trace(out / "b")
     np.testing.assert_array_equal(b.counts(), a.counts())  # the tracer's counts stay per logical expert
+    # kept counts too, in the layer that drops (the adapter reads slot ids through the gate's slot_logical)
+    np.testing.assert_array_equal(b.counts(kind="kept"), a.counts(kind="kept"))
+    assert (a.counts(kind="kept")[:, 2] < a.counts()[:, 2]).any()  # layer 2 did drop routes
     added = rs[0]["added"]
     n = (H * 2 * H + 2 * H) + (2 * H * H + H)  # one expert's parameters
     assert all(s["bytes"] == 4 * (3 * n + 4) for s in added)  # params, exp_avg, exp_avg_sq (fp32), 4 steps
@@ -264,3 +267,26 @@ def test_one_process_layer_dense_gate_form_and_state_dict():
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
+
+
+def test_permutation_refuses_a_replica_layer():
+    """permute_experts / expert_to_rank (and so apply_layout and the Replacer) assume one slot per expert."""
+    pytest.importorskip("deepspeed")
+    import torch
+
+    from moeload.act import deepspeed as act_ds
+    from moeload.act.replicas import ReplicaGate
+    from moeload.errors import InputError
+
+    class Layer:  # the attributes act.deepspeed reads, around a real ReplicaGate
+        pass
+
+    from deepspeed.moe.sharded_moe import TopKGate
+
+    layer = Layer()
+    layer.gate = ReplicaGate(TopKGate(8, 4, k=1), 4, [0, 1, 2, 3, 0, -1], ep_size=1)
+    layer.experts = type("E", (), {"deepspeed_experts": torch.nn.ModuleList()})()
+    with pytest.raises(InputError, match="replicas"):
+        act_ds.expert_to_rank(layer)
+    with pytest.raises(InputError, match="replicas"):
+        act_ds.permute_experts(layer, [0, 0, 0, 0])

@@ -49,14 +49,19 @@ def gate_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
     E = wg.out_features
     if not isinstance(out, (tuple, list)):
         raise RoutingShapeError(f"TopKGate returned {type(out).__name__}; expected a tuple of 7 (sparse_routes) or 4")
-    if len(out) == 7:  # sparse_routes: indices [k, T]
+    slot_logical = getattr(module, "slot_logical", None)  # moeload.act.replicas.ReplicaGate: routes go to slots
+    if len(out) == 7:  # sparse_routes: indices [k, T] (slot ids under replicas)
         idx, exp_counts = out[3], out[6]
         T = idx.shape[-1]
+        if isinstance(slot_logical, Tensor) and module.drop_tokens:
+            idx = torch.where(idx >= 0, slot_logical[idx.clamp(min=0).long()], -1)
         kept = bincount_device(idx, E) if module.drop_tokens else None
-    elif len(out) == 4:  # dense: dispatch_mask [T, E, C]
+    elif len(out) == 4:  # dense: dispatch_mask [T, E, C] ([T, S, C] under replicas)
         dispatch, exp_counts = out[2], out[3]
         T = dispatch.shape[0]
         kept = dispatch.sum((0, 2), dtype=torch.int64) if module.drop_tokens else None
+        if kept is not None and isinstance(slot_logical, Tensor):
+            kept = torch.zeros(E + 1, dtype=torch.int64, device=kept.device).index_add_(0, slot_logical, kept)[:E]
     else:
         raise RoutingShapeError(f"TopKGate returned {len(out)} values; expected 7 (sparse_routes) or 4")
     tokens: int | Tensor = T
