@@ -44,3 +44,13 @@ def test_leaf_modules_import_nothing_of_moeload() -> None:
     bad = [f"{name}:{line} {mod}" for name in ("errors.py", "_version.py", "_balance.py")
            for line, mod, _ in _imports(PKG / name) if mod.startswith("moeload")]
     assert bad == [], bad
+
+
+def test_recording_imports_no_analysis_or_action() -> None:
+    """moeload.tracing records; the packages that analyse (states, predictors, evaluation, placement, advise)
+    and act (online, act) sit above it, so it imports none of them (DESIGN.md's package map)."""
+    above = ("moeload.states", "moeload.predictors", "moeload.evaluation", "moeload.placement", "moeload.advise",
+             "moeload.act", "moeload.online", "moeload.cli", "moeload.plots")
+    bad = [f"{p.relative_to(PKG)}:{line} {mod}" for p in (PKG / "tracing").rglob("*.py") for line, mod, _ in _imports(p)
+           if mod.startswith(above)]
+    assert bad == [], bad

@@ -3,7 +3,8 @@
 `permute.py` plans a re-placement as arrays (pure NumPy); `deepspeed.py` applies one to a
 `deepspeed.moe.layer.MoE` layer and `megatron.py` to a megatron-core `MoELayer` (SequentialMLP
 experts), each collectively over its expert-parallel group; `loop.py` (`Replacer`, both backends)
-applies plans during training when the cost model says they pay; `checkpoint.py` saves the maps in force
+applies plans during training when the cost model says they pay (plans from `moeload.online.OnlinePlanner`,
+also importable here); `checkpoint.py` saves the maps in force
 beside a checkpoint and applies them before it loads (`layout_state_dict`, `apply_layout`,
 `record_layout` for a resumed tracer); `replicas.py` gives a DeepSpeed MoE layer copies of hot experts
 (`enable_replicas`, `add_replica`, `remove_replica`, `sync_replica_grads`). Framework packages are
@@ -17,13 +18,17 @@ from typing import Any
 
 from moeload.act.permute import Moves, check_expert_to_rank, contiguous_expert_to_rank, phy2log, plan_moves
 
-__all__ = ["Moves", "Replacer", "add_replica", "apply_layout", "check_expert_to_rank", "contiguous_expert_to_rank",
+__all__ = ["Moves", "OnlinePlanner", "Replacer", "add_replica", "apply_layout", "check_expert_to_rank", "contiguous_expert_to_rank",
            "enable_replicas", "layout_state_dict", "phy2log", "plan_maps", "plan_moves", "record_layout",
            "remove_replica", "sync_replica_grads"]
 _REPLICAS = ("add_replica", "enable_replicas", "remove_replica", "sync_replica_grads")  # replicas.py (DeepSpeed)
 
 
 def __getattr__(name: str) -> Any:
+    if name == "OnlinePlanner":  # moeload.online's, where plans come from
+        from moeload.online import OnlinePlanner
+
+        return OnlinePlanner
     if name in ("Replacer", "plan_maps"):
         from moeload.act import loop
 

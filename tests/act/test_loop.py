@@ -103,7 +103,7 @@ def test_plan_maps_from_a_placement_and_bad_plans():
 def test_plan_maps_from_an_online_planner():
     from moeload.act.loop import plan_maps
     from moeload.errors import InputError
-    from moeload.tracing.callbacks.online import OnlinePlanner
+    from moeload.online import OnlinePlanner
 
     planner = OnlinePlanner(num_gpus=2, layers=["a"], horizon=10, window=5)
     with pytest.raises(InputError, match="no plan yet"):

@@ -8,7 +8,7 @@ import pytest
 
 from moeload import evaluation, predictors
 from moeload.errors import InputError
-from moeload.tracing.callbacks.online import OnlinePlanner
+from moeload.online import OnlinePlanner
 
 SPECS = {
     "name": "sw_avg",

@@ -4,10 +4,10 @@
 - `moeload.tracing.callbacks.lightning.MoeLoadCallback`: Lightning `Trainer`
 - `moeload.tracing.callbacks.deepspeed.trace_engine(engine, path)`: DeepSpeed engine
 - `moeload.tracing.callbacks.metrics`: per-layer load metrics -> TensorBoard / W&B
-- `moeload.tracing.callbacks.online.OnlinePlanner`: streaming phases + forecast -> re-placement plans
 
 Here: `HFCallback`, `LightningCallback`, `trace_engine`, `EngineTracing`, `MetricLogger`,
-`load_metrics`, `TracingSession` (the shared part), `OnlinePlanner` resolve lazily.
+`load_metrics`, `TracingSession` (the shared part) resolve lazily. The online planner, which uses
+the analysis packages, is `moeload.online.OnlinePlanner` (above them, beside the re-placement it feeds).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ _LAZY = {
     "MetricLogger": ("moeload.tracing.callbacks.metrics", "MetricLogger"),
     "load_metrics": ("moeload.tracing.callbacks.metrics", "load_metrics"),
     "TracingSession": ("moeload.tracing.callbacks._base", "TracingSession"),
-    "OnlinePlanner": ("moeload.tracing.callbacks.online", "OnlinePlanner"),
 }
 
 

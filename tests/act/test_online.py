@@ -12,7 +12,7 @@ import pytest
 
 from moeload import LoadTracer, open_trace, predictors
 from moeload.errors import InputError
-from moeload.tracing.callbacks.online import OnlinePlanner
+from moeload.online import OnlinePlanner
 from moeload.workloads import build_model, get_config, train
 
 S, L, E, G, N = 20, 2, 8, 4, 8192  # steps per block, layers, experts, GPUs, assignments per step and layer
