@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -190,13 +191,15 @@ def parse_layers(spec: str | None) -> list[int | str] | None:
     return out
 
 
-def load_window(trace, steps: str | None, layers: str | None, *, what: str = "proportions"):
-    """-> (step numbers [S], layer ids [L], array [S, L, E]) for a step range and layer list.
+def load_window(trace, steps: str | None, layers: str | Sequence[int] | None, *, what: str = "proportions"):
+    """-> (step numbers [S], layer ids [L], array [S, L, E]) for a step range and layer list (the
+    --layers text, or layer ids a command already resolved).
 
     Raises InputError when the selection holds no recorded step.
     """
     sel = parse_steps(steps)
-    lay_ids = trace.layer_ids(parse_layers(layers))  # validates names/indices with a one-line error
+    wanted = parse_layers(layers) if layers is None or isinstance(layers, str) else list(layers)
+    lay_ids = trace.layer_ids(wanted)  # validates names/indices with a one-line error
     step_nums = trace.select_steps(sel)
     all_steps = trace.steps
     if len(step_nums) == 0:

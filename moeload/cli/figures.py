@@ -42,8 +42,16 @@ class Data:
         self.predictor, self.horizon, self.at, self.predictors = predictor, horizon, at, predictors
 
     @cached_property
+    def counts_window(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(steps [S], layer ids [L], counts [S, L, E]): the one read of the selected window."""
+        return load_window(self.t, self.steps_spec, self.layers, what="counts")
+
+    @cached_property
     def window(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return load_window(self.t, self.steps_spec, ",".join(map(str, self.layers)), what="proportions")
+        from moeload.trace.reader import shares
+
+        steps, lay, c = self.counts_window
+        return steps, lay, shares(c)
 
     @cached_property
     def states(self):
@@ -266,7 +274,7 @@ def report(
             prog.advance(task)
 
         step("<h2>Trace</h2>" + _html_table(["field", "value"], info_rows(t, info_data(t))))
-        sd = summary_data(t, steps, layers)
+        sd = summary_data(t, steps, layers, window=d.counts_window)
         cols, rows = summary_rows(sd)
         mb = sd["model_boundary"]
         step(

@@ -223,12 +223,13 @@ def summary(
     c_.print("layers: " + ", ".join(f"{d['layer']}={d['name']}" for d in rows_json))
 
 
-def summary_data(t, steps: str | None, layers: str | None, method: str = "window") -> dict:
-    """Everything `summary` reports, as a JSON-ready dict."""
+def summary_data(t, steps: str | None, layers: str | None, method: str = "window", *, window=None) -> dict:
+    """Everything `summary` reports, as a JSON-ready dict. window: (steps, layer ids, counts) of this
+    selection where the caller read it already (`report`), so the trace is read once."""
     import moeload.states as states
     from moeload.cli.check import ZeroScan, disabled_problems
 
-    step_nums, lay, c = load_window(t, steps, layers, what="counts")
+    step_nums, lay, c = load_window(t, steps, layers, what="counts") if window is None else window
     experts = [t.experts_per_layer[i] for i in lay]
     stats = layer_stats(c, experts)
     scan = ZeroScan(len(lay))

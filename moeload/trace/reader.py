@@ -15,6 +15,14 @@ from moeload.trace.select import LayerSel, StepSel, TraceSelection
 from moeload.trace.writer import MICRO_DIR
 
 
+def shares(counts: np.ndarray) -> np.ndarray:
+    """counts [..., E] -> float64 share of each expert; rows sum to 1, NaN where a row has no tokens."""
+    c = np.asarray(counts).astype(np.float64)
+    tot = c.sum(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(tot > 0, c / np.where(tot > 0, tot, 1), np.nan)
+
+
 def open_trace(path: str | os.PathLike, *, skip_bad_parts: bool = False) -> Trace:
     """Open a trace directory written by moeload (or an importer). Reads only the manifest now.
 
@@ -125,10 +133,7 @@ class Trace(TraceSelection):
 
     def proportions(self, steps: StepSel = None, layers: LayerSel = None, *, kind: str = "routed", split: str = "train") -> np.ndarray:
         """[S, L, E] float64 share of each expert; rows sum to 1, NaN where a row has no tokens."""
-        c = self.counts(steps, layers, kind=kind, split=split).astype(np.float64)
-        tot = c.sum(-1, keepdims=True)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(tot > 0, c / np.where(tot > 0, tot, 1), np.nan)
+        return shares(self.counts(steps, layers, kind=kind, split=split))
 
     def rank_counts(self, steps: StepSel = None, layers: LayerSel = None, *, kind: str = "routed", split: str = "train") -> np.ndarray:
         """[S, R, L, E] int64 counts routed by each rank's own tokens (traces with ranks_recorded)."""
