@@ -334,6 +334,33 @@ def _import_case(fmt: str, make: Callable[[Path], Path], opts: tuple[str, ...]) 
     return build
 
 
+def _heads_case(data: Callable[[], bytes], *opts: str) -> Callable[[Path, Path], list[str]]:
+    """`moeload heads` on a budgets file written by `data()` (it reads no trace)."""
+    def build(d: Path, good: Path) -> list[str]:
+        f = d / "budgets.npy"
+        f.write_bytes(data())
+        return ["heads", str(f), *opts]
+    return build
+
+
+def _good_budgets() -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.random.default_rng(0).lognormal(0, 1, size=(2, 8)) * 1000)
+    return buf.getvalue()
+
+
+HEADS_CASES: dict[str, Callable[[Path, Path], list[str]]] = {
+    "heads-claims-1e12-heads": _heads_case(lambda: _npy_header_only((1, 10**12), "<f8")),
+    "heads-claims-1e9-layers": _heads_case(lambda: _npy_header_only((10**9, 8), "<f8")),
+    "heads-claims-3d": _heads_case(lambda: _npy_header_only((2, 2, 2), "<f8")),
+    "heads-object-dtype": _heads_case(lambda: _npy_header_only((2, 8), "|O")),
+    "heads-text-file": _heads_case(lambda: b"not numpy at all"),
+    "heads-requests-1e9": _heads_case(_good_budgets, "--requests", BIG),
+    "heads-tp-1e9": _heads_case(_good_budgets, "--tp", BIG),
+    "heads-copies-1e9": _heads_case(_good_budgets, "--copies-per-rank", BIG),
+}
+
+
 def control_cases() -> list[Case]:
     """Each trace command on an unchanged copy of the good trace: these must succeed (exit code 0), so
     that the hostile cases fail because of their input, not because of the limits or the arguments."""
@@ -355,4 +382,6 @@ def all_cases(xfails: dict[str, str]) -> list[Case]:
         cases.append(Case(f"option:{name}", _option_case(*argv)))
     for name, (fmt, make, opts) in IMPORT_CASES.items():
         cases.append(Case(f"import:{name}", _import_case(fmt, make, opts)))
+    for name, build in HEADS_CASES.items():
+        cases.append(Case(f"option:{name}", build))
     return [Case(c.id, c.build, xfails.get(c.id)) for c in cases]
