@@ -11,6 +11,7 @@ demo:
 test:
 	bash scripts/bootstrap.sh dev,deepspeed,hf,megatron,lightning
 	$(VENV)/bin/ruff check moeload
+	$(VENV)/bin/ruff format --check moeload
 	$(VENV)/bin/mypy moeload
 	$(PY) -m pytest -q
 

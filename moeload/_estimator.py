@@ -36,8 +36,10 @@ class Estimator:
         names = self._param_names()
         unknown = sorted(set(params) - set(names))
         if unknown:
-            raise InputError(f"{type(self).__name__}: unknown hyperparameter {', '.join(map(repr, unknown))}; "
-                             f"valid: {', '.join(names) if names else '(none)'}")
+            raise InputError(
+                f"{type(self).__name__}: unknown hyperparameter {', '.join(map(repr, unknown))}; "
+                f"valid: {', '.join(names) if names else '(none)'}"
+            )
         for key, value in params.items():
             setattr(self, key, value)
         return self

@@ -96,7 +96,9 @@ class OnlinePlanner:
         self.criterion = "cv" if min_cv_drop is not None else "gain"
         self.threshold = float(min_cv_drop if min_cv_drop is not None else 0.05 if min_gain is None else min_gain)
         if not np.isfinite(self.threshold) or self.threshold < 0:
-            raise InputError(f"OnlinePlanner: {'min_cv_drop' if self.criterion == 'cv' else 'min_gain'}={self.threshold}: must be >= 0")
+            raise InputError(
+                f"OnlinePlanner: {'min_cv_drop' if self.criterion == 'cv' else 'min_gain'}={self.threshold}: must be >= 0"
+            )
         for name, v in (("num_gpus", num_gpus), ("horizon", horizon), ("window", window), ("max_history", max_history)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise InputError(f"OnlinePlanner: {name}={v!r}: expected a positive integer")
@@ -114,15 +116,21 @@ class OnlinePlanner:
         if tracer is not None:
             E = set(tracer.manifest.experts_per_layer)  # the trace's layers (every pipeline stage's)
             if len(E) > 1:
-                raise InputError(f"OnlinePlanner: layers have different expert counts {sorted(E)}; one plan needs one E")
+                raise InputError(
+                    f"OnlinePlanner: layers have different expert counts {sorted(E)}; one plan needs one E"
+                )
             self.layers, self.num_experts, self.rank = list(tracer.layers), E.pop(), tracer.rank
-            self.top_k = list(cast(list[int], tracer.manifest.top_k)) if top_k is None else top_k  # a checked manifest's list
+            self.top_k = (
+                list(cast(list[int], tracer.manifest.top_k)) if top_k is None else top_k
+            )  # a checked manifest's list
             self._check_sizes(self.num_experts)
         self._predictor_proto = copy.deepcopy(predictor)
         if detector is None:
             detector = states.StreamingDetector("window", top_k=1 if self.top_k is None else self.top_k, window=window)
         elif not isinstance(detector, states.StreamingDetector):
-            raise InputError(f"OnlinePlanner: detector must be a moeload.states.StreamingDetector, got {type(detector).__name__}")
+            raise InputError(
+                f"OnlinePlanner: detector must be a moeload.states.StreamingDetector, got {type(detector).__name__}"
+            )
         self._detector_proto = copy.deepcopy(detector)
         self.history: list[dict[str, Any]] = []
         self.current: Placement | None = None
@@ -158,8 +166,12 @@ class OnlinePlanner:
             self.feed(block.steps, np.asarray(block.routed).sum(axis=1))
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
-            warnings.warn(f"moeload: online planner disabled after an error at steps {block.steps[0]}..{block.steps[-1]} "
-                          f"({self.error}); training continues", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"moeload: online planner disabled after an error at steps {block.steps[0]}..{block.steps[-1]} "
+                f"({self.error}); training continues",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def feed(self, steps: Any, counts: Any) -> dict[str, Any]:
         """One block: steps [S] increasing step numbers, counts [S, L, E] global (token, expert) counts
@@ -169,20 +181,26 @@ class OnlinePlanner:
         c = np.asarray(counts)
         st = np.asarray(steps, dtype=np.int64).reshape(-1)
         if c.ndim != 3 or c.dtype.kind not in "iu" or len(st) != c.shape[0] or c.shape[0] == 0:
-            raise InputError(f"feed: counts must be integer [S, L, E] with S = len(steps) = {len(st)}, got {c.dtype} {c.shape}")
+            raise InputError(
+                f"feed: counts must be integer [S, L, E] with S = len(steps) = {len(st)}, got {c.dtype} {c.shape}"
+            )
         if (c < 0).any() or (np.diff(st) <= 0).any():
             raise InputError("feed: counts must be >= 0 and steps strictly increasing")
         S, L, E = c.shape
         if self.layers is None:
             self.layers = [f"layer{i}" for i in range(L)]
         if len(self.layers) != L or (self.num_experts is not None and E < self.num_experts):
-            raise InputError(f"feed: counts have {L} layers x {E} experts, the planner expects {len(self.layers)} x {self.num_experts}")
+            raise InputError(
+                f"feed: counts have {L} layers x {E} experts, the planner expects {len(self.layers)} x {self.num_experts}"
+            )
         if self.num_experts is None:
             self._check_sizes(E)
             self.num_experts = E
         c = c[..., : self.num_experts]
         if self.last_step is not None and st[0] <= self.last_step:
-            log.info("moeload: steps restart at %d (last seen %d): detector and predictor start again", st[0], self.last_step)
+            log.info(
+                "moeload: steps restart at %d (last seen %d): detector and predictor start again", st[0], self.last_step
+            )
             self._reset_models()
         self.detector.update(c, steps=st)
         p = self._proportions(c)
@@ -199,7 +217,9 @@ class OnlinePlanner:
             if self._last_valid is not None:
                 p[t] = np.where(np.isnan(p[t]), self._last_valid, p[t])
             ok = ~np.isnan(p[t]).any(-1)
-            self._last_valid = p[t].copy() if self._last_valid is None else np.where(ok[:, None], p[t], self._last_valid)
+            self._last_valid = (
+                p[t].copy() if self._last_valid is None else np.where(ok[:, None], p[t], self._last_valid)
+            )
         return p
 
     def _fit(self, p: np.ndarray) -> None:
@@ -230,16 +250,31 @@ class OnlinePlanner:
         score = gain if self.criterion == "gain" else float(cv_b.mean() - cv_a.mean())
         step = int(st[-1])
         decision: dict[str, Any] = {
-            "step": step, "first_step": int(st[0]), "gain": gain, "cv_drop": float(cv_b.mean() - cv_a.mean()),
-            "imbalance_before": float(imb_b.mean()), "imbalance_after": float(imb_a.mean()),
-            "cv_before": float(cv_b.mean()), "cv_after": float(cv_a.mean()),
-            "stable_layers": int(self.detector.is_stable.sum()), "replanned": score >= self.threshold and score > 0,
+            "step": step,
+            "first_step": int(st[0]),
+            "gain": gain,
+            "cv_drop": float(cv_b.mean() - cv_a.mean()),
+            "imbalance_before": float(imb_b.mean()),
+            "imbalance_after": float(imb_a.mean()),
+            "cv_before": float(cv_b.mean()),
+            "cv_after": float(cv_a.mean()),
+            "stable_layers": int(self.detector.is_stable.sum()),
+            "replanned": score >= self.threshold and score > 0,
             "file": None,
         }
         if decision["replanned"]:
             scale = c.sum(-1).mean(0)  # [L] (token, expert) assignments per step in this block
-            doc = self._document(step, new, before.gpu_load.mean(0) * scale[:, None], after.gpu_load.mean(0) * scale[:, None],
-                                 imb_b, imb_a, cv_b, cv_a, decision)
+            doc = self._document(
+                step,
+                new,
+                before.gpu_load.mean(0) * scale[:, None],
+                after.gpu_load.mean(0) * scale[:, None],
+                imb_b,
+                imb_a,
+                cv_b,
+                cv_a,
+                decision,
+            )
             if self.out_dir is not None and self.rank == 0:
                 decision["file"] = self._write(step, doc)
             self.current, self.current_file = new, decision["file"] or f"plan at step {step}"
@@ -247,15 +282,33 @@ class OnlinePlanner:
             states_ = self.detector.is_stable
             log.info(
                 "moeload: step %d: re-placement %s (%s), predicted max/mean GPU load %.3f -> %.3f (gain %.1f%%), "
-                "cv %.3f -> %.3f, %d/%d layers stable", step, decision["file"] or "(not written)", self.policy,
-                decision["imbalance_before"], decision["imbalance_after"], 100 * gain, decision["cv_before"],
-                decision["cv_after"], int(states_.sum()), len(states_),
+                "cv %.3f -> %.3f, %d/%d layers stable",
+                step,
+                decision["file"] or "(not written)",
+                self.policy,
+                decision["imbalance_before"],
+                decision["imbalance_after"],
+                100 * gain,
+                decision["cv_before"],
+                decision["cv_after"],
+                int(states_.sum()),
+                len(states_),
             )
         self.history.append(decision)
         return decision
 
-    def _document(self, step: int, new: Placement, load_b: np.ndarray, load_a: np.ndarray, imb_b: np.ndarray,
-                  imb_a: np.ndarray, cv_b: np.ndarray, cv_a: np.ndarray, decision: dict[str, Any]) -> dict[str, Any]:
+    def _document(
+        self,
+        step: int,
+        new: Placement,
+        load_b: np.ndarray,
+        load_a: np.ndarray,
+        imb_b: np.ndarray,
+        imb_a: np.ndarray,
+        cv_b: np.ndarray,
+        cv_a: np.ndarray,
+        decision: dict[str, Any],
+    ) -> dict[str, Any]:
         since = self.detector.stable_since
         stable = self.detector.is_stable
         assert self.layers is not None and since is not None  # set by feed() and the detector's update
@@ -266,19 +319,30 @@ class OnlinePlanner:
             "num_replicas": new.num_replicas,
             "policy": self.policy,
             "policy_options": _jsonable(self.policy_options),
-            "predictor": {"name": self.predictor.name or type(self.predictor).__name__, "params": _jsonable(self.predictor.get_params())},
+            "predictor": {
+                "name": self.predictor.name or type(self.predictor).__name__,
+                "params": _jsonable(self.predictor.get_params()),
+            },
             "horizon": self.horizon,
-            "criterion": {"name": "min_gain" if self.criterion == "gain" else "min_cv_drop", "threshold": self.threshold},
+            "criterion": {
+                "name": "min_gain" if self.criterion == "gain" else "min_cv_drop",
+                "threshold": self.threshold,
+            },
             "previous_plan": self.current_file,
             "phy2log": new.phy2log.tolist(),
             "log2phy": new.log2phy.tolist(),
             "replica_counts": new.replica_counts.tolist(),
             "predicted": {
-                "gpu_load_before": load_b.tolist(), "gpu_load_after": load_a.tolist(),
-                "imbalance_before": imb_b.tolist(), "imbalance_after": imb_a.tolist(),
-                "cv_before": cv_b.tolist(), "cv_after": cv_a.tolist(),
-                "mean_imbalance_before": decision["imbalance_before"], "mean_imbalance_after": decision["imbalance_after"],
-                "gain": decision["gain"], "cv_drop": decision["cv_drop"],
+                "gpu_load_before": load_b.tolist(),
+                "gpu_load_after": load_a.tolist(),
+                "imbalance_before": imb_b.tolist(),
+                "imbalance_after": imb_a.tolist(),
+                "cv_before": cv_b.tolist(),
+                "cv_after": cv_a.tolist(),
+                "mean_imbalance_before": decision["imbalance_before"],
+                "mean_imbalance_after": decision["imbalance_after"],
+                "gain": decision["gain"],
+                "cv_drop": decision["cv_drop"],
             },
             "states": [
                 {"layer": name, "state": "stable" if s else "transient", "stable_since": int(n) if s else None}
@@ -300,27 +364,47 @@ class OnlinePlanner:
         """The current plan, the decisions so far and the last step seen (JSON-friendly)."""
         cur = None
         if self.current is not None:
-            cur = {"phy2log": self.current.phy2log.tolist(), "share": self.current.share.tolist(),
-                   "num_gpus": self.current.num_gpus, "num_experts": self.current.num_experts,
-                   "policy": self.current.policy, "file": self.current_file}
-        return {"current": cur, "history": copy.deepcopy(self.history), "plans_written": self.plans_written,
-                "last_step": self.last_step}
+            cur = {
+                "phy2log": self.current.phy2log.tolist(),
+                "share": self.current.share.tolist(),
+                "num_gpus": self.current.num_gpus,
+                "num_experts": self.current.num_experts,
+                "policy": self.current.policy,
+                "file": self.current_file,
+            }
+        return {
+            "current": cur,
+            "history": copy.deepcopy(self.history),
+            "plans_written": self.plans_written,
+            "last_step": self.last_step,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`: the current plan and history; the detector and predictor start again."""
         from moeload.placement import Placement
 
         if not isinstance(state, dict) or "history" not in state:
-            raise InputError(f"OnlinePlanner.load_state_dict: expected a dict from state_dict(), got {type(state).__name__}")
+            raise InputError(
+                f"OnlinePlanner.load_state_dict: expected a dict from state_dict(), got {type(state).__name__}"
+            )
         cur = state.get("current")
         self.current, self.current_file = None, None
         if cur is not None:
             phy2log = np.asarray(cur["phy2log"], dtype=np.int64)
-            if cur["num_gpus"] != self.num_gpus or (self.num_experts is not None and cur["num_experts"] != self.num_experts):
-                raise InputError(f"OnlinePlanner.load_state_dict: saved plan is for {cur['num_gpus']} GPUs x "
-                                 f"{cur['num_experts']} experts, this planner has {self.num_gpus} x {self.num_experts}")
-            self.current = Placement(phy2log, np.asarray(cur["share"], dtype=np.float64), int(cur["num_gpus"]),
-                                     np.zeros((phy2log.shape[0], int(cur["num_experts"]))), cur["policy"])
+            if cur["num_gpus"] != self.num_gpus or (
+                self.num_experts is not None and cur["num_experts"] != self.num_experts
+            ):
+                raise InputError(
+                    f"OnlinePlanner.load_state_dict: saved plan is for {cur['num_gpus']} GPUs x "
+                    f"{cur['num_experts']} experts, this planner has {self.num_gpus} x {self.num_experts}"
+                )
+            self.current = Placement(
+                phy2log,
+                np.asarray(cur["share"], dtype=np.float64),
+                int(cur["num_gpus"]),
+                np.zeros((phy2log.shape[0], int(cur["num_experts"]))),
+                cur["policy"],
+            )
             self.current_file = cur.get("file")
         self.history = copy.deepcopy(list(state["history"]))
         self.plans_written = int(state.get("plans_written", 0))
@@ -334,7 +418,9 @@ def _cv(gpu_load: np.ndarray) -> np.ndarray:
 
 
 def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: v if isinstance(v, (bool, int, float, str, type(None), list, dict)) else repr(v) for k, v in params.items()}
+    return {
+        k: v if isinstance(v, (bool, int, float, str, type(None), list, dict)) else repr(v) for k, v in params.items()
+    }
 
 
 __all__ = ["OnlinePlanner"]

@@ -18,9 +18,23 @@ from typing import Any
 
 from moeload.act.permute import Moves, check_expert_to_rank, contiguous_expert_to_rank, phy2log, plan_moves
 
-__all__ = ["Moves", "OnlinePlanner", "Replacer", "add_replica", "apply_layout", "check_expert_to_rank", "contiguous_expert_to_rank",
-           "enable_replicas", "layout_state_dict", "phy2log", "plan_maps", "plan_moves", "record_layout",
-           "remove_replica", "sync_replica_grads"]
+__all__ = [
+    "Moves",
+    "OnlinePlanner",
+    "Replacer",
+    "add_replica",
+    "apply_layout",
+    "check_expert_to_rank",
+    "contiguous_expert_to_rank",
+    "enable_replicas",
+    "layout_state_dict",
+    "phy2log",
+    "plan_maps",
+    "plan_moves",
+    "record_layout",
+    "remove_replica",
+    "sync_replica_grads",
+]
 _REPLICAS = ("add_replica", "enable_replicas", "remove_replica", "sync_replica_grads")  # replicas.py (DeepSpeed)
 
 

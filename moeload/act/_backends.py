@@ -25,7 +25,7 @@ def moe_layers(model: Any) -> list[tuple[str, str, Any]]:
 
 
 def backend(name: str) -> ModuleType:
-    """"deepspeed" | "megatron" -> the act backend module (expert_to_rank, permute_experts)."""
+    """ "deepspeed" | "megatron" -> the act backend module (expert_to_rank, permute_experts)."""
     return importlib.import_module(f"moeload.act.{name}")
 
 

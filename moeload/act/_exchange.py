@@ -28,8 +28,10 @@ def slot_payload(expert: torch.nn.Module, opt: torch.optim.Optimizer | None) -> 
         for key in sorted(state, key=str):
             t = state[key]
             if not isinstance(t, torch.Tensor) or (t.dim() and t.shape != p.shape):
-                raise InputError(f"optimizer: state {key!r} of an expert parameter is {type(t).__name__} "
-                                 f"{list(getattr(t, 'shape', []))}, not a tensor of the parameter's shape or a scalar")
+                raise InputError(
+                    f"optimizer: state {key!r} of an expert parameter is {type(t).__name__} "
+                    f"{list(getattr(t, 'shape', []))}, not a tensor of the parameter's shape or a scalar"
+                )
             items.append(("state", key, t))
         for kind, key, t in items:
             meta.append((i, kind, key, tuple(t.shape), str(t.dtype).removeprefix("torch."), t.device.type == "cpu"))
@@ -37,8 +39,9 @@ def slot_payload(expert: torch.nn.Module, opt: torch.optim.Optimizer | None) -> 
     return meta, tensors
 
 
-def apply_slot(expert: torch.nn.Module, opt: torch.optim.Optimizer | None, meta: list,
-                tensors: list[torch.Tensor]) -> None:
+def apply_slot(
+    expert: torch.nn.Module, opt: torch.optim.Optimizer | None, meta: list, tensors: list[torch.Tensor]
+) -> None:
     params = list(expert.parameters())
     grads: dict[int, torch.Tensor] = {}
     states: dict[int, dict] = {i: {} for i in range(len(params))}
@@ -73,9 +76,18 @@ def permute_rows(params: Any, opt: torch.optim.Optimizer | None, src_slot: np.nd
                     t.copy_(t[idx.to(t.device)])
 
 
-def move_experts(experts: list[torch.nn.Module], moves: Moves, old: list[int], new: list[int], *, group: Any,
-                 ep_size: int, prepare: Callable[[], torch.optim.Optimizer | None],
-                 permute: Callable[[torch.optim.Optimizer | None, np.ndarray], None], t0: float) -> dict:
+def move_experts(
+    experts: list[torch.nn.Module],
+    moves: Moves,
+    old: list[int],
+    new: list[int],
+    *,
+    group: Any,
+    ep_size: int,
+    prepare: Callable[[], torch.optim.Optimizer | None],
+    permute: Callable[[torch.optim.Optimizer | None, np.ndarray], None],
+    t0: float,
+) -> dict:
     """Apply `moves` to this rank's `experts`, collectively over `group` (see the backends' permute_experts).
 
     prepare() checks rank-local things (the optimizer) and returns the torch optimizer; its InputError
@@ -92,8 +104,14 @@ def move_experts(experts: list[torch.nn.Module], moves: Moves, old: list[int], n
             raise
         error = str(e)
     if moves.is_identity:  # the same decision on every rank: nothing to send, no collective
-        return {"expert_to_rank": new, "experts_moved": 0, "bytes_sent": 0, "bytes_received": 0, "bytes_total": 0,
-                "seconds": time.perf_counter() - t0}
+        return {
+            "expert_to_rank": new,
+            "experts_moved": 0,
+            "bytes_sent": 0,
+            "bytes_received": 0,
+            "bytes_total": 0,
+            "seconds": time.perf_counter() - t0,
+        }
     metas = [(error, [m for m, _ in payload])]
     if ep_size > 1:
         metas = [None] * ep_size  # type: ignore[list-item]  # filled by all_gather_object
@@ -103,8 +121,10 @@ def move_experts(experts: list[torch.nn.Module], moves: Moves, old: list[int], n
         raise InputError(errors[0] if error == "" else error)
 
     def nbytes(meta: list) -> int:
-        return sum(int(np.prod(shape)) * torch.empty(0, dtype=getattr(torch, dt)).element_size()
-                   for _, _, _, shape, dt, _ in meta)
+        return sum(
+            int(np.prod(shape)) * torch.empty(0, dtype=getattr(torch, dt)).element_size()
+            for _, _, _, shape, dt, _ in meta
+        )
 
     received: dict[int, tuple[list, list[torch.Tensor]]] = {}
     ops, sent, got = [], 0, 0
@@ -121,8 +141,11 @@ def move_experts(experts: list[torch.nn.Module], moves: Moves, old: list[int], n
             ops += [dist.P2POp(dist.irecv, b, peer, group) for b in bufs]
             received[dst_l] = (meta, bufs)
             got += nbytes(meta)
-    local = {dst_l: (payload[src_l][0], [t.clone() for t in payload[src_l][1]])
-             for src_r, src_l, dst_r, dst_l, _ in moves.local.tolist() if dst_r == me}
+    local = {
+        dst_l: (payload[src_l][0], [t.clone() for t in payload[src_l][1]])
+        for src_r, src_l, dst_r, dst_l, _ in moves.local.tolist()
+        if dst_r == me
+    }
     if ops:
         for w in dist.batch_isend_irecv(ops):
             w.wait()
@@ -133,5 +156,11 @@ def move_experts(experts: list[torch.nn.Module], moves: Moves, old: list[int], n
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     total = sum(nbytes(metas[s_r][1][s_l]) for s_r, s_l, *_ in moves.transfers.tolist())
-    return {"expert_to_rank": new, "experts_moved": int((np.asarray(old) != np.asarray(new)).sum()),
-            "bytes_sent": sent, "bytes_received": got, "bytes_total": total, "seconds": time.perf_counter() - t0}
+    return {
+        "expert_to_rank": new,
+        "experts_moved": int((np.asarray(old) != np.asarray(new)).sum()),
+        "bytes_sent": sent,
+        "bytes_received": got,
+        "bytes_total": total,
+        "seconds": time.perf_counter() - t0,
+    }

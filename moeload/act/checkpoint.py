@@ -38,17 +38,26 @@ def layout_state_dict(model: Any) -> dict[str, Any]:
     where the model has no MoE layer of a supported backend."""
     layers = bk.moe_layers(model)
     if not layers:
-        raise InputError(f"layout_state_dict: {type(model).__name__} has no DeepSpeed MoE or megatron-core MoELayer layer")
-    return {"format": FORMAT, "version": VERSION,
-            "layers": {name: {"backend": b, "ep_size": bk.ep_size(b, m), "expert_to_rank": bk.backend(b).expert_to_rank(m)}
-                       for name, b, m in layers}}
+        raise InputError(
+            f"layout_state_dict: {type(model).__name__} has no DeepSpeed MoE or megatron-core MoELayer layer"
+        )
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "layers": {
+            name: {"backend": b, "ep_size": bk.ep_size(b, m), "expert_to_rank": bk.backend(b).expert_to_rank(m)}
+            for name, b, m in layers
+        },
+    }
 
 
 def _targets(layers: list[tuple[str, str, Any]], layout: Any) -> dict[str, list[int]]:
     """The map each layer goes to (rank-local checks only): {module path: [E]}."""
     if isinstance(layout, str) and layout == "contiguous":
-        return {name: contiguous_expert_to_rank(len(bk.backend(b).expert_to_rank(m)), bk.ep_size(b, m)).tolist()
-                for name, b, m in layers}
+        return {
+            name: contiguous_expert_to_rank(len(bk.backend(b).expert_to_rank(m)), bk.ep_size(b, m)).tolist()
+            for name, b, m in layers
+        }
     if not isinstance(layout, dict) or layout.get("format") != FORMAT:
         raise InputError(f"layout: expected 'contiguous' or a layout_state_dict() ({FORMAT!r}), got {layout!r:.80}")
     if layout.get("version") != VERSION:
@@ -59,14 +68,18 @@ def _targets(layers: list[tuple[str, str, Any]], layout: Any) -> dict[str, list[
     names = [name for name, _, _ in layers]
     missing, extra = [n for n in names if n not in saved], [n for n in saved if n not in names]
     if missing or extra:
-        raise InputError(f"layout: its layers do not match the model's (not saved: {missing[:3]}, not in the model: "
-                         f"{extra[:3]}); save and load the same kind of object (the engine or its module)")
+        raise InputError(
+            f"layout: its layers do not match the model's (not saved: {missing[:3]}, not in the model: "
+            f"{extra[:3]}); save and load the same kind of object (the engine or its module)"
+        )
     out = {}
     for name, b, m in layers:
         entry, E, G = saved[name], len(bk.backend(b).expert_to_rank(m)), bk.ep_size(b, m)
         if not isinstance(entry, dict) or entry.get("backend") != b or entry.get("ep_size") != G:
             got = (entry.get("backend"), entry.get("ep_size")) if isinstance(entry, dict) else entry
-            raise InputError(f"layout: layer {name!r} was saved as {got!r}; the model's is ({b!r}, {G}) (backend, ep_size)")
+            raise InputError(
+                f"layout: layer {name!r} was saved as {got!r}; the model's is ({b!r}, {G}) (backend, ep_size)"
+            )
         out[name] = check_expert_to_rank(entry.get("expert_to_rank"), E, G, f"layout[{name!r}]").tolist()
     return out
 
@@ -89,7 +102,9 @@ def apply_layout(model: Any, layout: Any, optimizer: Any = None, *, group: Any =
     error, targets = "", {}
     try:
         if not layers:
-            raise InputError(f"apply_layout: {type(model).__name__} has no DeepSpeed MoE or megatron-core MoELayer layer")
+            raise InputError(
+                f"apply_layout: {type(model).__name__} has no DeepSpeed MoE or megatron-core MoELayer layer"
+            )
         targets = _targets(layers, layout)
     except InputError as e:
         error = str(e)
@@ -107,8 +122,10 @@ def apply_layout(model: Any, layout: Any, optimizer: Any = None, *, group: Any =
             for r, (_, k) in enumerate(every):
                 for key, m in k.items():
                     if seen.setdefault(key, (r, m))[1] != m:
-                        errs.append(f"layout: ranks {seen[key][0]} and {r} were given different maps for layer "
-                                    f"{key[0]!r} ({seen[key][1]} and {m}); load every rank's file of one checkpoint")
+                        errs.append(
+                            f"layout: ranks {seen[key][0]} and {r} were given different maps for layer "
+                            f"{key[0]!r} ({seen[key][1]} and {m}); load every rank's file of one checkpoint"
+                        )
             error = errs[0] if errs else ""
     if error:
         raise InputError(error)

@@ -41,9 +41,11 @@ def _moe_layer(layer: Any) -> Any:
     if getattr(gate, "wg", None) is None or getattr(experts, "deepspeed_experts", None) is None:
         raise InputError(f"moe_layer: expected a deepspeed.moe.layer.MoE, got {type(layer).__name__}")
     if getattr(gate, "slot_logical", None) is not None:
-        raise InputError("moe_layer: a layer with expert replicas (moeload.act.replicas.ReplicaGate): permutation, "
-                         "layouts and the Replacer assume one slot per expert; move copies with add_replica / "
-                         "remove_replica")
+        raise InputError(
+            "moe_layer: a layer with expert replicas (moeload.act.replicas.ReplicaGate): permutation, "
+            "layouts and the Replacer assume one slot per expert; move copies with add_replica / "
+            "remove_replica"
+        )
     return moe
 
 
@@ -63,8 +65,10 @@ def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     inner = getattr(optimizer, "optimizer", None)  # a DeepSpeed engine holding a plain torch optimizer
     if isinstance(inner, torch.optim.Optimizer) and hasattr(optimizer, "module"):
         return inner
-    raise InputError(f"optimizer: expected a torch.optim.Optimizer (or an engine wrapping one without ZeRO or "
-                     f"fp16/bf16 wrappers), got {type(optimizer).__name__}")
+    raise InputError(
+        f"optimizer: expected a torch.optim.Optimizer (or an engine wrapping one without ZeRO or "
+        f"fp16/bf16 wrappers), got {type(optimizer).__name__}"
+    )
 
 
 def _permute_gate(gate: Any, opt: torch.optim.Optimizer | None, src_slot: np.ndarray) -> None:
@@ -93,8 +97,10 @@ def permute_experts(moe_layer: Any, new_expert_to_rank: list[int], optimizer: An
     new = [int(r) for r in np.asarray(new_expert_to_rank, dtype=np.int64)]
     group = moe.ep_group
     if ep_size > 1 and group is None:
-        raise InputError("moe_layer: its expert-parallel group is not set; call after deepspeed.initialize "
-                         "(or MoE.set_deepspeed_parallelism)")
+        raise InputError(
+            "moe_layer: its expert-parallel group is not set; call after deepspeed.initialize "
+            "(or MoE.set_deepspeed_parallelism)"
+        )
     if ep_size > 1 and dist.get_world_size(group) != ep_size:
         raise InputError(f"moe_layer: ep_size {ep_size} but its group has {dist.get_world_size(group)} ranks")
     experts = list(moe.experts.deepspeed_experts)
@@ -104,12 +110,23 @@ def permute_experts(moe_layer: Any, new_expert_to_rank: list[int], optimizer: An
         if opt is not None:
             held = {id(p) for g in opt.param_groups for p in g["params"]}
             if any(p.requires_grad and id(p) not in held for ex in experts for p in ex.parameters()):
-                raise InputError("optimizer: does not hold this layer's expert parameters (pass the optimizer "
-                                 "built over the model's parameters; ZeRO's flat partitions are not supported)")
+                raise InputError(
+                    "optimizer: does not hold this layer's expert parameters (pass the optimizer "
+                    "built over the model's parameters; ZeRO's flat partitions are not supported)"
+                )
         return opt
 
-    out = move_experts(experts, moves, old, new, group=group, ep_size=ep_size, prepare=prepare,
-                       permute=lambda opt, src: _permute_gate(moe.gate, opt, src), t0=t0)
+    out = move_experts(
+        experts,
+        moves,
+        old,
+        new,
+        group=group,
+        ep_size=ep_size,
+        prepare=prepare,
+        permute=lambda opt, src: _permute_gate(moe.gate, opt, src),
+        t0=t0,
+    )
     if not moves.is_identity:
         setattr(moe, _MAP_ATTR, new)
     return out

@@ -64,16 +64,22 @@ def plan_maps(plan: Any, num_experts: list[int], ep_size: int) -> list[list[int]
     if hasattr(plan, "phy2log") and hasattr(plan, "num_gpus"):  # Placement
         p2l, G = np.asarray(plan.phy2log, dtype=np.int64), int(plan.num_gpus)
         if G != ep_size or p2l.shape[-1] != max(num_experts):
-            raise InputError(f"plan: a placement of {p2l.shape[-1]} slots on {G} GPUs; the layers need "
-                             f"{max(num_experts)} slots on {ep_size} ranks (re-placement moves experts, no replicas)")
+            raise InputError(
+                f"plan: a placement of {p2l.shape[-1]} slots on {G} GPUs; the layers need "
+                f"{max(num_experts)} slots on {ep_size} ranks (re-placement moves experts, no replicas)"
+            )
         maps = np.zeros_like(p2l)
         np.put_along_axis(maps, p2l, np.arange(p2l.shape[-1])[None, :] // (p2l.shape[-1] // G), axis=-1)
         if any(sorted(row) != list(range(p2l.shape[-1])) for row in p2l.tolist()):
             raise InputError("plan: the placement holds replicas (an expert in several slots); only permutations apply")
         plan = maps.tolist()
     if isinstance(plan, (str, bytes)) or not hasattr(plan, "__len__") or len(plan) != len(num_experts):
-        raise InputError(f"plan: expected {len(num_experts)} expert->rank maps (one per traced layer), got {plan!r:.80}")
-    return [check_expert_to_rank(m, e, ep_size, f"plan[{i}]").tolist() for i, (m, e) in enumerate(zip(plan, num_experts))]
+        raise InputError(
+            f"plan: expected {len(num_experts)} expert->rank maps (one per traced layer), got {plan!r:.80}"
+        )
+    return [
+        check_expert_to_rank(m, e, ep_size, f"plan[{i}]").tolist() for i, (m, e) in enumerate(zip(plan, num_experts))
+    ]
 
 
 def expert_shape(layer: Any, optimizer: Any = None) -> ExpertShape:
@@ -83,7 +89,9 @@ def expert_shape(layer: Any, optimizer: Any = None) -> ExpertShape:
     the parameters and their optimizer state as they are now (Adam after its first step: 3 x 4 fp32)."""
     found = [(b, m) for _, b, m in bk.moe_layers(layer) if m is layer]
     if not found:
-        raise InputError(f"expert_shape: expected a DeepSpeed MoE or megatron-core MoELayer layer, got {type(layer).__name__}")
+        raise InputError(
+            f"expert_shape: expected a DeepSpeed MoE or megatron-core MoELayer layer, got {type(layer).__name__}"
+        )
     backend = found[0][0]
     if backend == "deepspeed":
         moe: Any = layer.deepspeed_moe
@@ -100,10 +108,19 @@ def expert_shape(layer: Any, optimizer: Any = None) -> ExpertShape:
     n = sum(p.numel() for p in params)
     opt = getattr(optimizer, "optimizer", optimizer)
     state = getattr(opt, "state", {})
-    nbytes = sum(p.numel() * p.element_size() + sum(t.numel() * t.element_size() for t in state.get(p, {}).values()
-                                                    if isinstance(t, torch.Tensor)) for p in params)
-    return ExpertShape(hidden, ffn, gated=gated, act_bytes=params[0].element_size(),
-                       state_bytes_per_param=max(1, math.ceil(nbytes / n)), source="measured from the layer")
+    nbytes = sum(
+        p.numel() * p.element_size()
+        + sum(t.numel() * t.element_size() for t in state.get(p, {}).values() if isinstance(t, torch.Tensor))
+        for p in params
+    )
+    return ExpertShape(
+        hidden,
+        ffn,
+        gated=gated,
+        act_bytes=params[0].element_size(),
+        state_bytes_per_param=max(1, math.ceil(nbytes / n)),
+        source="measured from the layer",
+    )
 
 
 class Replacer:
@@ -124,10 +141,22 @@ class Replacer:
     cost_s / experts_moved / bytes_total / seconds, or the error).
     """
 
-    def __init__(self, tracer: LoadTracer, plan: Any = None, *, optimizer: Any = None, every: int = 100,
-                 horizon: int | None = None, window: int = 100, shape: ExpertShape | None = None,
-                 calibration: Calibration | str | Path | None = None, num_nodes: int = 1, micro_batches: int = 1,
-                 group: Any = None, wait_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        tracer: LoadTracer,
+        plan: Any = None,
+        *,
+        optimizer: Any = None,
+        every: int = 100,
+        horizon: int | None = None,
+        window: int = 100,
+        shape: ExpertShape | None = None,
+        calibration: Calibration | str | Path | None = None,
+        num_nodes: int = 1,
+        micro_batches: int = 1,
+        group: Any = None,
+        wait_s: float = 30.0,
+    ) -> None:
         for name, v in (("every", every), ("window", window), ("horizon", every if horizon is None else horizon)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"Replacer: {name}={v!r}: expected a positive integer")
@@ -138,13 +167,17 @@ class Replacer:
         self.group = tracer.group if group is None else group
         self.wait_s = float(wait_s)
         if not tracer.rank_layout.uniform:  # its layer indices are the trace's; pipeline stages would need a map
-            raise InputError("Replacer: every rank must hold every traced layer (no pipeline stages or tp_group "
-                             "replicas yet); re-placement under pipeline parallelism is not supported")
+            raise InputError(
+                "Replacer: every rank must hold every traced layer (no pipeline stages or tp_group "
+                "replicas yet); re-placement under pipeline parallelism is not supported"
+            )
         owners = {id(bk.gate(b, m)): (b, m) for _, b, m in bk.moe_layers(tracer.model)}
         missing = [n for n, s in zip(tracer.local_layers, tracer.specs) if id(s.module) not in owners]
         if missing:
-            raise InputError(f"Replacer: traced layer(s) {missing[:3]} are not gates of deepspeed.moe.layer.MoE or "
-                             "megatron-core MoELayer layers")
+            raise InputError(
+                f"Replacer: traced layer(s) {missing[:3]} are not gates of deepspeed.moe.layer.MoE or "
+                "megatron-core MoELayer layers"
+            )
         self.backends: list[str] = [owners[id(s.module)][0] for s in tracer.specs]
         self.layers: list[Any] = [owners[id(s.module)][1] for s in tracer.specs]
         sizes = sorted({bk.ep_size(b, m) for b, m in zip(self.backends, self.layers)})
@@ -195,21 +228,38 @@ class Replacer:
         if decision.get("error"):
             if not self._warned:
                 self._warned = True
-                warnings.warn(f"moeload: re-placement check at step {step} failed on rank 0 ({decision['error']}); "
-                              "training continues without it", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"moeload: re-placement check at step {step} failed on rank 0 ({decision['error']}); "
+                    "training continues without it",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             self.history.append(decision)
             return decision
         for li, m in sorted(decision["apply"].items()):
             stats = bk.backend(self.backends[li]).permute_experts(self.layers[li], m, self.optimizer)
             self.tracer.record_rank_map(step, li, m, phy2log=phy2log(np.asarray(m)).tolist())
             info = decision["layers"][li]
-            info.update(experts_moved=stats["experts_moved"], bytes_total=stats["bytes_total"], seconds=stats["seconds"])
-            log.info("moeload: step %d: re-placed layer %r (%d experts, %d bytes, %.4f s; predicted gain %.3g s over "
-                     "%d steps > migration %.3g s, %s calibration)", step, self.tracer.layers[li], stats["experts_moved"],
-                     stats["bytes_total"], stats["seconds"], info["gain_s"], self.horizon, info["cost_s"],
-                     decision["calibration"])
+            info.update(
+                experts_moved=stats["experts_moved"], bytes_total=stats["bytes_total"], seconds=stats["seconds"]
+            )
+            log.info(
+                "moeload: step %d: re-placed layer %r (%d experts, %d bytes, %.4f s; predicted gain %.3g s over "
+                "%d steps > migration %.3g s, %s calibration)",
+                step,
+                self.tracer.layers[li],
+                stats["experts_moved"],
+                stats["bytes_total"],
+                stats["seconds"],
+                info["gain_s"],
+                self.horizon,
+                info["cost_s"],
+                decision["calibration"],
+            )
         if not decision["apply"]:
-            log.info("moeload: step %d: no re-placement (%s)", step, decision.get("why", "no layer gains more than it costs"))
+            log.info(
+                "moeload: step %d: no re-placement (%s)", step, decision.get("why", "no layer gains more than it costs")
+            )
         self.history.append(decision)
         return decision
 
@@ -217,8 +267,11 @@ class Replacer:
         """Rank 0: [W, L, E] global counts of the last steps flushed, after waiting for the writer thread
         to hand over the blocks flushed so far (at most wait_s); None if none."""
         tr, deadline = self.tracer, time.monotonic() + self.wait_s
-        while (self._blocks < tr.flushes - tr.dropped_blocks - self._flushes_at_attach and tr.tracing_stopped is None
-               and time.monotonic() < deadline):
+        while (
+            self._blocks < tr.flushes - tr.dropped_blocks - self._flushes_at_attach
+            and tr.tracing_stopped is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.002)
         if time.monotonic() >= deadline:  # a block lost on the way (disk fault): do not wait for it again
             self._flushes_at_attach = tr.flushes - tr.dropped_blocks - self._blocks
@@ -242,8 +295,15 @@ class Replacer:
             shape = self.shape or expert_shape(layer, self.optimizer)
             cal = self.calibration or default_calibration(shape, E // self.ep_size)
             out["calibration"] = cal.kind
-            s = Setting(num_gpus=self.ep_size, num_experts=E, num_layers=1, shape=shape, cal=cal,
-                        num_nodes=self.num_nodes, micro_batches=self.micro_batches)
+            s = Setting(
+                num_gpus=self.ep_size,
+                num_experts=E,
+                num_layers=1,
+                shape=shape,
+                cal=cal,
+                num_nodes=self.num_nodes,
+                micro_batches=self.micro_batches,
+            )
             c, share = mean[None, li : li + 1, :E], np.ones((1, E))
             before = float(s.times(c, phy2log(np.asarray(cur))[None], share)[0])
             after = float(s.times(c, phy2log(np.asarray(new[li]))[None], share)[0])

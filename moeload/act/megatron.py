@@ -43,12 +43,16 @@ def _local_experts(moe_layer: Any) -> list[torch.nn.Module]:
         raise InputError(f"moe_layer: expected a megatron-core MoELayer, got {type(moe_layer).__name__}")
     local = getattr(experts, "local_experts", None)
     if local is None:
-        raise InputError(f"moe_layer: experts are {type(experts).__name__}; only SequentialMLP experts "
-                         "(moe_grouped_gemm=False) can be permuted")
+        raise InputError(
+            f"moe_layer: experts are {type(experts).__name__}; only SequentialMLP experts "
+            "(moe_grouped_gemm=False) can be permuted"
+        )
     groups = getattr(moe_layer.config, "moe_router_num_groups", None)
     if groups is not None and groups > 1:
-        raise InputError(f"moe_layer: group-limited routing (moe_router_num_groups={groups}) ties experts to "
-                         "blocks of slots; a permutation would change the routing")
+        raise InputError(
+            f"moe_layer: group-limited routing (moe_router_num_groups={groups}) ties experts to "
+            "blocks of slots; a permutation would change the routing"
+        )
     return list(local)
 
 
@@ -71,12 +75,16 @@ def _check_optimizer(optimizer: Any, experts: list[torch.nn.Module]) -> torch.op
     if optimizer is None:
         return None
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise InputError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__} "
-                         "(megatron's optimizer wrappers are not supported)")
+        raise InputError(
+            f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__} "
+            "(megatron's optimizer wrappers are not supported)"
+        )
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if any(p.requires_grad and id(p) not in held for ex in experts for p in ex.parameters()):
-        raise InputError("optimizer: does not hold this layer's expert parameters "
-                         "(pass the optimizer built over the model's parameters)")
+        raise InputError(
+            "optimizer: does not hold this layer's expert parameters "
+            "(pass the optimizer built over the model's parameters)"
+        )
     return optimizer
 
 
@@ -114,12 +122,22 @@ def permute_experts(moe_layer: Any, new_expert_to_rank: list[int], optimizer: An
     moves = plan_moves(old, new_expert_to_rank, ep_size)
     new = [int(r) for r in np.asarray(new_expert_to_rank, dtype=np.int64)]
     if any(hasattr(p, "main_grad") for ex in experts for p in ex.parameters()):
-        raise InputError("moe_layer: its parameters have megatron DDP main_grad buffers; wrapped models are "
-                         "not supported (permute the unwrapped module with a plain torch optimizer)")
+        raise InputError(
+            "moe_layer: its parameters have megatron DDP main_grad buffers; wrapped models are "
+            "not supported (permute the unwrapped module with a plain torch optimizer)"
+        )
     group = moe_layer.ep_group
-    out = move_experts(experts, moves, old, new, group=group, ep_size=ep_size,
-                       prepare=lambda: _check_optimizer(optimizer, experts),
-                       permute=lambda opt, src: _permute_router(moe_layer.router, opt, src), t0=t0)
+    out = move_experts(
+        experts,
+        moves,
+        old,
+        new,
+        group=group,
+        ep_size=ep_size,
+        prepare=lambda: _check_optimizer(optimizer, experts),
+        permute=lambda opt, src: _permute_router(moe_layer.router, opt, src),
+        t0=t0,
+    )
     if not moves.is_identity:
         setattr(moe_layer, _MAP_ATTR, new)
     return out

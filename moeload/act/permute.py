@@ -25,8 +25,9 @@ def contiguous_expert_to_rank(num_experts: int, ep_size: int) -> np.ndarray:
     return np.asarray(contiguous(num_experts, ep_size), dtype=np.int64)
 
 
-def check_expert_to_rank(expert_to_rank: object, num_experts: int, ep_size: int,
-                         name: str = "new_expert_to_rank") -> np.ndarray:
+def check_expert_to_rank(
+    expert_to_rank: object, num_experts: int, ep_size: int, name: str = "new_expert_to_rank"
+) -> np.ndarray:
     """Validate a map logical expert -> rank; -> [E] int64. Raises InputError (one line) when its
     length is not `num_experts`, an entry is not an integer in [0, ep_size), or a rank does not get
     exactly num_experts // ep_size experts."""
@@ -49,8 +50,9 @@ def check_expert_to_rank(expert_to_rank: object, num_experts: int, ep_size: int,
     per_rank = np.bincount(a, minlength=ep_size)
     want = num_experts // ep_size
     if num_experts % ep_size or (per_rank != want).any():
-        raise InputError(f"{name}: each of the {ep_size} ranks must hold {want} experts, "
-                         f"got {per_rank.tolist()} experts per rank")
+        raise InputError(
+            f"{name}: each of the {ep_size} ranks must hold {want} experts, got {per_rank.tolist()} experts per rank"
+        )
     return a
 
 

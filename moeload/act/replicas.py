@@ -49,11 +49,19 @@ class ReplicaGate(TopKGate):
     ep_size: the layer's; slot s is on EP rank s // (S / ep_size)."""
 
     def __init__(self, gate: TopKGate, num_experts: int, slot_expert: list[int], ep_size: int) -> None:
-        super().__init__(gate.wg.in_features, num_experts, k=gate.k, capacity_factor=gate.capacity_factor,
-                         eval_capacity_factor=gate.eval_capacity_factor, min_capacity=gate.min_capacity,
-                         noisy_gate_policy=gate.noisy_gate_policy, drop_tokens=gate.drop_tokens,
-                         use_rts=gate.use_rts, ep_group=gate.ep_group,
-                         top2_2nd_expert_sampling=gate.top2_2nd_expert_sampling)
+        super().__init__(
+            gate.wg.in_features,
+            num_experts,
+            k=gate.k,
+            capacity_factor=gate.capacity_factor,
+            eval_capacity_factor=gate.eval_capacity_factor,
+            min_capacity=gate.min_capacity,
+            noisy_gate_policy=gate.noisy_gate_policy,
+            drop_tokens=gate.drop_tokens,
+            use_rts=gate.use_rts,
+            ep_group=gate.ep_group,
+            top2_2nd_expert_sampling=gate.top2_2nd_expert_sampling,
+        )
         self.wg.to(device=gate.wg.weight.device, dtype=gate.wg.weight.dtype)
         self.num_slots, self.ep_size = len(slot_expert), ep_size
         self.slot_counts: torch.Tensor | None = None
@@ -71,7 +79,7 @@ class ReplicaGate(TopKGate):
         copies = [self._order(np.flatnonzero(a == e).tolist(), e) for e in range(E)]
         table = np.full((E, max(len(c) for c in copies)), -1, dtype=np.int64)
         for e, c in enumerate(copies):
-            table[e, :len(c)] = c
+            table[e, : len(c)] = c
         self.slot_expert = [int(x) for x in a]
         dev = self.wg.weight.device  # buffers (not saved): they follow the module to its device
         self.register_buffer("_copies", torch.as_tensor([len(c) for c in copies], device=dev), persistent=False)
@@ -98,8 +106,13 @@ class ReplicaGate(TopKGate):
         tokens alternate between them in this order."""
         return self._order([s for s, e in enumerate(self.slot_expert) if e == expert], expert)
 
-    def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None, sparse_routes: bool = False,
-                use_tutel: bool = False) -> Any:
+    def forward(
+        self,
+        input: torch.Tensor,
+        used_token: torch.Tensor | None = None,
+        sparse_routes: bool = False,
+        use_tutel: bool = False,
+    ) -> Any:
         l_aux, _, _, idx, loc, gates, exp_counts = super().forward(input, used_token, True, use_tutel)
         e = idx.long()  # [k, T] logical expert of each route, -1 where capacity dropped it
         kept = e >= 0
@@ -119,8 +132,11 @@ class ReplicaGate(TopKGate):
         C, T = int(capacity), input.shape[0]  # the dense form of TopKGate: combine_weights [T, S, C]
         combine = torch.zeros(T, S + 1, C, dtype=gates.dtype, device=gates.device)
         tok = torch.arange(T, device=slot.device).expand_as(slot)
-        combine = combine.index_put((tok.reshape(-1), torch.where(kept, slot, S).reshape(-1), where.reshape(-1)),
-                                    gates.reshape(-1), accumulate=True)[:, :S]
+        combine = combine.index_put(
+            (tok.reshape(-1), torch.where(kept, slot, S).reshape(-1), where.reshape(-1)),
+            gates.reshape(-1),
+            accumulate=True,
+        )[:, :S]
         return l_aux, combine, combine.bool(), exp_counts
 
 
@@ -149,14 +165,18 @@ def enable_replicas(moe_layer: Any, num_experts: int) -> ReplicaGate:
     moe = _moe(moe_layer)
     S, ep = len(moe.experts.deepspeed_experts) * int(moe.ep_size), int(moe.ep_size)
     if not (0 < num_experts < S) or num_experts % ep:
-        raise InputError(f"num_experts: expected a multiple of ep_size {ep} below the layer's {S} slots, got {num_experts}")
+        raise InputError(
+            f"num_experts: expected a multiple of ep_size {ep} below the layer's {S} slots, got {num_experts}"
+        )
     if isinstance(moe.gate, ReplicaGate):
         raise InputError("moe_layer: replicas are already enabled")
     if "sparse_routes" not in inspect.signature(TopKGate.forward).parameters:
         raise InputError("enable_replicas: needs a DeepSpeed whose TopKGate returns sparse routes (0.19.4 or later)")
     if moe.ep_group is not None:
-        raise InputError("moe_layer: its expert-parallel group is set, so its engine exists; call enable_replicas "
-                         "before deepspeed.initialize (the gate gets a new weight the optimizer must hold)")
+        raise InputError(
+            "moe_layer: its expert-parallel group is set, so its engine exists; call enable_replicas "
+            "before deepspeed.initialize (the gate gets a new weight the optimizer must hold)"
+        )
     L, Ls = num_experts // ep, S // ep
     slot_expert = [r * L + j if j < L else -1 for r in range(ep) for j in range(Ls)]
     moe.gate = ReplicaGate(moe.gate, num_experts, slot_expert, ep)
@@ -178,7 +198,9 @@ def add_replica(moe_layer: Any, expert: int, slot: int, optimizer: Any = None) -
     experts = list(moe.experts.deepspeed_experts)
     Ls, E = len(experts), gate.wg.out_features
     if not (0 <= expert < E) or not (0 <= slot < gate.num_slots):
-        raise InputError(f"add_replica: expert must be in [0, {E}) and slot in [0, {gate.num_slots}), got {expert}, {slot}")
+        raise InputError(
+            f"add_replica: expert must be in [0, {E}) and slot in [0, {gate.num_slots}), got {expert}, {slot}"
+        )
     if gate.slot_expert[slot] != -1:
         raise InputError(f"add_replica: slot {slot} holds expert {gate.slot_expert[slot]}; pick a free slot")
     src = gate.copies(expert)[0]
@@ -210,14 +232,16 @@ def add_replica(moe_layer: Any, expert: int, slot: int, optimizer: Any = None) -
         if me == dst_r:
             apply_slot(experts[dst_l], opt, meta, [t.clone() for t in tensors])
     elif me == src_r:
-        for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, t, dist.get_global_rank(group, dst_r), group)
-                                         for t in tensors]):
+        for w in dist.batch_isend_irecv(
+            [dist.P2POp(dist.isend, t, dist.get_global_rank(group, dst_r), group) for t in tensors]
+        ):
             w.wait()
     elif me == dst_r:
         device = next(experts[dst_l].parameters()).device
         tensors = [torch.empty(shape, dtype=getattr(torch, dt), device=device) for _, _, _, shape, dt, _ in meta]
-        for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, t, dist.get_global_rank(group, src_r), group)
-                                         for t in tensors]):
+        for w in dist.batch_isend_irecv(
+            [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, src_r), group) for t in tensors]
+        ):
             w.wait()
         apply_slot(experts[dst_l], opt, meta, tensors)
     gate.set_slots([expert if s == slot else e for s, e in enumerate(gate.slot_expert)])
@@ -258,8 +282,9 @@ def sync_replica_grads(model: Any) -> dict:
         mine = {e: [experts[s % Ls] for s in gate.copies(e) if s // Ls == me] for e in hot}
         for i, e in enumerate(hot):
             for ex in mine[e]:
-                buf[i] += torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                                     for p in ex.parameters()])
+                buf[i] += torch.cat(
+                    [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ex.parameters()]
+                )
         if moe.ep_size > 1:
             dist.all_reduce(buf, group=moe.ep_group)
         for i, e in enumerate(hot):

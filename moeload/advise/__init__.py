@@ -15,6 +15,14 @@ from moeload.advise.cost import Calibration, ExpertShape, default_calibration
 from moeload.advise.strategies import STRATEGIES, Setting, replay
 
 __all__ = [
-    "STRATEGIES", "Advice", "Calibration", "ExpertShape", "Setting", "advise", "default_calibration",
-    "replay", "resolve_shape", "write_artifacts",
+    "STRATEGIES",
+    "Advice",
+    "Calibration",
+    "ExpertShape",
+    "Setting",
+    "advise",
+    "default_calibration",
+    "replay",
+    "resolve_shape",
+    "write_artifacts",
 ]

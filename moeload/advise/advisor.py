@@ -44,13 +44,24 @@ class Advice:
     def to_jsonable(self) -> dict:
         rows = []
         for r in self.table.to_dict("records"):
-            rows.append({
-                "name": r["name"], "step_ms": r["step_ms"], "saving_pct": r["saving_pct"],
-                "saving_interval": [r["saving_lo"], r["saving_hi"]], "moved_experts": int(r["moved_experts"]),
-                "moved_bytes": int(r["moved_bytes"]), "extra_memory_bytes": int(r["extra_memory_bytes"]),
-            })
-        return {"strategies": rows, "recommended": self.recommended, "reason": self.reason,
-                "calibration": self.calibration, **{k: v for k, v in self.info.items() if k not in ("strategies",)}}
+            rows.append(
+                {
+                    "name": r["name"],
+                    "step_ms": r["step_ms"],
+                    "saving_pct": r["saving_pct"],
+                    "saving_interval": [r["saving_lo"], r["saving_hi"]],
+                    "moved_experts": int(r["moved_experts"]),
+                    "moved_bytes": int(r["moved_bytes"]),
+                    "extra_memory_bytes": int(r["extra_memory_bytes"]),
+                }
+            )
+        return {
+            "strategies": rows,
+            "recommended": self.recommended,
+            "reason": self.reason,
+            "calibration": self.calibration,
+            **{k: v for k, v in self.info.items() if k not in ("strategies",)},
+        }
 
 
 def _extra(meta: dict) -> dict:
@@ -87,8 +98,12 @@ def _workload_configs() -> dict:
     return mod.CONFIGS
 
 
-def resolve_shape(meta: dict, hidden: int | None = None, ffn_hidden: int | None = None, gated: bool | None = None,
-                  ) -> ExpertShape:
+def resolve_shape(
+    meta: dict,
+    hidden: int | None = None,
+    ffn_hidden: int | None = None,
+    gated: bool | None = None,
+) -> ExpertShape:
     """The expert shape: given sizes win; else the embedded workload the manifest names; else a default."""
     if hidden is not None or ffn_hidden is not None:
         if hidden is None or ffn_hidden is None:
@@ -109,8 +124,9 @@ def resolve_shape(meta: dict, hidden: int | None = None, ffn_hidden: int | None 
     return DEFAULT_SHAPE
 
 
-def _bootstrap_saving(base: np.ndarray, other: np.ndarray, block: int = 100, n: int = 200,
-                      seed: int = 0) -> tuple[float, float]:
+def _bootstrap_saving(
+    base: np.ndarray, other: np.ndarray, block: int = 100, n: int = 200, seed: int = 0
+) -> tuple[float, float]:
     """95 % interval of `100 * (1 - mean(other) / mean(base))` by a moving-block bootstrap over steps."""
     S = base.shape[0]
     if S < 2 * block:
@@ -126,11 +142,22 @@ def _bootstrap_saving(base: np.ndarray, other: np.ndarray, block: int = 100, n: 
     return float(np.percentile(saving, 2.5)), float(np.percentile(saving, 97.5))
 
 
-def advise(trace, num_gpus: int = 8, *, num_nodes: int = 1, num_replicas: int | None = None,
-           calibration: str | Path | Calibration | None = None, shape: ExpertShape | None = None,
-           micro_batches: int = 1, other_ms: float = 0.0, copies_per_gpu: int = 1,
-           eplb_window: int = 1000, eplb_interval: int = 3000, chunk: int = 1000,
-           progress: Callable[[int, int], None] | None = None) -> Advice:
+def advise(
+    trace,
+    num_gpus: int = 8,
+    *,
+    num_nodes: int = 1,
+    num_replicas: int | None = None,
+    calibration: str | Path | Calibration | None = None,
+    shape: ExpertShape | None = None,
+    micro_batches: int = 1,
+    other_ms: float = 0.0,
+    copies_per_gpu: int = 1,
+    eplb_window: int = 1000,
+    eplb_interval: int = 3000,
+    chunk: int = 1000,
+    progress: Callable[[int, int], None] | None = None,
+) -> Advice:
     """Replay `trace` (a `Trace`, or counts `[S, L, E]`) through `STRATEGIES`; see the module docs."""
     import pandas as pd
 
@@ -151,6 +178,7 @@ def advise(trace, num_gpus: int = 8, *, num_nodes: int = 1, num_replicas: int | 
         def blocks():
             for _, c in trace.iter_blocks(block=chunk):
                 yield c
+
     if S < 2:
         raise InputError(f"trace has {S} step(s); advice needs at least 2")
     shape = shape or resolve_shape(meta)
@@ -161,8 +189,9 @@ def advise(trace, num_gpus: int = 8, *, num_nodes: int = 1, num_replicas: int | 
         cal = Calibration.load(calibration)
     else:
         cal = default_calibration(shape, max(1, (num_replicas or E) // max(G, 1)))
-    setting = Setting(G, E, L, shape, cal, num_nodes=int(num_nodes), num_replicas=num_replicas,
-                      micro_batches=int(micro_batches))
+    setting = Setting(
+        G, E, L, shape, cal, num_nodes=int(num_nodes), num_replicas=num_replicas, micro_batches=int(micro_batches)
+    )
     intervals = [k for k in FORECAST_INTERVALS if k < S // 2] or [max(1, S // 4)]
     tail: list[np.ndarray] = []
 
@@ -177,8 +206,11 @@ def advise(trace, num_gpus: int = 8, *, num_nodes: int = 1, num_replicas: int | 
             yield c
 
     # One pass: every strategy, and the forecast strategy at each candidate interval.
-    fixed = [build(n, setting, eplb_window=eplb_window, eplb_interval=eplb_interval, copies_per_gpu=copies_per_gpu)
-             for n in STRATEGIES if n != "forecast"]
+    fixed = [
+        build(n, setting, eplb_window=eplb_window, eplb_interval=eplb_interval, copies_per_gpu=copies_per_gpu)
+        for n in STRATEGIES
+        if n != "forecast"
+    ]
     fc = [build("forecast", setting, forecast_interval=k, forecast_window=min(200, 2 * k)) for k in intervals]
     done = run_all(chunks(), fixed + fc, setting, None if progress is None else (lambda t: progress(t, S)))
     outs: dict[str, Outcome] = {o.name: o for o in done[: len(fixed)]}
@@ -186,8 +218,11 @@ def advise(trace, num_gpus: int = 8, *, num_nodes: int = 1, num_replicas: int | 
     fouts = done[len(fixed) :]
     best = int(np.argmin([o.step_s[:half].mean() for o in fouts]))
     fo = fouts[best]
-    fo.notes = {"interval": intervals[best], "chosen_on": f"steps 0..{half - 1}",
-                "candidates": {k: float(o.step_s[:half].mean() * 1e3) for k, o in zip(intervals, fouts)}}
+    fo.notes = {
+        "interval": intervals[best],
+        "chosen_on": f"steps 0..{half - 1}",
+        "candidates": {k: float(o.step_s[:half].mean() * 1e3) for k, o in zip(intervals, fouts)},
+    }
     outs["forecast"] = fo
     outs = {n: outs[n] for n in STRATEGIES}
 
@@ -199,21 +234,36 @@ def advise(trace, num_gpus: int = 8, *, num_nodes: int = 1, num_replicas: int | 
         saving = 100.0 * (1.0 - mean / (float(base.mean()) + other_s))
         lo, hi = _bootstrap_saving(base + other_s, o.step_s + other_s) if name != "none" else (0.0, 0.0)
         err = cal.rel_error * abs(saving)
-        rows.append({
-            "name": name, "step_ms": mean * 1e3, "saving_pct": saving, "saving_lo": lo - err, "saving_hi": hi + err,
-            "replans": o.replans, "moved_experts": o.moved_experts, "moved_bytes": o.moved_bytes,
-            "extra_memory_bytes": o.extra_memory_bytes, "migration_ms": o.migration_s * 1e3,
-        })
+        rows.append(
+            {
+                "name": name,
+                "step_ms": mean * 1e3,
+                "saving_pct": saving,
+                "saving_lo": lo - err,
+                "saving_hi": hi + err,
+                "replans": o.replans,
+                "moved_experts": o.moved_experts,
+                "moved_bytes": o.moved_bytes,
+                "extra_memory_bytes": o.extra_memory_bytes,
+                "migration_ms": o.migration_s * 1e3,
+            }
+        )
     table = pd.DataFrame(rows)
     recommended, reason = _recommend(table, outs)
     last = np.concatenate(tail)[-eplb_window:].mean(axis=0) if tail else np.zeros((L, E))
     info = {
-        "steps": S, "layers": L, "experts": E, "gpus": G, "nodes": int(num_nodes),
-        "replicas": setting.num_replicas, "micro_batches": int(micro_batches),
-        "shape": {"hidden": shape.hidden, "ffn_hidden": shape.ffn_hidden, "gated": shape.gated,
-                  "source": shape.source},
-        "calibration_device": cal.device, "all_to_all": "measured" if cal.a2a_measured else "default",
-        "forecast_interval": fo.notes["interval"], "other_ms": other_ms,
+        "steps": S,
+        "layers": L,
+        "experts": E,
+        "gpus": G,
+        "nodes": int(num_nodes),
+        "replicas": setting.num_replicas,
+        "micro_batches": int(micro_batches),
+        "shape": {"hidden": shape.hidden, "ffn_hidden": shape.ffn_hidden, "gated": shape.gated, "source": shape.source},
+        "calibration_device": cal.device,
+        "all_to_all": "measured" if cal.a2a_measured else "default",
+        "forecast_interval": fo.notes["interval"],
+        "other_ms": other_ms,
         "zero_layers": [int(i) for i in np.flatnonzero(totals == 0)],
         "disabled_layers": sorted(_extra(meta).get("disabled_layers") or {}),
     }
@@ -226,12 +276,20 @@ def _warn_unreliable(info: dict) -> None:
     import warnings
 
     if info["zero_layers"]:
-        warnings.warn(f"advise: layer(s) {info['zero_layers']} received no token in the whole trace; their times "
-                      "are latency only (check the trace with `moeload check`)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"advise: layer(s) {info['zero_layers']} received no token in the whole trace; their times "
+            "are latency only (check the trace with `moeload check`)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if info["disabled_layers"]:
-        warnings.warn(f"advise: the tracer disabled {len(info['disabled_layers'])} layer(s) "
-                      f"({', '.join(map(str, info['disabled_layers'][:3]))}); their counts stop where they were "
-                      "disabled, so the advice under-counts them", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"advise: the tracer disabled {len(info['disabled_layers'])} layer(s) "
+            f"({', '.join(map(str, info['disabled_layers'][:3]))}); their counts stop where they were "
+            "disabled, so the advice under-counts them",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _recommend(table, outs: dict[str, Outcome]) -> tuple[str, str]:
@@ -241,11 +299,15 @@ def _recommend(table, outs: dict[str, Outcome]) -> tuple[str, str]:
         return "none", "no strategy to compare"
     best = cands.iloc[0]
     if best["saving_pct"] < MIN_SAVING_PCT or best["saving_lo"] <= 0:
-        return "none", (f"the best strategy ({best['name']}) would save {best['saving_pct']:.1f} % "
-                        f"(interval {best['saving_lo']:.1f} .. {best['saving_hi']:.1f} %), below {MIN_SAVING_PCT:g} % "
-                        f"or not clear of zero; even a perfect balancer saves only {floor:.1f} %")
-    why = (f"{best['name']} saves {best['saving_pct']:.1f} % (interval {best['saving_lo']:.1f} .. "
-           f"{best['saving_hi']:.1f} %) of the MoE layers' time; a perfect balancer would save {floor:.1f} %")
+        return "none", (
+            f"the best strategy ({best['name']}) would save {best['saving_pct']:.1f} % "
+            f"(interval {best['saving_lo']:.1f} .. {best['saving_hi']:.1f} %), below {MIN_SAVING_PCT:g} % "
+            f"or not clear of zero; even a perfect balancer saves only {floor:.1f} %"
+        )
+    why = (
+        f"{best['name']} saves {best['saving_pct']:.1f} % (interval {best['saving_lo']:.1f} .. "
+        f"{best['saving_hi']:.1f} %) of the MoE layers' time; a perfect balancer would save {floor:.1f} %"
+    )
     if best["name"] == "reactive":
         why += "; it needs a framework that duplicates experts per micro-batch (LLEP / UltraEP-style)"
     return str(best["name"]), why

@@ -44,12 +44,24 @@ def write_artifacts(advice, out_dir: str | Path) -> dict[str, Path]:
         "megatron": out / "megatron_flags.txt",
     }
     paths["sglang"].write_text(json.dumps({"physical_to_logical_map": p.phy2log.tolist()}) + "\n")
-    paths["eplb"].write_text(json.dumps({
-        "phy2log": p.phy2log.tolist(), "log2phy": p.log2phy.tolist(), "logcnt": p.replica_counts.tolist(),
-        "num_gpus": s.num_gpus, "num_replicas": s.num_replicas, "calibration": advice.calibration,
-    }) + "\n")
-    eplb_cfg = {"window_size": 1000, "step_interval": 3000 if advice.recommended != "forecast" else int(
-        advice.info.get("forecast_interval", 3000)), "num_redundant_experts": int(s.num_replicas - s.num_experts)}
+    paths["eplb"].write_text(
+        json.dumps(
+            {
+                "phy2log": p.phy2log.tolist(),
+                "log2phy": p.log2phy.tolist(),
+                "logcnt": p.replica_counts.tolist(),
+                "num_gpus": s.num_gpus,
+                "num_replicas": s.num_replicas,
+                "calibration": advice.calibration,
+            }
+        )
+        + "\n"
+    )
+    eplb_cfg = {
+        "window_size": 1000,
+        "step_interval": 3000 if advice.recommended != "forecast" else int(advice.info.get("forecast_interval", 3000)),
+        "num_redundant_experts": int(s.num_replicas - s.num_experts),
+    }
     paths["vllm"].write_text(
         f"# moeload advise: recommended {advice.recommended} ({advice.calibration} calibration)\n"
         f"--enable-eplb --eplb-config '{json.dumps(eplb_cfg)}'\n"

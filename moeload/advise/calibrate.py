@@ -54,6 +54,7 @@ def expert_step(shape: ExpertShape, routes: list[int], *, device: str = "cuda", 
             y = torch._grouped_mm(act(torch._grouped_mm(x, w1, offs=offs)), w2, offs=offs)
             y.backward(torch.ones_like(y))
             x.grad = w1.grad = w2.grad = None
+
         return run
 
     def bmm():
@@ -64,6 +65,7 @@ def expert_step(shape: ExpertShape, routes: list[int], *, device: str = "cuda", 
             y = torch.bmm(act(torch.bmm(x, w1)), w2)
             y.backward(torch.ones_like(y))
             x.grad = w1.grad = w2.grad = None
+
         return run
 
     if kernel in ("grouped", "auto") and device.startswith("cuda") and hasattr(torch, "_grouped_mm"):
@@ -102,8 +104,16 @@ def time_fn(run, *, device: str = "cuda", repeats: int = 10, warmup: int = 3) ->
     return statistics.median(times)
 
 
-def time_grouped_gemm(shape: ExpertShape, local_experts: int, routes: int, *, device: str = "cuda",
-                      repeats: int = 10, warmup: int = 3, kernel: str = "auto") -> tuple[int, float, str]:
+def time_grouped_gemm(
+    shape: ExpertShape,
+    local_experts: int,
+    routes: int,
+    *,
+    device: str = "cuda",
+    repeats: int = 10,
+    warmup: int = 3,
+    kernel: str = "auto",
+) -> tuple[int, float, str]:
     """(routes timed, median seconds, kernel) of forward + backward of `local_experts` experts.
 
     `routes` is rounded up to a multiple of `local_experts` and split evenly."""
@@ -112,15 +122,24 @@ def time_grouped_gemm(shape: ExpertShape, local_experts: int, routes: int, *, de
     return per * local_experts, time_fn(run, device=device, repeats=repeats, warmup=warmup), used
 
 
-def calibrate(shape: ExpertShape, local_experts: int, *, grid: tuple[int, ...] = DEFAULT_GRID, device: str = "cuda",
-              repeats: int = 10, kernel: str = "auto", progress: Callable[[str], None] | None = None,
-              ) -> Calibration:
+def calibrate(
+    shape: ExpertShape,
+    local_experts: int,
+    *,
+    grid: tuple[int, ...] = DEFAULT_GRID,
+    device: str = "cuda",
+    repeats: int = 10,
+    kernel: str = "auto",
+    progress: Callable[[str], None] | None = None,
+) -> Calibration:
     """Measured `Calibration` for `shape` with `local_experts` experts per GPU on `device`."""
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("calibrate: no CUDA GPU here; run it on a GPU machine, or pass --device cpu "
-                         "to time this CPU (marked as such)")
+        raise InputError(
+            "calibrate: no CUDA GPU here; run it on a GPU machine, or pass --device cpu "
+            "to time this CPU (marked as such)"
+        )
     if local_experts < 1:
         raise InputError(f"--experts-per-gpu {local_experts}: must be >= 1")
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
@@ -149,10 +168,14 @@ def calibrate(shape: ExpertShape, local_experts: int, *, grid: tuple[int, ...] =
     for tile in TILES:
         xs = [local_experts * (-(-p // tile) * tile if tile else p) for p in pers]
         keep = [i for i in range(len(xs)) if i == 0 or xs[i] > xs[i - 1]]
-        cal = Calibration((0.0, *(float(xs[i]) for i in keep)),
-                          (0.0, *np.maximum.accumulate(np.asarray(secs)[keep]).tolist()), tile=tile)
-        errs = [abs(float(cal.gemm_time(np.ceil(n / tile).sum() * tile if tile else n.sum())) - t) / t
-                for n, t in samples]
+        cal = Calibration(
+            (0.0, *(float(xs[i]) for i in keep)),
+            (0.0, *np.maximum.accumulate(np.asarray(secs)[keep]).tolist()),
+            tile=tile,
+        )
+        errs = [
+            abs(float(cal.gemm_time(np.ceil(n / tile).sum() * tile if tile else n.sum())) - t) / t for n, t in samples
+        ]
         err = float(np.median(errs))
         if progress is not None:
             progress(f"tile {tile}: median error on {len(samples)} uneven splits {err:.1%}")
@@ -162,5 +185,12 @@ def calibrate(shape: ExpertShape, local_experts: int, *, grid: tuple[int, ...] =
         raise InputError("calibrate: no padding tile could be evaluated")
     err, fit = best
     name = f"{name}, {used} GEMMs"
-    return Calibration(fit.tokens, fit.seconds, measured=True, device=name, shape=asdict(shape),
-                       rel_error=max(err, 0.02), tile=fit.tile)
+    return Calibration(
+        fit.tokens,
+        fit.seconds,
+        measured=True,
+        device=name,
+        shape=asdict(shape),
+        rel_error=max(err, 0.02),
+        tile=fit.tile,
+    )

@@ -144,7 +144,7 @@ class Calibration:
 
     @property
     def kind(self) -> str:
-        """"measured" when the GEMM curve was timed on a GPU, else "default"."""
+        """ "measured" when the GEMM curve was timed on a GPU, else "default"."""
         return "measured" if self.measured else "default"
 
     def gemm_time(self, routes: np.ndarray) -> np.ndarray:
@@ -206,8 +206,9 @@ def default_calibration(shape: ExpertShape, local_experts: int, max_routes: floa
     return Calibration(tuple(grid.tolist()), tuple(np.maximum.accumulate(secs).tolist()), shape=asdict(shape))
 
 
-def a2a_time(gpu_routes: np.ndarray, routes_total: np.ndarray, shape: ExpertShape, cal: Calibration,
-             num_nodes: int = 1) -> np.ndarray:
+def a2a_time(
+    gpu_routes: np.ndarray, routes_total: np.ndarray, shape: ExpertShape, cal: Calibration, num_nodes: int = 1
+) -> np.ndarray:
     """Time of one all-to-all.
 
     gpu_routes: [..., G] routes each GPU's experts receive; routes_total: [...] all routes
@@ -242,8 +243,14 @@ def padded_routes(per_slot: np.ndarray, num_gpus: int, tile: int, micro_batches:
     return n.reshape(n.shape[:-1] + (num_gpus, -1)).sum(axis=-1)
 
 
-def layer_time(gpu_routes: np.ndarray, shape: ExpertShape, cal: Calibration, num_nodes: int = 1,
-               micro_batches: int = 1, gemm_routes: np.ndarray | None = None) -> np.ndarray:
+def layer_time(
+    gpu_routes: np.ndarray,
+    shape: ExpertShape,
+    cal: Calibration,
+    num_nodes: int = 1,
+    micro_batches: int = 1,
+    gemm_routes: np.ndarray | None = None,
+) -> np.ndarray:
     """Forward + backward time of MoE layers from `gpu_routes: [..., G]` routes per GPU of one step.
 
     The step's routes are split evenly over `micro_batches`; each micro-batch pays four
@@ -257,16 +264,23 @@ def layer_time(gpu_routes: np.ndarray, shape: ExpertShape, cal: Calibration, num
     return micro_batches * (compute + comm)
 
 
-def floor_time(routes_total: np.ndarray, num_gpus: int, shape: ExpertShape, cal: Calibration,
-               num_nodes: int = 1, micro_batches: int = 1) -> np.ndarray:
+def floor_time(
+    routes_total: np.ndarray,
+    num_gpus: int,
+    shape: ExpertShape,
+    cal: Calibration,
+    num_nodes: int = 1,
+    micro_batches: int = 1,
+) -> np.ndarray:
     """The same as `layer_time` with every GPU holding exactly `routes_total / G`: the floor."""
     total = np.asarray(routes_total, dtype=np.float64)
     even = np.repeat((total / num_gpus)[..., None], num_gpus, axis=-1)
     return layer_time(even, shape, cal, num_nodes, micro_batches)
 
 
-def migration_time(moved_experts: np.ndarray, shape: ExpertShape, cal: Calibration, num_gpus: int,
-                   num_nodes: int = 1) -> np.ndarray:
+def migration_time(
+    moved_experts: np.ndarray, shape: ExpertShape, cal: Calibration, num_gpus: int, num_nodes: int = 1
+) -> np.ndarray:
     """Stall to move `moved_experts: [...]` experts (spread over the GPUs) with their optimizer state.
 
     Moves are spread evenly over the GPUs' links (ceil per GPU); across nodes when there is more

@@ -78,8 +78,12 @@ class Setting:
             routes = per_slot.reshape(C, L, self.num_gpus, -1).sum(axis=-1)
             gemm = padded_routes(per_slot, self.num_gpus, self.cal.tile, self.micro_batches)
         else:  # no padding: routes per GPU are one batched matmul with the [L, E, G] share matrix
-            routes, gemm = np.einsum("cle,leg->clg", counts, assignment(phy2log, share, self.num_experts,
-                                                                          self.num_gpus), optimize=True), None
+            routes, gemm = (
+                np.einsum(
+                    "cle,leg->clg", counts, assignment(phy2log, share, self.num_experts, self.num_gpus), optimize=True
+                ),
+                None,
+            )
         return layer_time(routes, self.shape, self.cal, self.num_nodes, self.micro_batches, gemm).sum(axis=-1)
 
     def migration(self, moved: int) -> float:
@@ -283,7 +287,9 @@ class EmaMigration(_Strategy):
             times[a:b] = self.s.times(chunk[a:b], self.phy2log, self.share)
             times[a] += stall
             for row in chunk[a:b]:
-                self.ema = row.astype(np.float64) if self.ema is None else self.theta * self.ema + (1 - self.theta) * row
+                self.ema = (
+                    row.astype(np.float64) if self.ema is None else self.theta * self.ema + (1 - self.theta) * row
+                )
             a = b
         self._times.append(times)
 
@@ -360,8 +366,13 @@ class Reactive(_Strategy):
 class Forecast(_Strategy):
     name = "forecast"
 
-    def __init__(self, s: Setting, interval: int = 500, window: int = 200,
-                 predictor: Callable[[np.ndarray, int], np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        s: Setting,
+        interval: int = 500,
+        window: int = 200,
+        predictor: Callable[[np.ndarray, int], np.ndarray] | None = None,
+    ) -> None:
         super().__init__(s)
         self.interval, self.window = interval, window
         self.history = window
@@ -400,12 +411,21 @@ class Oracle(_Strategy):
 
     def run(self, chunk: np.ndarray, t0: int, buf: _Buffer) -> None:
         s = self.s
-        self._times.append(floor_time(chunk.sum(axis=-1), s.num_gpus, s.shape, s.cal, s.num_nodes,
-                                      s.micro_batches).sum(axis=-1))
+        self._times.append(
+            floor_time(chunk.sum(axis=-1), s.num_gpus, s.shape, s.cal, s.num_nodes, s.micro_batches).sum(axis=-1)
+        )
 
 
-def build(name: str, setting: Setting, *, eplb_window: int = 1000, eplb_interval: int = 3000,
-          forecast_interval: int = 500, forecast_window: int = 200, copies_per_gpu: int = 1) -> _Strategy:
+def build(
+    name: str,
+    setting: Setting,
+    *,
+    eplb_window: int = 1000,
+    eplb_interval: int = 3000,
+    forecast_interval: int = 500,
+    forecast_window: int = 200,
+    copies_per_gpu: int = 1,
+) -> _Strategy:
     """One strategy by its name in `STRATEGIES`."""
     makers: dict[str, Callable[[], _Strategy]] = {
         "none": lambda: NoneStrategy(setting),
@@ -421,15 +441,21 @@ def build(name: str, setting: Setting, *, eplb_window: int = 1000, eplb_interval
     return makers[name]()
 
 
-def run_all(chunks: Iterable[np.ndarray], strategies: list[_Strategy], setting: Setting,
-            progress: Callable[[int], None] | None = None) -> list[Outcome]:
+def run_all(
+    chunks: Iterable[np.ndarray],
+    strategies: list[_Strategy],
+    setting: Setting,
+    progress: Callable[[int], None] | None = None,
+) -> list[Outcome]:
     """Feed `chunks` (`[C, L, E]` counts, in step order) to every strategy; their outcomes, in order."""
     buf = _Buffer(max([st.history for st in strategies] + [0]))
     t0 = 0
     for chunk in chunks:
         chunk = np.asarray(chunk, dtype=np.float64)
         if chunk.ndim != 3 or chunk.shape[1:] != (setting.num_layers, setting.num_experts):
-            raise InputError(f"counts: expected [steps, {setting.num_layers}, {setting.num_experts}], got {chunk.shape}")
+            raise InputError(
+                f"counts: expected [steps, {setting.num_layers}, {setting.num_experts}], got {chunk.shape}"
+            )
         buf.push(chunk, t0)
         for st in strategies:
             st.run(chunk, t0, buf)
@@ -439,8 +465,14 @@ def run_all(chunks: Iterable[np.ndarray], strategies: list[_Strategy], setting: 
     return [st.finish() for st in strategies]
 
 
-def replay(chunks: Iterable[np.ndarray], setting: Setting, *, names: Iterable[str] = STRATEGIES,
-           progress: Callable[[int], None] | None = None, **opts) -> dict[str, Outcome]:
+def replay(
+    chunks: Iterable[np.ndarray],
+    setting: Setting,
+    *,
+    names: Iterable[str] = STRATEGIES,
+    progress: Callable[[int], None] | None = None,
+    **opts,
+) -> dict[str, Outcome]:
     """Replay `chunks` through the named strategies (`opts`: those of `build`)."""
     built = [build(n, setting, **opts) for n in names]
     return {o.name: o for o in run_all(chunks, built, setting, progress)}

@@ -31,11 +31,16 @@ _WARNINGS: list[str] = []  # one-line warnings of the running command
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables.")
 STEPS_OPTION = typer.Option(
-    None, "--steps", metavar="START:STOP", help="Step-number range to use (stop exclusive), e.g. 1000:5000, :2000, 500:."
+    None,
+    "--steps",
+    metavar="START:STOP",
+    help="Step-number range to use (stop exclusive), e.g. 1000:5000, :2000, 500:.",
 )
 SKIP_BAD_PARTS_OPTION = typer.Option(
-    False, "--skip-bad-parts", help="Leave out unreadable or inconsistent parts (one warning lists them; their steps "
-    "become gaps) instead of failing on them."
+    False,
+    "--skip-bad-parts",
+    help="Leave out unreadable or inconsistent parts (one warning lists them; their steps "
+    "become gaps) instead of failing on them.",
 )
 LAYERS_OPTION = typer.Option(
     None, "--layers", metavar="LIST", help="Comma-separated layer indices or module paths, e.g. 0,3 (default: all)."
@@ -95,8 +100,9 @@ class ErrorGroup(FlagHelp, TyperGroup):
             for w in caught:  # for developers: shown as Python shows them
                 if issubclass(w.category, dev):
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-            notes = _WARNINGS + [_one_line(str(w.message)).removeprefix("moeload: ") for w in caught
-                                 if not issubclass(w.category, dev)]
+            notes = _WARNINGS + [
+                _one_line(str(w.message)).removeprefix("moeload: ") for w in caught if not issubclass(w.category, dev)
+            ]
             for note in dict.fromkeys(notes):  # printed after a successful command only: a failure is one line
                 typer.echo(f"moeload: warning: {note}", err=True)
             return out
@@ -120,8 +126,10 @@ def refuse_output_inside(out: Path | None, trace_dir: Path, what: str = "--out")
         return
     o, t = Path(out).resolve(), Path(trace_dir).resolve()
     if o == t or t in o.parents:
-        raise InputError(f"{out}: {what} lies inside the input trace {trace_dir}; writing there would damage the "
-                         "trace; choose a path outside it")
+        raise InputError(
+            f"{out}: {what} lies inside the input trace {trace_dir}; writing there would damage the "
+            "trace; choose a path outside it"
+        )
 
 
 MAX_ALLOC_BYTES = 2 * 1024**3  # largest array a command may build from user-given sizes
@@ -130,8 +138,10 @@ MAX_ALLOC_BYTES = 2 * 1024**3  # largest array a command may build from user-giv
 def check_alloc(what: str, nbytes: int, formula: str) -> None:
     """InputError when an allocation sized by user input (estimated as `nbytes`) exceeds MAX_ALLOC_BYTES."""
     if nbytes > MAX_ALLOC_BYTES:
-        raise InputError(f"{what}: would need about {human_bytes(nbytes)} ({formula}), more than the "
-                         f"{human_bytes(MAX_ALLOC_BYTES)} allowed; ask for less")
+        raise InputError(
+            f"{what}: would need about {human_bytes(nbytes)} ({formula}), more than the "
+            f"{human_bytes(MAX_ALLOC_BYTES)} allowed; ask for less"
+        )
 
 
 def _one_line(s: str) -> str:

@@ -32,23 +32,44 @@ def advise_cmd(
     trace: Path = typer.Argument(..., help="Trace directory.", show_default=False),
     gpus: int = typer.Option(..., "--gpus", help="Expert-parallel GPUs per MoE layer.", show_default=False),
     nodes: int = typer.Option(1, "--nodes", help="Nodes the GPUs span (all-to-all crosses nodes when > 1)."),
-    replicas: int = typer.Option(None, "--replicas", help="Physical expert slots per layer (default: experts, "
-                                 "no replicas); a multiple of --gpus.", show_default=False),
-    calibration: Path = typer.Option(None, "--calibration", help="calib.json from `moeload calibrate` (default: "
-                                     "documented H200 defaults, flagged as such).", show_default=False),
-    hidden: int = typer.Option(None, "--hidden", help="Expert input width (default: from the trace's workload, "
-                               "else a Mixtral-8x7B expert).", show_default=False),
+    replicas: int = typer.Option(
+        None,
+        "--replicas",
+        help="Physical expert slots per layer (default: experts, no replicas); a multiple of --gpus.",
+        show_default=False,
+    ),
+    calibration: Path = typer.Option(
+        None,
+        "--calibration",
+        help="calib.json from `moeload calibrate` (default: documented H200 defaults, flagged as such).",
+        show_default=False,
+    ),
+    hidden: int = typer.Option(
+        None,
+        "--hidden",
+        help="Expert input width (default: from the trace's workload, else a Mixtral-8x7B expert).",
+        show_default=False,
+    ),
     ffn_hidden: int = typer.Option(None, "--ffn-hidden", help="Expert inner width.", show_default=False),
     gated: bool = typer.Option(False, "--gated", help="Experts are SwiGLU (three matrices)."),
-    micro_batches: int = typer.Option(1, "--micro-batches", help="Micro-batches per step (the step's routes are "
-                                      "split evenly over them)."),
-    other_ms: float = typer.Option(0.0, "--other-ms", help="Time of the rest of a step (attention, dense layers, "
-                                   "optimizer) in ms, added to every strategy."),
+    micro_batches: int = typer.Option(
+        1, "--micro-batches", help="Micro-batches per step (the step's routes are split evenly over them)."
+    ),
+    other_ms: float = typer.Option(
+        0.0,
+        "--other-ms",
+        help="Time of the rest of a step (attention, dense layers, optimizer) in ms, added to every strategy.",
+    ),
     copies: int = typer.Option(1, "--copies-per-gpu", help="reactive: temporary expert copies per GPU and layer."),
-    artifacts: Path = typer.Option(None, "--artifacts", help="Directory for the files to act on the advice "
-                                   "(SGLang, vLLM, Megatron, EPLB phy2log).", show_default=False),
-    figure: Path = typer.Option(None, "--figure", help="Bar chart of predicted step time per strategy (.png/.svg).",
-                                show_default=False),
+    artifacts: Path = typer.Option(
+        None,
+        "--artifacts",
+        help="Directory for the files to act on the advice (SGLang, vLLM, Megatron, EPLB phy2log).",
+        show_default=False,
+    ),
+    figure: Path = typer.Option(
+        None, "--figure", help="Bar chart of predicted step time per strategy (.png/.svg).", show_default=False
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     skip_bad_parts: bool = SKIP_BAD_PARTS_OPTION,
 ) -> None:
@@ -73,9 +94,18 @@ def advise_cmd(
         check_alloc("--replicas", 1000 * len(t.layers) * replicas * 8 * 4, "1000 steps x layers x replicas x 8 B x 4")
     shape = resolve_shape(t.meta, hidden, ffn_hidden, gated)
     with progress_status("replaying strategies") as status:
-        adv = advise(t, gpus, num_nodes=nodes, num_replicas=replicas, calibration=calibration, shape=shape,
-                     micro_batches=micro_batches, other_ms=other_ms, copies_per_gpu=copies,
-                     progress=lambda done, total: status.update(f"replaying strategies: step {done:,} of {total:,}"))
+        adv = advise(
+            t,
+            gpus,
+            num_nodes=nodes,
+            num_replicas=replicas,
+            calibration=calibration,
+            shape=shape,
+            micro_batches=micro_batches,
+            other_ms=other_ms,
+            copies_per_gpu=copies,
+            progress=lambda done, total: status.update(f"replaying strategies: step {done:,} of {total:,}"),
+        )
     paths = write_artifacts(adv, artifacts) if artifacts is not None else {}
     if figure is not None:
         from moeload.plots import advise as plot_advise
@@ -89,26 +119,52 @@ def advise_cmd(
         return
     info = adv.info
     basis = adv.calibration
-    title = (f"{trace}: {info['steps']} steps, {info['layers']} layers x {info['experts']} experts on {gpus} GPUs"
-             f" ({nodes} node{'s' if nodes > 1 else ''}), {info['replicas']} slots/layer; expert "
-             f"{shape.hidden}x{shape.ffn_hidden} ({shape.source}); GEMMs: {basis} calibration ({info['calibration_device']}),"
-             f" all-to-all: {info['all_to_all']}")
+    title = (
+        f"{trace}: {info['steps']} steps, {info['layers']} layers x {info['experts']} experts on {gpus} GPUs"
+        f" ({nodes} node{'s' if nodes > 1 else ''}), {info['replicas']} slots/layer; expert "
+        f"{shape.hidden}x{shape.ffn_hidden} ({shape.source}); GEMMs: {basis} calibration ({info['calibration_device']}),"
+        f" all-to-all: {info['all_to_all']}"
+    )
     rows = []
     for r in adv.table.to_dict("records"):
-        rows.append([
-            r["name"], f"{r['step_ms']:.3f}", f"{r['saving_pct']:+.1f}",
-            f"{r['saving_lo']:+.1f} .. {r['saving_hi']:+.1f}" if r["name"] != "none" else "",
-            str(r["replans"]), str(r["moved_experts"]), human_bytes(int(r["moved_bytes"])),
-            human_bytes(int(r["extra_memory_bytes"])), basis,
-        ])
+        rows.append(
+            [
+                r["name"],
+                f"{r['step_ms']:.3f}",
+                f"{r['saving_pct']:+.1f}",
+                f"{r['saving_lo']:+.1f} .. {r['saving_hi']:+.1f}" if r["name"] != "none" else "",
+                str(r["replans"]),
+                str(r["moved_experts"]),
+                human_bytes(int(r["moved_bytes"])),
+                human_bytes(int(r["extra_memory_bytes"])),
+                basis,
+            ]
+        )
     c = console()
-    c.print(table(title, ["strategy", "MoE ms/step", "saving %", "95 % interval", "re-plans", "experts moved",
-                          "bytes moved", "extra mem/GPU", "basis"], rows))
+    c.print(
+        table(
+            title,
+            [
+                "strategy",
+                "MoE ms/step",
+                "saving %",
+                "95 % interval",
+                "re-plans",
+                "experts moved",
+                "bytes moved",
+                "extra mem/GPU",
+                "basis",
+            ],
+            rows,
+        )
+    )
     c.print(f"recommended: {adv.recommended} - {adv.reason} ({basis} calibration)")
     c.print(f"forecast re-plans every {info['forecast_interval']} steps (chosen on the first half of the trace)")
     if basis == "default":
-        c.print("times rest on documented H200 defaults, not on this cluster: run `moeload calibrate` on a GPU "
-                "and pass --calibration")
+        c.print(
+            "times rest on documented H200 defaults, not on this cluster: run `moeload calibrate` on a GPU "
+            "and pass --calibration"
+        )
     for k, p in paths.items():
         c.print(f"wrote {k}: {p}")
     if figure is not None:
@@ -117,13 +173,15 @@ def advise_cmd(
 
 def calibrate_cmd(
     out: Path = typer.Option(..., "--out", help="Calibration JSON to write.", show_default=False),
-    trace: Path = typer.Option(None, "--trace", help="Take the expert shape from this trace's workload.",
-                               show_default=False),
+    trace: Path = typer.Option(
+        None, "--trace", help="Take the expert shape from this trace's workload.", show_default=False
+    ),
     hidden: int = typer.Option(None, "--hidden", help="Expert input width.", show_default=False),
     ffn_hidden: int = typer.Option(None, "--ffn-hidden", help="Expert inner width.", show_default=False),
     gated: bool = typer.Option(False, "--gated", help="Experts are SwiGLU (three matrices)."),
-    experts_per_gpu: int = typer.Option(..., "--experts-per-gpu", help="Local experts per GPU (experts / GPUs).",
-                                        show_default=False),
+    experts_per_gpu: int = typer.Option(
+        ..., "--experts-per-gpu", help="Local experts per GPU (experts / GPUs).", show_default=False
+    ),
     device: str = typer.Option("cuda", "--device", help="cuda (default) or cpu (timed, and marked as CPU)."),
     repeats: int = typer.Option(10, "--repeats", help="Timed repeats per grid point (median)."),
 ) -> None:
@@ -145,8 +203,11 @@ def calibrate_cmd(
         raise InputError("calibrate: give --trace, or --hidden and --ffn-hidden")
     else:
         shape = ExpertShape(hidden, ffn_hidden, gated)
-    check_alloc("calibrate", 131072 * max(shape.hidden, shape.ffn_hidden) * 2 * 6 + experts_per_gpu * shape.params * 2 * 3,
-                "largest grid point's activations + the local experts' weights and gradients")
+    check_alloc(
+        "calibrate",
+        131072 * max(shape.hidden, shape.ffn_hidden) * 2 * 6 + experts_per_gpu * shape.params * 2 * 3,
+        "largest grid point's activations + the local experts' weights and gradients",
+    )
     c = console()
     cal = calibrate(shape, experts_per_gpu, device=device, repeats=repeats, progress=lambda m: c.print(m))
     cal.save(out)

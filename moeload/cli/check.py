@@ -39,11 +39,15 @@ def check_data(path: Path) -> dict:
             m = PART_RE.match(p.name)
             if m is None:
                 if not p.name.startswith("."):  # hidden .tmp files are parts a killed writer never finished
-                    problems.append(f"{p}: not a part name (part-SEQ-rRANK-SPLIT-sFIRST-LAST.parquet); readers ignore it")
+                    problems.append(
+                        f"{p}: not a part name (part-SEQ-rRANK-SPLIT-sFIRST-LAST.parquet); readers ignore it"
+                    )
                 continue
             key = (int(m.group(1)), int(m.group(2)))
             if key in seen:
-                problems.append(f"{p}: same sequence number and writer rank as {seen[key]}; which one wins is undefined")
+                problems.append(
+                    f"{p}: same sequence number and writer rank as {seen[key]}; which one wins is undefined"
+                )
             seen[key] = p.name
     if not t.parts:
         problems.append(f"{t.path}: no parts; no step has been recorded")
@@ -126,18 +130,25 @@ class ZeroScan:
         span = f"{steps[0]}..{steps[-1]}"
         out = []
         if self.dead.n_steps == S:
-            out.append(f"{where}: every count is zero: no layer received a token in any of the {S} step(s) ({span}); "
-                       "nothing was recorded (model compiled before the tracer attached? hooks on the wrong modules?)")
+            out.append(
+                f"{where}: every count is zero: no layer received a token in any of the {S} step(s) ({span}); "
+                "nothing was recorded (model compiled before the tracer attached? hooks on the wrong modules?)"
+            )
         elif self.dead.n_steps:
-            out.append(f"{where}: no layer received a token in {self.dead.n_steps} of {S} step(s): {self.dead.text(steps)}")
+            out.append(
+                f"{where}: no layer received a token in {self.dead.n_steps} of {S} step(s): {self.dead.text(steps)}"
+            )
         for li, name, ever, runs in zip(layer_ids, names, self.ever, self.starved):
             what = f"{where}: layer {li} ({name})"
             if not ever:
-                out.append(f"{what} received no token in any of the {S} step(s) ({span})"
-                           + ("; other layers did" if self.ever.any() else ""))
+                out.append(
+                    f"{what} received no token in any of the {S} step(s) ({span})"
+                    + ("; other layers did" if self.ever.any() else "")
+                )
             elif runs.n_steps:
-                out.append(f"{what} received no token in {runs.n_steps} step(s) in which other layers did: "
-                           f"{runs.text(steps)}")
+                out.append(
+                    f"{what} received no token in {runs.n_steps} step(s) in which other layers did: {runs.text(steps)}"
+                )
         return out
 
 
@@ -159,15 +170,19 @@ def disabled_problems(t, names: set[str] | None = None) -> list[str]:
     if not dis:
         return []
     if not isinstance(dis, dict):
-        return [f"{t.path / 'manifest.json'}: extra.disabled_layers is not a mapping of layer to reason: {clip(dis, 60)}"]
+        return [
+            f"{t.path / 'manifest.json'}: extra.disabled_layers is not a mapping of layer to reason: {clip(dis, 60)}"
+        ]
     out = []
     for name, d in dis.items():
         if names is not None and name not in names:
             continue
         d = d if isinstance(d, dict) else {"reason": d}
         ranks = f" on rank(s) {d['ranks']}" if d.get("ranks") else ""
-        out.append(f"{t.path}: layer {name} was disabled by the tracer at step {d.get('step', '?')}{ranks}, its counts "
-                   f"are incomplete from there: {clip(d.get('reason', '?'), 160)}")
+        out.append(
+            f"{t.path}: layer {name} was disabled by the tracer at step {d.get('step', '?')}{ranks}, its counts "
+            f"are incomplete from there: {clip(d.get('reason', '?'), 160)}"
+        )
     return out
 
 
@@ -189,8 +204,12 @@ def check(trace: Path = TRACE_ARG, as_json: bool = JSON_OPTION) -> None:
             c.print(f"problem: {p}", markup=False, highlight=False)
         if d["parts"] or d["ok"]:
             rng = f" ({d['first_step']}..{d['last_step']})" if d["steps"] else ""
-            c.print(f"{d['parts'] - len(d['bad_parts'])} of {d['parts']} part(s) readable, {d['steps']} step(s){rng}"
-                    + (f", {d['eval_steps']} eval step(s)" if d["eval_steps"] else ""), markup=False, highlight=False)
+            c.print(
+                f"{d['parts'] - len(d['bad_parts'])} of {d['parts']} part(s) readable, {d['steps']} step(s){rng}"
+                + (f", {d['eval_steps']} eval step(s)" if d["eval_steps"] else ""),
+                markup=False,
+                highlight=False,
+            )
         if d["gaps"]:
             c.print(f"gaps: {gaps_text(d['gaps'])}", markup=False, highlight=False)
         if d["ok"]:

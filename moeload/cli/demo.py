@@ -52,16 +52,27 @@ def run_demo(
         torch.set_num_threads(threads)
     if out.exists():
         shutil.rmtree(out)
-    con.print(f"[bold]moeload demo[/]: training '{cfg.name}' for {steps} steps on {device} "
-              f"(real text: this Python's standard-library sources), tracing to {out}")
+    con.print(
+        f"[bold]moeload demo[/]: training '{cfg.name}' for {steps} steps on {device} "
+        f"(real text: this Python's standard-library sources), tracing to {out}"
+    )
     model = build_model(cfg, seed, device)
     t0 = time.perf_counter()
     with LoadTracer(model, out, flush_every=flush_every, model_name=f"moeload-workload/{cfg.name}") as tracer:
-        result = train(cfg, steps=steps, seed=seed, device=device, model=model, progress=progress,
-                       on_step=lambda step, loss: tracer.step())
+        result = train(
+            cfg,
+            steps=steps,
+            seed=seed,
+            device=device,
+            model=model,
+            progress=progress,
+            on_step=lambda step, loss: tracer.step(),
+        )
     wall = time.perf_counter() - t0
-    con.print(f"trained {steps} steps in {wall:.0f} s ({result.steps_per_s:.1f} steps/s); "
-              f"loss {result.losses[:10].mean():.3f} -> {result.losses[-10:].mean():.3f}")
+    con.print(
+        f"trained {steps} steps in {wall:.0f} s ({result.steps_per_s:.1f} steps/s); "
+        f"loss {result.losses[:10].mean():.3f} -> {result.losses[-10:].mean():.3f}"
+    )
 
     # everything below reads the trace back from disk
     trace = open_trace(out)
@@ -105,13 +116,17 @@ def summarize_trace(trace) -> dict:
 def print_summary(con, trace, s: dict) -> None:
     from rich.table import Table
 
-    con.print(f"\n[bold]Trace[/] {trace.path}: {s['steps']} steps, {len(s['layers'])} MoE layer{'s' if len(s['layers']) != 1 else ''}, "
-              f"{max(s['experts'])} experts, top-{max(s['top_k'])}, {s['tokens_per_step']} tokens/step, "
-              f"{s['parts']} parts, {s['size_bytes'] / 1024:.0f} KiB")
+    con.print(
+        f"\n[bold]Trace[/] {trace.path}: {s['steps']} steps, {len(s['layers'])} MoE layer{'s' if len(s['layers']) != 1 else ''}, "
+        f"{max(s['experts'])} experts, top-{max(s['top_k'])}, {s['tokens_per_step']} tokens/step, "
+        f"{s['parts']} parts, {s['size_bytes'] / 1024:.0f} KiB"
+    )
     ok = "[green]OK[/]" if s["conserved"] else "[red]FAILED[/]"
     con.print(f"conservation (every step and layer: sum over experts = tokens x top-k): {ok}")
     if "dropped_fraction" in s:
-        con.print(f"capacity: {100 * s['dropped_fraction']:.2f} % of routes dropped; kept <= routed: {s['kept_le_routed']}")
+        con.print(
+            f"capacity: {100 * s['dropped_fraction']:.2f} % of routes dropped; kept <= routed: {s['kept_le_routed']}"
+        )
     t = Table(title="max/mean expert load per layer (first vs last 10 % of steps)")
     t.add_column("layer")
     t.add_column("early", justify="right")
@@ -146,22 +161,35 @@ def analyse(con, trace) -> dict:
         evaluation = None
     if evaluation is not None and S >= 100:
         h = (max(10, S // 10), max(20, S // 5))
-        preds: list[str | tuple[str, dict[str, Any]]] = ["last", "sw_avg", "ema", "arima", "damped_trend", "ridge", "state_aware", "combo"]
+        preds: list[str | tuple[str, dict[str, Any]]] = [
+            "last",
+            "sw_avg",
+            "ema",
+            "arima",
+            "damped_trend",
+            "ridge",
+            "state_aware",
+            "combo",
+        ]
         import moeload.predictors as predictors
 
         preds = [x for x in preds if x in predictors.available()]
         # EMA's default half-life (200 steps) is for long runs; scale it to this short trace
         scaled = {"ema": {"halflife": max(5, S // 20)}}
         preds = [(x, scaled[x]) if x in scaled else x for x in preds]
-        con.print(f"\n[bold]Forecasts[/]: rolling-origin backtest, horizons {h[0]} and {h[1]} steps "
-                  "(the paper uses 1,000 and 2,000 on longer runs)")
+        con.print(
+            f"\n[bold]Forecasts[/]: rolling-origin backtest, horizons {h[0]} and {h[1]} steps "
+            "(the paper uses 1,000 and 2,000 on longer runs)"
+        )
         df = evaluation.backtest(trace, predictors=preds, horizons=h, min_history=S // 4, every=max(10, S // 20))
         summ = evaluation.summarize(df)
         piv = summ.pivot_table(index="predictor", columns=["horizon", "phase"], values="havg_mae_pp")
         piv = piv.sort_values(piv.columns[0])
         piv.columns = [f"H={h} {ph}" for h, ph in piv.columns]
-        con.print("error of the horizon-average load share (havg_mae_pp, percentage points; lower is better;"
-                  " every metric: moeload backtest TRACE)")
+        con.print(
+            "error of the horizon-average load share (havg_mae_pp, percentage points; lower is better;"
+            " every metric: moeload backtest TRACE)"
+        )
         con.print(piv.to_string(float_format=lambda x: f"{x:.3f}"))
         out["backtest"] = summ
     try:
@@ -172,14 +200,25 @@ def analyse(con, trace) -> dict:
         counts = trace.counts()
         E = counts.shape[2]
         G = 4 if E % 4 == 0 else 2
-        con.print(f"\n[bold]Placement[/]: replay of the trace on {G} GPUs with {E + G} expert slots "
-                  f"(one replica slot per GPU), re-planned every {S // 10} steps")
-        table = placement.compare(counts, G, E + G, replan_every=max(10, S // 10), window=max(20, S // 5),
-                                  vllm_window=max(20, S // 5), vllm_replan_every=max(30, S // 3))
+        con.print(
+            f"\n[bold]Placement[/]: replay of the trace on {G} GPUs with {E + G} expert slots "
+            f"(one replica slot per GPU), re-planned every {S // 10} steps"
+        )
+        table = placement.compare(
+            counts,
+            G,
+            E + G,
+            replan_every=max(10, S // 10),
+            window=max(20, S // 5),
+            vllm_window=max(20, S // 5),
+            vllm_replan_every=max(30, S // 3),
+        )
         cols = [c for c in ("scenario", "imbalance", "segment_imbalance", "moves_per_replan") if c in table.columns]
         con.print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-        con.print("(imbalance: realised max/mean GPU load per step, averaged; segment_imbalance: of the loads summed over each re-plan period; the vLLM row uses "
-                  "window and re-plan period scaled to this short trace)")
+        con.print(
+            "(imbalance: realised max/mean GPU load per step, averaged; segment_imbalance: of the loads summed over each re-plan period; the vLLM row uses "
+            "window and re-plan period scaled to this short trace)"
+        )
         out["placement"] = table
     return out
 
@@ -188,21 +227,39 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def demo(
         out: Path = typer.Option(Path("runs/demo.moeload"), "--out", help="Trace directory to write (replaced)."),
-        config: str = typer.Option("cpu-demo", "--config", help="Workload config: cpu-demo, tiny, gpt3-small-moe, gpt3-medium-moe."),
+        config: str = typer.Option(
+            "cpu-demo", "--config", help="Workload config: cpu-demo, tiny, gpt3-small-moe, gpt3-medium-moe."
+        ),
         steps: int = typer.Option(None, "--steps", help="Optimizer steps (default: the config's demo length)."),
         seed: int = typer.Option(0, "--seed"),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
         flush_every: int = typer.Option(50, "--flush-every", help="Steps per trace part."),
-        threads: int = typer.Option(1, "--threads", help="torch CPU threads. Default 1: on a 2-core machine with "
-                                    "other work running, 1 thread ran 2.3-4.2 steps/s and 2 threads 0.4-0.5 (measured "
-                                    "2026-12-03)."),
+        threads: int = typer.Option(
+            1,
+            "--threads",
+            help="torch CPU threads. Default 1: on a 2-core machine with "
+            "other work running, 1 thread ran 2.3-4.2 steps/s and 2 threads 0.4-0.5 (measured "
+            "2026-12-03).",
+        ),
         no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
-        balance: str = typer.Option("aux", "--balance", help="aux (Switch aux loss) or bias (aux-loss-free, "
-                                    "DeepSeek-V3 expert bias; the trace records the bias)."),
+        balance: str = typer.Option(
+            "aux",
+            "--balance",
+            help="aux (Switch aux loss) or bias (aux-loss-free, DeepSeek-V3 expert bias; the trace records the bias).",
+        ),
     ) -> None:
         """Train the embedded MoE GPT on real local text with tracing on, then summarise the trace.
 
         Example: moeload demo --out runs/demo.moeload
         """
-        run_demo(out, config=config, steps=steps, seed=seed, device=device, flush_every=flush_every,
-                 threads=threads, progress=not no_progress, balance=balance)
+        run_demo(
+            out,
+            config=config,
+            steps=steps,
+            seed=seed,
+            device=device,
+            flush_every=flush_every,
+            threads=threads,
+            progress=not no_progress,
+            balance=balance,
+        )

@@ -73,8 +73,9 @@ def write_array(
 
 def export(
     trace: Path = typer.Argument(..., help="Trace directory.", show_default=False),
-    out: Path = typer.Argument(..., help="Output file: .csv (tidy), .npy ([S, L, E]) or .npz (with steps and layer names).",
-                               show_default=False),
+    out: Path = typer.Argument(
+        ..., help="Output file: .csv (tidy), .npy ([S, L, E]) or .npz (with steps and layer names).", show_default=False
+    ),
     what: str = typer.Option("counts", "--what", help="counts (int64) or proportions (float64, rows sum to 1)."),
     fmt: str = typer.Option(None, "--format", help="csv, npy or npz (default: from the file suffix)."),
     steps: str = STEPS_OPTION,

@@ -34,8 +34,9 @@ class Data:
     """What the figures draw, computed once: proportions [S, L, E] of the selected steps and
     layers, phases, a forecast, a backtest."""
 
-    def __init__(self, t, steps: str | None, layers: list[int], predictor: str, horizon: int,
-                 at: int | None, predictors: str) -> None:
+    def __init__(
+        self, t, steps: str | None, layers: list[int], predictor: str, horizon: int, at: int | None, predictors: str
+    ) -> None:
         self.t = t
         self.steps_spec = steps
         self.layers = layers
@@ -110,8 +111,9 @@ def _fig_forecast(d: Data, j: int):
         actual = np.full(f.forecast[:, j].shape, np.nan)
         actual[: len(f.actual)] = f.actual[:, j]
     li = int(f.layers[j])
-    return plots.forecast_vs_actual(hist[:, 0], f.forecast[:, j], actual, start=int(f.fit_steps[0]),
-                                    layer_name=f"layer {li} ({d.t.layers[li]})").figure
+    return plots.forecast_vs_actual(
+        hist[:, 0], f.forecast[:, j], actual, start=int(f.fit_steps[0]), layer_name=f"layer {li} ({d.t.layers[li]})"
+    ).figure
 
 
 def _fig_gpu_load(d: Data, j: int):
@@ -155,14 +157,21 @@ def _data_layers(t, layers: str | None) -> list[int]:
 
 def plot(
     trace: Path = typer.Argument(..., help="Trace directory.", show_default=False),
-    figures: list[str] = typer.Argument(None, help=f"Figures to draw: {', '.join(FIGURE_NAMES)} or all (gpu-load "
-                                        "where the trace is expert-parallel; default: heatmap, proportions, fluctuation)."),
+    figures: list[str] = typer.Argument(
+        None,
+        help=f"Figures to draw: {', '.join(FIGURE_NAMES)} or all (gpu-load "
+        "where the trace is expert-parallel; default: heatmap, proportions, fluctuation).",
+    ),
     out: Path = typer.Option(Path("."), "--out", "-o", help="Directory for the image files (created if missing)."),
     fmt_: str = typer.Option("png", "--format", help="png or svg."),
     dpi: int = typer.Option(120, "--dpi", min=30, max=600, help="Resolution of PNG files."),
     steps: str = STEPS_OPTION,
-    layers: str = typer.Option(None, "--layers", metavar="LIST", help="Layers to draw (default: layer 0 in per-layer "
-                               "figures, all layers in fluctuation and backtest)."),
+    layers: str = typer.Option(
+        None,
+        "--layers",
+        metavar="LIST",
+        help="Layers to draw (default: layer 0 in per-layer figures, all layers in fluctuation and backtest).",
+    ),
     predictor: str = typer.Option("sw_avg", "--predictor", help="Predictor of the forecast figure."),
     horizon: int = typer.Option(100, "--horizon", min=1, help="Forecast horizon in steps."),
     at: int = typer.Option(None, "--at", metavar="STEP", help="Forecast origin (default: end of the trace)."),
@@ -238,15 +247,21 @@ def report(
     trace: Path = typer.Argument(..., help="Trace directory.", show_default=False),
     out: Path = typer.Option(None, "--out", "-o", help="HTML file to write (default: <trace name>.html here)."),
     steps: str = STEPS_OPTION,
-    layers: str = typer.Option(None, "--layers", metavar="LIST", help="Layers to report (default: all; figures of the "
-                               "first 4)."),
+    layers: str = typer.Option(
+        None, "--layers", metavar="LIST", help="Layers to report (default: all; figures of the first 4)."
+    ),
     predictor: str = typer.Option("sw_avg", "--predictor", help="Predictor of the forecast section."),
     horizon: int = typer.Option(100, "--horizon", min=1, help="Forecast horizon in steps."),
     at: int = typer.Option(None, "--at", metavar="STEP", help="Forecast origin (default: end of the trace)."),
     backtest: bool = typer.Option(False, "--backtest", help="Also run a backtest of --predictors (slower)."),
     predictors_: str = typer.Option("last,sw_avg,ema", "--predictors", help="Predictors of the backtest section."),
-    gpus: int = typer.Option(None, "--gpus", help="GPUs of the advice section (moeload advise; default: the "
-                             "trace's expert-parallel size when > 1, else no advice section).", show_default=False),
+    gpus: int = typer.Option(
+        None,
+        "--gpus",
+        help="GPUs of the advice section (moeload advise; default: the "
+        "trace's expert-parallel size when > 1, else no advice section).",
+        show_default=False,
+    ),
     skip_bad_parts: bool = SKIP_BAD_PARTS_OPTION,
 ) -> None:
     """One self-contained HTML page (figures embedded as PNG, tables inline; viewable offline).
@@ -281,25 +296,35 @@ def report(
             f"<h2>Imbalance and phases, steps {sd['first_step']}..{sd['last_step']}</h2>"
             "<p class=note>max/mean: hottest expert over the mean expert load, per step (mean over steps; worst "
             "step). CV, min/max: of each expert's total over the window. Stable from: first step of the final "
-            "stable phase (moeload.states, window rule).</p>" + _html_table(cols, rows)
+            "stable phase (moeload.states, window rule).</p>"
+            + _html_table(cols, rows)
             + f"<p>{'Whole model stable from step ' + str(mb) if mb >= 0 else 'Whole model: not stable yet.'}</p>"
         )
         step(f"<img alt='fluctuation' src='data:image/png;base64,{_png(_fig_fluctuation(d, None))}'>")
         if t.manifest.ep_size > 1:
-            parts.append(f"<h2>Per-GPU load, layer {d.layers[0]} (recorded expert placement, "
-                         f"{t.manifest.ep_size} expert-parallel ranks)</h2>"
-                         f"<img alt='gpu load' src='data:image/png;base64,{_png(_fig_gpu_load(d, 0))}'>")
+            parts.append(
+                f"<h2>Per-GPU load, layer {d.layers[0]} (recorded expert placement, "
+                f"{t.manifest.ep_size} expert-parallel ranks)</h2>"
+                f"<img alt='gpu load' src='data:image/png;base64,{_png(_fig_gpu_load(d, 0))}'>"
+            )
         for j in per_layer:
             li = d.layers[j]
-            step(f"<h2>Layer {li}: {html.escape(t.layers[li])}</h2>"
-                 f"<img alt='heatmap' src='data:image/png;base64,{_png(_fig_heatmap(d, j))}'>")
+            step(
+                f"<h2>Layer {li}: {html.escape(t.layers[li])}</h2>"
+                f"<img alt='heatmap' src='data:image/png;base64,{_png(_fig_heatmap(d, j))}'>"
+            )
             step(f"<img alt='proportions' src='data:image/png;base64,{_png(_fig_proportions(d, j))}'>")
             step(f"<img alt='forecast' src='data:image/png;base64,{_png(_fig_forecast(d, j))}'>")
         f = d.forecast
         mean = f.forecast.mean(0)
-        frows = [[int(li), " ".join(f"{e}:{mean[j, e]:.1%}" for e in np.argsort(-mean[j])[:4])] for j, li in enumerate(f.layers)]
-        step(f"<h2>Forecast: {html.escape(predictor)}, {horizon} steps from step {f.origin}</h2>"
-             + _html_table(["layer", "hottest experts (mean forecast share)"], frows))
+        frows = [
+            [int(li), " ".join(f"{e}:{mean[j, e]:.1%}" for e in np.argsort(-mean[j])[:4])]
+            for j, li in enumerate(f.layers)
+        ]
+        step(
+            f"<h2>Forecast: {html.escape(predictor)}, {horizon} steps from step {f.origin}</h2>"
+            + _html_table(["layer", "hottest experts (mean forecast share)"], frows)
+        )
         G = gpus if gpus is not None else (t.manifest.ep_size if t.manifest.ep_size > 1 else None)
         if G is not None:
             step(_advise_section(t, G))
@@ -313,9 +338,11 @@ def report(
             step(f"<img alt='backtest' src='data:image/png;base64,{_png(_fig_backtest(d, None))}'>")
     warn_html = "".join(f"<p class=warn>warning: {html.escape(w)}</p>" for w in sd["warnings"])
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>moeload report: {html.escape(t.path.name)}</title>"
-            f"<style>{CSS}</style></head><body><h1>moeload report: {html.escape(str(t.path))}</h1>"
-            f"<p class=note>generated {now}</p>{warn_html}{''.join(parts)}</body></html>\n")
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>moeload report: {html.escape(t.path.name)}</title>"
+        f"<style>{CSS}</style></head><body><h1>moeload report: {html.escape(str(t.path))}</h1>"
+        f"<p class=note>generated {now}</p>{warn_html}{''.join(parts)}</body></html>\n"
+    )
     out.write_text(page, encoding="utf-8")
     console().print(f"report written to {out} ({len(page) // 1024} KiB)")
 
@@ -330,15 +357,25 @@ def _advise_section(t, gpus: int) -> str:
     except InputError as e:
         return f"<h2>Advice on {gpus} GPUs</h2><p class=warn>not computed: {html.escape(str(e))}</p>"
     cols = ["strategy", "MoE ms/step", "saving %", "95 % interval", "experts moved", "extra memory/GPU (B)"]
-    rows = [[r["name"], f"{r['step_ms']:.3f}", f"{r['saving_pct']:+.1f}",
-             "" if r["name"] == "none" else f"{r['saving_lo']:+.1f} .. {r['saving_hi']:+.1f}",
-             int(r["moved_experts"]), int(r["extra_memory_bytes"])] for r in adv.table.to_dict("records")]
-    return (f"<h2>Advice on {gpus} GPUs ({html.escape(adv.calibration)} calibration, all-to-all "
-            f"{html.escape(adv.info['all_to_all'])})</h2><p class=note>Predicted MoE-layer time per step under each "
-            "balancing strategy (moeload advise; model and assumptions in docs/advise.md).</p>"
-            + _html_table(cols, rows)
-            + f"<p>recommended: <b>{html.escape(adv.recommended)}</b> - {html.escape(adv.reason)}</p>"
-            f"<img alt='advice' src='data:image/png;base64,{_png(strategies(adv).figure)}'>")
+    rows = [
+        [
+            r["name"],
+            f"{r['step_ms']:.3f}",
+            f"{r['saving_pct']:+.1f}",
+            "" if r["name"] == "none" else f"{r['saving_lo']:+.1f} .. {r['saving_hi']:+.1f}",
+            int(r["moved_experts"]),
+            int(r["extra_memory_bytes"]),
+        ]
+        for r in adv.table.to_dict("records")
+    ]
+    return (
+        f"<h2>Advice on {gpus} GPUs ({html.escape(adv.calibration)} calibration, all-to-all "
+        f"{html.escape(adv.info['all_to_all'])})</h2><p class=note>Predicted MoE-layer time per step under each "
+        "balancing strategy (moeload advise; model and assumptions in docs/advise.md).</p>"
+        + _html_table(cols, rows)
+        + f"<p>recommended: <b>{html.escape(adv.recommended)}</b> - {html.escape(adv.reason)}</p>"
+        f"<img alt='advice' src='data:image/png;base64,{_png(strategies(adv).figure)}'>"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -31,8 +31,11 @@ TRACE_ARG = typer.Argument(..., help="Trace directory (holds manifest.json and p
 PREDICTOR_OPTION = typer.Option("sw_avg", "--predictor", help="Predictor name (see `moeload predict --list`).")
 HORIZON_OPTION = typer.Option(100, "--horizon", min=1, help="Steps to forecast (in recorded steps).")
 AT_OPTION = typer.Option(
-    None, "--at", metavar="STEP", help="Forecast origin: fit on the steps before STEP, forecast from STEP on "
-    "(default: after the last recorded step)."
+    None,
+    "--at",
+    metavar="STEP",
+    help="Forecast origin: fit on the steps before STEP, forecast from STEP on "
+    "(default: after the last recorded step).",
 )
 HISTORY_OPTION = typer.Option(None, "--history", min=1, help="Fit on at most this many steps before the origin.")
 
@@ -41,14 +44,22 @@ Forecast = TraceForecast  # the CLI's name for moeload.evaluation.forecast.Trace
 
 
 def make_forecast(
-    t, predictor: str, params: dict[str, Any], horizon: int, at: int | None, layers: str | list[int] | None,
-    history: int | None
+    t,
+    predictor: str,
+    params: dict[str, Any],
+    horizon: int,
+    at: int | None,
+    layers: str | list[int] | None,
+    history: int | None,
 ) -> TraceForecast:
     """The CLI's forecast: the allocation checked first, then `evaluation.forecast_trace` with a status line.
     layers: a --layers string, or layer ids already selected."""
     lay = t.layer_ids(parse_layers(layers) if isinstance(layers, str) or layers is None else layers)
-    check_alloc(f"--horizon {horizon}", horizon * len(lay) * t.num_experts * 8,
-                "horizon x layers x experts x 8 bytes for the forecast")
+    check_alloc(
+        f"--horizon {horizon}",
+        horizon * len(lay) * t.num_experts * 8,
+        "horizon x layers x experts x 8 bytes for the forecast",
+    )
     with progress_status(f"fitting {predictor}"):
         return forecast_trace(t, predictor, horizon, params=params, at=at, layers=list(lay), history=history)
 
@@ -81,7 +92,9 @@ def predict(
     layers: str = LAYERS_OPTION,
     out: Path = typer.Option(None, "--out", "-o", help="Write the forecast [H, L, E] to .npy, .npz or .csv."),
     as_json: bool = JSON_OPTION,
-    _list: bool = typer.Option(False, "--list", callback=list_predictors, is_eager=True, help="List predictors and exit."),
+    _list: bool = typer.Option(
+        False, "--list", callback=list_predictors, is_eager=True, help="List predictors and exit."
+    ),
     skip_bad_parts: bool = SKIP_BAD_PARTS_OPTION,
 ) -> None:
     """Forecast expert load proportions from the end of a trace (or from --at STEP).
@@ -99,7 +112,9 @@ def predict(
     if out is not None:
         from moeload.cli.export import write_array
 
-        write_array(out, f.forecast, "proportions", steps=np.arange(horizon), layer_ids=f.layers, trace=t, step_col="horizon")
+        write_array(
+            out, f.forecast, "proportions", steps=np.arange(horizon), layer_ids=f.layers, trace=t, step_col="horizon"
+        )
     mean = f.forecast.mean(0)  # [L, E]
     d = {
         "path": str(t.path),
@@ -130,8 +145,10 @@ def predict(
     if errs:
         cols += ["MAE pp", "horizon-avg MAE pp"]
     c = console()
-    title = (f"{predictor} fitted on steps {f.fit_steps[0]}..{f.fit_steps[-1]} ({len(f.fit_steps)}), "
-             f"forecast of {horizon} steps from {f.origin}")
+    title = (
+        f"{predictor} fitted on steps {f.fit_steps[0]}..{f.fit_steps[-1]} ({len(f.fit_steps)}), "
+        f"forecast of {horizon} steps from {f.origin}"
+    )
     c.print(table(title, cols, rows))
     if errs:
         c.print(f"errors against {len(f.actual)} recorded steps after the origin (percentage points)")
@@ -152,9 +169,15 @@ def _int_list(spec: str, flag: str) -> list[int]:
 def backtest(
     trace: Path = TRACE_ARG,
     predictors_: str = typer.Option("last,sw_avg,ema", "--predictors", help="Comma-separated predictor names."),
-    horizons: str = typer.Option(None, "--horizons", help="Comma-separated horizons in steps (default: 1/10 and 1/5 of the trace)."),
-    every: int = typer.Option(None, "--every", min=1, help="Steps between forecast origins (default: smallest horizon / 2)."),
-    min_history: int = typer.Option(None, "--min-history", min=1, help="Steps before the first origin (default: min(100, 1/4 of the trace))."),
+    horizons: str = typer.Option(
+        None, "--horizons", help="Comma-separated horizons in steps (default: 1/10 and 1/5 of the trace)."
+    ),
+    every: int = typer.Option(
+        None, "--every", min=1, help="Steps between forecast origins (default: smallest horizon / 2)."
+    ),
+    min_history: int = typer.Option(
+        None, "--min-history", min=1, help="Steps before the first origin (default: min(100, 1/4 of the trace))."
+    ),
     no_phases: bool = typer.Option(False, "--no-phases", help="Do not split results into transient / stable phases."),
     layers: str = LAYERS_OPTION,
     out: Path = typer.Option(None, "--out", "-o", help="Write every backtest row to this CSV file."),
@@ -183,8 +206,10 @@ def backtest(
     if huge:
         raise InputError(f"--horizons {huge[0]}: implausibly large (more than 2^62 steps)")
     if all(h > S for h in hs):  # some too long among others: the backtest skips those with a warning
-        raise InputError(f"--horizons {hs[0]}: longer than the {S} steps of {t.path}; a backtest needs "
-                         "history and the horizon inside the trace")
+        raise InputError(
+            f"--horizons {hs[0]}: longer than the {S} steps of {t.path}; a backtest needs "
+            "history and the horizon inside the trace"
+        )
     mh = min_history if min_history is not None else max(1, min(100, S // 4))
     counts = t.counts(None, list(lay))
     gmap = None
@@ -195,8 +220,15 @@ def backtest(
             gmap[j, : len(rmap[li])] = rmap[li]
     show = sys.stderr.isatty() and not as_json
     df = evaluation.backtest(
-        counts, predictors=names, horizons=hs, every=every, min_history=mh, steps=t.steps,
-        phases=False if no_phases else None, gpu_map=gmap, progress=show,
+        counts,
+        predictors=names,
+        horizons=hs,
+        every=every,
+        min_history=mh,
+        steps=t.steps,
+        phases=False if no_phases else None,
+        gpu_map=gmap,
+        progress=show,
     )
     if df.empty:
         raise InputError(f"{t.path}: no forecast origin fits (horizons {hs}, min history {mh}, {S} steps)")
@@ -204,8 +236,16 @@ def backtest(
         df.to_csv(out, index=False)
     summ = evaluation.summarize(df)
     if as_json:
-        print_json({"path": str(t.path), "horizons": hs, "min_history": mh, "notes": df.attrs.get("notes", []),
-                    "summary": summ.to_dict(orient="records"), "out": str(out) if out else None})
+        print_json(
+            {
+                "path": str(t.path),
+                "horizons": hs,
+                "min_history": mh,
+                "notes": df.attrs.get("notes", []),
+                "summary": summ.to_dict(orient="records"),
+                "out": str(out) if out else None,
+            }
+        )
         return
     c = console()
     c.print(f"backtest of {', '.join(names)} on {t.path.name}: horizons {hs}, min history {mh}, {S} steps")
@@ -225,21 +265,29 @@ def _check_plan_sizes(num_layers: int, num_experts: int, gpus: int, replicas: in
     if R < num_experts:
         raise InputError(f"--replicas {R}: fewer slots than the {num_experts} experts; every expert needs one")
     if R % gpus and replicas is None:
-        raise InputError(f"{gpus} GPUs do not divide the {num_experts} experts (one slot each); give --gpus that "
-                         f"divides {num_experts}, or --replicas as a multiple of {gpus}")
+        raise InputError(
+            f"{gpus} GPUs do not divide the {num_experts} experts (one slot each); give --gpus that "
+            f"divides {num_experts}, or --replicas as a multiple of {gpus}"
+        )
     if R % gpus:
         raise InputError(f"--replicas {R}: not a multiple of {gpus} GPUs; every GPU must hold the same number of slots")
-    check_alloc(f"--replicas {R}", num_layers * num_experts * R * 8,
-                "layers x experts x replicas x 8 bytes for the expert-to-slot map")
+    check_alloc(
+        f"--replicas {R}",
+        num_layers * num_experts * R * 8,
+        "layers x experts x replicas x 8 bytes for the expert-to-slot map",
+    )
     if policy in LP_POLICIES:
-        check_alloc(f"--replicas {R} with --policy {policy}", R * R * 8,
-                    "replicas^2 x 8 bytes for its linear programs")
+        check_alloc(f"--replicas {R} with --policy {policy}", R * R * 8, "replicas^2 x 8 bytes for its linear programs")
 
 
 def plan(
     trace: Path = TRACE_ARG,
-    gpus: int = typer.Option(None, "--gpus", min=1, help="GPUs to place experts on (default: the trace's expert-parallel size, else 8)."),
-    replicas: int = typer.Option(None, "--replicas", min=1, help="Physical expert slots per layer (default: experts, no replicas)."),
+    gpus: int = typer.Option(
+        None, "--gpus", min=1, help="GPUs to place experts on (default: the trace's expert-parallel size, else 8)."
+    ),
+    replicas: int = typer.Option(
+        None, "--replicas", min=1, help="Physical expert slots per layer (default: experts, no replicas)."
+    ),
     policy: str = typer.Option("eplb", "--policy", help="Placement policy (moeload.placement.available())."),
     option: list[str] = typer.Option(None, "--option", metavar="KEY=VALUE", help="Policy option, repeatable."),
     predictor: str = PREDICTOR_OPTION,
@@ -248,7 +296,9 @@ def plan(
     at: int = AT_OPTION,
     history: int = HISTORY_OPTION,
     layers: str = LAYERS_OPTION,
-    out: Path = typer.Option(None, "--out", "-o", help="Write the plan (phy2log, replica counts, loads) to a JSON file."),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Write the plan (phy2log, replica counts, loads) to a JSON file."
+    ),
     as_json: bool = JSON_OPTION,
     skip_bad_parts: bool = SKIP_BAD_PARTS_OPTION,
 ) -> None:
@@ -270,7 +320,9 @@ def plan(
     lay = t.layer_ids(parse_layers(layers))
     experts = {t.experts_per_layer[i] for i in lay}
     if len(experts) != 1:
-        raise InputError(f"{t.path}: selected layers have different expert counts {sorted(experts)}; plan them separately with --layers")
+        raise InputError(
+            f"{t.path}: selected layers have different expert counts {sorted(experts)}; plan them separately with --layers"
+        )
     E = experts.pop()
     G = gpus or (t.manifest.ep_size if t.manifest.ep_size > 1 else 8)
     if len(t.steps) == 0:
@@ -316,8 +368,12 @@ def plan(
     rows = []
     for j, li in enumerate(f.layers):
         rc = pl.replica_counts[j]
-        row = [int(li), float(pl.imbalance[j]), float(base.imbalance[j]),
-               " ".join(f"{e}x{rc[e]}" for e in np.flatnonzero(rc > 1)[:6]) or "-"]
+        row = [
+            int(li),
+            float(pl.imbalance[j]),
+            float(base.imbalance[j]),
+            " ".join(f"{e}x{rc[e]}" for e in np.flatnonzero(rc > 1)[:6]) or "-",
+        ]
         if realised:
             row += [float(realised["planned"][j]), float(realised["contiguous"][j])]
         rows.append(row)
@@ -325,8 +381,13 @@ def plan(
     if realised:
         cols += ["realised", "realised contiguous"]
     c = console()
-    c.print(table(f"{policy} plan: {pl.num_replicas} slots on {G} GPUs, for the {predictor} forecast of {horizon} steps from {f.origin}",
-                  cols, rows))
+    c.print(
+        table(
+            f"{policy} plan: {pl.num_replicas} slots on {G} GPUs, for the {predictor} forecast of {horizon} steps from {f.origin}",
+            cols,
+            rows,
+        )
+    )
     if realised:
         c.print(f"realised: mean max/mean GPU load over the {len(f.actual)} recorded steps after the origin")
     for line in placement_lines(pl.phy2log, G, [int(li) for li in f.layers]):
@@ -369,8 +430,11 @@ def replay(
 
     t = open_trace_arg(trace, skip_bad_parts)
     S, L, E = len(t.steps), t.num_layers, t.num_experts
-    check_alloc(f"replay of {S} steps x {L} layers", S * L * (E + extra_per_gpu * gpus) * 8 * 4,
-                "steps x layers x slots x 8 bytes, a few copies")
+    check_alloc(
+        f"replay of {S} steps x {L} layers",
+        S * L * (E + extra_per_gpu * gpus) * 8 * 4,
+        "steps x layers x slots x 8 bytes, a few copies",
+    )
     counts = t.counts()[skip:]
     if len(counts) == 0:
         raise InputError(f"{trace}: --skip {skip} leaves no step of the {S} recorded")

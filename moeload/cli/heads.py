@@ -26,8 +26,9 @@ def read_budgets(path: Path) -> np.ndarray:
     except Exception as e:  # a malformed header raises ValueError, SyntaxError, ... : all mean "not .npy"
         raise InputError(f"{path}: not a NumPy .npy file ({e})") from None
     if dtype.kind not in "iuf" or len(shape) not in (1, 2) or 0 in shape:
-        raise InputError(f"{path}: expected per-head budgets, a non-empty [L, H] or [H] array of numbers; "
-                         f"got {dtype} {shape}")
+        raise InputError(
+            f"{path}: expected per-head budgets, a non-empty [L, H] or [H] array of numbers; got {dtype} {shape}"
+        )
     if shape[-1] > MAX_HEADS:
         raise InputError(f"{path}: {shape[-1]} heads per layer, more than the {MAX_HEADS} this command plans")
     check_alloc(f"{path}", int(np.prod(shape)) * 8 * 64, "layers x heads x 8 bytes x 64 for the plans")
@@ -50,15 +51,27 @@ def parse_tp(spec: str, num_heads: int) -> tuple[int, ...]:
 
 def heads(
     budgets: Path = typer.Argument(..., help="Per-head KV budgets: a .npy array [layers, KV heads] (or [KV heads])."),
-    requests: int = typer.Option(64, "--requests", min=1, max=1_000_000, help="Decode requests in the batch (each served by every KV head)."),
+    requests: int = typer.Option(
+        64, "--requests", min=1, max=1_000_000, help="Decode requests in the batch (each served by every KV head)."
+    ),
     tp: str = typer.Option("2,4,8", "--tp", help="Tensor-parallel sizes, comma-separated."),
     head_dim: int = typer.Option(128, "--head-dim", min=1, max=4096, help="Head dimension."),
     dtype_bytes: int = typer.Option(2, "--dtype-bytes", min=1, max=8, help="Bytes per KV element (2 for bf16)."),
-    call_us: float = typer.Option(None, "--call-us", min=0.0, help="Cost of one attention call per head copy, µs (default: H200 fit)."),
-    fixed_us: float = typer.Option(None, "--fixed-us", min=0.0, help="Fixed cost per rank and layer, µs (default: H200 fit)."),
-    bandwidth_gbs: float = typer.Option(None, "--bandwidth", min=1e-3, help="KV read bandwidth, GB/s (default: H200 fit)."),
-    extra: int = typer.Option(1, "--copies-per-rank", min=1, max=64, help="Head copies each rank may hold (Fair-Copying)."),
-    exact_s: float = typer.Option(5.0, "--exact-time-limit", min=0.0, max=600.0, help="MILP seconds per layer for 'exact'; 0 leaves it out."),
+    call_us: float = typer.Option(
+        None, "--call-us", min=0.0, help="Cost of one attention call per head copy, µs (default: H200 fit)."
+    ),
+    fixed_us: float = typer.Option(
+        None, "--fixed-us", min=0.0, help="Fixed cost per rank and layer, µs (default: H200 fit)."
+    ),
+    bandwidth_gbs: float = typer.Option(
+        None, "--bandwidth", min=1e-3, help="KV read bandwidth, GB/s (default: H200 fit)."
+    ),
+    extra: int = typer.Option(
+        1, "--copies-per-rank", min=1, max=64, help="Head copies each rank may hold (Fair-Copying)."
+    ),
+    exact_s: float = typer.Option(
+        5.0, "--exact-time-limit", min=0.0, max=600.0, help="MILP seconds per layer for 'exact'; 0 leaves it out."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Standard TP, FairKV best-effort, Fair-Copying, balanced and exact head plans, timed by a cost model.
@@ -77,29 +90,61 @@ def heads(
     b = read_budgets(budgets)
     tps = parse_tp(tp, b.shape[1])
     default = DecodeCost()
-    cost = DecodeCost(fixed_s=default.fixed_s if fixed_us is None else fixed_us * 1e-6,
-                      per_slot_s=default.per_slot_s if call_us is None else call_us * 1e-6,
-                      bandwidth=default.bandwidth if bandwidth_gbs is None else bandwidth_gbs * 1e9,
-                      head_dim=head_dim, dtype_bytes=dtype_bytes)
-    df = head_decode_table(b * 1.0, requests, tps, cost=cost, extra_per_gpu=extra,
-                           exact_time_limit=exact_s if exact_s > 0 else None)
+    cost = DecodeCost(
+        fixed_s=default.fixed_s if fixed_us is None else fixed_us * 1e-6,
+        per_slot_s=default.per_slot_s if call_us is None else call_us * 1e-6,
+        bandwidth=default.bandwidth if bandwidth_gbs is None else bandwidth_gbs * 1e9,
+        head_dim=head_dim,
+        dtype_bytes=dtype_bytes,
+    )
+    df = head_decode_table(
+        b * 1.0, requests, tps, cost=cost, extra_per_gpu=extra, exact_time_limit=exact_s if exact_s > 0 else None
+    )
     verdicts = []
     for t in tps:
         rows = df[df.tp == t]
         best = rows[rows.best].iloc[0]
         copy = best.slots > b.shape[1]
-        what = "copy heads" if copy else ("re-assign heads, no copies" if best.strategy != "standard" else "keep standard TP")
+        what = (
+            "copy heads"
+            if copy
+            else ("re-assign heads, no copies" if best.strategy != "standard" else "keep standard TP")
+        )
         verdicts.append({"tp": t, "strategy": best.strategy, "speedup": float(best.speedup), "advice": what})
     if as_json:
-        print_json({"budgets": str(budgets), "layers": b.shape[0], "kv_heads": b.shape[1], "requests": requests,
-                    "cost": dataclasses.asdict(cost), "rows": df.to_dict(orient="records"), "verdicts": verdicts})
+        print_json(
+            {
+                "budgets": str(budgets),
+                "layers": b.shape[0],
+                "kv_heads": b.shape[1],
+                "requests": requests,
+                "cost": dataclasses.asdict(cost),
+                "rows": df.to_dict(orient="records"),
+                "verdicts": verdicts,
+            }
+        )
         return
     c = console()
-    rows_out = [[int(r.tp), r.strategy, int(r.slots), float(r.sim_speedup), float(r.speedup), float(r.step_ms),
-                 "best" if r.best else ""] for r in df.itertuples()]
-    c.print(table(f"{budgets}: {b.shape[0]} layers x {b.shape[1]} KV heads, {requests} requests; cost "
-                  f"{cost.fixed_s * 1e6:.1f} us + {cost.per_slot_s * 1e6:.1f} us/call + bytes / {cost.bandwidth / 1e9:.0f} GB/s",
-                  ["TP", "strategy", "slots", "simulator speedup", "cost-model speedup", "step ms", ""], rows_out))
+    rows_out = [
+        [
+            int(r.tp),
+            r.strategy,
+            int(r.slots),
+            float(r.sim_speedup),
+            float(r.speedup),
+            float(r.step_ms),
+            "best" if r.best else "",
+        ]
+        for r in df.itertuples()
+    ]
+    c.print(
+        table(
+            f"{budgets}: {b.shape[0]} layers x {b.shape[1]} KV heads, {requests} requests; cost "
+            f"{cost.fixed_s * 1e6:.1f} us + {cost.per_slot_s * 1e6:.1f} us/call + bytes / {cost.bandwidth / 1e9:.0f} GB/s",
+            ["TP", "strategy", "slots", "simulator speedup", "cost-model speedup", "step ms", ""],
+            rows_out,
+        )
+    )
     for v in verdicts:
         c.print(f"TP {v['tp']}: {v['strategy']} ({v['speedup']:.2f}x over standard TP): {v['advice']}")
 

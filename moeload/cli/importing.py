@@ -22,7 +22,11 @@ def import_cmd(
     source: Path = typer.Argument(..., help="File or directory to read.", show_default=False),
     dest: Path = typer.Argument(..., help="New trace directory to write (must not exist).", show_default=False),
     num_experts: int = typer.Option(None, "--num-experts", help="Experts per layer (csv, megatron-router-trace)."),
-    top_k: int = typer.Option(None, "--top-k", help="Experts per token (required for csv, numpy, megatron-tpe and sglang, whose logs do not say)."),
+    top_k: int = typer.Option(
+        None,
+        "--top-k",
+        help="Experts per token (required for csv, numpy, megatron-tpe and sglang, whose logs do not say).",
+    ),
     ep_size: int = typer.Option(None, "--ep-size", help="Expert-parallel size (megatron-tpe)."),
     expert_tp_size: int = typer.Option(None, "--expert-tp-size", help="Expert tensor-parallel size (megatron-tpe)."),
     tp_size: int = typer.Option(None, "--tp-size", help="Read only TP rank 0 of each group (megatron-router-trace)."),
@@ -38,16 +42,24 @@ def import_cmd(
     from moeload.trace.importers import import_trace
 
     given = {
-        "num_experts": num_experts, "top_k": top_k, "ep_size": ep_size, "expert_tp_size": expert_tp_size,
-        "tp_size": tp_size, "pp_size": pp_size, "first_step": first_step, "keep_empty_layers": keep_empty_layers,
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "ep_size": ep_size,
+        "expert_tp_size": expert_tp_size,
+        "tp_size": tp_size,
+        "pp_size": pp_size,
+        "first_step": first_step,
+        "keep_empty_layers": keep_empty_layers,
     }
     opts = {k: v for k, v in given.items() if v is not None}
     _check_sizes(opts)
 
     def require_top_k(imp) -> None:
         if top_k is None and imp.extra.get("top_k_known") is False:
-            raise InputError(f"{source}: {fmt} logs do not say how many experts each token is routed to; give "
-                             f"--top-k K (e.g. --top-k 2); nothing was written to {dest}")
+            raise InputError(
+                f"{source}: {fmt} logs do not say how many experts each token is routed to; give "
+                f"--top-k K (e.g. --top-k 2); nothing was written to {dest}"
+            )
 
     with progress_status(f"importing {source}"):
         out = import_trace(fmt, source, dest, check=require_top_k, **opts)
@@ -63,8 +75,14 @@ def _check_sizes(opts: dict) -> None:
     """One-line InputError for size options past the importers' plausibility limits (they size arrays)."""
     from moeload.trace.importers._common import MAX_EXPERTS, MAX_RANKS
 
-    limits = {"num_experts": MAX_EXPERTS, "top_k": MAX_EXPERTS, "ep_size": MAX_RANKS, "expert_tp_size": MAX_RANKS,
-              "tp_size": MAX_RANKS, "pp_size": MAX_RANKS}
+    limits = {
+        "num_experts": MAX_EXPERTS,
+        "top_k": MAX_EXPERTS,
+        "ep_size": MAX_RANKS,
+        "expert_tp_size": MAX_RANKS,
+        "tp_size": MAX_RANKS,
+        "pp_size": MAX_RANKS,
+    }
     for k, limit in limits.items():
         if k in opts and opts[k] > limit:
             raise InputError(f"--{k.replace('_', '-')} {opts[k]}: implausibly large (limit {limit})")

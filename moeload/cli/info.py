@@ -95,15 +95,30 @@ def info_rows(t, d: dict) -> list[list[str]]:
         ["experts", _compact(t.experts_per_layer)],
         ["top-k", _compact(t.top_k)],
         ["counts", m.count_kind],
-        ["ranks", f"world size {m.world_size}, expert-parallel size {m.ep_size}"
-         + (", per-rank counts recorded" if m.ranks_recorded else "")],
+        [
+            "ranks",
+            f"world size {m.world_size}, expert-parallel size {m.ep_size}"
+            + (", per-rank counts recorded" if m.ranks_recorded else ""),
+        ],
         ["tokens / step", str(m.tokens_per_step) if m.tokens_per_step else "-"],
         ["started", m.start_time],
-        *([["skipped parts", "; ".join(f"{Path(b['path']).name} ({b['problem']})" for b in d["bad_parts"])]]
-          if d["bad_parts"] else []),
+        *(
+            [["skipped parts", "; ".join(f"{Path(b['path']).name} ({b['problem']})" for b in d["bad_parts"])]]
+            if d["bad_parts"]
+            else []
+        ),
         *fault_rows(t.gaps(), m.extra),
-        *([["superseded", f"steps {_ranges(d['superseded'])} of an abandoned run, hidden since a resumed run "
-            "restarted before them"]] if d["superseded"] else []),
+        *(
+            [
+                [
+                    "superseded",
+                    f"steps {_ranges(d['superseded'])} of an abandoned run, hidden since a resumed run "
+                    "restarted before them",
+                ]
+            ]
+            if d["superseded"]
+            else []
+        ),
     ]
 
 
@@ -116,7 +131,7 @@ def _ranges(rs: list, limit: int = 4) -> str:
 
 
 def gaps_text(gaps: list) -> str:
-    """"N step(s) missing in M range(s): a..b, ..." for (first, last) ranges."""
+    """ "N step(s) missing in M range(s): a..b, ..." for (first, last) ranges."""
     n = sum(b - a + 1 for a, b in gaps)
     return f"{n} step(s) missing in {len(gaps)} range(s): {_ranges(gaps)}"
 
@@ -144,7 +159,9 @@ def _lost(v: list) -> str:
     if not v:
         return "none"
     n = sum(int(d["last"]) - int(d["first"]) + 1 for d in v)
-    shown = "; ".join(f"{d['first']}..{d['last']} {d.get('split', 'train')} ({clip(d.get('reason', '?'), 60)})" for d in v[:3])
+    shown = "; ".join(
+        f"{d['first']}..{d['last']} {d.get('split', 'train')} ({clip(d.get('reason', '?'), 60)})" for d in v[:3]
+    )
     return f"{n} step(s) in {len(v)} range(s): {shown}" + ("; ..." if len(v) > 3 else "")
 
 
@@ -161,7 +178,8 @@ def _conservation(v: dict) -> str:
 def _disabled(v: dict) -> str:
     items = list(v.items())
     shown = "; ".join(
-        f"{name} at step {d.get('step', '?')}" + (f" ranks {d['ranks']}" if d.get("ranks") else "")
+        f"{name} at step {d.get('step', '?')}"
+        + (f" ranks {d['ranks']}" if d.get("ranks") else "")
         + f": {clip(d.get('reason', '?'), 60)}"
         for name, d in items[:3]
     )
@@ -260,8 +278,16 @@ def summary_rows(out: dict) -> tuple[list[str], list[list]]:
     """Columns and rows of the human `summary` table."""
     cols = ["layer", "max/mean", "worst", "CV", "min/max", "hottest", "coldest", "stable from"]
     rows = [
-        [d["layer"], d["imbalance_mean"], d["imbalance_max"], d["cv"], d["min_max"], _experts(d["hottest"]),
-         _experts(d["coldest"]), d["boundary"] if d["boundary"] >= 0 else "not stable yet"]
+        [
+            d["layer"],
+            d["imbalance_mean"],
+            d["imbalance_max"],
+            d["cv"],
+            d["min_max"],
+            _experts(d["hottest"]),
+            _experts(d["coldest"]),
+            d["boundary"] if d["boundary"] >= 0 else "not stable yet",
+        ]
         for d in out["layers"]
     ]
     return cols, rows
@@ -315,9 +341,23 @@ def states_cmd(
         shown = ", ".join(f"{s['start']}-{s['stop']}:{'S' if s['stable'] else 'T'}" for s in segs[:6])
         if len(segs) > 6:
             shown += f", ... ({len(segs)} runs)"
-        rows.append([d["layer"], d["name"], d["boundary"] if d["boundary"] >= 0 else "not stable yet", f"{d['stable_share']:.1%}", shown])
+        rows.append(
+            [
+                d["layer"],
+                d["name"],
+                d["boundary"] if d["boundary"] >= 0 else "not stable yet",
+                f"{d['stable_share']:.1%}",
+                shown,
+            ]
+        )
     c_ = console()
-    c_.print(table(f"{t.path.name}: phases ({r.method})", ["layer", "name", "stable from", "stable", "runs (T=transient, S=stable)"], rows))
+    c_.print(
+        table(
+            f"{t.path.name}: phases ({r.method})",
+            ["layer", "name", "stable from", "stable", "runs (T=transient, S=stable)"],
+            rows,
+        )
+    )
     mb = out["model_boundary"]
     c_.print(f"whole model stable from step {mb}" if mb >= 0 else "whole model: not stable yet")
 

@@ -11,5 +11,13 @@ from moeload.evaluation.backtest import backtest, format_table, summarize
 from moeload.evaluation.forecast import TraceForecast, forecast_trace
 from moeload.evaluation.metrics import METRICS, contiguous_map, error_metrics
 
-__all__ = ["METRICS", "TraceForecast", "backtest", "contiguous_map", "error_metrics", "forecast_trace", "format_table",
-           "summarize"]
+__all__ = [
+    "METRICS",
+    "TraceForecast",
+    "backtest",
+    "contiguous_map",
+    "error_metrics",
+    "forecast_trace",
+    "format_table",
+    "summarize",
+]

@@ -32,7 +32,9 @@ def _origins(inp: LoadInput, origins: Any, every: int | None, min_history: int, 
     if inp.from_trace:
         idx = np.searchsorted(inp.steps, o)
         if (idx >= S).any() or (inp.steps[np.minimum(idx, S - 1)] != o).any():
-            raise InputError(f"origins: {o[(idx >= S) | (inp.steps[np.minimum(idx, S - 1)] != o)][:5]} are not recorded steps")
+            raise InputError(
+                f"origins: {o[(idx >= S) | (inp.steps[np.minimum(idx, S - 1)] != o)][:5]} are not recorded steps"
+            )
         o = idx
     if (o < 1).any() or (o >= S).any():
         raise InputError(f"origins: indices must lie in [1, {S - 1}], got {o.min()}..{o.max()}")
@@ -61,10 +63,20 @@ def _phase_labels(inp: LoadInput, phases: Any) -> np.ndarray | None:
     return lab
 
 
-def backtest(p: Any, predictors: Sequence[Any] = ("last", "sw_avg", "ema"), horizons: Iterable[int] = (1000, 2000),
-             origins: Any = None, every: int | None = None, min_history: int = 100, phases: Any = None,
-             gpu_map: Any = None, steps: Any = None, num_gpus: int = 4, incremental: bool = True,
-             progress: bool = False) -> pd.DataFrame:
+def backtest(
+    p: Any,
+    predictors: Sequence[Any] = ("last", "sw_avg", "ema"),
+    horizons: Iterable[int] = (1000, 2000),
+    origins: Any = None,
+    every: int | None = None,
+    min_history: int = 100,
+    phases: Any = None,
+    gpu_map: Any = None,
+    steps: Any = None,
+    num_gpus: int = 4,
+    incremental: bool = True,
+    progress: bool = False,
+) -> pd.DataFrame:
     """Rolling-origin evaluation: at each origin o fit on p[:o], forecast H steps, compare with p[o:o+H].
 
     p: [S, L, E] proportions, integer counts or a Trace. predictors: specs of
@@ -91,13 +103,17 @@ def backtest(p: Any, predictors: Sequence[Any] = ("last", "sw_avg", "ema"), hori
     org = _origins(inp, origins, every, min_history, hs[0])
     labels = _phase_labels(inp, phases)
     if gpu_map is None:
-        gmap = inp.gpu_map if inp.gpu_map is not None else contiguous_map(inp.experts, E, int_param(num_gpus, "num_gpus"))
+        gmap = (
+            inp.gpu_map if inp.gpu_map is not None else contiguous_map(inp.experts, E, int_param(num_gpus, "num_gpus"))
+        )
     else:
         gmap = np.asarray(gpu_map, dtype=np.int64)
         if gmap.ndim == 1 and gmap.shape == (E,):
             gmap = np.broadcast_to(gmap, (L, E))
         if gmap.shape != (L, E) or (gmap < -1).any() or (gmap.max(-1) < 0).any():
-            raise InputError(f"gpu_map: expected GPU ids [E] or [L, E] = [{L}, {E}] (-1 = padding column), got {np.shape(gpu_map)}")
+            raise InputError(
+                f"gpu_map: expected GPU ids [E] or [L, E] = [{L}, {E}] (-1 = padding column), got {np.shape(gpu_map)}"
+            )
     used = {h: int(((org + h) <= S).sum()) for h in hs}
     rows: list[dict[str, Any]] = []
     specs = [(spec_label(s), _factory(s)) for s in predictors]
@@ -118,11 +134,19 @@ def backtest(p: Any, predictors: Sequence[Any] = ("last", "sw_avg", "ema"), hori
             last_o = o
             fc = pred.predict(h_ok[-1])
             fit_s = time.perf_counter() - t0
-            phase = np.full(L, "all", dtype=object) if labels is None else np.where(labels[o - 1], "stable", "transient")
+            phase = (
+                np.full(L, "all", dtype=object) if labels is None else np.where(labels[o - 1], "stable", "transient")
+            )
             for h in h_ok:
                 m = error_metrics(fc[:h], inp.p[o : o + h], inp.experts, gmap)
                 for li in range(L):
-                    row = {"predictor": label, "horizon": h, "origin": int(inp.steps[o]), "layer": li, "phase": phase[li]}
+                    row = {
+                        "predictor": label,
+                        "horizon": h,
+                        "origin": int(inp.steps[o]),
+                        "layer": li,
+                        "phase": phase[li],
+                    }
                     row.update({k: float(m[k][li]) for k in METRICS})
                     row["n_eval"] = int(m["n_eval"][li])
                     row["fit_s"] = fit_s
@@ -133,11 +157,17 @@ def backtest(p: Any, predictors: Sequence[Any] = ("last", "sw_avg", "ema"), hori
     df = pd.DataFrame(rows, columns=cols)
     df.attrs["origins_used"] = used
     df.attrs["origins_skipped"] = {h: int(len(org) - used[h]) for h in hs}
-    df.attrs["notes"] = [f"horizon {h}: {len(org) - used[h]} of {len(org)} origins skipped (run past step {int(inp.steps[-1])})"
-                         for h in hs if used[h] < len(org)]
+    df.attrs["notes"] = [
+        f"horizon {h}: {len(org) - used[h]} of {len(org)} origins skipped (run past step {int(inp.steps[-1])})"
+        for h in hs
+        if used[h] < len(org)
+    ]
     for h in hs:
         if used[h] == 0:
-            warnings.warn(f"backtest: horizon {h} is longer than the trace after every origin ({S} steps); no rows for it", stacklevel=2)
+            warnings.warn(
+                f"backtest: horizon {h} is longer than the trace after every origin ({S} steps); no rows for it",
+                stacklevel=2,
+            )
     return df
 
 

@@ -29,9 +29,16 @@ class TraceForecast:
     actual_steps: np.ndarray
 
 
-def forecast_trace(trace: Any, predictor: str, horizon: int, *, params: dict[str, Any] | None = None,
-                   at: int | None = None, layers: Sequence[int | str] | None = None,
-                   history: int | None = None) -> TraceForecast:
+def forecast_trace(
+    trace: Any,
+    predictor: str,
+    horizon: int,
+    *,
+    params: dict[str, Any] | None = None,
+    at: int | None = None,
+    layers: Sequence[int | str] | None = None,
+    history: int | None = None,
+) -> TraceForecast:
     """Fit `predictor` (a registered name, with `params`) on `trace`'s proportions of the recorded
     steps before `at` (default: all; the last `history` of them where given) and forecast `horizon`
     steps from there. InputError: unknown predictor or parameters, an empty trace, no step before
@@ -49,17 +56,22 @@ def forecast_trace(trace: Any, predictor: str, horizon: int, *, params: dict[str
     else:
         n_fit, origin = int(np.searchsorted(all_steps, at, side="left")), int(at)
         if n_fit == 0:
-            raise InputError(f"--at {at}: no recorded step before it in {trace.path} (trace steps {first_step}..{last_step})")
+            raise InputError(
+                f"--at {at}: no recorded step before it in {trace.path} (trace steps {first_step}..{last_step})"
+            )
         if at > last_step + 1:
-            raise InputError(f"--at {at}: past the end of {trace.path} (trace steps {first_step}..{last_step}); the latest "
-                             f"origin is {last_step + 1}, the default")
+            raise InputError(
+                f"--at {at}: past the end of {trace.path} (trace steps {first_step}..{last_step}); the latest "
+                f"origin is {last_step + 1}, the default"
+            )
     first = 0 if history is None else max(0, n_fit - history)
     fit_steps = all_steps[first:n_fit]
     future_steps = all_steps[n_fit : n_fit + horizon]
     p = trace.proportions(all_steps[first : n_fit + len(future_steps)], list(lay))
     fc = model.fit(p[: len(fit_steps)]).predict(horizon)
-    return TraceForecast(predictor, dict(params or {}), lay, fit_steps, origin, np.asarray(fc), p[len(fit_steps):],
-                         future_steps)
+    return TraceForecast(
+        predictor, dict(params or {}), lay, fit_steps, origin, np.asarray(fc), p[len(fit_steps) :], future_steps
+    )
 
 
 __all__ = ["TraceForecast", "forecast_trace"]

@@ -12,6 +12,17 @@ from moeload.placement.heads import DecodeCost, adakv_budgets, head_decode_table
 from moeload.placement.replay import ReplayResult, compare, replay
 
 __all__ = [
-    "DecodeCost", "Evaluation", "Placement", "ReplayResult", "adakv_budgets", "available", "compare",
-    "head_decode_table", "head_placement_table", "imbalance_of", "options", "plan", "replay",
+    "DecodeCost",
+    "Evaluation",
+    "Placement",
+    "ReplayResult",
+    "adakv_budgets",
+    "available",
+    "compare",
+    "head_decode_table",
+    "head_placement_table",
+    "imbalance_of",
+    "options",
+    "plan",
+    "replay",
 ]

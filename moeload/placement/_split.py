@@ -45,8 +45,10 @@ def optimal_split(phy2log: np.ndarray, weight: np.ndarray, num_gpus: int, *, eve
     cols = np.arange(num_slots)
     a_eq = csr_matrix((np.ones(num_slots), (phy2log, cols)), shape=(num_experts, num_slots + 1))
     a_ub = csr_matrix(
-        (np.r_[np.ones(num_slots), -np.ones(num_gpus)],
-         (np.r_[slot_gpu, np.arange(num_gpus)], np.r_[cols, np.full(num_gpus, num_slots)])),
+        (
+            np.r_[np.ones(num_slots), -np.ones(num_gpus)],
+            (np.r_[slot_gpu, np.arange(num_gpus)], np.r_[cols, np.full(num_gpus, num_slots)]),
+        ),
         shape=(num_gpus, num_slots + 1),
     )
     cost = np.zeros(num_slots + 1)
@@ -70,11 +72,17 @@ def _closest_to_even(x, phy2log, w, slot_gpu, num_gpus, level, even, linprog):
     n = phy2log.shape[0]
     target = w[phy2log] * even
     eye = identity(n, format="csr")
-    a_eq = hstack([csr_matrix((np.ones(n), (phy2log, np.arange(n))), shape=(w.shape[0], n)),
-                   csr_matrix((w.shape[0], n))])
+    a_eq = hstack(
+        [csr_matrix((np.ones(n), (phy2log, np.arange(n))), shape=(w.shape[0], n)), csr_matrix((w.shape[0], n))]
+    )
     gpu_rows = csr_matrix((np.ones(n), (slot_gpu, np.arange(n))), shape=(num_gpus, n))
-    a_ub = vstack([hstack([gpu_rows, csr_matrix((num_gpus, n))]),  # GPU load <= level
-                   hstack([eye, -eye]), hstack([-eye, -eye])])  # |x - target| <= d
+    a_ub = vstack(
+        [
+            hstack([gpu_rows, csr_matrix((num_gpus, n))]),  # GPU load <= level
+            hstack([eye, -eye]),
+            hstack([-eye, -eye]),
+        ]
+    )  # |x - target| <= d
     b_ub = np.r_[np.full(num_gpus, level * (1 + 1e-9) + 1e-12), target, -target]
     res = linprog(np.r_[np.zeros(n), np.ones(n)], A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=w, method="highs")
     return np.maximum(res.x[:n], 0.0) if res.status == 0 else x

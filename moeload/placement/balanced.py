@@ -106,9 +106,7 @@ def count_search(phy2log: np.ndarray, w: np.ndarray, num_gpus: int, max_evals: i
     return phy2log
 
 
-def split_search(
-    phy2log: np.ndarray, w: np.ndarray, num_gpus: int, max_evals: int
-) -> tuple[np.ndarray, np.ndarray]:
+def split_search(phy2log: np.ndarray, w: np.ndarray, num_gpus: int, max_evals: int) -> tuple[np.ndarray, np.ndarray]:
     """Local search over one layer's copy layout `phy2log: [R]` for loads `w: [E]`, optimal split.
 
     Returns the improved `phy2log: [R]` and its `share: [R]`.
@@ -182,15 +180,23 @@ def plan_balanced(
     take_fair = imbalance_of(fair.gpu_load) < imbalance_of(refined.gpu_load) - 1e-12
     phy2log = np.where(take_fair[:, None], fair.phy2log, refined.phy2log)
     if search > 0:  # search from both starts; keep the better end point
-        ends = [[split_search(p, w, num_gpus, search) for p, w in zip(start.phy2log, weight)]
-                for start in (refined, fair)]
-        value = np.array([[imbalance_of(split_loads(p, sh, w, num_gpus)) for (p, sh), w in zip(e, weight)]
-                          for e in ends])  # [2, L]
+        ends = [
+            [split_search(p, w, num_gpus, search) for p, w in zip(start.phy2log, weight)] for start in (refined, fair)
+        ]
+        value = np.array(
+            [[imbalance_of(split_loads(p, sh, w, num_gpus)) for (p, sh), w in zip(e, weight)] for e in ends]
+        )  # [2, L]
         take_fair = value[1] < value[0] - 1e-12
         phy2log = np.stack([ends[int(f)][i][0] for i, f in enumerate(take_fair)])
     share = np.stack([optimal_split(p, w, num_gpus, even_tiebreak=True) for p, w in zip(phy2log, weight)])
-    chosen = Placement(phy2log, share, num_gpus, weight, "balanced",
-                       {"split": split, "search": search, "fair_copying_layers": take_fair})
+    chosen = Placement(
+        phy2log,
+        share,
+        num_gpus,
+        weight,
+        "balanced",
+        {"split": split, "search": search, "fair_copying_layers": take_fair},
+    )
     if samples is None:
         return chosen
     samples = np.asarray(samples, dtype=np.float64)
@@ -201,6 +207,11 @@ def plan_balanced(
     score = np.stack([c.evaluate(samples).imbalance.mean(0) for c in candidates])  # [3, L]
     pick = np.argmin(score, axis=0)  # ties keep the chosen split
     rows = np.arange(weight.shape[0])
-    return Placement(np.stack([c.phy2log for c in candidates])[pick, rows],
-                     np.stack([c.share for c in candidates])[pick, rows], num_gpus, weight, "balanced",
-                     {**chosen.info, "picked": np.array(["chosen", "refined_even", "eplb"])[pick]})
+    return Placement(
+        np.stack([c.phy2log for c in candidates])[pick, rows],
+        np.stack([c.share for c in candidates])[pick, rows],
+        num_gpus,
+        weight,
+        "balanced",
+        {**chosen.info, "picked": np.array(["chosen", "refined_even", "eplb"])[pick]},
+    )

@@ -142,6 +142,10 @@ def plan_eplb(
     else:
         phy2log = np.stack([_layer(w, num_replicas, num_groups, num_nodes, num_gpus) for w in weight])
     return Placement(
-        phy2log, even_share(phy2log, num_experts), num_gpus, weight, "eplb",
+        phy2log,
+        even_share(phy2log, num_experts),
+        num_gpus,
+        weight,
+        "eplb",
         {"num_groups": num_groups, "num_nodes": num_nodes},
     )

@@ -26,8 +26,13 @@ from moeload.placement._split import optimal_split
 def _solve(cost, constraints, integrality, bounds, time_limit):
     from scipy.optimize import Bounds, milp
 
-    res = milp(cost, constraints=constraints, integrality=integrality,
-               bounds=Bounds(*bounds), options={"time_limit": time_limit})
+    res = milp(
+        cost,
+        constraints=constraints,
+        integrality=integrality,
+        bounds=Bounds(*bounds),
+        options={"time_limit": time_limit},
+    )
     if res.x is None:
         raise InputError(f"exact: the MILP found no solution within time_limit={time_limit} s ({res.message})")
     return res.x, res.status == 0
@@ -159,5 +164,6 @@ def plan_exact(
         rows.append(phy2log)
         shares.append(share)
         optimal.append(ok)
-    return Placement(np.stack(rows), np.stack(shares), num_gpus, weight, "exact",
-                     {"split": split, "optimal": np.array(optimal)})
+    return Placement(
+        np.stack(rows), np.stack(shares), num_gpus, weight, "exact", {"split": split, "optimal": np.array(optimal)}
+    )

@@ -101,9 +101,7 @@ def _trial(hosted, amount, loads, unit, target, move, w) -> float:
     return float(ld.max())
 
 
-def plan_fair_copying(
-    weight: np.ndarray, num_gpus: int, num_replicas: int, *, lp_split: bool = True
-) -> Placement:
+def plan_fair_copying(weight: np.ndarray, num_gpus: int, num_replicas: int, *, lp_split: bool = True) -> Placement:
     """FairKV placement of `weight: [L, E]` onto `num_replicas` slots, uneven (chosen) split.
 
     With `num_replicas == E` this is the best-effort assignment alone (no copies).

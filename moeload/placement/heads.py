@@ -66,8 +66,10 @@ def adakv_budgets(
 def layer_total(budget: int | None, total: int | None, num_heads: int, t: int) -> int:
     """Keys B one layer keeps: `budget` per head or `total`; exactly one given, 1 <= B <= H * T."""
     if (budget is None) == (total is None):
-        raise InputError(f"adakv_budgets: give exactly one of budget= (per head) or total= (per layer), "
-                         f"got budget={budget}, total={total}")
+        raise InputError(
+            f"adakv_budgets: give exactly one of budget= (per head) or total= (per layer), "
+            f"got budget={budget}, total={total}"
+        )
     if budget is not None and not 1 <= budget <= t:
         raise InputError(f"budget={budget}: expected 1 <= budget <= T={t}")
     b = budget * num_heads if budget is not None else int(total)  # type: ignore[arg-type]
@@ -195,8 +197,15 @@ def head_placement_table(
     for tp in tp_sizes:
         plans = head_plans(budgets, tp, extra_per_gpu=extra_per_gpu, exact_time_limit=exact_time_limit)
         for name, pl in plans.items():
-            rows.append({"tp": tp, "strategy": name, "slots": pl.num_replicas,
-                         "imbalance_mean": float(pl.imbalance.mean()), "imbalance_max": float(pl.imbalance.max())})
+            rows.append(
+                {
+                    "tp": tp,
+                    "strategy": name,
+                    "slots": pl.num_replicas,
+                    "imbalance_mean": float(pl.imbalance.mean()),
+                    "imbalance_max": float(pl.imbalance.max()),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -243,21 +252,26 @@ class DecodeCost:
         return float(self.rank_seconds(work, rank_slots(placement, per_slot)).max(axis=1).sum())
 
     @classmethod
-    def fit(cls, work: np.ndarray, slots: np.ndarray, seconds: np.ndarray, *, head_dim: int = 128,
-            dtype_bytes: int = 2) -> DecodeCost:
+    def fit(
+        cls, work: np.ndarray, slots: np.ndarray, seconds: np.ndarray, *, head_dim: int = 128, dtype_bytes: int = 2
+    ) -> DecodeCost:
         """Least-squares constants from measured per-rank times: work, slots, seconds of equal shape.
 
         Coefficients that come out negative (noise on a term the data cannot resolve) are clipped to 0.
         """
         w, s, t = (np.ravel(np.asarray(x, dtype=np.float64)) for x in (work, slots, seconds))
         if not (w.shape == s.shape == t.shape) or w.size < 3:
-            raise InputError(f"DecodeCost.fit: expected >= 3 measurements of equal shape, got {w.size}, {s.size}, {t.size}")
+            raise InputError(
+                f"DecodeCost.fit: expected >= 3 measurements of equal shape, got {w.size}, {s.size}, {t.size}"
+            )
         a = np.stack([np.ones_like(w), s, w], axis=1)
         (fixed, per_slot, per_key), *_ = np.linalg.lstsq(a, t, rcond=None)
         if per_key <= 0:
             raise InputError("DecodeCost.fit: time does not grow with work in these measurements; no bandwidth to fit")
         bytes_per_key = 2 * head_dim * dtype_bytes
-        return cls(max(float(fixed), 0.0), max(float(per_slot), 0.0), bytes_per_key / float(per_key), head_dim, dtype_bytes)
+        return cls(
+            max(float(fixed), 0.0), max(float(per_slot), 0.0), bytes_per_key / float(per_key), head_dim, dtype_bytes
+        )
 
 
 def rank_slots(placement: Placement, per_slot: np.ndarray) -> np.ndarray:
@@ -299,9 +313,15 @@ def head_decode_table(
         plans = head_plans(b * requests, tp, extra_per_gpu=extra_per_gpu, exact_time_limit=exact_time_limit)
         for name, pl in plans.items():
             per_slot = split_requests(pl, int(requests))
-            rows.append({"tp": tp, "strategy": name, "slots": pl.num_replicas,
-                         "sim_step": float(pl.gpu_load.max(axis=1).sum()),
-                         "step_ms": 1e3 * cost.step_seconds(pl, b, per_slot)})
+            rows.append(
+                {
+                    "tp": tp,
+                    "strategy": name,
+                    "slots": pl.num_replicas,
+                    "sim_step": float(pl.gpu_load.max(axis=1).sum()),
+                    "step_ms": 1e3 * cost.step_seconds(pl, b, per_slot),
+                }
+            )
     df = pd.DataFrame(rows)
     base = df[df.strategy == "standard"].set_index("tp")
     df["sim_speedup"] = df.tp.map(base.sim_step) / df.sim_step

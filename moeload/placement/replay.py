@@ -109,19 +109,26 @@ def replay(
         pl = plan(weight, num_gpus, num_replicas, policy, **policy_kwargs, **extra)
         realised = pl.evaluate(counts[start:stop])
         step_imbalance[start:stop] = realised.imbalance
-        rows.append({
-            "start": start,
-            "stop": stop,
-            "moves": int(pl.moves_from(previous).sum()) if previous is not None else 0,
-            "planned": float(pl.imbalance.mean()),
-            "realised": float(realised.imbalance.mean()),
-            "segment": float(imbalance_of(realised.gpu_load.sum(axis=0)).mean()),
-        })
+        rows.append(
+            {
+                "start": start,
+                "stop": stop,
+                "moves": int(pl.moves_from(previous).sum()) if previous is not None else 0,
+                "planned": float(pl.imbalance.mean()),
+                "realised": float(realised.imbalance.mean()),
+                "segment": float(imbalance_of(realised.gpu_load.sum(axis=0)).mean()),
+            }
+        )
         previous = pl
     config = {
-        "num_gpus": num_gpus, "num_replicas": num_replicas or num_experts, "policy": policy,
-        "predictor": "oracle" if oracle else predictor, "predictor_kwargs": predictor_kwargs,
-        "replan_every": int(replan_every), "window": window, "policy_kwargs": policy_kwargs,
+        "num_gpus": num_gpus,
+        "num_replicas": num_replicas or num_experts,
+        "policy": policy,
+        "predictor": "oracle" if oracle else predictor,
+        "predictor_kwargs": predictor_kwargs,
+        "replan_every": int(replan_every),
+        "window": window,
+        "policy_kwargs": policy_kwargs,
     }
     return ReplayResult(step_imbalance, pd.DataFrame(rows), config)
 
@@ -157,15 +164,31 @@ def compare(
     num_experts = counts.shape[2]
     scenarios: list[tuple[str, dict]] = []
     if num_experts % num_gpus == 0:
-        scenarios.append(("static contiguous", dict(policy="contiguous", num_replicas=num_experts,
-                                                    replan_every=counts.shape[0])))
-    scenarios.append(("EPLB + moving average (vLLM defaults)", dict(
-        policy="eplb", predictor="sw_avg", predictor_kwargs={"window": vllm_window, "slide": False},
-        window=vllm_window, replan_every=vllm_replan_every)))
+        scenarios.append(
+            ("static contiguous", dict(policy="contiguous", num_replicas=num_experts, replan_every=counts.shape[0]))
+        )
+    scenarios.append(
+        (
+            "EPLB + moving average (vLLM defaults)",
+            dict(
+                policy="eplb",
+                predictor="sw_avg",
+                predictor_kwargs={"window": vllm_window, "slide": False},
+                window=vllm_window,
+                replan_every=vllm_replan_every,
+            ),
+        )
+    )
     for policy in policies:
         for name, kwargs in candidates:
-            scenarios.append((f"{policy} + {name}", dict(policy=policy, predictor=name, predictor_kwargs=kwargs,
-                                                          window=window, replan_every=replan_every)))
+            scenarios.append(
+                (
+                    f"{policy} + {name}",
+                    dict(
+                        policy=policy, predictor=name, predictor_kwargs=kwargs, window=window, replan_every=replan_every
+                    ),
+                )
+            )
     for policy in policies:
         scenarios.append((f"{policy} + oracle", dict(policy=policy, oracle=True, replan_every=replan_every)))
     rows = []
@@ -183,4 +206,3 @@ def compare(
     if forecast.any():
         table.loc[table.loc[forecast, "imbalance"].idxmin(), "best_forecast"] = True
     return table
-

@@ -63,7 +63,9 @@ def trace_steps(trace: Any, sel: Any) -> np.ndarray:
     return np.asarray(list(sel) if isinstance(sel, range) else sel, dtype=np.int64).reshape(-1)
 
 
-def bin_rows(steps: np.ndarray, x: np.ndarray, max_points: int = MAX_POINTS, how: str = "mean") -> tuple[np.ndarray, np.ndarray, int]:
+def bin_rows(
+    steps: np.ndarray, x: np.ndarray, max_points: int = MAX_POINTS, how: str = "mean"
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Average (or max) consecutive rows so that at most `max_points` remain.
 
     steps: [S]; x: [S, ...]. Returns (bin centres [B], binned x [B, ...], rows per bin). NaN rows
@@ -125,8 +127,16 @@ def legend_outside(ax: Any, **kw: Any) -> None:
     """Legend to the right of the axes, outside the data."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
-                  fontsize=8, frameon=False, **kw)
+        ax.legend(
+            handles,
+            labels,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            borderaxespad=0.0,
+            fontsize=8,
+            frameon=False,
+            **kw,
+        )
 
 
 def line_colors(n: int) -> list:
@@ -149,8 +159,9 @@ def shade_runs(ax: Any, edges: np.ndarray, flags: np.ndarray, color: str, label:
     d = np.diff(np.r_[0, f.astype(np.int8), 0])
     starts, stops = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
     ranges = [(edges[a], edges[b] - edges[a]) for a, b in zip(starts, stops)]
-    ax.broken_barh(ranges, (0, 1), transform=ax.get_xaxis_transform(), facecolor=color,
-                   edgecolor="none", zorder=0, label=label)
+    ax.broken_barh(
+        ranges, (0, 1), transform=ax.get_xaxis_transform(), facecolor=color, edgecolor="none", zorder=0, label=label
+    )
 
 
 def edges_of(centres: np.ndarray) -> np.ndarray:

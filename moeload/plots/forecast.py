@@ -66,7 +66,8 @@ def forecast_vs_actual(
     if f.shape[1] != E or (y is not None and y.shape != f.shape):
         raise InputError(
             f"forecast_vs_actual: history has {E} experts, forecast {f.shape}"
-            + ("" if y is None else f", actual {y.shape}") + "; expected [H, E] for both"
+            + ("" if y is None else f", actual {y.shape}")
+            + "; expected [H, E] for both"
         )
     if experts is None:
         order = np.argsort(-np.nan_to_num(f.mean(axis=0)), kind="stable")
@@ -86,7 +87,9 @@ def forecast_vs_actual(
     if band is not None and y is None:
         w = np.asarray(band, dtype=np.float64) * 100
         if w.shape not in ((E,), (H, E)) or (w < 0).any():
-            raise InputError(f"forecast_vs_actual: band must be non-negative [E={E}] or [H={H}, E={E}], got {np.shape(band)}")
+            raise InputError(
+                f"forecast_vs_actual: band must be non-negative [E={E}] or [H={H}, E={E}], got {np.shape(band)}"
+            )
         wb = c.bin_rows(fs, np.broadcast_to(w, (H, E))[:, sel], max_points)[1]
     colors = c.line_colors(len(sel))
     origin = start + T - 0.5
@@ -105,14 +108,23 @@ def forecast_vs_actual(
 
     extra: list[Artist] = [Line2D([], [], color="0.2", lw=2.0, ls="--", label="forecast")]
     if yb is not None:
-        extra += [Line2D([], [], color="0.2", lw=0.8, alpha=0.6, label="actual"),
-                  Patch(facecolor="0.2", alpha=0.18, label="error (forecast − actual)")]
+        extra += [
+            Line2D([], [], color="0.2", lw=0.8, alpha=0.6, label="actual"),
+            Patch(facecolor="0.2", alpha=0.18, label="error (forecast − actual)"),
+        ]
     elif wb is not None:
         extra += [Patch(facecolor="0.2", alpha=0.18, label="forecast ± band")]
     handles, labels = ax.get_legend_handles_labels()
     handles += extra
-    ax.legend(handles, labels + [x.get_label() for x in extra], loc="upper left", bbox_to_anchor=(1.01, 1.0),
-              borderaxespad=0.0, fontsize=8, frameon=False)
+    ax.legend(
+        handles,
+        labels + [x.get_label() for x in extra],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0.0,
+        fontsize=8,
+        frameon=False,
+    )
     ax.set_xlim(min(hx[0], fx[0]) - 0.5, fx[-1] + 0.5)
     ax.set_xlabel("training step")
     ax.set_ylabel("share of routed tokens (%)")
@@ -154,7 +166,9 @@ def backtest_errors(
     import pandas as pd
 
     if not isinstance(df, pd.DataFrame):
-        raise InputError(f"backtest_errors: df must be a pandas DataFrame from evaluation.backtest, got {type(df).__name__}")
+        raise InputError(
+            f"backtest_errors: df must be a pandas DataFrame from evaluation.backtest, got {type(df).__name__}"
+        )
     need = {"predictor", "horizon", metric}
     missing = need - set(df.columns)
     if missing:
@@ -180,7 +194,9 @@ def backtest_errors(
         names = list(predictors)
         unknown = sorted(set(names) - set(stats["predictor"]))
         if unknown:
-            raise InputError(f"backtest_errors: predictor(s) {unknown} not in df; have {sorted(set(stats['predictor']))}")
+            raise InputError(
+                f"backtest_errors: predictor(s) {unknown} not in df; have {sorted(set(stats['predictor']))}"
+            )
     horizons = sorted(stats["horizon"].unique())
     combos = [(hz, ph) for hz in horizons for ph in phases]
     per_group = max(0.3 * len(combos), 0.075 * max(len(str(n)) for n in names) + 0.2)  # inches
@@ -196,9 +212,18 @@ def backtest_errors(
         pos = x - 0.4 + width * (k + 0.5)
         label = f"horizon {hz:,}" + (f", {ph}" if len(phases) > 1 else "")
         yerr = rows["sem"].to_numpy() if raw else None
-        bars = ax.bar(pos, rows["mean"].to_numpy(), width * 0.92, yerr=yerr, capsize=2 if raw else 0,
-                      color=colors[horizons.index(hz)], hatch=hatches.get(ph, "xx"), edgecolor="white",
-                      error_kw={"elinewidth": 0.8, "ecolor": "0.25"}, label=label)
+        bars = ax.bar(
+            pos,
+            rows["mean"].to_numpy(),
+            width * 0.92,
+            yerr=yerr,
+            capsize=2 if raw else 0,
+            color=colors[horizons.index(hz)],
+            hatch=hatches.get(ph, "xx"),
+            edgecolor="white",
+            error_kw={"elinewidth": 0.8, "ecolor": "0.25"},
+            label=label,
+        )
         if len(names) * len(combos) <= 24:
             ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
     ax.set_xticks(x, names, rotation=25 if rotate else 0, ha="right" if rotate else "center")
@@ -206,7 +231,10 @@ def backtest_errors(
     ax.margins(y=0.12)
     ax.set_xlabel("predictor (best first)" if predictors is None else "predictor")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-    ax.set_title(f"Backtest error ({metric})" + (f", {phases[0]} phase" if len(phases) == 1 and phases[0] != "all" else ""), loc="left")
+    ax.set_title(
+        f"Backtest error ({metric})" + (f", {phases[0]} phase" if len(phases) == 1 and phases[0] != "all" else ""),
+        loc="left",
+    )
     if raw:
         n_or = d["origin"].nunique()
         n_l = d["layer"].nunique() if "layer" in d.columns else 1

@@ -58,8 +58,16 @@ def load_heatmap(
     if vmax is None:
         vmax = max(float(np.percentile(finite, 99.5)) if finite.size else top, 100.0 / E)
     if len(d) < 2 or np.allclose(d, d[0], rtol=1e-3):
-        im = ax.imshow(pb.T, aspect="auto", origin="lower", interpolation="nearest", cmap=cmap,
-                       extent=(edges[0], edges[-1], -0.5, E - 0.5), vmin=0, vmax=vmax)
+        im = ax.imshow(
+            pb.T,
+            aspect="auto",
+            origin="lower",
+            interpolation="nearest",
+            cmap=cmap,
+            extent=(edges[0], edges[-1], -0.5, E - 0.5),
+            vmin=0,
+            vmax=vmax,
+        )
     else:
         im = ax.pcolormesh(edges, np.arange(E + 1) - 0.5, pb.T, cmap=cmap, vmin=0, vmax=vmax)
     cb = ax.figure.colorbar(im, ax=ax, pad=0.01, extend="max" if top > vmax * 1.001 else "neither")
@@ -227,13 +235,21 @@ def fluctuation(
     if threshold is not None:
         given = np.asarray(threshold, dtype=np.float64)
         if not (given.ndim <= 1 or given.shape == (S, L)):
-            raise InputError(f"threshold: expected a scalar, [L={L}] or [S={S}, L={L}], got shape {np.shape(threshold)}")
+            raise InputError(
+                f"threshold: expected a scalar, [L={L}] or [S={S}, L={L}], got shape {np.shape(threshold)}"
+            )
         thr = np.broadcast_to(given if given.ndim != 1 else given[None, :], (S, L))
         _, tb, _ = c.bin_rows(s, np.array(thr, dtype=np.float64), max_points)
         same = np.allclose(tb, tb[:, :1], equal_nan=True)
         for li in range(1 if same else L):
-            ax.plot(xs, tb[:, li], color="0.2" if same else colors[li], lw=1, ls=":",
-                    label=("threshold" if same else "threshold (per layer)") if li == 0 else None)
+            ax.plot(
+                xs,
+                tb[:, li],
+                color="0.2" if same else colors[li],
+                lw=1,
+                ls=":",
+                label=("threshold" if same else "threshold (per layer)") if li == 0 else None,
+            )
     if boundaries is not None:
         bnd = np.asarray(boundaries, dtype=np.float64).reshape(-1)
         if len(bnd) != L:

@@ -71,8 +71,9 @@ def gpu_load(
         import matplotlib.pyplot as plt
 
         if has_loads:
-            _, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5.6), sharex=True, layout="constrained",
-                                            height_ratios=(3, 2))
+            _, (top, bottom) = plt.subplots(
+                2, 1, figsize=(9, 5.6), sharex=True, layout="constrained", height_ratios=(3, 2)
+            )
         else:
             top, (_, bottom) = None, plt.subplots(figsize=(9, 3.2), layout="constrained")
     else:
@@ -96,10 +97,13 @@ def gpu_load(
             else:
                 col = run_colors[lab]
                 name = "" if lab == "load" else f"{lab}: "
-                top.fill_between(xs, lb.min(axis=1), lb.max(axis=1), color=col, alpha=0.18, lw=0,
-                                 label=f"{name}min..max over GPUs")
+                top.fill_between(
+                    xs, lb.min(axis=1), lb.max(axis=1), color=col, alpha=0.18, lw=0, label=f"{name}min..max over GPUs"
+                )
                 top.plot(xs, lb.max(axis=1), color=col, lw=1.3, label=f"{name}busiest GPU")
-        mean_all = np.mean([c.bin_rows(s, ld, max_points)[1].mean(axis=1) for _, ld, _ in data if ld is not None], axis=0)
+        mean_all = np.mean(
+            [c.bin_rows(s, ld, max_points)[1].mean(axis=1) for _, ld, _ in data if ld is not None], axis=0
+        )
         top.plot(xs, mean_all, color="0.2", lw=1.0, ls=":", label="mean over GPUs")
         top.set_ylabel(f"load per step ({unit})")
         top.set_ylim(bottom=0)

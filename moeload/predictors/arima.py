@@ -186,8 +186,14 @@ def _undifference(y: np.ndarray, fc: np.ndarray, d: int) -> np.ndarray:
 class Arima(Predictor):
     """ARIMA(p, d, q) on each expert's proportion series; `engine` 'batched' or 'statsmodels'."""
 
-    def __init__(self, *, order: tuple[int, int, int] = (5, 1, 5), engine: str = "batched",
-                 max_history: int | None = None, maxiter: int = 50) -> None:
+    def __init__(
+        self,
+        *,
+        order: tuple[int, int, int] = (5, 1, 5),
+        engine: str = "batched",
+        max_history: int | None = None,
+        maxiter: int = 50,
+    ) -> None:
         super().__init__()
         self.order = order
         self.engine = engine
@@ -285,8 +291,9 @@ class Arima(Predictor):
 
     def _fit_statsmodels(self) -> None:
         _, self.scale_, ok = self._prepare()
-        self.sm_results_ = {int(i): statsmodels_fit(self.series_[i] / self.scale_[i], self.order_)
-                            for i in np.flatnonzero(ok)}
+        self.sm_results_ = {
+            int(i): statsmodels_fit(self.series_[i] / self.scale_[i], self.order_) for i in np.flatnonzero(ok)
+        }
 
 
 def statsmodels_fit(y: np.ndarray, order: tuple[int, int, int]):

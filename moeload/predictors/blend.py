@@ -38,8 +38,9 @@ from moeload.predictors.registry import register
 WINDOWS = (25, 50, 100, 200, 400, 800, 1600)
 
 
-def blend_features(c: np.ndarray, ends: np.ndarray, windows: Sequence[int], ref: int,
-                   mask: np.ndarray, uniform_term: bool) -> tuple[np.ndarray, np.ndarray]:
+def blend_features(
+    c: np.ndarray, ends: np.ndarray, windows: Sequence[int], ref: int, mask: np.ndarray, uniform_term: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Features [n, L, E, k] and reference mean [n, L, E] at origins `ends` from cumsum c: [T + 1, L, E].
 
     k = len(windows) - 1 window differences m_w - m_ref, plus 1 / E_l - m_ref when `uniform_term`.
@@ -61,9 +62,18 @@ def _stable_labels(p: np.ndarray) -> np.ndarray:
     return np.asarray(states.detect(p).labels, dtype=bool)
 
 
-def learn_blend(runs: Sequence[np.ndarray] | np.ndarray, horizon: int, *, windows: Sequence[int] = WINDOWS,
-                ref: int = 2, uniform_term: bool = True, stride: int = 25, min_history: int = 100,
-                alphas: Sequence[float] = tuple(np.logspace(-6, 2, 9)), by_phase: bool = False) -> dict[str, Any]:
+def learn_blend(
+    runs: Sequence[np.ndarray] | np.ndarray,
+    horizon: int,
+    *,
+    windows: Sequence[int] = WINDOWS,
+    ref: int = 2,
+    uniform_term: bool = True,
+    stride: int = 25,
+    min_history: int = 100,
+    alphas: Sequence[float] = tuple(np.logspace(-6, 2, 9)),
+    by_phase: bool = False,
+) -> dict[str, Any]:
     """Weights of `blend` for `horizon`, learned on finished runs.
 
     runs: one [T, L, E] proportions array or a list of them (same [L, E] not required). Origins are
@@ -101,7 +111,12 @@ def learn_blend(runs: Sequence[np.ndarray] | np.ndarray, horizon: int, *, window
             return tuple(0.0 for _ in range(X.shape[1]))  # no origins of this phase: the reference mean
         return tuple(float(v) for v in RidgeCV(alphas=tuple(alphas), fit_intercept=False).fit(X[sel], y[sel]).coef_)
 
-    out: dict[str, Any] = {"windows": tuple(ws), "ref": int(ref), "coef": fit(stable), "uniform_term": bool(uniform_term)}
+    out: dict[str, Any] = {
+        "windows": tuple(ws),
+        "ref": int(ref),
+        "coef": fit(stable),
+        "uniform_term": bool(uniform_term),
+    }
     if by_phase:
         out["coef_transient"] = fit(~stable)
     return out
@@ -111,8 +126,15 @@ def learn_blend(runs: Sequence[np.ndarray] | np.ndarray, horizon: int, *, window
 class WindowBlend(Predictor):
     """m_ref + fixed weights x (window-mean differences, pull to uniform); weights from `learn_blend`."""
 
-    def __init__(self, *, windows: Sequence[int] = WINDOWS, ref: int = 2, coef: Sequence[float] | None = None,
-                 uniform_term: bool = True, coef_transient: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        windows: Sequence[int] = WINDOWS,
+        ref: int = 2,
+        coef: Sequence[float] | None = None,
+        uniform_term: bool = True,
+        coef_transient: Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
         self.windows = windows
         self.ref = ref
@@ -123,8 +145,10 @@ class WindowBlend(Predictor):
     def _coef(self, name: str, value: Any, k: int, n_windows: int) -> np.ndarray:
         coef = np.zeros(k) if value is None else np.asarray(value, dtype=np.float64)
         if coef.shape != (k,) or not np.isfinite(coef).all():
-            raise InputError(f"{name}: expected {k} finite numbers for {n_windows} windows"
-                             f"{' and the uniform term' if self.uniform_term else ''}, got {value!r}")
+            raise InputError(
+                f"{name}: expected {k} finite numbers for {n_windows} windows"
+                f"{' and the uniform term' if self.uniform_term else ''}, got {value!r}"
+            )
         return coef
 
     def _fit(self, p: np.ndarray) -> None:
@@ -134,7 +158,7 @@ class WindowBlend(Predictor):
             raise InputError(f"ref: expected an index into windows (0..{len(ws) - 1}), got {self.ref!r}")
         k = len(ws) - 1 + bool(self.uniform_term)
         coef = self._coef("coef", self.coef, k, len(ws))
-        c = cumsum0(p[-max(ws):])
+        c = cumsum0(p[-max(ws) :])
         X, refv = blend_features(c, np.array([c.shape[0] - 1]), ws, int(ref), self.mask_, bool(self.uniform_term))
         self.level_ = refv[0] + X[0] @ coef  # [L, E]
         self.stable_ = np.ones(p.shape[1], dtype=bool)  # [L] label at the last step (all stable without phases)

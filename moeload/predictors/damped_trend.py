@@ -15,8 +15,9 @@ from moeload.predictors.base import Predictor
 from moeload.predictors.registry import register
 
 
-def holt_damped(p: np.ndarray, alpha: float, beta: float, phi: float,
-                state: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def holt_damped(
+    p: np.ndarray, alpha: float, beta: float, phi: float, state: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Run the recursion over p: [T, ...]. Returns (level [...], trend [...])."""
     if state is None:
         level, trend = p[0].astype(np.float64).copy(), np.zeros(p.shape[1:])
@@ -41,8 +42,11 @@ class DampedTrend(Predictor):
         self.phi = phi
 
     def _params(self) -> tuple[float, float, float]:
-        return (check_float("alpha", self.alpha, 0.0, 1.0), check_float("beta", self.beta, 0.0, 1.0),
-                check_float("phi", self.phi, 0.0, 1.0))
+        return (
+            check_float("alpha", self.alpha, 0.0, 1.0),
+            check_float("beta", self.beta, 0.0, 1.0),
+            check_float("phi", self.phi, 0.0, 1.0),
+        )
 
     def _fit(self, p: np.ndarray) -> None:
         self.params_ = self._params()  # (alpha, beta, phi) validated

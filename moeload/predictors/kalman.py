@@ -55,8 +55,9 @@ def steady_gain(q: np.ndarray) -> np.ndarray:
 class LocalLevelKalman(Predictor):
     """Local-level model per (layer, expert), vectorised; flat forecast of the filtered level."""
 
-    def __init__(self, *, pool: str = "layer", q_min: float = 1e-7, max_history: int | None = None,
-                 block: int = 1) -> None:
+    def __init__(
+        self, *, pool: str = "layer", q_min: float = 1e-7, max_history: int | None = None, block: int = 1
+    ) -> None:
         super().__init__()
         self.pool = pool
         self.q_min = q_min

@@ -76,8 +76,17 @@ class LSTMPredictor(Predictor):
 
     multi_run = True
 
-    def __init__(self, *, block: int = 20, lookback: int = 16, hidden: int = 32, epochs: int = 20,
-                 lr: float = 3e-3, batch_size: int = 64, seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        block: int = 20,
+        lookback: int = 16,
+        hidden: int = 32,
+        epochs: int = 20,
+        lr: float = 3e-3,
+        batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.block = block
         self.lookback = lookback
@@ -154,8 +163,15 @@ class LSTMPredictor(Predictor):
         import torch
 
         self._check_fitted()
-        torch.save({"params": self.get_params(), "state": self.net_.state_dict(),
-                    "history": torch.from_numpy(self.history_), "mask": torch.from_numpy(self.mask_)}, Path(path))
+        torch.save(
+            {
+                "params": self.get_params(),
+                "state": self.net_.state_dict(),
+                "history": torch.from_numpy(self.history_),
+                "mask": torch.from_numpy(self.mask_),
+            },
+            Path(path),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> LSTMPredictor:

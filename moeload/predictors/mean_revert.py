@@ -33,8 +33,9 @@ from moeload.predictors.registry import register
 TARGETS = ("uniform", "long")
 
 
-def pull_terms(p: np.ndarray, mask: np.ndarray, window: int, block: int, target: str,
-               long_window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pull_terms(
+    p: np.ndarray, mask: np.ndarray, window: int, block: int, target: str, long_window: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Target t [L, E], deviation m_w - t [L, E] and noise ratio N / D [L] after the last row of p: [T, L, E]."""
     win = p[-window:]  # [n, L, E]
     n = win.shape[0]
@@ -50,7 +51,7 @@ def pull_terms(p: np.ndarray, mask: np.ndarray, window: int, block: int, target:
     n_exist = np.maximum(mask.sum(axis=1), 1)  # [L]
     b = block if n // block >= 2 else 1
     k = n // b
-    blocks = win[n - k * b:].reshape((k, b) + m.shape).mean(axis=1)  # [k, L, E]
+    blocks = win[n - k * b :].reshape((k, b) + m.shape).mean(axis=1)  # [k, L, E]
     noise = (blocks.var(axis=0, ddof=1) if k > 1 else np.zeros_like(m)).sum(axis=1) / n_exist / k  # [L]
     disp = (dev * dev).sum(axis=1) / n_exist  # [L]
     return tgt, dev, np.divide(noise, disp, out=np.zeros_like(noise), where=disp > 0)
@@ -60,9 +61,17 @@ def pull_terms(p: np.ndarray, mask: np.ndarray, window: int, block: int, target:
 class MeanRevert(Predictor):
     """Window mean pulled towards 1/E (or a long-window mean) by rho per step; defaults fit across runs."""
 
-    def __init__(self, *, window: int | None = None, rho: float | None = None, shrink: float | None = None,
-                 block: int | None = None, target: str | None = None, long_window: int = 1600,
-                 regime: str = "aux") -> None:
+    def __init__(
+        self,
+        *,
+        window: int | None = None,
+        rho: float | None = None,
+        shrink: float | None = None,
+        block: int | None = None,
+        target: str | None = None,
+        long_window: int = 1600,
+        regime: str = "aux",
+    ) -> None:
         super().__init__()
         self.window = window
         self.rho = rho
@@ -80,10 +89,14 @@ class MeanRevert(Predictor):
         target = get("target")
         if target not in TARGETS:
             raise InputError(f"target: expected one of {TARGETS}, got {target!r}")
-        return {"window": check_int("window", get("window")), "rho": check_float("rho", get("rho"), 0.0, 1.0),
-                "shrink": check_float("shrink", get("shrink"), 0.0, np.inf), "block": check_int("block", get("block")),
-                "target": target,
-                "long_window": check_int("long_window", self.long_window)}
+        return {
+            "window": check_int("window", get("window")),
+            "rho": check_float("rho", get("rho"), 0.0, 1.0),
+            "shrink": check_float("shrink", get("shrink"), 0.0, np.inf),
+            "block": check_int("block", get("block")),
+            "target": target,
+            "long_window": check_int("long_window", self.long_window),
+        }
 
     def _fit(self, p: np.ndarray) -> None:
         prm = self._params()

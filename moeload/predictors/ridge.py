@@ -43,9 +43,17 @@ class RidgeWindows(Predictor):
 
     multi_run = True
 
-    def __init__(self, *, windows: Sequence[int] = (1, 10, 50, 200, 500, 1000, 2000, 4000), ref: int = 3,
-                 stride: int = 25, alphas: Sequence[float] = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0),
-                 max_samples: int = 200_000, min_origins: int = 4, train_window: int | None = 2000) -> None:
+    def __init__(
+        self,
+        *,
+        windows: Sequence[int] = (1, 10, 50, 200, 500, 1000, 2000, 4000),
+        ref: int = 3,
+        stride: int = 25,
+        alphas: Sequence[float] = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0),
+        max_samples: int = 200_000,
+        min_origins: int = 4,
+        train_window: int | None = 2000,
+    ) -> None:
         super().__init__()
         self.windows = windows
         self.ref = ref
@@ -102,8 +110,9 @@ class RidgeWindows(Predictor):
         runs = self.extra_runs_ + [self.history_]
         n_origins = sum(max(0, r.shape[0] - h_eff) for r in runs)
         stride = max(self.stride_, int(np.ceil(n_origins * n_series / self.max_samples_)))
-        parts = [self._samples(r, min(horizon, r.shape[0] // 2) if r is self.history_ else horizon, stride)
-                 for r in runs]
+        parts = [
+            self._samples(r, min(horizon, r.shape[0] // 2) if r is self.history_ else horizon, stride) for r in runs
+        ]
         X = np.concatenate([a for a, _ in parts])
         y = np.concatenate([b for _, b in parts])
         if X.shape[0] < self.min_origins_ * max(n_series, 1):

@@ -57,8 +57,16 @@ def last_shift_window(p: np.ndarray, block: int, threshold: float, min_blocks: i
 class StateAwareWindow(Predictor):
     """Mean since the last detected shift per (layer, expert), optionally with a shrunk trend."""
 
-    def __init__(self, *, block: int = 50, threshold: float = 6.0, min_blocks: int = 4,
-                 max_window: int = 8000, trend: bool = True, trend_reach: int = 2000) -> None:
+    def __init__(
+        self,
+        *,
+        block: int = 50,
+        threshold: float = 6.0,
+        min_blocks: int = 4,
+        max_window: int = 8000,
+        trend: bool = True,
+        trend_reach: int = 2000,
+    ) -> None:
         super().__init__()
         self.block = block
         self.threshold = threshold

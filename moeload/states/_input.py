@@ -95,15 +95,19 @@ def _from_array(p: Any, name: str, steps: Any, tokens: Any) -> LoadInput:
         trailing = np.arange(E)[None, :] < experts[:, None]
         if not (mask == trailing).all():
             li = int(np.flatnonzero((mask != trailing).any(1))[0])
-            raise InputError(f"{name}: layer {li} has NaN (padding) expert columns before real ones; "
-                             "padding must be the last columns of a layer")
+            raise InputError(
+                f"{name}: layer {li} has NaN (padding) expert columns before real ones; "
+                "padding must be the last columns of a layer"
+            )
         assignments = None
     if tokens is not None:
         assignments = np.asarray(tokens, dtype=np.float64)
         if assignments.ndim == 1:
             assignments = np.repeat(assignments[:, None], L, axis=1)
         if assignments.shape != (S, L) or (assignments < 0).any():
-            raise InputError(f"tokens: expected non-negative [steps] or [steps, layers] = [{S}, {L}], got {assignments.shape}")
+            raise InputError(
+                f"tokens: expected non-negative [steps] or [steps, layers] = [{S}, {L}], got {assignments.shape}"
+            )
     if steps is None:
         st = np.arange(S, dtype=np.int64)
     else:

@@ -136,8 +136,9 @@ def verdict(boundary: int) -> str:
     return f"stable from step {int(boundary)}" if boundary >= 0 else "not stable yet"
 
 
-def confirmed_end(run_len: np.ndarray, fluct: np.ndarray, thr: np.ndarray, confirm: int,
-                  min_under: float, max_decline: float) -> np.ndarray:
+def confirmed_end(
+    run_len: np.ndarray, fluct: np.ndarray, thr: np.ndarray, confirm: int, min_under: float, max_decline: float
+) -> np.ndarray:
     """[L] bool: the final stable phase is confirmed.
 
     run_len: [L] steps in the final stable run (0 if the layer ends transient); fluct, thr: [C', L]
@@ -161,8 +162,15 @@ def confirmed_end(run_len: np.ndarray, fluct: np.ndarray, thr: np.ndarray, confi
     return ok & (under >= min_under) & ~falling
 
 
-def finish(labels: np.ndarray, fluct: np.ndarray, thr: np.ndarray, steps: np.ndarray, method: str, params: dict,
-           confirmed: np.ndarray | None = None) -> StateResult:
+def finish(
+    labels: np.ndarray,
+    fluct: np.ndarray,
+    thr: np.ndarray,
+    steps: np.ndarray,
+    method: str,
+    params: dict,
+    confirmed: np.ndarray | None = None,
+) -> StateResult:
     """Boundaries, model boundary, verdicts and segments from labels [S, L]. confirmed: [L] bool from
     `confirmed_end` (None = every layer that ends stable counts as stable)."""
     S, L = labels.shape
@@ -178,8 +186,19 @@ def finish(labels: np.ndarray, fluct: np.ndarray, thr: np.ndarray, steps: np.nda
     else:
         model_b = -1
     segs = [segments_of(labels[:, li], steps) for li in range(L)]
-    return StateResult(labels, bounds, model_b, fluct, thr, segs, steps, method, dict(params),
-                       [verdict(int(b)) for b in bounds], verdict(model_b))
+    return StateResult(
+        labels,
+        bounds,
+        model_b,
+        fluct,
+        thr,
+        segs,
+        steps,
+        method,
+        dict(params),
+        [verdict(int(b)) for b in bounds],
+        verdict(model_b),
+    )
 
 
 def final_run_length(labels: np.ndarray) -> np.ndarray:

@@ -42,8 +42,11 @@ class DriftTest(Detector):
         self.min_run = min_run
 
     def _resolve(self) -> dict[str, Any]:
-        return {"window": int_param(self.window, "window", 3), "alpha": pos_param(self.alpha, "alpha"),
-                "min_run": int_param(self.min_run, "min_run")}
+        return {
+            "window": int_param(self.window, "window", 3),
+            "alpha": pos_param(self.alpha, "alpha"),
+            "min_run": int_param(self.min_run, "min_run"),
+        }
 
     def test_pair(self, a: np.ndarray, b: np.ndarray, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """a, b: [w, L, E] windows -> (X2/df [L], p-value [L]); NaN where untestable."""

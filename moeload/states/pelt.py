@@ -65,8 +65,16 @@ class PeltRule(Detector):
     min_size_: int
     factor_: float
 
-    def __init__(self, *, block: int = 20, max_points: int = 250, stat: str = "range", pen: float = 4.0,
-                 min_size: int = 3, factor: float = 1.5) -> None:
+    def __init__(
+        self,
+        *,
+        block: int = 20,
+        max_points: int = 250,
+        stat: str = "range",
+        pen: float = 4.0,
+        min_size: int = 3,
+        factor: float = 1.5,
+    ) -> None:
         self.block = block
         self.max_points = max_points
         self.stat = stat
@@ -79,8 +87,14 @@ class PeltRule(Detector):
         max_points = int_param(self.max_points, "max_points", 10)
         if self.stat not in ("range", "var"):
             raise InputError(f"stat: expected 'range' or 'var', got {self.stat!r}")
-        return {"block": block, "max_points": max_points, "stat": self.stat, "pen": pos_param(self.pen, "pen"),
-                "min_size": int_param(self.min_size, "min_size", 1), "factor": pos_param(self.factor, "factor")}
+        return {
+            "block": block,
+            "max_points": max_points,
+            "stat": self.stat,
+            "pen": pos_param(self.pen, "pen"),
+            "min_size": int_param(self.min_size, "min_size", 1),
+            "factor": pos_param(self.factor, "factor"),
+        }
 
     def block_signal(self, inp: LoadInput) -> tuple[np.ndarray, int]:
         """Per-block mean-over-experts fluctuation [n_blocks, L] and the block length b."""

@@ -117,8 +117,14 @@ def _window_ok(p: np.ndarray, w: int, min_periods: int) -> tuple[np.ndarray, np.
     return ok, n
 
 
-def window_statistic(p: np.ndarray, window: int, stat: str = "range", agg: str = "mean",
-                     experts: Any = None, min_periods: int | None = None) -> np.ndarray:
+def window_statistic(
+    p: np.ndarray,
+    window: int,
+    stat: str = "range",
+    agg: str = "mean",
+    experts: Any = None,
+    min_periods: int | None = None,
+) -> np.ndarray:
     """The window rule's fluctuation statistic: proportions p: [S, L, E] -> [S, L] float64.
 
     Per expert over the trailing window of `window` steps (steps with no tokens, all-NaN rows,
@@ -181,10 +187,23 @@ class WindowRule(Detector):
     min_under_: float
     max_decline_: float
 
-    def __init__(self, *, window: int = 100, stat: str = "range", agg: str = "mean", reference: Any = "late",
-                 factor: float | None = None, late_frac: float = 0.2, min_run: int | None = None,
-                 exit_ratio: float = 1.25, min_periods: int | None = None, center: bool = False,
-                 confirm: int | None = None, min_under: float = 0.9, max_decline: float = 0.15) -> None:
+    def __init__(
+        self,
+        *,
+        window: int = 100,
+        stat: str = "range",
+        agg: str = "mean",
+        reference: Any = "late",
+        factor: float | None = None,
+        late_frac: float = 0.2,
+        min_run: int | None = None,
+        exit_ratio: float = 1.25,
+        min_periods: int | None = None,
+        center: bool = False,
+        confirm: int | None = None,
+        min_under: float = 0.9,
+        max_decline: float = 0.15,
+    ) -> None:
         self.window = window
         self.stat = stat
         self.agg = agg
@@ -223,22 +242,38 @@ class WindowRule(Detector):
         max_decline = pos_param(self.max_decline, "max_decline")
         if min_under > 1 or max_decline >= 1:
             raise InputError(f"min_under must be <= 1 and max_decline < 1, got {self.min_under}, {self.max_decline}")
-        return {"window": window, "stat": stat, "agg": agg, "reference": reference, "factor": factor,
-                "late_frac": late_frac, "min_run": min_run, "exit_ratio": exit_ratio, "min_periods": min_periods,
-                "center": bool(self.center), "confirm": confirm, "min_under": min_under, "max_decline": max_decline}
+        return {
+            "window": window,
+            "stat": stat,
+            "agg": agg,
+            "reference": reference,
+            "factor": factor,
+            "late_frac": late_frac,
+            "min_run": min_run,
+            "exit_ratio": exit_ratio,
+            "min_periods": min_periods,
+            "center": bool(self.center),
+            "confirm": confirm,
+            "min_under": min_under,
+            "max_decline": max_decline,
+        }
 
     @property
     def causal(self) -> bool:
         return self.reference != "late" and not self.center
 
     # -- statistics -------------------------------------------------------------------------
-    def statistic(self, p: np.ndarray, inp: LoadInput, assignments: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    def statistic(
+        self, p: np.ndarray, inp: LoadInput, assignments: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Trailing-window layer statistic [S, L] (`window_statistic`) and, for reference="noise",
         its noise level [S, L]."""
         w = self.window_
         S, L, _ = p.shape
         if self.reference_ == "noise" and assignments is None:
-            raise InputError("reference='noise' needs routed assignments per step: pass integer counts, a Trace or tokens=")
+            raise InputError(
+                "reference='noise' needs routed assignments per step: pass integer counts, a Trace or tokens="
+            )
         fluct = window_statistic(p, w, self.stat_, self.agg_, inp.experts, self.min_periods_)
         if self.reference_ != "noise" or assignments is None:  # assignments are checked above for "noise"
             return fluct, None
@@ -271,7 +306,9 @@ class WindowRule(Detector):
         f = self.factor_**2 if self.stat_ == "var" else self.factor_
         if self.reference_ == "noise":
             if noise is None:
-                raise InputError("reference='noise' needs the noise level from statistic(); it had no routed assignments")
+                raise InputError(
+                    "reference='noise' needs the noise level from statistic(); it had no routed assignments"
+                )
             return f * noise
         if self.reference_ == "late":
             S = fluct.shape[0]

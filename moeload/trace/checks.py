@@ -158,7 +158,9 @@ def rows_problem(m: Manifest, table: pa.Table) -> str | None:
     rank = table.column("rank").to_numpy()
     L = m.num_layers
     if len(layer) and (layer.min() < 0 or layer.max() >= L):
-        return f"layer id {layer.min() if layer.min() < 0 else layer.max()} outside 0..{L - 1} (manifest has {L} layers)"
+        return (
+            f"layer id {layer.min() if layer.min() < 0 else layer.max()} outside 0..{L - 1} (manifest has {L} layers)"
+        )
     if m.ranks_recorded:
         if len(rank) and (rank.min() < 0 or rank.max() >= m.world_size):
             return f"rank {rank.min() if rank.min() < 0 else rank.max()} outside 0..{m.world_size - 1} (world_size)"
@@ -178,8 +180,10 @@ def rows_problem(m: Manifest, table: pa.Table) -> str | None:
         bad = np.flatnonzero(lengths != epl[layer])
         if len(bad):
             i = bad[0]
-            return (f"{name} counts of layer {layer[i]} ({m.layers[layer[i]]!r}) have {lengths[i]} experts, "
-                    f"manifest says {epl[layer[i]]}")
+            return (
+                f"{name} counts of layer {layer[i]} ({m.layers[layer[i]]!r}) have {lengths[i]} experts, "
+                f"manifest says {epl[layer[i]]}"
+            )
         if len(vals) and vals.min() < 0:
             return f"column {name!r} holds a negative count ({vals.min()})"
         if len(vals) and vals.dtype.kind == "u" and int(vals.max()) > I64_MAX:
@@ -201,7 +205,9 @@ def rows_problem(m: Manifest, table: pa.Table) -> str | None:
     return None
 
 
-def _rank_sum_problem(name: str, step: np.ndarray, layer: np.ndarray, vals: np.ndarray, lengths: np.ndarray) -> str | None:
+def _rank_sum_problem(
+    name: str, step: np.ndarray, layer: np.ndarray, vals: np.ndarray, lengths: np.ndarray
+) -> str | None:
     """A problem if the per-rank counts of one (step, layer, expert) sum beyond int64 (rows hold
     non-negative counts that fit int64, checked before)."""
     vals = vals.astype(np.int64)

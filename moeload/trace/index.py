@@ -144,7 +144,9 @@ class TraceIndex:
                     stale |= (seq < first_seq) & (wr == rank) & (s >= restart)
             self._stale[split] = _ranges(s[stale])
             out[split] = (s[~stale], o[~stale])
-        skipped = [(p.name, why) for p, why in self._misnamed] + [(self._parts[i].path.name, why) for i, why in sorted(bad.items())]
+        skipped = [(p.name, why) for p, why in self._misnamed] + [
+            (self._parts[i].path.name, why) for i, why in sorted(bad.items())
+        ]
         if skipped and self.skip_bad_parts:
             listed = "; ".join(f"{name} ({why})" for name, why in skipped)
             warnings.warn(f"{self.path}: skipped {len(skipped)} bad part(s): {listed}", stacklevel=4)
@@ -177,7 +179,7 @@ class TraceIndex:
         starts = sorted(noted)
         out = []
         for j, (first_seq, rank) in enumerate(starts):
-            nxt = min((f for f, r in starts[j + 1:] if r == rank), default=None)
+            nxt = min((f for f, r in starts[j + 1 :] if r == rank), default=None)
             for split in {p.split for p in self._parts}:
                 same = [p for p in self._parts if p.writer_rank == rank and p.split == split]
                 mine = [p.first for p in same if p.seq >= first_seq and (nxt is None or p.seq < nxt)]

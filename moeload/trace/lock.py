@@ -62,15 +62,22 @@ class TraceLock:
                     time.sleep(0.05)
                     owner = _read(self.path)
                 if owner is not None and owner.get("host") == socket.gethostname() and owner["pid"] == os.getpid():
-                    raise InputError(f"{self.directory}: this process already writes this trace "
-                                     f"(lock {self.path}); close the other tracer first") from None
+                    raise InputError(
+                        f"{self.directory}: this process already writes this trace "
+                        f"(lock {self.path}); close the other tracer first"
+                    ) from None
                 stale = owner is not None and owner.get("host") == socket.gethostname() and not _alive(owner["pid"])
                 if owner is None or not stale:  # (stale implies an owner)
                     who = "unknown owner" if owner is None else f"host {owner.get('host')} pid {owner['pid']}"
-                    raise InputError(f"{self.directory}: another writer holds this trace ({who}, lock {self.path}); "
-                                     "use another directory, or remove the lock if that job is gone") from None
-                warnings.warn(f"moeload: {self.directory}: taking over a stale lock of pid {owner['pid']} (no longer "
-                              "running)", RuntimeWarning, stacklevel=3)
+                    raise InputError(
+                        f"{self.directory}: another writer holds this trace ({who}, lock {self.path}); "
+                        "use another directory, or remove the lock if that job is gone"
+                    ) from None
+                warnings.warn(
+                    f"moeload: {self.directory}: taking over a stale lock of pid {owner['pid']} (no longer running)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 try:
                     self.path.unlink()
                 except FileNotFoundError:

@@ -91,7 +91,9 @@ class Manifest:
         """Refuse fields of the wrong type (never coerce: a string of layers is not split into letters,
         8.9 experts are not 8); integers may be Python or NumPy integers, never bool or float."""
         if not isinstance(self.layers, (list, tuple)) or not all(isinstance(x, str) for x in self.layers):
-            raise TraceFormatError(f"manifest: field 'layers' must be a list of module paths (strings), got {_show(self.layers)}")
+            raise TraceFormatError(
+                f"manifest: field 'layers' must be a list of module paths (strings), got {_show(self.layers)}"
+            )
         self.layers = list(self.layers)
         L = len(self.layers)
         for name in ("experts_per_layer", "top_k"):
@@ -111,12 +113,18 @@ class Manifest:
                 raise TraceFormatError(f"manifest: field {name!r} must be a string, got {_show(getattr(self, name))}")
         for name in ("framework_version", "model_name"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise TraceFormatError(f"manifest: field {name!r} must be a string or null, got {_show(getattr(self, name))}")
+                raise TraceFormatError(
+                    f"manifest: field {name!r} must be a string or null, got {_show(getattr(self, name))}"
+                )
         if not isinstance(self.ranks_recorded, bool):
-            raise TraceFormatError(f"manifest: field 'ranks_recorded' must be true or false, got {_show(self.ranks_recorded)}")
+            raise TraceFormatError(
+                f"manifest: field 'ranks_recorded' must be true or false, got {_show(self.ranks_recorded)}"
+            )
         for name in ("versions", "extra"):
             if not isinstance(getattr(self, name), dict):
-                raise TraceFormatError(f"manifest: field {name!r} must be an object (dict), got {_show(getattr(self, name))}")
+                raise TraceFormatError(
+                    f"manifest: field {name!r} must be an object (dict), got {_show(getattr(self, name))}"
+                )
         if not isinstance(self.sessions, (list, tuple)) or not all(isinstance(x, dict) for x in self.sessions):
             raise TraceFormatError(f"manifest: field 'sessions' must be a list of objects, got {_show(self.sessions)}")
         self.sessions = list(self.sessions)
@@ -128,20 +136,28 @@ class Manifest:
             if not isinstance(self.expert_to_rank, (list, tuple)) or not all(
                 isinstance(m, (list, tuple)) for m in self.expert_to_rank
             ):
-                raise TraceFormatError("manifest: field 'expert_to_rank' must be [layers][experts] lists of ranks or null")
+                raise TraceFormatError(
+                    "manifest: field 'expert_to_rank' must be [layers][experts] lists of ranks or null"
+                )
             self.expert_to_rank = [[_whole("expert_to_rank", r, 0) for r in m] for m in self.expert_to_rank]
         if not isinstance(self.rank_map_changes, (list, tuple)):
-            raise TraceFormatError(f"manifest: field 'rank_map_changes' must be a list of objects, got {_show(self.rank_map_changes)}")
+            raise TraceFormatError(
+                f"manifest: field 'rank_map_changes' must be a list of objects, got {_show(self.rank_map_changes)}"
+            )
         self.rank_map_changes = list(self.rank_map_changes)
         for x in self.rank_map_changes:
             if not isinstance(x, dict) or set(x) != {"step", "layer", "expert_to_rank"}:
-                raise TraceFormatError("manifest: field 'rank_map_changes' must hold objects with keys step, layer, "
-                                       f"expert_to_rank, got {_show(x)}")
+                raise TraceFormatError(
+                    "manifest: field 'rank_map_changes' must hold objects with keys step, layer, "
+                    f"expert_to_rank, got {_show(x)}"
+                )
             x["step"] = _whole("rank_map_changes[].step", x["step"], 0, _BIG)
             x["layer"] = _whole("rank_map_changes[].layer", x["layer"], 0)
             if not isinstance(x["expert_to_rank"], list):
-                raise TraceFormatError(f"manifest: field 'rank_map_changes[].expert_to_rank' must be a list of ranks, "
-                                       f"got {_show(x['expert_to_rank'])}")
+                raise TraceFormatError(
+                    f"manifest: field 'rank_map_changes[].expert_to_rank' must be a list of ranks, "
+                    f"got {_show(x['expert_to_rank'])}"
+                )
             x["expert_to_rank"] = [_whole("rank_map_changes[].expert_to_rank", r, 0) for r in x["expert_to_rank"]]
 
     def validate(self, where: str = "manifest") -> None:
@@ -172,8 +188,10 @@ class Manifest:
             if li >= L:
                 raise TraceFormatError(f"{where}: rank_map_changes names layer {li}; the trace has {L} layers")
             if len(m) != self.experts_per_layer[li] or any(r >= self.ep_size for r in m):
-                raise TraceFormatError(f"{where}: rank_map_changes at step {x['step']}: layer {li} needs "
-                                       f"{self.experts_per_layer[li]} ranks in [0, ep_size={self.ep_size}), got {_show(m)}")
+                raise TraceFormatError(
+                    f"{where}: rank_map_changes at step {x['step']}: layer {li} needs "
+                    f"{self.experts_per_layer[li]} ranks in [0, ep_size={self.ep_size}), got {_show(m)}"
+                )
 
     @property
     def num_layers(self) -> int:
@@ -213,7 +231,9 @@ class Manifest:
             raise TraceFormatError(f"{where}: expected a JSON object")
         version = d.get("schema_version", SCHEMA_VERSION)
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise TraceFormatError(f"{where}: field 'schema_version' must be a non-negative integer, got {_show(version)}")
+            raise TraceFormatError(
+                f"{where}: field 'schema_version' must be a non-negative integer, got {_show(version)}"
+            )
         if version > SCHEMA_VERSION:
             raise TraceFormatError(
                 f"{where}: schema_version {version!r} is newer than this moeload reads ({SCHEMA_VERSION}); upgrade moeload"
@@ -291,5 +311,7 @@ def read_manifest(trace_dir: str | os.PathLike) -> Manifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TraceFormatError(f"{mpath}: not valid JSON ({e})") from None
     except (ValueError, RecursionError) as e:  # integers of thousands of digits, deeply nested JSON
-        raise TraceFormatError(f"{mpath}: unusable JSON ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})") from None
+        raise TraceFormatError(
+            f"{mpath}: unusable JSON ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})"
+        ) from None
     return Manifest.from_dict(raw, where=str(mpath))

@@ -116,8 +116,10 @@ class Trace(TraceSelection):
 
                 summed = checked_sum(vals, add, n)
                 if summed is None:
-                    raise TraceFormatError(f"{part.path}: {column} counts summed over ranks exceed int64 "
-                                           f"(steps {part.first}..{part.last}{SKIP_HINT})")
+                    raise TraceFormatError(
+                        f"{part.path}: {column} counts summed over ranks exceed int64 "
+                        f"(steps {part.first}..{part.last}{SKIP_HINT})"
+                    )
                 vals = summed
                 si, li, ri = key[starts] // len(lay), key[starts] % len(lay), np.zeros(len(starts), np.int64)
             out[si, ri, li] = vals
@@ -125,17 +127,23 @@ class Trace(TraceSelection):
             sel_steps, out = sel_steps[inverse], out[inverse]
         return sel_steps, (out if per_rank else out[:, 0])
 
-    def counts(self, steps: StepSel = None, layers: LayerSel = None, *, kind: str = "routed", split: str = "train") -> np.ndarray:
+    def counts(
+        self, steps: StepSel = None, layers: LayerSel = None, *, kind: str = "routed", split: str = "train"
+    ) -> np.ndarray:
         """[S, L, E] int64 global counts (summed over ranks). kind: 'routed' or 'kept'."""
         if kind not in ("routed", "kept"):
             raise ValueError(f"kind must be 'routed' or 'kept', got {kind!r}")
         return self._gather(steps, layers, split, kind, per_rank=False)[1]
 
-    def proportions(self, steps: StepSel = None, layers: LayerSel = None, *, kind: str = "routed", split: str = "train") -> np.ndarray:
+    def proportions(
+        self, steps: StepSel = None, layers: LayerSel = None, *, kind: str = "routed", split: str = "train"
+    ) -> np.ndarray:
         """[S, L, E] float64 share of each expert; rows sum to 1, NaN where a row has no tokens."""
         return shares(self.counts(steps, layers, kind=kind, split=split))
 
-    def rank_counts(self, steps: StepSel = None, layers: LayerSel = None, *, kind: str = "routed", split: str = "train") -> np.ndarray:
+    def rank_counts(
+        self, steps: StepSel = None, layers: LayerSel = None, *, kind: str = "routed", split: str = "train"
+    ) -> np.ndarray:
         """[S, R, L, E] int64 counts routed by each rank's own tokens (traces with ranks_recorded)."""
         return self._gather(steps, layers, split, kind, per_rank=True)[1]
 
@@ -143,7 +151,9 @@ class Trace(TraceSelection):
         """[S, L] tokens that reached each router in each step, summed over ranks."""
         return self._gather(steps, layers, split, "tokens", per_rank=False)[1]
 
-    def micro_batch_counts(self, steps: StepSel = None, layers: LayerSel = None, *, per_rank: bool = False) -> np.ndarray:
+    def micro_batch_counts(
+        self, steps: StepSel = None, layers: LayerSel = None, *, per_rank: bool = False
+    ) -> np.ndarray:
         """[S, M, L, E] int64 routed counts of each micro-batch (summed over ranks), or [S, R, M, L, E]
         with per_rank, for traces recorded with LoadTracer(per_micro_batch=True): micro-batch m of a
         step is the m-th training forward of each gate in it. M: the most micro-batches (that saw
@@ -162,32 +172,57 @@ class Trace(TraceSelection):
         lay_pos[lay] = np.arange(len(lay))
         R, E = (m.world_size if per_rank else 1), self.num_experts
         stop, lost = extra.get("micro_batches_stopped"), extra.get("micro_lost")
-        why = (f"micro-batch rows stopped at step {stop.get('step')}: {stop.get('reason')}" if isinstance(stop, dict)
-               else f"lost: {lost}" if lost else None)
+        why = (
+            f"micro-batch rows stopped at step {stop.get('step')}: {stop.get('reason')}"
+            if isinstance(stop, dict)
+            else f"lost: {lost}"
+            if lost
+            else None
+        )
         pieces = []
         for pi in np.unique(owner):
             part = self._parts[pi]
             mine = sel_steps[owner == pi]
             mp = self.path / MICRO_DIR / part.path.name
             if not mp.exists():
-                raise TraceFormatError(f"{mp}: missing: steps {part.first}..{part.last} have no micro-batch rows"
-                                       + (f" ({clip(why, 160)})" if why else ""))
-            t = read_columns(mp, ["step", "micro_batch", "layer", "rank", "tokens", "routed"],
-                             [("step", ">=", int(mine.min())), ("step", "<=", int(mine.max()))])
+                raise TraceFormatError(
+                    f"{mp}: missing: steps {part.first}..{part.last} have no micro-batch rows"
+                    + (f" ({clip(why, 160)})" if why else "")
+                )
+            t = read_columns(
+                mp,
+                ["step", "micro_batch", "layer", "rank", "tokens", "routed"],
+                [("step", ">=", int(mine.min())), ("step", "<=", int(mine.max()))],
+            )
             st, mb, lyr, rk = (t.column(c).to_numpy() for c in ("step", "micro_batch", "layer", "rank"))
-            if len(st) and (lyr.min() < 0 or lyr.max() >= self.num_layers or mb.min() < 0 or mb.max() >= 4096
-                            or rk.max() >= m.world_size):
+            if len(st) and (
+                lyr.min() < 0
+                or lyr.max() >= self.num_layers
+                or mb.min() < 0
+                or mb.max() >= 4096
+                or rk.max() >= m.world_size
+            ):
                 raise TraceFormatError(f"{mp}: layer, micro_batch or rank ids out of range{SKIP_HINT}")
             absent = np.setdiff1d(mine, st)
             if len(absent):
-                raise TraceFormatError(f"{mp}: no micro-batch rows for step(s) {absent[:5].tolist()}"
-                                       + (f" ({clip(why, 160)})" if why else ""))
+                raise TraceFormatError(
+                    f"{mp}: no micro-batch rows for step(s) {absent[:5].tolist()}"
+                    + (f" ({clip(why, 160)})" if why else "")
+                )
             rows = np.isin(st, mine) & (lay_pos[lyr] >= 0)
             vals = _dense_lists(t.column("routed").filter(pa.array(rows)), E)
             tok = t.column("tokens")
             used = (vals.sum(-1) > 0) if tok.null_count else tok.to_numpy()[rows] > 0  # imports: tokens unknown
-            pieces.append((np.searchsorted(sel_steps, st[rows]), mb[rows], lay_pos[lyr[rows]],
-                           np.maximum(rk[rows], 0) if per_rank else np.zeros(int(rows.sum()), np.int64), vals, used))
+            pieces.append(
+                (
+                    np.searchsorted(sel_steps, st[rows]),
+                    mb[rows],
+                    lay_pos[lyr[rows]],
+                    np.maximum(rk[rows], 0) if per_rank else np.zeros(int(rows.sum()), np.int64),
+                    vals,
+                    used,
+                )
+            )
         M = max([int(p[1][p[5]].max()) + 1 for p in pieces if p[5].any()], default=1)  # micro-batches that saw tokens
         out = np.zeros((len(sel_steps), R, M, len(lay), E), np.int64)
         for si, mb, li, ri, vals, _ in pieces:
@@ -214,8 +249,9 @@ class Trace(TraceSelection):
                 if "bias" not in pf.schema_arrow.names:
                     continue
             mine = sel_steps[owner == pi]
-            t = read_columns(part.path, ["step", "layer", "bias"],
-                             [("step", ">=", int(mine.min())), ("step", "<=", int(mine.max()))])
+            t = read_columns(
+                part.path, ["step", "layer", "bias"], [("step", ">=", int(mine.min())), ("step", "<=", int(mine.max()))]
+            )
             s, lyr = t.column("step").to_numpy(), t.column("layer").to_numpy()
             if len(lyr) and (lyr.min() < 0 or lyr.max() >= self.num_layers):
                 raise TraceFormatError(f"{part.path}: layer ids outside 0..{self.num_layers - 1}{SKIP_HINT}")
@@ -228,7 +264,9 @@ class Trace(TraceSelection):
             out[np.searchsorted(sel_steps, s[rows]), lay_pos[lyr[rows]]] = dense
         return out
 
-    def gpu_loads(self, steps: StepSel = None, layers: LayerSel = None, *, kind: str = "routed", split: str = "train") -> np.ndarray:
+    def gpu_loads(
+        self, steps: StepSel = None, layers: LayerSel = None, *, kind: str = "routed", split: str = "train"
+    ) -> np.ndarray:
         """[S, L, G] tokens processed by each expert-parallel rank under the expert->rank map in force
         at each step: the recorded initial map, then each change in `rank_map_changes` from its step on."""
         lay = self._select_layers(layers)
@@ -246,7 +284,9 @@ class Trace(TraceSelection):
                     mine = c[rows, j, : len(r)][:, r == g]
                     load = checked_sum(mine, lambda x: x.sum(-1), mine.shape[-1])
                     if load is None:
-                        raise TraceFormatError(f"{self.path}: the load of rank {g} in layer {self.layers[li]!r} exceeds int64")
+                        raise TraceFormatError(
+                            f"{self.path}: the load of rank {g} in layer {self.layers[li]!r} exceeds int64"
+                        )
                     out[rows, j, g] = load
         return out
 
@@ -257,7 +297,9 @@ class Trace(TraceSelection):
             sel = all_steps[i : i + block]
             yield sel, self.counts(sel, layers, kind=kind, split=split)
 
-    def to_pandas(self, steps: StepSel = None, layers: LayerSel = None, *, per_rank: bool = False, split: str = "train"):
+    def to_pandas(
+        self, steps: StepSel = None, layers: LayerSel = None, *, per_rank: bool = False, split: str = "train"
+    ):
         """Tidy DataFrame: step, layer, layer_name, expert, count (+ kept where recorded, + rank)."""
         import pandas as pd
 

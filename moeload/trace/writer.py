@@ -193,9 +193,7 @@ class TraceWriter:
             "step": pa.array(s_col),
             "layer": pa.array(l_col),
             "rank": pa.array(r_col),
-            "split": pa.DictionaryArray.from_arrays(
-                pa.array(np.zeros(n, dtype=np.int8)), pa.array([split])
-            ),
+            "split": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int8)), pa.array([split])),
             "tokens": pa.array(tokens.reshape(n).astype(np.int64)) if tokens is not None else pa.nulls(n, pa.int64()),
             "routed": _list_array(routed[..., :E].reshape(n, E), lengths),
         }
@@ -215,7 +213,9 @@ class TraceWriter:
         self.parts_written.append(final)
         return final
 
-    def write_micro_block(self, seq: int, steps: np.ndarray, routed: np.ndarray, tokens: np.ndarray | None) -> Path | None:
+    def write_micro_block(
+        self, seq: int, steps: np.ndarray, routed: np.ndarray, tokens: np.ndarray | None
+    ) -> Path | None:
         """Write the micro-batch rows of the train part numbered `seq` (written just before) into
         `micro/`, under that part's name: the reader takes a step's micro-batches from the part that
         owns the step. steps: [S]; routed: [S, R, M, L, E] counts; tokens: [S, R, M, L] (None: unknown,
@@ -227,24 +227,35 @@ class TraceWriter:
             return None
         routed = np.asarray(routed)
         tokens = None if tokens is None else np.asarray(tokens)
-        if (routed.ndim != 5 or routed.shape[0] != S or routed.shape[3] != m.num_layers
-                or (tokens is not None and tokens.shape != routed.shape[:4])):
-            raise ValueError(f"write_micro_block: routed {routed.shape} / tokens {getattr(tokens, 'shape', None)}, expected "
-                             f"[S={S}, R, M, L={m.num_layers}, E] / [S, R, M, L]")
+        if (
+            routed.ndim != 5
+            or routed.shape[0] != S
+            or routed.shape[3] != m.num_layers
+            or (tokens is not None and tokens.shape != routed.shape[:4])
+        ):
+            raise ValueError(
+                f"write_micro_block: routed {routed.shape} / tokens {getattr(tokens, 'shape', None)}, expected "
+                f"[S={S}, R, M, L={m.num_layers}, E] / [S, R, M, L]"
+            )
         _, R, M, L, _ = routed.shape
         E = m.num_experts
         n = S * R * M * L
         r = routed.transpose(3, 0, 2, 1, 4)[..., :E].reshape(n, E)  # (layer, step, micro_batch, rank) rows
         rank_ids = np.arange(R, dtype=np.int32) if m.ranks_recorded else np.full(1, -1, dtype=np.int32)
-        table = pa.table({
-            "step": pa.array(np.tile(np.repeat(steps, M * R), L)),
-            "micro_batch": pa.array(np.tile(np.repeat(np.arange(M, dtype=np.int32), R), S * L)),
-            "layer": pa.array(np.repeat(np.arange(L, dtype=np.int32), S * M * R)),
-            "rank": pa.array(np.tile(rank_ids, S * M * L)),
-            "tokens": (pa.nulls(n, pa.int64()) if tokens is None
-                       else pa.array(tokens.transpose(3, 0, 2, 1).reshape(n).astype(np.int64))),
-            "routed": _list_array(r, np.repeat(self._lengths, S * M * R)),
-        })
+        table = pa.table(
+            {
+                "step": pa.array(np.tile(np.repeat(steps, M * R), L)),
+                "micro_batch": pa.array(np.tile(np.repeat(np.arange(M, dtype=np.int32), R), S * L)),
+                "layer": pa.array(np.repeat(np.arange(L, dtype=np.int32), S * M * R)),
+                "rank": pa.array(np.tile(rank_ids, S * M * L)),
+                "tokens": (
+                    pa.nulls(n, pa.int64())
+                    if tokens is None
+                    else pa.array(tokens.transpose(3, 0, 2, 1).reshape(n).astype(np.int64))
+                ),
+                "routed": _list_array(r, np.repeat(self._lengths, S * M * R)),
+            }
+        )
         d = self.path / MICRO_DIR
         d.mkdir(exist_ok=True)
         name = part_name(seq, self.writer_rank, "train", int(steps.min()), int(steps.max()))

@@ -48,19 +48,33 @@ class KernelCache:
         key = (dev, dtype, num_experts)
         b = self._bounds.get(key)
         if b is None:  # signed ids compare against boundaries of their own dtype (no conversion kernel)
-            bd = dtype if dtype in (torch.int16, torch.int32, torch.int64) and num_experts < torch.iinfo(dtype).max else torch.int64
+            bd = (
+                dtype
+                if dtype in (torch.int16, torch.int32, torch.int64) and num_experts < torch.iinfo(dtype).max
+                else torch.int64
+            )
             b = self._bounds[key] = torch.arange(-1, num_experts, dtype=bd, device=dev)
         return b
 
     def ones(self, dev: torch.device, n: int) -> Tensor:
         o = self._ones.get(dev)
         if o is None or o.numel() < n:
-            o = self._ones[dev] = torch.ones(max(n, 1024, 2 * (0 if o is None else o.numel())), dtype=torch.int64, device=dev)
+            o = self._ones[dev] = torch.ones(
+                max(n, 1024, 2 * (0 if o is None else o.numel())), dtype=torch.int64, device=dev
+            )
         return o[:n]
 
 
-def accumulate(r: Routing | Tensor, routed: Tensor, kept: Tensor | None, num_experts: int, top_k: int, *,
-               cache: KernelCache | None = None, nan: bool = True) -> int | None:
+def accumulate(
+    r: Routing | Tensor,
+    routed: Tensor,
+    kept: Tensor | None,
+    num_experts: int,
+    top_k: int,
+    *,
+    cache: KernelCache | None = None,
+    nan: bool = True,
+) -> int | None:
     """Add one forward's routing to this step's rows of one layer.
 
     routed, kept: [W] int64 rows of the current step for one layer, W >= num_experts + 5: bin 0 no
@@ -77,7 +91,9 @@ def accumulate(r: Routing | Tensor, routed: Tensor, kept: Tensor | None, num_exp
     if r.indices is not None:
         idx = r.indices if r.indices.dim() == 2 else r.indices.reshape(-1, 1)
         if idx.dim() != 2 or idx.is_floating_point() or idx.dtype == torch.bool or idx.is_complex():
-            raise RoutingShapeError(f"top-k indices must be an integer tensor [T, k], got {idx.dtype} {tuple(r.indices.shape)}")
+            raise RoutingShapeError(
+                f"top-k indices must be an integer tensor [T, k], got {idx.dtype} {tuple(r.indices.shape)}"
+            )
         keep = r.kept
         if keep is not None and keep.numel() != idx.numel():
             raise RoutingShapeError(f"kept has shape {tuple(keep.shape)}, indices {tuple(idx.shape)}")

@@ -40,8 +40,11 @@ class LayerAgreement(TracerState):
             reason = f"layer agreement failed: {type(e).__name__}: {first_line(e, 160)}"
             self.tracing_stopped = {"step": 0, "reason": reason}
             self.errors.append(f"tracing stopped at step 0: {reason}")
-            warnings.warn(f"moeload: tracing stopped on rank {self.rank} before the first step ({reason}); training "
-                          "continues", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"moeload: tracing stopped on rank {self.rank} before the first step ({reason}); training continues",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return reconcile([declared])
         return reconcile(every)
 
@@ -50,15 +53,20 @@ class LayerAgreement(TracerState):
         ep = max(d["ep_size"] for d in descs)
         maps = None
         if any(d["expert_to_rank"] is not None for d in descs):
-            maps = [list(d["expert_to_rank"]) if d["expert_to_rank"] is not None else _contiguous(d["num_experts"], ep)
-                    for d in descs]
+            maps = [
+                list(d["expert_to_rank"]) if d["expert_to_rank"] is not None else _contiguous(d["num_experts"], ep)
+                for d in descs
+            ]
             ep = max(ep, 1 + max(max(m) for m in maps))
         frameworks = sorted({d["framework"] for d in descs})
         fv = sorted({f"{d['framework']} {d['framework_version']}" for d in descs if d["framework_version"]})
         lay = self.rank_layout
         if not lay.uniform:
-            extra = {**extra, "layer_owners": lay.owners(),
-                     **({"replica_ranks": {str(r): p for r, p in lay.replicas().items()}} if lay.replicas() else {})}
+            extra = {
+                **extra,
+                "layer_owners": lay.owners(),
+                **({"replica_ranks": {str(r): p for r, p in lay.replicas().items()}} if lay.replicas() else {}),
+            }
         return Manifest(
             layers=self.layers,
             experts_per_layer=[d["num_experts"] for d in descs],
@@ -73,12 +81,17 @@ class LayerAgreement(TracerState):
             count_kind=self.count_kind,
             ranks_recorded=self.ranks_recorded,
             flush_every=self.flush_every,
-            extra={**extra, "record_eval": self.record_eval, "gate_classes": sorted({d["gate_class"] for d in descs}),
-                   **({"layer_count_kinds": self.layer_count_kinds} if len(set(self.layer_count_kinds)) > 1 else {})},
+            extra={
+                **extra,
+                "record_eval": self.record_eval,
+                "gate_classes": sorted({d["gate_class"] for d in descs}),
+                **({"layer_count_kinds": self.layer_count_kinds} if len(set(self.layer_count_kinds)) > 1 else {}),
+            },
         )
 
-    def record_rank_map(self, step: int, layer: int | str, expert_to_rank: Sequence[int], *,
-                        phy2log: Sequence[int] | None = None) -> None:
+    def record_rank_map(
+        self, step: int, layer: int | str, expert_to_rank: Sequence[int], *, phy2log: Sequence[int] | None = None
+    ) -> None:
         """Note that `layer`'s experts live on the ranks `expert_to_rank: [E]` from `step` on (the first
         step counted under the new map; call at a step boundary on every rank). The writer rank adds
         `{"step", "layer", "expert_to_rank"}` to the manifest's `rank_map_changes` at the next flush (or
@@ -90,7 +103,9 @@ class LayerAgreement(TracerState):
             raise InputError("record_rank_map before start() (or after close())")
         li = self.layers.index(layer) if isinstance(layer, str) and layer in self.layers else layer
         if isinstance(li, bool) or not isinstance(li, (int, np.integer)) or not 0 <= li < len(self.layers):
-            raise InputError(f"record_rank_map: layer {layer!r} is not a traced layer (0..{len(self.layers) - 1} or a name)")
+            raise InputError(
+                f"record_rank_map: layer {layer!r} is not a traced layer (0..{len(self.layers) - 1} or a name)"
+            )
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise InputError(f"record_rank_map: step must be an integer >= 0, got {step!r}")
         E, G = self.rank_layout.layers[li]["num_experts"], self.manifest.ep_size
@@ -112,7 +127,8 @@ class LayerAgreement(TracerState):
             p2l = list(range(E)) if phy2log is None else [int(x) for x in phy2log]
             spec.counts = own if p2l == list(range(E)) else _logical_counts(own, p2l, self.device)
         self.manifest.rank_map_changes.append(
-            {"step": int(step), "layer": int(li), "expert_to_rank": [int(r) for r in expert_to_rank]})
+            {"step": int(step), "layer": int(li), "expert_to_rank": [int(r) for r in expert_to_rank]}
+        )
 
 
 def layer_count_kinds(specs: Sequence[GateSpec], kept: bool | str = True) -> list[str]:

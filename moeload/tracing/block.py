@@ -28,6 +28,7 @@ DISABLED_SHAPE = 2
 REASONS = {DISABLED_ERROR: "hook raised an exception", DISABLED_SHAPE: "unexpected router output shape"}
 NAN_REASON = "NaN router probabilities"
 
+
 class FlushedBlock(NamedTuple):
     """One written block, as given to a `sink`. R = ranks recorded (1 for pre-summed counts)."""
 
@@ -72,7 +73,9 @@ class Layout:
         return max(self.experts_per_layer) + 5
 
     @staticmethod
-    def make(layers: list[str], experts_per_layer: list[int], kept: bool, record_eval: bool, bias: bool = False) -> Layout:
+    def make(
+        layers: list[str], experts_per_layer: list[int], kept: bool, record_eval: bool, bias: bool = False
+    ) -> Layout:
         n = iter(range(5))
         r = next(n)
         k = next(n) if kept else None
@@ -98,5 +101,15 @@ def bias_of(a: np.ndarray, layout: Layout, has_bias: Sequence[bool], rank_of: Se
     return out
 
 
-__all__ = ["DISABLED_ERROR", "DISABLED_SHAPE", "FLAG_COL", "NAN_COL", "NAN_REASON", "REASONS", "TOKENS_COL", "FlushedBlock",
-           "Layout", "bias_of"]
+__all__ = [
+    "DISABLED_ERROR",
+    "DISABLED_SHAPE",
+    "FLAG_COL",
+    "NAN_COL",
+    "NAN_REASON",
+    "REASONS",
+    "TOKENS_COL",
+    "FlushedBlock",
+    "Layout",
+    "bias_of",
+]

@@ -46,6 +46,10 @@ def tracer_group(group: Any, timeout: float | None) -> Any:
         kw: dict[str, Any] = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
         return dist.new_group(ranks, backend="gloo", use_local_synchronization=True, **kw)
     except Exception as e:
-        warnings.warn(f"moeload: no tracer process group ({type(e).__name__}: {first_line(e, 160)}); flushes use the "
-                      "training's group", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"moeload: no tracer process group ({type(e).__name__}: {first_line(e, 160)}); flushes use the "
+            "training's group",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return group

@@ -39,15 +39,22 @@ class CompileChecks(TracerState):
         try:
             torch.compiler.reset()
         except Exception as e:  # tracing never breaks training: the step checks still flag zero-forward steps
-            warnings.warn(f"moeload: torch.compiler.reset() failed ({type(e).__name__}: {first_line(e, 160)}); hooks "
-                          f"added after {found[0]!r} was compiled may not run", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"moeload: torch.compiler.reset() failed ({type(e).__name__}: {first_line(e, 160)}); hooks "
+                f"added after {found[0]!r} was compiled may not run",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return
         self.dynamo_reset = {"step": self.step_count, "modules": found[:8]}
         shown = ", ".join(repr(n) for n in found[:3]) + (", ..." if len(found) > 3 else "")
-        warnings.warn(f"moeload: {shown} had been compiled and run before the tracer attached, so dynamo would not "
-                      "call its hooks; called torch.compiler.reset() (every compiled function in this process "
-                      "recompiles once at its next call). To avoid it, create the tracer before compiling",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"moeload: {shown} had been compiled and run before the tracer attached, so dynamo would not "
+            "call its hooks; called torch.compiler.reset() (every compiled function in this process "
+            "recompiles once at its next call). To avoid it, create the tracer before compiling",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _check_forwards(self) -> None:
         """At step(): note a step in which no gate's hook ran (a model or step function compiled
@@ -73,11 +80,15 @@ class CompileChecks(TracerState):
             return
         runs.append([step, step])
         if len(runs) == 1:
-            warnings.warn(f"moeload: step {step}: no forward of any of the {len(self.local_layers)} traced gates was seen, so "
-                          "its counts are zero. If the model (or the training step) was compiled and run before the "
-                          "tracer attached, dynamo does not call hooks added later: create the tracer before "
-                          "compiling, or call torch.compiler.reset() after creating it (manifest "
-                          "extra.no_forward_steps)", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"moeload: step {step}: no forward of any of the {len(self.local_layers)} traced gates was seen, so "
+                "its counts are zero. If the model (or the training step) was compiled and run before the "
+                "tracer attached, dynamo does not call hooks added later: create the tracer before "
+                "compiling, or call torch.compiler.reset() after creating it (manifest "
+                "extra.no_forward_steps)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _check_silent(self) -> None:
         """At the first flush: gates whose hook never ran in the block (while steps passed) are listed in
@@ -87,8 +98,10 @@ class CompileChecks(TracerState):
         self._silent_checked = True
         last = self.step_count - 1
         others = "no other gate ran either" if not (any(self._calls) or self._compiled_layers) else "other gates ran"
-        reason = (f"no forward seen in steps {self._first_step}..{last} ({others}; compiled before the tracer "
-                  "attached? create the tracer before compiling or call torch.compiler.reset())")
+        reason = (
+            f"no forward seen in steps {self._first_step}..{last} ({others}; compiled before the tracer "
+            "attached? create the tracer before compiling or call torch.compiler.reset())"
+        )
         quiet = [li for li, n in enumerate(self._calls) if n == 0 and li not in self._compiled_layers]
         if quiet and self._buf is not None:  # a gate whose hook runs compiled counts on the device (one host read)
             tokens = self._buf[: self._slot, :, :, TOKENS_COL].sum((0, 1)).tolist()
@@ -99,8 +112,12 @@ class CompileChecks(TracerState):
         if self._silent:
             names = list(self._silent)
             shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
-            warnings.warn(f"moeload: {len(names)} of {len(self.local_layers)} traced gates ({shown}) {reason}; listed in the "
-                          "manifest's extra.disabled_layers", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"moeload: {len(names)} of {len(self.local_layers)} traced gates ({shown}) {reason}; listed in the "
+                "manifest's extra.disabled_layers",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def plain_name(path: str) -> str:
@@ -130,7 +147,9 @@ def compiled_modules(model: nn.Module, gates: Sequence[nn.Module]) -> list[str]:
 
 
 def _ran_compiled(m: nn.Module) -> bool:
-    wrapper = isinstance(m, torch._dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+    wrapper = (
+        isinstance(m, torch._dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+    )
     code = getattr(getattr(type(m), "forward", None), "__code__", None)
     if _cache_entries is None or code is None:
         return wrapper

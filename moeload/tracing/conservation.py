@@ -35,15 +35,29 @@ def check_conservation(
             bad = routes != tokens * k if exact[li] else routes > tokens * k
             op = "!=" if exact[li] else ">"
             for s, q in zip(*np.nonzero(bad & live)):
-                out.append((li, int(s), int(q), f"{pre}routes {op} tokens x top_k",
-                            f"{routes[s, q]} routes for {tokens[s, q]} tokens x top_k {k}"))
+                out.append(
+                    (
+                        li,
+                        int(s),
+                        int(q),
+                        f"{pre}routes {op} tokens x top_k",
+                        f"{routes[s, q]} routes for {tokens[s, q]} tokens x top_k {k}",
+                    )
+                )
             for s, q in zip(*np.nonzero((oob > 0) & live)):
                 out.append((li, int(s), int(q), f"{pre}expert ids >= {E}", f"{oob[s, q]} routes"))
             if pk is not None:
                 more = a[:, :, pk, li, 1 : E + 1] > r[..., 1 : E + 1]  # [S, R, E]
                 for s, q in zip(*np.nonzero(more.any(-1) & live)):
-                    out.append((li, int(s), int(q), f"{pre}kept > routed",
-                                f"experts {np.flatnonzero(more[s, q])[:8].tolist()}"))
+                    out.append(
+                        (
+                            li,
+                            int(s),
+                            int(q),
+                            f"{pre}kept > routed",
+                            f"experts {np.flatnonzero(more[s, q])[:8].tolist()}",
+                        )
+                    )
     return out
 
 

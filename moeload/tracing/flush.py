@@ -119,8 +119,10 @@ class BlockWriter(WriterNotes):
         """Time the thread spent on blocks (check, parts, sinks, manifest): its busy time."""
         ex: dict[str, Any] = writer.manifest.extra if writer is not None else {}
         self.lost_steps: list[dict[str, Any]] = [
-            dict(e) for e in ex.get("lost_steps", [])
-            if isinstance(e, dict) and isinstance(e.get("first"), int) and isinstance(e.get("last"), int)]
+            dict(e)
+            for e in ex.get("lost_steps", [])
+            if isinstance(e, dict) and isinstance(e.get("first"), int) and isinstance(e.get("last"), int)
+        ]
         self._dropped_before = int(ex.get("dropped_blocks", 0) or 0)
         cons: dict[str, Any] = ex["conservation"] if isinstance(ex.get("conservation"), dict) else {}
         self.checked_blocks = int(cons.get("checked_blocks", 0) or 0)
@@ -162,8 +164,14 @@ class BlockWriter(WriterNotes):
         self.buffers_allocated += 1
         return torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
 
-    def submit(self, src: Tensor, steps: np.ndarray, times: np.ndarray, micro: Tensor | None = None,
-               micro_until: int | None = None) -> bool:
+    def submit(
+        self,
+        src: Tensor,
+        steps: np.ndarray,
+        times: np.ndarray,
+        micro: Tensor | None = None,
+        micro_until: int | None = None,
+    ) -> bool:
         """Queue `src` ([F, P, L, W] or [R, F, P, L, W]) for writing; `src` may be reused right after.
         micro: [F, M, L, W] or [R, F, M, L, W] routed rows of each micro-batch (copied off the device
         with the block); micro_until: micro-batch rows of steps from here on are not written (the
@@ -250,8 +258,10 @@ class BlockWriter(WriterNotes):
                     fn(block)
                 except Exception as e:
                     name = getattr(fn, "__qualname__", type(fn).__name__)
-                    self.on_error(f"sink {name} failed on {block.split} steps {block.steps[0]}..{block.steps[-1]}: "
-                                  f"{type(e).__name__}: {e}")
+                    self.on_error(
+                        f"sink {name} failed on {block.split} steps {block.steps[0]}..{block.steps[-1]}: "
+                        f"{type(e).__name__}: {e}"
+                    )
 
     def _copied(self, job: _Job) -> bool:
         """Wait for the job's device->host copy by polling its event (no host-device sync call). False
@@ -272,8 +282,10 @@ class BlockWriter(WriterNotes):
         return True
 
     def _give_up(self, job: _Job) -> bool:
-        reason = (f"device->host copy not done within flush_timeout={self.event_timeout:g} s "
-                  "(it waits for the flush collective: a dead or slow rank)")
+        reason = (
+            f"device->host copy not done within flush_timeout={self.event_timeout:g} s "
+            "(it waits for the flush collective: a dead or slow rank)"
+        )
         self.lose_block(int(job.steps[0]), int(job.steps[-1]), reason)
         if self.stalled is None:
             self.stalled = f"steps {job.steps[0]}..{job.steps[-1]}: {reason}"
@@ -290,8 +302,11 @@ class BlockWriter(WriterNotes):
         self._dirty = True
         failed = self._update_manifest()
         if failed is not None:
-            self.lose_block(int(job.steps[0]), int(job.steps[-1]), f"{failed} (the manifest could not record where this "
-                                                                  "session starts, so no part was written)")
+            self.lose_block(
+                int(job.steps[0]),
+                int(job.steps[-1]),
+                f"{failed} (the manifest could not record where this session starts, so no part was written)",
+            )
             return False
         self._session_noted = True
         return True
@@ -314,7 +329,9 @@ class BlockWriter(WriterNotes):
             try:
                 self._check(a, job.steps, rank_rows=job.host.ndim == 5)
             except Exception as e:
-                self.on_error(f"conservation check of steps {job.steps[0]}..{job.steps[-1]} failed: {type(e).__name__}: {e}")
+                self.on_error(
+                    f"conservation check of steps {job.steps[0]}..{job.steps[-1]} failed: {type(e).__name__}: {e}"
+                )
         E = max(lay.experts_per_layer)
         micro = self._micro(job, E)
         bias = bias_of(a, lay, self.has_bias, self.bias_rank) if a.shape[1] > max(self.bias_rank, default=0) else None
@@ -335,9 +352,16 @@ class BlockWriter(WriterNotes):
             if not self.ranks_recorded:
                 routed, tokens = routed.sum(1, keepdims=True), tokens.sum(1, keepdims=True)
                 kept = kept.sum(1, keepdims=True) if kept is not None else None
-            block = FlushedBlock(split, steps.copy(), routed.copy(), None if kept is None else kept.copy(), tokens.copy(),
-                                 times.copy(), None if split != "train" or micro is None else micro[0],
-                                 bias if split == "train" else None)
+            block = FlushedBlock(
+                split,
+                steps.copy(),
+                routed.copy(),
+                None if kept is None else kept.copy(),
+                tokens.copy(),
+                times.copy(),
+                None if split != "train" or micro is None else micro[0],
+                bias if split == "train" else None,
+            )
             if self.writer is not None and not self._write_part(block) and split == "train":
                 written = False
             elif self.writer is not None and split == "train" and micro is not None:
@@ -375,8 +399,10 @@ class BlockWriter(WriterNotes):
             with self._lock:
                 self.micro_lost.append({"first": first, "last": last, "reason": _os_reason(e)})
                 self._dirty = True
-            self.on_error(f"writing the micro-batch rows of steps {first}..{last} failed ({_os_reason(e)}); their step "
-                          "totals are written (manifest extra.micro_lost)")
+            self.on_error(
+                f"writing the micro-batch rows of steps {first}..{last} failed ({_os_reason(e)}); their step "
+                "totals are written (manifest extra.micro_lost)"
+            )
 
     def _write_part(self, block: FlushedBlock) -> bool:
         """One part of `block` -> True; where that fails (OSError), its steps are lost, no temporary file
@@ -386,15 +412,24 @@ class BlockWriter(WriterNotes):
         first, last = int(block.steps[0]), int(block.steps[-1])
         tmp = w.temp_part_path(block.split, int(block.steps.min()), int(block.steps.max()))
         try:
-            w.write_block(block.steps, block.routed, block.kept, block.tokens, split=block.split, times=block.times,
-                          bias=block.bias)
+            w.write_block(
+                block.steps,
+                block.routed,
+                block.kept,
+                block.tokens,
+                split=block.split,
+                times=block.times,
+                bias=block.bias,
+            )
         except OSError as e:
             _remove(tmp)
             reason = _os_reason(e)
             self._lose(block.split, first, last, reason)
             self._part_failing = True
-            self.on_error(f"writing {block.split} steps {first}..{last} failed ({reason}); these steps are lost "
-                          "(manifest extra.lost_steps), the next block is tried again")
+            self.on_error(
+                f"writing {block.split} steps {first}..{last} failed ({reason}); these steps are lost "
+                "(manifest extra.lost_steps), the next block is tried again"
+            )
             return False
         self._part_failing = False
         if block.split == "train" and w.manifest.tokens_per_step is None:

@@ -64,8 +64,15 @@ class GateHooks(TracerState):
                 check = nan_step[li] != step  # NaN probabilities: checked at each gate's first forward of a step
                 nan_step[li] = step
                 r = spec.counts(module, inputs, output)
-                tokens = accumulate(r, routed, None if pk is None else rows[pk, li], spec.num_experts, spec.top_k,
-                                    cache=cache, nan=check)
+                tokens = accumulate(
+                    r,
+                    routed,
+                    None if pk is None else rows[pk, li],
+                    spec.num_experts,
+                    spec.top_k,
+                    cache=cache,
+                    nan=check,
+                )
                 if tokens is not None:
                     assert tally is not None  # allocated with the rows it tallies for
                     tally[at] += tokens
@@ -96,11 +103,16 @@ class GateHooks(TracerState):
         if self.micro_batches_stopped is None:
             step = self.step_count
             self.micro_batches_stopped = {
-                "step": step, "reason": f"a gate ran more than max_micro_batches={self.max_micro_batches} forwards in step "
-                                        f"{step}; step totals stay exact"}
-            warnings.warn(f"moeload: micro-batch rows stop at step {step}: more than max_micro_batches="
-                          f"{self.max_micro_batches} forwards of one gate in a step (raise it); step totals are exact",
-                          RuntimeWarning, stacklevel=4)
+                "step": step,
+                "reason": f"a gate ran more than max_micro_batches={self.max_micro_batches} forwards in step "
+                f"{step}; step totals stay exact",
+            }
+            warnings.warn(
+                f"moeload: micro-batch rows stop at step {step}: more than max_micro_batches="
+                f"{self.max_micro_batches} forwards of one gate in a step (raise it); step totals are exact",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _snap_bias(self) -> None:
         """Copy each router's expert bias into the current slot (the bias the coming step routes with:
@@ -124,8 +136,12 @@ class GateHooks(TracerState):
                 dst.fill_(float("nan"))
                 name = self.local_layers[li]
                 self._bias_errors[name] = f"step {self.step_count}: {type(e).__name__}: {first_line(e, 160)}"
-                warnings.warn(f"moeload: the expert bias of layer {name!r} could not be read ({self._bias_errors[name]}); "
-                              "it is not recorded from here on (counts are)", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"moeload: the expert bias of layer {name!r} could not be read ({self._bias_errors[name]}); "
+                    "it is not recorded from here on (counts are)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     def _disable(self, li: int, msg: str, code: int | None) -> None:
         """On the main thread: remove layer `li`'s hook, note why, warn once per layer. code: the FLAG_COL
@@ -141,8 +157,11 @@ class GateHooks(TracerState):
         if code is not None and self._buf is not None:
             self._buf[self._slot, self.layout.routed, li, FLAG_COL].fill_(code)
         reason = NAN_REASON if code is None else REASONS[code]
-        warnings.warn(f"moeload: tracing of layer {name!r} disabled ({reason}: {msg}); training continues",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"moeload: tracing of layer {name!r} disabled ({reason}: {msg}); training continues",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _logical_counts(counts: Callable, phy2log: list[int], device: torch.device) -> Callable:
@@ -158,8 +177,11 @@ def _logical_counts(counts: Callable, phy2log: list[int], device: torch.device) 
         if idx is not None:
             ok = (idx >= 0) & (idx < E)
             idx = torch.where(ok, p2l.to(idx.device)[idx.clamp(0, E - 1).long()].to(idx.dtype), idx)
-        cols = {k: getattr(r, k)[..., l2p.to(getattr(r, k).device)] for k in ("mask", "kept_mask", "counts", "kept_counts")
-                if getattr(r, k) is not None}
+        cols = {
+            k: getattr(r, k)[..., l2p.to(getattr(r, k).device)]
+            for k in ("mask", "kept_mask", "counts", "kept_counts")
+            if getattr(r, k) is not None
+        }
         return r._replace(indices=idx, **cols)
 
     return logical

@@ -85,13 +85,19 @@ class WriterNotes:
             if name in self.disabled:
                 continue
             p = int(self.rank_layout.primary[r])
-            self.disabled[name] = {"step": int(steps[s]), "ranks": [r],
-                                   "reason": f"rank {r}'s counts differ from rank {p}'s, of which it was declared a "
-                                             "tensor-parallel replica (sequence parallel? then do not pass tp_group); "
-                                             f"only rank {p}'s are recorded"}
+            self.disabled[name] = {
+                "step": int(steps[s]),
+                "ranks": [r],
+                "reason": f"rank {r}'s counts differ from rank {p}'s, of which it was declared a "
+                "tensor-parallel replica (sequence parallel? then do not pass tp_group); "
+                f"only rank {p}'s are recorded",
+            }
             self._dirty = True
-            warnings.warn(f"moeload: layer {name!r}, step {int(steps[s])}: {self.disabled[name]['reason']}",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"moeload: layer {name!r}, step {int(steps[s])}: {self.disabled[name]['reason']}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _note_disabled(self, a: np.ndarray, steps: np.ndarray) -> None:
         """a: [S, R, P, L, W] host block; steps: [S]. Notes each layer disabled (FLAG_COL) or showing NaN
@@ -103,7 +109,10 @@ class WriterNotes:
         if lay.eval_routed is not None:
             nan = nan + a[:, :, lay.eval_routed, :, NAN_COL]
         flags = a[:, :, lay.routed, :, FLAG_COL]
-        found = [(s, r, li, REASONS.get(int(flags[s, r, li]), REASONS[DISABLED_ERROR])) for s, r, li in zip(*np.nonzero(flags))]
+        found = [
+            (s, r, li, REASONS.get(int(flags[s, r, li]), REASONS[DISABLED_ERROR]))
+            for s, r, li in zip(*np.nonzero(flags))
+        ]
         found += [(s, r, li, NAN_REASON) for s, r, li in zip(*np.nonzero(nan > 0))]
         new_nan: dict[int, dict[str, Any]] = {}
         for s, r, li, reason in sorted(found, key=lambda f: (f[0], f[1])):
@@ -133,17 +142,27 @@ class WriterNotes:
                     idx = None
                     if len(self.violations) < VIOLATIONS_CAP:
                         idx = len(self.violations)
-                        self.violations.append({"layer": self.layout.layers[li], "first": step, "last": step,
-                                                "rank": rank, "problem": f"{problem} ({detail} at step {step})"})
+                        self.violations.append(
+                            {
+                                "layer": self.layout.layers[li],
+                                "first": step,
+                                "last": step,
+                                "rank": rank,
+                                "problem": f"{problem} ({detail} at step {step})",
+                            }
+                        )
                 elif idx is not None:
                     self.violations[idx]["last"] = step
                 self._open_violations[key] = (step, idx)
                 first = first or f"layer {self.layout.layers[li]!r} at step {step}: {problem} ({detail})"
         if first is not None and not self._warned_conservation:
             self._warned_conservation = True
-            warnings.warn(f"moeload: conservation check failed on {first}; flagged in the manifest's extra.conservation "
-                          "(later violations are recorded there, not warned about); nothing is dropped", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"moeload: conservation check failed on {first}; flagged in the manifest's extra.conservation "
+                "(later violations are recorded there, not warned about); nothing is dropped",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _flush_notes(self) -> dict[str, Any]:
         with self._lock:
@@ -151,8 +170,11 @@ class WriterNotes:
                 "lost_steps": copy.deepcopy(self.lost_steps),
                 "dropped_blocks": self._dropped_before + self.dropped_blocks,
                 **({"micro_lost": copy.deepcopy(self.micro_lost)} if self.micro_lost else {}),
-                "conservation": {"checked_blocks": self.checked_blocks, "violations": copy.deepcopy(self.violations),
-                                 "violations_total": self.violations_total},
+                "conservation": {
+                    "checked_blocks": self.checked_blocks,
+                    "violations": copy.deepcopy(self.violations),
+                    "violations_total": self.violations_total,
+                },
             }
 
     def note_changed(self) -> None:
@@ -181,8 +203,10 @@ class WriterNotes:
             self._dirty = True
             if not self._manifest_failing and not self._part_failing:  # not the fault just reported
                 self._manifest_failing = True
-                self.on_error(f"writing {path} failed ({type(e).__name__}: {e.strerror or e}); "
-                              "retried after the next block and at close")
+                self.on_error(
+                    f"writing {path} failed ({type(e).__name__}: {e.strerror or e}); "
+                    "retried after the next block and at close"
+                )
             return _os_reason(e)
         self._manifest_failing = False
         self._written_notes = copy.deepcopy(notes)
@@ -204,5 +228,3 @@ def _remove(tmp: Path) -> None:
 def _unchecked(notes: dict[str, Any]) -> dict[str, Any]:
     c = notes.get("conservation")
     return {**notes, "conservation": {**c, "checked_blocks": None}} if isinstance(c, dict) else notes
-
-

@@ -48,8 +48,11 @@ class RankLayout:
     def uniform(self) -> bool:
         """Every rank holds every layer in trace order and counts its own tokens: no remapping needed."""
         L = len(self.layers)
-        return (self.width == L and bool((self.index == np.arange(L)).all())
-                and bool((self.primary == np.arange(len(self.primary))).all()))
+        return (
+            self.width == L
+            and bool((self.index == np.arange(L)).all())
+            and bool((self.primary == np.arange(len(self.primary))).all())
+        )
 
     @property
     def names(self) -> list[str]:
@@ -58,8 +61,10 @@ class RankLayout:
     def owners(self) -> dict[str, list[int]]:
         """{layer name: ranks whose counts are summed into it} (replica ranks left out)."""
         counted = self.primary == np.arange(len(self.primary))
-        return {d["name"]: [int(r) for r in np.flatnonzero((self.index[:, li] >= 0) & counted)]
-                for li, d in enumerate(self.layers)}
+        return {
+            d["name"]: [int(r) for r in np.flatnonzero((self.index[:, li] >= 0) & counted)]
+            for li, d in enumerate(self.layers)
+        }
 
     def replicas(self) -> dict[int, int]:
         """{replica rank: its primary} for ranks whose counts are left out."""
@@ -71,11 +76,18 @@ class RankLayout:
         return [int(li) for li in held[np.argsort(self.index[rank, held])]]
 
 
-def describe(name: str, num_experts: int, top_k: int, kind: str, *, expert_to_rank: Sequence[int] | None = None,
-             **more: Any) -> dict[str, Any]:
+def describe(
+    name: str, num_experts: int, top_k: int, kind: str, *, expert_to_rank: Sequence[int] | None = None, **more: Any
+) -> dict[str, Any]:
     """One layer's declaration: the LAYER_KEYS that must agree across ranks, plus free-form fields."""
-    return {"name": name, "num_experts": int(num_experts), "top_k": int(top_k), "kind": kind,
-            "expert_to_rank": None if expert_to_rank is None else [int(r) for r in expert_to_rank], **more}
+    return {
+        "name": name,
+        "num_experts": int(num_experts),
+        "top_k": int(top_k),
+        "kind": kind,
+        "expert_to_rank": None if expert_to_rank is None else [int(r) for r in expert_to_rank],
+        **more,
+    }
 
 
 def _natural(name: str) -> tuple:
@@ -101,16 +113,19 @@ def reconcile(ranks: Sequence[dict[str, Any]]) -> RankLayout:
     for key in RUN_KEYS:
         seen = {r: d.get(key) for r, d in enumerate(ranks)}
         if len({repr(v) for v in seen.values()}) > 1:
-            raise InputError(f"LoadTracer: {key} differs across ranks ({_shown(seen)}); every rank must trace with the "
-                             "same settings")
+            raise InputError(
+                f"LoadTracer: {key} differs across ranks ({_shown(seen)}); every rank must trace with the same settings"
+            )
     lists = [[d["name"] for d in rk["layers"]] for rk in ranks]
     for r, names in enumerate(lists):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise InputError(f"LoadTracer: rank {r} holds two gates named {dup[0]!r}; layer names must be unique")
     if not any(lists):
-        raise InputError(f"LoadTracer: none of the {R} ranks holds a gating module; pass gates=['*.router'] or "
-                         "gate_types=(MyRouter,) to trace a router of your own")
+        raise InputError(
+            f"LoadTracer: none of the {R} ranks holds a gating module; pass gates=['*.router'] or "
+            "gate_types=(MyRouter,) to trace a router of your own"
+        )
     first: dict[str, tuple[int, dict[str, Any]]] = {}
     for r, rk in enumerate(ranks):
         for d in rk["layers"]:
@@ -120,8 +135,10 @@ def reconcile(ranks: Sequence[dict[str, Any]]) -> RankLayout:
             r0, d0 = first[d["name"]]
             for key in LAYER_KEYS:
                 if d.get(key) != d0.get(key):
-                    raise InputError(f"LoadTracer: layer {d['name']!r} has {key} {d0.get(key)!r} on rank {r0} but "
-                                     f"{d.get(key)!r} on rank {r}; one layer must be the same gate on every rank")
+                    raise InputError(
+                        f"LoadTracer: layer {d['name']!r} has {key} {d0.get(key)!r} on rank {r0} but "
+                        f"{d.get(key)!r} on rank {r}; one layer must be the same gate on every rank"
+                    )
     order = lists[0] if all(n == lists[0] for n in lists) else sorted(first, key=_natural)
     pos = {n: i for i, n in enumerate(order)}
     index = np.full((R, len(order)), -1, dtype=np.int64)
@@ -134,13 +151,19 @@ def reconcile(ranks: Sequence[dict[str, Any]]) -> RankLayout:
         if p is None or p == r:
             continue
         if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < R:
-            raise InputError(f"LoadTracer: rank {r} declares itself a replica of rank {p!r}, not a rank of the group (0..{R - 1})")
+            raise InputError(
+                f"LoadTracer: rank {r} declares itself a replica of rank {p!r}, not a rank of the group (0..{R - 1})"
+            )
         if ranks[p].get("replica_of") not in (None, p):
-            raise InputError(f"LoadTracer: rank {r} is a replica of rank {p}, which is itself a replica; give every "
-                             "replica the first rank of its tensor-parallel group")
+            raise InputError(
+                f"LoadTracer: rank {r} is a replica of rank {p}, which is itself a replica; give every "
+                "replica the first rank of its tensor-parallel group"
+            )
         if lists[r] != lists[p]:
-            raise InputError(f"LoadTracer: rank {r} is a tensor-parallel replica of rank {p} but holds other gates "
-                             f"({len(lists[r])} vs {len(lists[p])}); replicas must hold the same routers")
+            raise InputError(
+                f"LoadTracer: rank {r} is a tensor-parallel replica of rank {p} but holds other gates "
+                f"({len(lists[r])} vs {len(lists[p])}); replicas must hold the same routers"
+            )
         primary[r] = p
     width = max(1, max(len(n) for n in lists))
     return RankLayout([first[n][1] for n in order], index, primary, width)

@@ -28,14 +28,18 @@ class StepFlush(GateHooks, CompileChecks):
             self._first_step += 1
             return
         if self._buf is None:
-            raise InputError("LoadTracer.step() before start() (or after close()): use `with tracer:` or tracer.start() "
-                             "before the first forward, so that step's forwards are counted")
+            raise InputError(
+                "LoadTracer.step() before start() (or after close()): use `with tracer:` or tracer.start() "
+                "before the first forward, so that step's forwards are counted"
+            )
         if self._thread is None:
             self._thread = threading.get_ident()
         elif threading.get_ident() != self._thread:
-            raise InputError(f"LoadTracer.step() from thread {threading.current_thread().name!r}: a tracer is stepped by "
-                             "one thread (the one that stepped it first: the training loop's); steps from several "
-                             "threads would race on the step's slot")
+            raise InputError(
+                f"LoadTracer.step() from thread {threading.current_thread().name!r}: a tracer is stepped by "
+                "one thread (the one that stepped it first: the training loop's); steps from several "
+                "threads would race on the step's slot"
+            )
         w = self._writer  # what the writer found in blocks before this step()'s flush: a fixed point to act
         assert w is not None  # start() made it after the buffer
         if (w.stalled is not None and not self._warned_stall) or not w.nan_layers.empty():
@@ -53,8 +57,11 @@ class StepFlush(GateHooks, CompileChecks):
         self._snap_bias()
         if self._warn_writer:
             self._warn_writer = False
-            warnings.warn(f"moeload: trace writing failed ({self.errors[-1]}); training continues, see tracer.errors",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"moeload: trace writing failed ({self.errors[-1]}); training continues, see tracer.errors",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _fold_live(self) -> None:
         """Add the rows that compiled hooks wrote for this step into its slot (two launches, no sync)."""
@@ -65,10 +72,16 @@ class StepFlush(GateHooks, CompileChecks):
         if self._compiled_layers and self._mb is not None and self.micro_batches_stopped is None:
             step = self.step_count
             self.micro_batches_stopped = {
-                "step": step, "reason": "gates run inside torch.compile graphs, whose hooks add to the step's rows "
-                                        "only; step totals stay exact"}
-            warnings.warn(f"moeload: micro-batch rows stop at step {step}: traced gates run compiled (per_micro_batch "
-                          "needs eager gates); step totals stay exact", RuntimeWarning, stacklevel=3)
+                "step": step,
+                "reason": "gates run inside torch.compile graphs, whose hooks add to the step's rows "
+                "only; step totals stay exact",
+            }
+            warnings.warn(
+                f"moeload: micro-batch rows stop at step {step}: traced gates run compiled (per_micro_batch "
+                "needs eager gates); step totals stay exact",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _flush(self, collective: bool = True) -> None:
         n = self._slot
@@ -145,9 +158,12 @@ class StepFlush(GateHooks, CompileChecks):
         self._handles.clear()
         self._writer.lose_block(first, last, reason)
         self.errors.append(f"tracing stopped at step {first}: {reason}")
-        warnings.warn(f"moeload: tracing stopped on rank {self.rank} at step {first} ({reason}); later steps are not "
-                      "recorded (manifest extra.tracing_stopped), earlier blocks stay; training continues",
-                      RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"moeload: tracing stopped on rank {self.rank} at step {first} ({reason}); later steps are not "
+            "recorded (manifest extra.tracing_stopped), earlier blocks stay; training continues",
+            RuntimeWarning,
+            stacklevel=4,
+        )
         self._writer.close()
 
     def _poll_writer(self) -> None:
@@ -164,8 +180,12 @@ class StepFlush(GateHooks, CompileChecks):
         if w.stalled is not None and not self._warned_stall:
             self._warned_stall = True
             self.errors.append(f"flush: {w.stalled}")
-            warnings.warn(f"moeload: a flushed block did not reach the host ({w.stalled}); its steps are listed in the "
-                          "manifest's extra.lost_steps; tracing and training continue", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"moeload: a flushed block did not reach the host ({w.stalled}); its steps are listed in the "
+                "manifest's extra.lost_steps; tracing and training continue",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # ---- errors and notes -------------------------------------------------------------------------
     def _on_writer_error(self, msg: str) -> None:

@@ -36,12 +36,10 @@ from moeload.tracing.compiled import (  # noqa: F401
 )
 from moeload.tracing.flush import BlockWriter
 from moeload.tracing.hooks import _graph_task_id, _logical_counts, in_backward  # noqa: F401
+from moeload.tracing.options import MAX_FLUSH_EVERY, check_options  # noqa: F401  (MAX_FLUSH_EVERY: re-exported)
 from moeload.tracing.ranks import RankLayout, describe
 from moeload.tracing.step_callback import StepCallback
 from moeload.tracing.stepping import StepFlush
-
-MAX_FLUSH_EVERY = 1_000_000
-"""Largest `flush_every`: one block of steps lives in a device buffer, so it is bounded before allocating."""
 
 
 class LoadTracer(StepFlush, LayerAgreement):
@@ -207,30 +205,21 @@ class LoadTracer(StepFlush, LayerAgreement):
         max_micro_batches: int = 16,
         hooks_in_graph: bool = False,
     ) -> None:
-        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or not 1 <= flush_every <= MAX_FLUSH_EVERY:
-            raise InputError(f"flush_every={flush_every!r}: must be an integer in 1..{MAX_FLUSH_EVERY:,} "
-                             "(the device buffer holds one block of steps)")
-        if kept not in (True, False, "always"):
-            raise InputError(f"kept={kept!r}: expected True, False or 'always'")
-        if ranks not in ("auto", True, False):
-            raise InputError(f"ranks={ranks!r}: expected 'auto', True or False")
-        if gate_output not in ("auto", "logits", "mask"):
-            raise InputError(f"gate_output={gate_output!r}: expected 'auto', 'logits' or 'mask'")
-        if path is None and sink is None:
-            raise InputError("LoadTracer: give a trace path or a sink (or both)")
-        if not isinstance(per_micro_batch, bool):
-            raise InputError(f"per_micro_batch={per_micro_batch!r}: expected True or False")
-        if isinstance(max_micro_batches, bool) or not isinstance(max_micro_batches, int) or not 1 <= max_micro_batches <= 4096:
-            raise InputError(f"max_micro_batches={max_micro_batches!r}: must be an integer in 1..4096 (device buffer slots)")
+        check_options(
+            flush_every=flush_every,
+            kept=kept,
+            ranks=ranks,
+            gate_output=gate_output,
+            path=path,
+            sink=sink,
+            per_micro_batch=per_micro_batch,
+            max_micro_batches=max_micro_batches,
+            hooks_in_graph=hooks_in_graph,
+            max_pending=max_pending,
+            flush_timeout=flush_timeout,
+        )
         self.per_micro_batch, self.max_micro_batches = per_micro_batch, max_micro_batches
-        if not isinstance(hooks_in_graph, bool):
-            raise InputError(f"hooks_in_graph={hooks_in_graph!r}: expected True or False")
         self.hooks_in_graph = hooks_in_graph
-        if max_pending is not None and (not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1):
-            raise InputError(f"max_pending={max_pending!r}: must be None or a positive integer (blocks waiting for the writer)")
-        if flush_timeout is not None and (isinstance(flush_timeout, bool) or not isinstance(flush_timeout, (int, float))
-                                          or not flush_timeout > 0):
-            raise InputError(f"flush_timeout={flush_timeout!r}: must be a positive number of seconds or None")
         self.flush_timeout = None if flush_timeout is None else float(flush_timeout)
         self.model = model
         self.path = None if path is None else os.fspath(path)
@@ -243,8 +232,17 @@ class LoadTracer(StepFlush, LayerAgreement):
         self.max_pending = max_pending
         tried = list(registered_adapters() if adapters is None else adapters)
         if gates or gate_types:
-            tried.insert(0, GenericAdapter(gates or (), gate_types or (), num_experts=num_experts, top_k=top_k,
-                                           has_kept=kept == "always", gate_output=gate_output))
+            tried.insert(
+                0,
+                GenericAdapter(
+                    gates or (),
+                    gate_types or (),
+                    num_experts=num_experts,
+                    top_k=top_k,
+                    has_kept=kept == "always",
+                    gate_output=gate_output,
+                ),
+            )
         elif gate_output != "auto":
             raise InputError(f"gate_output={gate_output!r}: applies to gates chosen with gates= or gate_types= only")
         self.world_size, self.rank = 1, 0
@@ -267,12 +265,29 @@ class LoadTracer(StepFlush, LayerAgreement):
         self.tracing_stopped: dict[str, Any] | None = None
         """{"step", "reason"} once a flush's collective failed or timed out on this rank (tracing stopped)."""
         self._cpu_pg: Any = None
-        declared = {"layers": [describe(n, s.num_experts, s.top_k, kind, expert_to_rank=s.expert_to_rank,
-                                        ep_size=s.ep_size, framework=s.framework, framework_version=s.framework_version,
-                                        gate_class=type(s.module).__name__, bias=s.bias is not None)
-                               for n, s, kind in zip(self.local_layers, self.specs, layer_count_kinds(self.specs, kept))],
-                    "flush_every": flush_every, "record_eval": bool(record_eval), "kept": kept, "ranks": ranks,
-                    "per_micro_batch": per_micro_batch and max_micro_batches, "replica_of": None}
+        declared = {
+            "layers": [
+                describe(
+                    n,
+                    s.num_experts,
+                    s.top_k,
+                    kind,
+                    expert_to_rank=s.expert_to_rank,
+                    ep_size=s.ep_size,
+                    framework=s.framework,
+                    framework_version=s.framework_version,
+                    gate_class=type(s.module).__name__,
+                    bias=s.bias is not None,
+                )
+                for n, s, kind in zip(self.local_layers, self.specs, layer_count_kinds(self.specs, kept))
+            ],
+            "flush_every": flush_every,
+            "record_eval": bool(record_eval),
+            "kept": kept,
+            "ranks": ranks,
+            "per_micro_batch": per_micro_batch and max_micro_batches,
+            "replica_of": None,
+        }
         self.rank_layout: RankLayout = self._agree(declared, group, tp_group)
         descs = self.rank_layout.layers
         self.layers = self.rank_layout.names
@@ -281,8 +296,9 @@ class LoadTracer(StepFlush, LayerAgreement):
         self.kept = self.count_kind != "routed"
         self.bias_layers = [d["name"] for d in descs if d.get("bias")]
         """Layers whose router has an expert bias (aux-loss-free routing): recorded per step, `Trace.router_bias()`."""
-        self.layout = Layout.make(self.layers, [d["num_experts"] for d in descs], self.kept, record_eval,
-                                  bias=bool(self.bias_layers))
+        self.layout = Layout.make(
+            self.layers, [d["num_experts"] for d in descs], self.kept, record_eval, bias=bool(self.bias_layers)
+        )
         self._bias_fns = [(i, s.bias, s.num_experts) for i, s in enumerate(self.specs) if s.bias is not None]
         self._bias_errors: dict[str, str] = {}
         self._slot_of = {int(g): i for i, g in enumerate(self.rank_layout.local_slots(self.rank))}
@@ -364,18 +380,26 @@ class LoadTracer(StepFlush, LayerAgreement):
             self._live = torch.zeros(P, L, W, dtype=torch.int64, device=self.device)
         self._host_tok = np.zeros((self.flush_every, P, L), np.int64)
         if self.per_micro_batch:
-            nbytes = self.flush_every * self.max_micro_batches * L * W * 8 * (1 + self.world_size * (self.world_size > 1))
+            nbytes = (
+                self.flush_every * self.max_micro_batches * L * W * 8 * (1 + self.world_size * (self.world_size > 1))
+            )
             if nbytes > 1 << 30:
                 self._buf = None
-                raise InputError(f"per_micro_batch: flush_every={self.flush_every} x max_micro_batches="
-                                 f"{self.max_micro_batches} x {L} layers x {W} columns needs {nbytes / 2**30:.1f} GiB of "
-                                 "device buffers (limit 1 GiB); lower flush_every or max_micro_batches")
-            self._mb = torch.zeros(self.flush_every, self.max_micro_batches, L, W, dtype=torch.int64, device=self.device)
+                raise InputError(
+                    f"per_micro_batch: flush_every={self.flush_every} x max_micro_batches="
+                    f"{self.max_micro_batches} x {L} layers x {W} columns needs {nbytes / 2**30:.1f} GiB of "
+                    "device buffers (limit 1 GiB); lower flush_every or max_micro_batches"
+                )
+            self._mb = torch.zeros(
+                self.flush_every, self.max_micro_batches, L, W, dtype=torch.int64, device=self.device
+            )
             self._host_tok_mb = np.zeros((self.flush_every, self.max_micro_batches, L), np.int64)
         if self.world_size > 1:
             self._gathered = torch.empty((self.world_size, *self._buf.shape), dtype=torch.int64, device=self.device)
             if self._mb is not None:
-                self._mb_gathered = torch.empty((self.world_size, *self._mb.shape), dtype=torch.int64, device=self.device)
+                self._mb_gathered = torch.empty(
+                    (self.world_size, *self._mb.shape), dtype=torch.int64, device=self.device
+                )
             if self._buf.device.type == "cpu":
                 self._pg = self._cpu_pg
         writer = None
@@ -389,15 +413,24 @@ class LoadTracer(StepFlush, LayerAgreement):
                 self._lock.release()
                 if not isinstance(e, OSError):
                     raise
-                raise InputError(f"{self.path}: cannot open the trace directory "
-                                 f"({type(e).__name__}: {e.strerror or e}); choose a writable path") from None
+                raise InputError(
+                    f"{self.path}: cannot open the trace directory "
+                    f"({type(e).__name__}: {e.strerror or e}); choose a writable path"
+                ) from None
             self.manifest = writer.manifest
         self._writer = BlockWriter(
-            self.layout, writer=writer, sink=None, ranks_recorded=self.ranks_recorded,
-            on_error=self._on_writer_error, notes=self._notes, max_pending=self.max_pending,
-            closing=lambda: self._closed, top_k=[d["top_k"] for d in self.rank_layout.layers],
+            self.layout,
+            writer=writer,
+            sink=None,
+            ranks_recorded=self.ranks_recorded,
+            on_error=self._on_writer_error,
+            notes=self._notes,
+            max_pending=self.max_pending,
+            closing=lambda: self._closed,
+            top_k=[d["top_k"] for d in self.rank_layout.layers],
             exact=[k != "kept" for k in self.layer_count_kinds],
-            rank_layout=None if self.rank_layout.uniform else self.rank_layout, event_timeout=self.flush_timeout,
+            rank_layout=None if self.rank_layout.uniform else self.rank_layout,
+            event_timeout=self.flush_timeout,
             has_bias=[bool(d.get("bias")) for d in self.rank_layout.layers],
             bias_rank=[(o or [0])[0] for o in self.rank_layout.owners().values()],
         )
@@ -435,7 +468,9 @@ class LoadTracer(StepFlush, LayerAgreement):
         self._buf = self._gathered = self._mb = self._mb_gathered = None
         if self._warn_writer:
             self._warn_writer = False
-            warnings.warn(f"moeload: trace writing failed ({self.errors[-1]}); see tracer.errors", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"moeload: trace writing failed ({self.errors[-1]}); see tracer.errors", RuntimeWarning, stacklevel=2
+            )
 
     def __enter__(self) -> LoadTracer:
         return self.start()
@@ -465,7 +500,9 @@ class LoadTracer(StepFlush, LayerAgreement):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue step numbering from `state["step"]`; call before the first `step()` of this run."""
         if self._slot != 0 or self.flushes:
-            raise InputError(f"load_state_dict: {self.step_count} steps already recorded in this run; call it before the first step()")
+            raise InputError(
+                f"load_state_dict: {self.step_count} steps already recorded in this run; call it before the first step()"
+            )
         if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
             raise InputError(f"load_state_dict: expected {{'step': int >= 0, ...}}, got {state!r}")
         if "layers" in state and list(state["layers"]) != self.layers:
@@ -477,5 +514,7 @@ class LoadTracer(StepFlush, LayerAgreement):
         return StepCallback(self)
 
     def __repr__(self) -> str:
-        return (f"LoadTracer({self.path!r}, layers={len(self.layers)}, step={self.step_count}, "
-                f"last_flushed={self.last_flushed_step}, world={self.world_size})")
+        return (
+            f"LoadTracer({self.path!r}, layers={len(self.layers)}, step={self.step_count}, "
+            f"last_flushed={self.last_flushed_step}, world={self.world_size})"
+        )

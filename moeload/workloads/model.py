@@ -71,9 +71,7 @@ def slot_positions(indices: Tensor, num_experts: int) -> Tensor:
 class TopKRouter(nn.Module):
     """Linear gate + softmax + top-k, with optional capacity dropping; never syncs with the host."""
 
-    def __init__(
-        self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None = None
-    ) -> None:
+    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None = None) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
@@ -113,8 +111,14 @@ class BiasRouter(TopKRouter):
     expert_bias: Tensor
     step_load: Tensor
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None = None,
-                 bias_update: float = 1e-3) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        capacity_factor: float | None = None,
+        bias_update: float = 1e-3,
+    ) -> None:
         super().__init__(d_model, num_experts, top_k, capacity_factor)
         self.bias_update = bias_update
         self.register_buffer("expert_bias", torch.zeros(num_experts))
@@ -183,8 +187,11 @@ class MoELayer(nn.Module):
         bias_update: float | None = None,
     ) -> None:
         super().__init__()
-        self.router = (TopKRouter(d_model, num_experts, top_k, capacity_factor) if bias_update is None
-                       else BiasRouter(d_model, num_experts, top_k, capacity_factor, bias_update))
+        self.router = (
+            TopKRouter(d_model, num_experts, top_k, capacity_factor)
+            if bias_update is None
+            else BiasRouter(d_model, num_experts, top_k, capacity_factor, bias_update)
+        )
         self.experts = Experts(num_experts, d_model, d_ff)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -242,7 +249,11 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         if is_moe:
             self.moe = MoELayer(
-                cfg.d_model, cfg.expert_width, cfg.n_experts, cfg.top_k, cfg.capacity_factor,
+                cfg.d_model,
+                cfg.expert_width,
+                cfg.n_experts,
+                cfg.top_k,
+                cfg.capacity_factor,
                 bias_update=cfg.bias_update if cfg.balance == "bias" else None,
             )
         else:

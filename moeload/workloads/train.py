@@ -102,8 +102,11 @@ def _progress(enabled: bool, steps: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
     )
 
 
@@ -138,9 +141,7 @@ def train(
     opt, sched = make_optimizer(model, cfg, steps)
     data = batches(cfg, seed, device)
     amp = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        if cfg.amp and device.type == "cuda"
-        else nullcontext()
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else nullcontext()
     )
     history = torch.zeros(steps, 3, device=device)  # total, lm, aux
     bar = _progress(progress, steps)

@@ -60,8 +60,13 @@ def check_dest(dest: str | os.PathLike) -> Path:
     return d
 
 
-def write(imp: Imported, dest: str | os.PathLike, source: str | os.PathLike, *,
-          check: Callable[[Imported], None] | None = None) -> Path:
+def write(
+    imp: Imported,
+    dest: str | os.PathLike,
+    source: str | os.PathLike,
+    *,
+    check: Callable[[Imported], None] | None = None,
+) -> Path:
     """Write `imp` as a new trace at `dest` (blocks of BLOCK steps). Returns the trace path.
 
     The trace is built in a hidden sibling of `dest` (same parent, so the final rename is atomic)
@@ -106,11 +111,13 @@ def write(imp: Imported, dest: str | os.PathLike, source: str | os.PathLike, *,
             except OSError:
                 break
         if isinstance(e, OSError):
-            raise InputError(f"{d}: cannot write the imported trace ({e.strerror or first_line(e)}); "
-                             "nothing was written") from None
+            raise InputError(
+                f"{d}: cannot write the imported trace ({e.strerror or first_line(e)}); nothing was written"
+            ) from None
         if isinstance(e, MemoryError):
-            raise InputError(f"{d}: out of memory while writing the imported trace; import a part of "
-                             f"{source}; nothing was written") from None
+            raise InputError(
+                f"{d}: out of memory while writing the imported trace; import a part of {source}; nothing was written"
+            ) from None
         raise
     try:
         _fsync_dir(target.parent)  # the trace is complete and in place; this only makes its name durable
@@ -198,9 +205,11 @@ def check_dense(source: str | os.PathLike, shape: tuple[int, ...], what: str = "
     nbytes = 8 * math.prod(int(n) for n in shape)
     if nbytes > MAX_DENSE_BYTES:
         dims = " x ".join(str(int(n)) for n in shape)
-        raise InputError(f"{source}: {what} of {dims} (steps x ranks x layers x experts) would need "
-                         f"{nbytes / 1024**3:.3g} GiB, more than the {MAX_DENSE_BYTES // 1024**3} GiB an import "
-                         "may build; check the ids in the file or import a part of it")
+        raise InputError(
+            f"{source}: {what} of {dims} (steps x ranks x layers x experts) would need "
+            f"{nbytes / 1024**3:.3g} GiB, more than the {MAX_DENSE_BYTES // 1024**3} GiB an import "
+            "may build; check the ids in the file or import a part of it"
+        )
 
 
 def jsonl_records(path: Path, required: tuple[str, ...]):
@@ -246,8 +255,14 @@ def int_field(rec: dict, key: str, where: str) -> int:
     return v
 
 
-def dense(counts: dict[tuple[int, int, int], np.ndarray], steps: list[int], L: int, R: int, E: int,
-          source: str | os.PathLike = "import") -> np.ndarray:
+def dense(
+    counts: dict[tuple[int, int, int], np.ndarray],
+    steps: list[int],
+    L: int,
+    R: int,
+    E: int,
+    source: str | os.PathLike = "import",
+) -> np.ndarray:
     """{(step, rank, layer): [E_l] counts} -> [S, R, L, E] int64 in the order of `steps`."""
     check_dense(source, (len(steps), R, L, E))
     pos = {s: i for i, s in enumerate(steps)}

@@ -50,16 +50,20 @@ def _check_size(path: Path, member: str | None, shape: tuple[int, ...], dtype: n
     nbytes = n * max(8, dtype.itemsize)  # counts become int64
     if nbytes > MAX_DENSE_BYTES:
         what = f"member {member!r} " if member else ""
-        raise InputError(f"{path}: {what}header claims shape {tuple(int(d) for d in shape)} ({dtype}), "
-                         f"{nbytes / 1024**3:.3g} GiB as int64, more than the {MAX_DENSE_BYTES // 1024**3} GiB "
-                         "an import may build")
+        raise InputError(
+            f"{path}: {what}header claims shape {tuple(int(d) for d in shape)} ({dtype}), "
+            f"{nbytes / 1024**3:.3g} GiB as int64, more than the {MAX_DENSE_BYTES // 1024**3} GiB "
+            "an import may build"
+        )
 
 
 def read_numpy(source: str | os.PathLike, *, top_k: int | None = None, first_step: int = 0) -> Imported:
     """Read counts from .npy / .npz. Steps default to first_step, first_step + 1, ..."""
     path = Path(source)
     if not path.is_file():
-        raise InputError(f"{path}: no such file" if not path.exists() else f"{path}: is a directory; give the .npy/.npz file")
+        raise InputError(
+            f"{path}: no such file" if not path.exists() else f"{path}: is a directory; give the .npy/.npz file"
+        )
     if first_step < 0 or first_step > INT64_MAX:
         raise InputError(f"--first-step {str(first_step)[:40]}: must be in 0..{INT64_MAX} (int64)")
     _check_headers(path)
@@ -101,7 +105,9 @@ def read_numpy(source: str | os.PathLike, *, top_k: int | None = None, first_ste
             raise TraceFormatError(f"{path}: 'layers' has {len(names)} names for {L} layers")
     experts = [E] * L
     if "experts_per_layer" in meta:
-        experts = counts_array(meta["experts_per_layer"], f"{path}: experts_per_layer", what="values").reshape(-1).tolist()
+        experts = (
+            counts_array(meta["experts_per_layer"], f"{path}: experts_per_layer", what="values").reshape(-1).tolist()
+        )
         if len(experts) != L or max(experts) > E or min(experts) < 1:
             raise TraceFormatError(f"{path}: 'experts_per_layer' must hold {L} values in 1..{E}")
         beyond = np.arange(E)[None, :] >= np.asarray(experts)[:, None]  # [L, E]

@@ -126,7 +126,9 @@ def read_tokens_per_expert(
             if a.ndim != 2 or a.shape[1] == 0:
                 raise TraceFormatError(f"{where}: 'tpe' must be [micro-batches][local experts] non-negative integers")
             if a.shape[1] * ep > MAX_EXPERTS:
-                raise TraceFormatError(f"{where}: {a.shape[1]} local experts x ep {ep} is implausible (limit {MAX_EXPERTS})")
+                raise TraceFormatError(
+                    f"{where}: {a.shape[1]} local experts x ep {ep} is implausible (limit {MAX_EXPERTS})"
+                )
             if num_local is None:
                 num_local = a.shape[1]
             elif a.shape[1] != num_local:
@@ -152,8 +154,10 @@ def read_tokens_per_expert(
     counts = dense({(s, 0, lpos[k]): v for (s, k), v in acc.items()}, steps, len(layer_keys), 1, E, src)
     M = max(v.shape[0] for v in mb_acc.values())
     if len(steps) * M * len(layer_keys) * E > MAX_MICRO_CELLS:
-        raise InputError(f"{src}: {len(steps)} steps x {M} micro-batches x {len(layer_keys)} layers x {E} experts is "
-                         f"too many counts to keep per micro-batch (limit {MAX_MICRO_CELLS:,}); import fewer iterations")
+        raise InputError(
+            f"{src}: {len(steps)} steps x {M} micro-batches x {len(layer_keys)} layers x {E} experts is "
+            f"too many counts to keep per micro-batch (limit {MAX_MICRO_CELLS:,}); import fewer iterations"
+        )
     micro = np.zeros((len(steps), 1, M, len(layer_keys), E), dtype=np.int64)
     spos = {s: i for i, s in enumerate(steps)}
     for (s, k), v in mb_acc.items():
@@ -216,11 +220,15 @@ def read_router_trace(
             if idx.ndim != 2:
                 raise TraceFormatError(f"{where}: 'top_indices' must be [tokens][top-k], got shape {idx.shape}")
             if "num_tokens" in rec and int_field(rec, "num_tokens", where) != idx.shape[0]:
-                raise TraceFormatError(f"{where}: num_tokens {rec['num_tokens']} but {idx.shape[0]} rows of top_indices")
+                raise TraceFormatError(
+                    f"{where}: num_tokens {rec['num_tokens']} but {idx.shape[0]} rows of top_indices"
+                )
             key = _layer_key(rec, rank // per_stage, where)
             k = idx.shape[1]
             if idx.shape[0] and topk_of.setdefault(key, k) != k:
-                raise TraceFormatError(f"{where}: top-k {k} differs from earlier records of this layer ({topk_of[key]})")
+                raise TraceFormatError(
+                    f"{where}: top-k {k} differs from earlier records of this layer ({topk_of[key]})"
+                )
             if idx.size:
                 max_idx = max(max_idx, int(idx.max()))
                 if max_idx >= MAX_EXPERTS:

@@ -48,11 +48,14 @@ def _load(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt pickles raise anything (IndexError, KeyError, struct.error, ...)
-        raise TraceFormatError(f"{path}: not a readable torch.save file ({type(e).__name__}: {first_line(e)})") from None
+        raise TraceFormatError(
+            f"{path}: not a readable torch.save file ({type(e).__name__}: {first_line(e)})"
+        ) from None
     if not isinstance(obj, dict) or not ({"logical_count"} <= set(obj) or {"records"} <= set(obj)):
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise TraceFormatError(f"{path}: not an SGLang expert distribution dump (has {keys}; "
-                               "expected 'logical_count' or 'records')")
+        raise TraceFormatError(
+            f"{path}: not an SGLang expert distribution dump (has {keys}; expected 'logical_count' or 'records')"
+        )
     return obj
 
 
@@ -97,9 +100,12 @@ def read_sglang(source: str | os.PathLike, *, top_k: int | None = None, keep_emp
         framework="sglang",
         ranks_recorded=R > 1,
         world_size=R,
-        extra={"source_format": f"sglang expert distribution ({modes.pop()})",
-               "sglang_layer_ids": layer_ids.tolist(), **extra,
-               **({} if top_k else {"top_k_known": False})},
+        extra={
+            "source_format": f"sglang expert distribution ({modes.pop()})",
+            "sglang_layer_ids": layer_ids.tolist(),
+            **extra,
+            **({} if top_k else {"top_k_known": False}),
+        },
     )
 
 
@@ -114,14 +120,23 @@ def _stat(dumps: list[tuple[Path, dict]]):
             raise TraceFormatError(f"{path}: logical_count shape {c.shape} differs from {dumps[0][0]}")
         blocks.append(c)
         rate = d.get("average_utilization_rate_over_window")
-        if rate is not None and not isinstance(rate, (int, float)) and not (hasattr(rate, "numel") and rate.numel() == 1):
-            raise TraceFormatError(f"{path}: average_utilization_rate_over_window must be a number, got {type(rate).__name__}")
+        if (
+            rate is not None
+            and not isinstance(rate, (int, float))
+            and not (hasattr(rate, "numel") and rate.numel() == 1)
+        ):
+            raise TraceFormatError(
+                f"{path}: average_utilization_rate_over_window must be a number, got {type(rate).__name__}"
+            )
         rates.append(rate)
     c = np.concatenate(blocks)
     steps = np.arange(len(c), dtype=np.int64)
     used = c.sum(axis=(1, 2)) > 0
-    extra = {"passes_in_buffer": int(len(c)), "empty_passes_dropped": int((~used).sum()),
-             "note": "steps are buffer positions; a circular buffer that wrapped is not in time order"}
+    extra = {
+        "passes_in_buffer": int(len(c)),
+        "empty_passes_dropped": int((~used).sum()),
+        "note": "steps are buffer positions; a circular buffer that wrapped is not in time order",
+    }
     if any(r is not None for r in rates):
         extra["average_utilization_rate_over_window"] = [None if r is None else float(r) for r in rates]
     return steps[used], c[used][:, None], 1, extra
@@ -139,14 +154,20 @@ def _detail(dumps: list[tuple[Path, dict]]):
             raise TraceFormatError(f"{path}: missing 'last_physical_to_logical_map'")
         p2l = _np(d["last_physical_to_logical_map"], f"{path}: last_physical_to_logical_map", what="expert ids")
         if p2l.ndim != 2 or p2l.size == 0:
-            raise TraceFormatError(f"{path}: last_physical_to_logical_map must be [layers, physical experts], got {p2l.shape}")
+            raise TraceFormatError(
+                f"{path}: last_physical_to_logical_map must be [layers, physical experts], got {p2l.shape}"
+            )
         if p2l.max() >= MAX_EXPERTS:
-            raise TraceFormatError(f"{path}: last_physical_to_logical_map holds expert {p2l.max()} (limit {MAX_EXPERTS})")
+            raise TraceFormatError(
+                f"{path}: last_physical_to_logical_map holds expert {p2l.max()} (limit {MAX_EXPERTS})"
+            )
         n_log = int(p2l.max()) + 1
         if L is None or E is None:  # (set together)
             L, E = p2l.shape[0], n_log
         elif (p2l.shape[0], n_log) != (L, E):
-            raise TraceFormatError(f"{path}: {p2l.shape[0]} layers x {n_log} experts differs from earlier files ({L} x {E})")
+            raise TraceFormatError(
+                f"{path}: {p2l.shape[0]} layers x {n_log} experts differs from earlier files ({L} x {E})"
+            )
         for i, r in enumerate(recs):
             where = f"{path}: records[{i}]"
             if not isinstance(r, dict) or "global_physical_count" not in r or "forward_pass_id" not in r:

@@ -39,7 +39,9 @@ def read_csv(source: str | os.PathLike, *, num_experts: int | None = None, top_k
         raise InputError(f"{path}: no rows")
     for c in ("step", "layer", "expert", "count") + (("rank",) if "rank" in df.columns else ()):
         if df[c].isna().any():
-            raise TraceFormatError(f"{path}: column {c!r} has empty or NaN cells (row {int(df[c].isna().to_numpy().argmax()) + 2})")
+            raise TraceFormatError(
+                f"{path}: column {c!r} has empty or NaN cells (row {int(df[c].isna().to_numpy().argmax()) + 2})"
+            )
         if c == "layer":
             continue
         try:

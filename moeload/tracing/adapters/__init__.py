@@ -51,7 +51,9 @@ def _load_frameworks() -> None:
         except ImportError:
             continue
         except Exception as e:  # a broken adapter must not stop tracing of other frameworks
-            warnings.warn(f"moeload: adapter module {modname} failed to import ({type(e).__name__}: {e}); skipped", stacklevel=2)
+            warnings.warn(
+                f"moeload: adapter module {modname} failed to import ({type(e).__name__}: {e}); skipped", stacklevel=2
+            )
             continue
         adapter = getattr(mod, "ADAPTER", None)
         if isinstance(adapter, Adapter) and adapter not in _REGISTRY:

@@ -86,7 +86,9 @@ class GateSpec:
 
     def __post_init__(self) -> None:
         if self.count_kind not in (None, "routed", "kept"):
-            raise ValueError(f"GateSpec {self.name!r}: count_kind={self.count_kind!r}, expected None, 'routed' or 'kept'")
+            raise ValueError(
+                f"GateSpec {self.name!r}: count_kind={self.count_kind!r}, expected None, 'routed' or 'kept'"
+            )
         if self.num_experts < 1 or self.top_k < 1:
             raise ValueError(f"GateSpec {self.name!r}: num_experts={self.num_experts}, top_k={self.top_k} must be >= 1")
         if self.expert_to_rank is not None:
@@ -130,9 +132,11 @@ def find_bias(gate: nn.Module, parent: nn.Module | None, num_experts: int) -> Ca
         for name in BIAS_NAMES:
             v = getattr(owner, name, None)
             if isinstance(v, Tensor) and v.numel() == num_experts and v.is_floating_point():
+
                 def read(owner: nn.Module = owner, name: str = name) -> Tensor | None:
                     t = getattr(owner, name, None)
                     return t if isinstance(t, Tensor) and t.numel() == num_experts else None
+
                 return read
     return None
 

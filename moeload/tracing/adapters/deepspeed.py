@@ -121,12 +121,21 @@ class DeepSpeedAdapter(Adapter):
             E = g.wg.out_features
             layer = layers.get(id(g))
             ep = int(getattr(layer, "ep_size", 1) or 1)
-            out.append(GateSpec(
-                module=g, name=name, num_experts=E, top_k=int(g.k), counts=gate_routing,
-                has_kept=bool(g.drop_tokens), framework="deepspeed", framework_version=_version(),
-                expert_to_rank=contiguous_expert_to_rank(E, ep) if ep > 1 else None,
-                ep_size=ep, ep_rank=_ep_rank(layer, ep) if layer is not None else 0,
-            ))
+            out.append(
+                GateSpec(
+                    module=g,
+                    name=name,
+                    num_experts=E,
+                    top_k=int(g.k),
+                    counts=gate_routing,
+                    has_kept=bool(g.drop_tokens),
+                    framework="deepspeed",
+                    framework_version=_version(),
+                    expert_to_rank=contiguous_expert_to_rank(E, ep) if ep > 1 else None,
+                    ep_size=ep,
+                    ep_rank=_ep_rank(layer, ep) if layer is not None else 0,
+                )
+            )
         return out
 
     def _autoep_routers(self, model: nn.Module, ep_router: Any) -> list[GateSpec]:
@@ -141,12 +150,22 @@ class DeepSpeedAdapter(Adapter):
                 continue
             owner = owners.get(id(r))
             ep = int(getattr(owner, "ep_size", 1) or 1)
-            out.append(GateSpec(
-                module=r, name=name, num_experts=int(r.num_experts), top_k=int(r.top_k), counts=autoep_routing,
-                framework="deepspeed", framework_version=_version(),
-                expert_to_rank=_autoep_placement(owner, ep, int(r.num_experts)) if ep > 1 and owner is not None else None,
-                ep_size=ep, ep_rank=int(getattr(owner, "ep_rank", 0) or 0),
-            ))
+            out.append(
+                GateSpec(
+                    module=r,
+                    name=name,
+                    num_experts=int(r.num_experts),
+                    top_k=int(r.top_k),
+                    counts=autoep_routing,
+                    framework="deepspeed",
+                    framework_version=_version(),
+                    expert_to_rank=_autoep_placement(owner, ep, int(r.num_experts))
+                    if ep > 1 and owner is not None
+                    else None,
+                    ep_size=ep,
+                    ep_rank=int(getattr(owner, "ep_rank", 0) or 0),
+                )
+            )
         return out
 
 

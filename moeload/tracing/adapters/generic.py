@@ -32,11 +32,29 @@ from torch import Tensor, nn
 from moeload.errors import InputError
 from moeload.tracing.adapters.base import Adapter, GateSpec, Routing, RoutingShapeError
 
-INDEX_NAMES = ("indices", "topk_idx", "topk_indices", "top_k_index", "expert_indices", "selected_experts", "expert_index")
+INDEX_NAMES = (
+    "indices",
+    "topk_idx",
+    "topk_indices",
+    "top_k_index",
+    "expert_indices",
+    "selected_experts",
+    "expert_index",
+)
 KEPT_NAMES = ("kept", "keep", "kept_mask")
 MASK_NAMES = ("routing_map", "routing_mask", "dispatch_mask", "mask")
-PROB_NAMES = ("probs", "router_probs", "scores", "router_scores", "logits", "router_logits", "gates", "weights",
-              "aux_loss", "l_aux")
+PROB_NAMES = (
+    "probs",
+    "router_probs",
+    "scores",
+    "router_scores",
+    "logits",
+    "router_logits",
+    "gates",
+    "weights",
+    "aux_loss",
+    "l_aux",
+)
 EXPERT_ATTRS = ("num_experts", "n_experts", "num_local_experts", "n_routed_experts", "num_routed_experts")
 TOPK_ATTRS = ("top_k", "topk", "k", "num_experts_per_tok", "moe_router_topk", "router_topk")
 GATE_CHILDREN = ("gate", "wg", "linear", "proj", "weight_proj")
@@ -58,13 +76,16 @@ def _fields(out: Any) -> dict[str, Any]:
 def _scores(v: Tensor, num_experts: int, top_k: int, probs: Tensor | None) -> Routing:
     """Scores [.., E] -> Routing(indices=topk(scores, k) [T, k]) on the device; the scores go along for the NaN check."""
     if top_k > num_experts:
-        raise RoutingShapeError(f"top_k={top_k} > {num_experts} experts: cannot take top-k of [tokens, {num_experts}] scores")
+        raise RoutingShapeError(
+            f"top_k={top_k} > {num_experts} experts: cannot take top-k of [tokens, {num_experts}] scores"
+        )
     flat = v.reshape(-1, num_experts)
     return Routing(indices=flat.topk(top_k, dim=-1).indices, probs=v if probs is None else probs)
 
 
-def _floating(v: Tensor, num_experts: int, top_k: int | None, gate_output: str, probs: Tensor | None,
-              named_mask: bool = False) -> Routing:
+def _floating(
+    v: Tensor, num_experts: int, top_k: int | None, gate_output: str, probs: Tensor | None, named_mask: bool = False
+) -> Routing:
     """A floating [.., E] output -> scores (top-k) or 0/1 map, by the module rule (see the module docstring)."""
     if gate_output == "mask" or (gate_output == "auto" and named_mask):
         return Routing(mask=v.reshape(-1, num_experts), probs=probs)
@@ -98,9 +119,15 @@ def parse_output(out: Any, num_experts: int, top_k: int | None = None, gate_outp
         if v.dim() == 2 and not v.is_floating_point() and v.dtype != torch.bool:
             return Routing(indices=v, kept=kept, probs=probs)
     for v in fields.values():  # [batch, seq, k] indices (torchtitan 0.3): tokens are the leading dimensions
-        if v.dim() >= 3 and not v.is_floating_point() and v.dtype != torch.bool and (top_k is None or v.shape[-1] == top_k):
-            return Routing(indices=v.reshape(-1, v.shape[-1]), kept=None if kept is None else kept.reshape(-1),
-                           probs=probs)
+        if (
+            v.dim() >= 3
+            and not v.is_floating_point()
+            and v.dtype != torch.bool
+            and (top_k is None or v.shape[-1] == top_k)
+        ):
+            return Routing(
+                indices=v.reshape(-1, v.shape[-1]), kept=None if kept is None else kept.reshape(-1), probs=probs
+            )
     for v in fields.values():
         if v.dim() == 2 and v.dtype == torch.bool and v.shape[-1] == num_experts:
             return Routing(mask=v, probs=probs)
@@ -192,11 +219,15 @@ class GenericAdapter(Adapter):
             E = self.num_experts or infer_num_experts(m)
             k = self.top_k or infer_top_k(m)
             if E is None:
-                raise InputError(f"gate {name!r} ({type(m).__name__}): cannot tell its num_experts; pass num_experts=... to LoadTracer")
+                raise InputError(
+                    f"gate {name!r} ({type(m).__name__}): cannot tell its num_experts; pass num_experts=... to LoadTracer"
+                )
             if k is None:
                 what = "returns logits [tokens, experts], so" if isinstance(m, nn.Linear) else "cannot tell its top_k;"
-                raise InputError(f"gate {name!r} ({type(m).__name__}) {what} the tracer needs top_k to count its "
-                                 "routes; pass top_k=... to LoadTracer")
+                raise InputError(
+                    f"gate {name!r} ({type(m).__name__}) {what} the tracer needs top_k to count its "
+                    "routes; pass top_k=... to LoadTracer"
+                )
             if k > E:
                 raise InputError(f"gate {name!r} ({type(m).__name__}): top_k={k} > num_experts={E}")
 
@@ -205,8 +236,14 @@ class GenericAdapter(Adapter):
 
             out.append(
                 GateSpec(
-                    module=m, name=name, num_experts=E, top_k=k, counts=counts, has_kept=self.has_kept,
-                    framework=self.framework, framework_version=self.framework_version,
+                    module=m,
+                    name=name,
+                    num_experts=E,
+                    top_k=k,
+                    counts=counts,
+                    has_kept=self.has_kept,
+                    framework=self.framework,
+                    framework_version=self.framework_version,
                 )
             )
         return out

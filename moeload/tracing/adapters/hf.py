@@ -63,17 +63,23 @@ def make_routing(num_experts: int, top_k: int):
     def routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
         items = out if isinstance(out, (tuple, list)) else (out,)
         tensors = [t for t in items if isinstance(t, Tensor)]
-        logits = next((t for t in tensors if t.is_floating_point() and t.dim() >= 2 and t.shape[-1] == num_experts), None)
+        logits = next(
+            (t for t in tensors if t.is_floating_point() and t.dim() >= 2 and t.shape[-1] == num_experts), None
+        )
         ints = [t for t in tensors if not t.is_floating_point() and t.dtype.is_signed and t.dim() >= 2]
         for t in ints:
             if t.shape[-1] == top_k:
                 return Routing(indices=t.reshape(-1, top_k), probs=logits)
         if ints:
-            raise RoutingShapeError(f"{type(module).__name__} returned expert indices of shape {tuple(ints[0].shape)}; "
-                                    f"expected [tokens, {top_k}] (top_k when the tracer was made)")
+            raise RoutingShapeError(
+                f"{type(module).__name__} returned expert indices of shape {tuple(ints[0].shape)}; "
+                f"expected [tokens, {top_k}] (top_k when the tracer was made)"
+            )
         if logits is not None:
             return Routing(indices=logits.reshape(-1, num_experts).topk(top_k, dim=-1).indices, probs=logits)
-        raise RoutingShapeError(f"{type(module).__name__} output holds no [tokens, {top_k}] indices and no [tokens, {num_experts}] logits")
+        raise RoutingShapeError(
+            f"{type(module).__name__} output holds no [tokens, {top_k}] indices and no [tokens, {num_experts}] logits"
+        )
 
     return routing
 
@@ -105,10 +111,17 @@ class HFAdapter(Adapter):
                 E, k = _num_experts(gate, block), _top_k(gate, block)
                 if E is None or k is None or k > E:
                     continue
-                out.append(GateSpec(
-                    module=gate, name=paths[id(gate)], num_experts=E, top_k=k, counts=make_routing(E, k),
-                    framework="transformers", framework_version=_version(),
-                ))
+                out.append(
+                    GateSpec(
+                        module=gate,
+                        name=paths[id(gate)],
+                        num_experts=E,
+                        top_k=k,
+                        counts=make_routing(E, k),
+                        framework="transformers",
+                        framework_version=_version(),
+                    )
+                )
                 break
         return out
 

@@ -87,10 +87,16 @@ class MegatronAdapter(Adapter):
             ep, rank = _ep(parents.get(id(r)), E)
             local = max(1, E // ep)
             spec = GateSpec(
-                module=r, name=global_name(name, getattr(r, "layer_number", None)), num_experts=E, top_k=k,
+                module=r,
+                name=global_name(name, getattr(r, "layer_number", None)),
+                num_experts=E,
+                top_k=k,
                 counts=router_routing,
-                framework="megatron-core", framework_version=_version(),
-                expert_to_rank=[e // local for e in range(E)] if ep > 1 else None, ep_size=ep, ep_rank=rank,
+                framework="megatron-core",
+                framework_version=_version(),
+                expert_to_rank=[e // local for e in range(E)] if ep > 1 else None,
+                ep_size=ep,
+                ep_rank=rank,
             )
             # the routing map is taken after capacity dropping: its counts are kept counts
             spec.count_kind = "kept" if cfg.moe_expert_capacity_factor is not None else "routed"

@@ -50,12 +50,16 @@ def make_routing(num_experts: int, top_k: int) -> Callable[[nn.Module, tuple, An
     def routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
         items = [_local(t) for t in out] if isinstance(out, (tuple, list)) else []
         if len(items) < 3 or not all(isinstance(t, Tensor) for t in items[:3]):
-            raise RoutingShapeError(f"{type(module).__name__} returned {type(out).__name__}; "
-                                    "expected (top_scores, selected_experts_indices, scores or num_tokens_per_expert)")
+            raise RoutingShapeError(
+                f"{type(module).__name__} returned {type(out).__name__}; "
+                "expected (top_scores, selected_experts_indices, scores or num_tokens_per_expert)"
+            )
         scores, idx, third = items[0], items[1], items[2]
         if idx.is_floating_point() or idx.dim() < 2 or idx.shape[-1] != top_k:
-            raise RoutingShapeError(f"{type(module).__name__} returned expert indices {idx.dtype} {tuple(idx.shape)}; "
-                                    f"expected integer [..., {top_k}] (top_k when the tracer was made)")
+            raise RoutingShapeError(
+                f"{type(module).__name__} returned expert indices {idx.dtype} {tuple(idx.shape)}; "
+                f"expected integer [..., {top_k}] (top_k when the tracer was made)"
+            )
         if third.dim() == 1 and third.shape[0] == num_experts:
             return Routing(counts=third, tokens=idx.numel() // top_k, probs=scores)
         return Routing(indices=idx.reshape(-1, top_k), probs=third if third.is_floating_point() else scores)
@@ -102,7 +106,9 @@ class TorchtitanAdapter(Adapter):
     def find(self, model: nn.Module) -> list[GateSpec]:
         if "torchtitan" not in sys.modules:
             return []
-        classes = tuple(c for m in MOE_MODULES if (c := getattr(sys.modules.get(m), "TokenChoiceTopKRouter", None)) is not None)
+        classes = tuple(
+            c for m in MOE_MODULES if (c := getattr(sys.modules.get(m), "TokenChoiceTopKRouter", None)) is not None
+        )
         if not classes:
             return []
         paths = module_paths(model)
@@ -112,11 +118,19 @@ class TorchtitanAdapter(Adapter):
             if not isinstance(r, classes) or id(r) not in paths:
                 continue
             E, k = int(r.num_experts), int(r.top_k)
-            out.append(GateSpec(
-                module=r, name=paths[id(r)], num_experts=E, top_k=k, counts=make_routing(E, k),
-                framework="torchtitan", framework_version=_version(), count_kind="routed",
-                bias=bias_reader(parents.get(id(r)), E),
-            ))
+            out.append(
+                GateSpec(
+                    module=r,
+                    name=paths[id(r)],
+                    num_experts=E,
+                    top_k=k,
+                    counts=make_routing(E, k),
+                    framework="torchtitan",
+                    framework_version=_version(),
+                    count_kind="routed",
+                    bias=bias_reader(parents.get(id(r)), E),
+                )
+            )
         return out
 
 

@@ -27,8 +27,9 @@ class MoeLoadCallback(TrainerCallback):
         **tracer_kwargs: Any,
     ) -> None:
         self._tb_from_args = tensorboard is True
-        self.session = TracingSession(path, tensorboard=None if tensorboard is True else tensorboard,
-                                      wandb=wandb, **tracer_kwargs)
+        self.session = TracingSession(
+            path, tensorboard=None if tensorboard is True else tensorboard, wandb=wandb, **tracer_kwargs
+        )
 
     @property
     def tracer(self):

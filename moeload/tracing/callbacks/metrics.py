@@ -18,8 +18,16 @@ import numpy as np
 from moeload._balance import balance_stats
 
 METRICS = (
-    "max_over_mean", "min_over_max", "cv", "hottest_share",
-    "tokens_min", "tokens_max", "tokens_std", "tokens_p50", "tokens_p90", "tokens_p99",
+    "max_over_mean",
+    "min_over_max",
+    "cv",
+    "hottest_share",
+    "tokens_min",
+    "tokens_max",
+    "tokens_std",
+    "tokens_p50",
+    "tokens_p90",
+    "tokens_p99",
 )
 
 
@@ -45,8 +53,9 @@ def load_metrics(counts: np.ndarray, experts_per_layer: Sequence[int] | None = N
             continue
         p50, p90, p99 = np.percentile(x, [50, 90, 99])
         vals = {k: float(v) for k, v in balance_stats(x).items()}
-        vals.update(tokens_min=x.min(), tokens_max=x.max(), tokens_std=x.std(), tokens_p50=p50, tokens_p90=p90,
-                    tokens_p99=p99)
+        vals.update(
+            tokens_min=x.min(), tokens_max=x.max(), tokens_std=x.std(), tokens_p50=p50, tokens_p90=p90, tokens_p99=p99
+        )
         for k, v in vals.items():
             out[k][i] = v
     return out
