@@ -369,7 +369,7 @@ def test_backtest_errors_rejects_bad_frames(backtest_df):
 # ---- gpu_load --------------------------------------------------------------------------------
 def test_gpu_load_one_run(trace):
     loads = trace.gpu_loads(layers=[0])[:, 0]  # [S, 4]
-    fig = plots.gpu_load(loads, steps=trace.steps)
+    fig = plots.gpu_load(loads, steps=trace.steps).figure
     top, bottom = fig.axes
     assert len(lines_labelled(top, "GPU ")) == 4
     imb = lines_labelled(bottom, "imbalance")[0]
@@ -384,7 +384,7 @@ def test_gpu_load_before_after_a_placement(trace):
     old = placement.plan(w, num_gpus=4, num_replicas=8, policy="contiguous")
     new = placement.plan(w, num_gpus=4, num_replicas=8, policy="eplb")
     before, after = old.evaluate(c[600:]), new.evaluate(c[600:])
-    fig = plots.gpu_load(before=before, after=after, steps=trace.steps[600:], layer=1)
+    fig = plots.gpu_load(before=before, after=after, steps=trace.steps[600:], layer=1).figure
     top, bottom = fig.axes
     assert len(lines_labelled(top, "before: busiest")) == 1 and len(lines_labelled(top, "after: busiest")) == 1
     b_line, a_line = lines_labelled(bottom, "before")[0], lines_labelled(bottom, "after")[0]
@@ -395,7 +395,7 @@ def test_gpu_load_before_after_a_placement(trace):
 
 def test_gpu_load_imbalance_series_and_errors():
     imb = np.linspace(2.0, 1.1, 30)
-    fig = plots.gpu_load(before=imb, after=np.full(30, 1.05))
+    fig = plots.gpu_load(before=imb, after=np.full(30, 1.05)).figure
     assert len(fig.axes) == 1
     np.testing.assert_allclose(lines_labelled(fig.axes[0], "before")[0].get_ydata(), imb)
     with pytest.raises(InputError, match="give loads"):
@@ -410,7 +410,7 @@ def test_gpu_load_imbalance_series_and_errors():
 
 def test_gpu_load_long_input_is_binned_and_fast(big):
     loads = (big[:, 0].reshape(-1, 4, 2).sum(-1) * 4096)  # [100k, 4]
-    fig, dt = timed_render(lambda: plots.gpu_load(loads))
+    fig, dt = timed_render(lambda: plots.gpu_load(loads).figure)
     assert all(len(ln.get_xdata()) <= plots.MAX_POINTS for ln in fig.axes[0].get_lines())
     assert any("mean over 50-step bins" in n for n in notes(fig.axes[0]))
     assert dt < 2.0, f"100k-step gpu_load took {dt:.2f} CPU s"
@@ -426,9 +426,24 @@ def test_gpu_load_of_replays(trace):
     c = trace.counts()
     static = placement.replay(c, num_gpus=4, num_replicas=8, policy="contiguous", replan_every=len(c))
     replanned = placement.replay(c, num_gpus=4, num_replicas=12, policy="eplb", replan_every=200, window=200)
-    fig = plots.gpu_load(before=static, after=replanned, steps=trace.steps, layer=2, labels=("static", "eplb"))
+    fig = plots.gpu_load(before=static, after=replanned, steps=trace.steps, layer=2, labels=("static", "eplb")).figure
     (ax,) = fig.axes
     np.testing.assert_allclose(lines_labelled(ax, "static")[0].get_ydata(), static.step_imbalance[:, 2])
     np.testing.assert_allclose(lines_labelled(ax, "eplb")[0].get_ydata(), replanned.step_imbalance[:, 2])
     with pytest.raises(InputError, match="layer=5"):
         plots.gpu_load(static, layer=5)
+
+
+def test_every_figure_function_returns_the_axes_it_drew_on():
+    """The plotting rule fn(data, ax=None) -> Axes, gpu_load included (two panels: it returns the imbalance Axes)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.axes import Axes
+
+    loads = np.random.default_rng(0).integers(1, 100, size=(40, 4)).astype(float)
+    ax = plots.gpu_load(loads)
+    assert isinstance(ax, Axes) and len(ax.figure.axes) == 2
+    fig, (top, bottom) = plt.subplots(2, 1)
+    assert plots.gpu_load(loads, ax=(top, bottom)) is bottom and top.lines
+    fig2, one = plt.subplots()
+    assert plots.gpu_load(before=loads.max(1) / loads.mean(1), after=np.ones(40), ax=one) is one
+    plt.close("all")

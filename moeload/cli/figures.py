@@ -123,7 +123,7 @@ def _fig_gpu_load(d: Data, j: int):
         raise InputError(f"{d.t.path}: gpu-load needs an expert-parallel trace (ep_size is {d.t.manifest.ep_size})")
     steps, lay, _ = d.window
     li = int(lay[j])  # [S, G] of that layer alone; layer= then only names it in the title
-    return plots.gpu_load(d.t.gpu_loads(steps, [li])[:, 0], steps=steps, layer=li)
+    return plots.gpu_load(d.t.gpu_loads(steps, [li])[:, 0], steps=steps, layer=li).figure
 
 
 def _fig_backtest(d: Data, j: int | None):

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from moeload.plots import _common as c
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
-def strategies(advice: Any, ax: Any = None) -> Any:
+
+def strategies(advice: Any, ax: Any = None) -> Axes:
     """Horizontal bars of `advice.table.step_ms` per strategy, saving % and its interval as text."""
     ax = c.new_axes(ax, (7.0, 3.4))
     tab = advice.table
@@ -51,6 +55,6 @@ def savefig(advice: Any, path: str | Path) -> None:
     """Draw `strategies(advice)` and save it to `path`."""
     import matplotlib.pyplot as plt
 
-    ax = strategies(advice)
-    ax.figure.savefig(path, dpi=120)
-    plt.close(ax.figure)
+    fig = cast("Figure", strategies(advice).figure)  # a figure of its own, not a subfigure
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

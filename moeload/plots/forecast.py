@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moeload.errors import InputError
 from moeload.plots import _common as c
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 METRIC_LABELS = {
     "havg_mae_pp": "error of the horizon-average share (pp)",
@@ -44,7 +47,7 @@ def forecast_vs_actual(
     context: int | None = None,
     max_experts: int = 4,
     max_points: int = c.MAX_POINTS,
-) -> Any:
+) -> Axes:
     """A forecast of expert shares continuing their history, against what happened.
 
     history: [T, E] proportions up to the forecast origin; forecast: [H, E]; actual: [H, E] or
@@ -155,7 +158,7 @@ def backtest_errors(
     metric: str = "havg_mae_pp",
     phase: str | None = "all",
     predictors: Sequence[str] | None = None,
-) -> Any:
+) -> Axes:
     """Bar chart of backtest error per predictor (groups) and horizon (colours).
 
     df: `evaluation.backtest` rows (one per origin x layer: bars are means, whiskers one

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moeload.errors import InputError
 from moeload.plots import _common as c
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 def _layer_proportions(data: Any, layer: int | str, steps: Any, name: str) -> tuple[np.ndarray, np.ndarray, int, str]:
@@ -37,7 +40,7 @@ def load_heatmap(
     max_points: int = c.MAX_POINTS,
     cmap: str = "viridis",
     vmax: float | None = None,
-) -> Any:
+) -> Axes:
     """Heatmap of one layer's expert load: training step (x) x expert (y), colour = share in %.
 
     data: proportions [S, E], [S, L, E] (pick `layer`) or a Trace (then `steps` is a step
@@ -108,7 +111,7 @@ def proportions_over_time(
     layer: int | str = 0,
     experts: Sequence[int] | None = None,
     max_points: int = c.MAX_POINTS,
-) -> Any:
+) -> Axes:
     """Each expert's share over training, with transient / stable phases shaded.
 
     p: proportions [S, E], [S, L, E] (pick `layer`) or a Trace; steps: [S] step numbers (or a
@@ -192,7 +195,7 @@ def fluctuation(
     layer_names: Sequence[str] | None = None,
     max_points: int = c.MAX_POINTS,
     log: bool = True,
-) -> Any:
+) -> Axes:
     """Fluctuation of each layer's load over training, with each layer's stable-phase boundary.
 
     data: proportions [S, L, E] or a Trace (the statistic is `rolling_fluctuation(p, window,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moeload.errors import InputError
 from moeload.plots import _common as c
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 def _series(x: Any, name: str, layer: int) -> tuple[np.ndarray | None, np.ndarray]:
@@ -39,22 +42,23 @@ def gpu_load(
     loads: Any = None,
     before: Any = None,
     after: Any = None,
-    axes: Any = None,
+    ax: Any = None,
     *,
     steps: Any = None,
     layer: int = 0,
     labels: tuple[str, str] = ("before", "after"),
     unit: str = "tokens",
     max_points: int = c.MAX_POINTS,
-) -> Any:
+) -> Axes:
     """Per-GPU load (top) and imbalance max / mean over GPUs (bottom) over training.
 
     loads: one run's per-GPU loads [S, G] (or [S, L, G] / a `placement.Evaluation`: pick
     `layer`), its imbalance series [S], or a `placement.ReplayResult` (its step_imbalance).
     before, after: two such runs over the same steps to compare, e.g. the recorded placement and
     a new plan replayed on the same counts; with both, `loads` is left out. One run with G <= 16 GPUs draws a line per GPU; a comparison draws each run's
-    busiest GPU, mean and min..max band. axes: two Axes to draw on (default a new figure).
-    Returns the Figure.
+    busiest GPU, mean and min..max band. ax: where to draw (default a new figure): two Axes (load,
+    imbalance) where there are per-GPU loads, one Axes for imbalance series only. Returns the
+    imbalance Axes (its `.figure` holds both panels).
     """
     runs = [(lab, x) for lab, x in (("load", loads), (labels[0], before), (labels[1], after)) if x is not None]
     if not runs:
@@ -67,7 +71,7 @@ def gpu_load(
         raise InputError(f"gpu_load: runs cover different numbers of steps {[len(i) for _, _, i in data]}")
     s = c.step_numbers(steps, S)
     has_loads = any(ld is not None for _, ld, _ in data)
-    if axes is None:
+    if ax is None:
         import matplotlib.pyplot as plt
 
         if has_loads:
@@ -77,11 +81,10 @@ def gpu_load(
         else:
             top, (_, bottom) = None, plt.subplots(figsize=(9, 3.2), layout="constrained")
     else:
-        axes = list(axes) if isinstance(axes, (list, tuple, np.ndarray)) else [axes]
+        axes = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
         if has_loads and len(axes) != 2:
-            raise InputError(f"gpu_load: axes must be two Axes (load, imbalance) for per-GPU loads, got {len(axes)}")
+            raise InputError(f"gpu_load: ax must be two Axes (load, imbalance) for per-GPU loads, got {len(axes)}")
         top, bottom = (axes[0], axes[1]) if has_loads else (None, axes[-1])
-    fig = bottom.figure
     xs, _, b = c.bin_rows(s, data[0][2][:, None], max_points)
     run_colors = {labels[0]: "#d62728", labels[1]: "#1f77b4", "load": "0.15"}
     if has_loads:
@@ -126,4 +129,4 @@ def gpu_load(
     bottom.set_ylim(bottom=min(0.95, bottom.get_ylim()[0]))
     c.legend_outside(bottom)
     c.step_axis(bottom)
-    return fig
+    return bottom
