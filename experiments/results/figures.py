@@ -114,7 +114,7 @@ def gpu_loads(run: Any, path: Path) -> Path:
     L = run.p.shape[1]
     fig, axes = plt.subplots(2, 2, figsize=(16, 6.2), layout="constrained", height_ratios=(3, 2), sharex=True)
     for j, li in enumerate((0, L - 1)):
-        plots.gpu_load(run.gpu_loads[:, li], axes=axes[:, j], steps=run.steps, layer=li, unit="routed assignments")
+        plots.gpu_load(run.gpu_loads[:, li], ax=axes[:, j], steps=run.steps, layer=li, unit="routed assignments")
     fig.suptitle(f"{run.setup} seed {run.seed}: per-GPU load under the recorded expert -> GPU map "
                  f"(ep_size {run.gpu_loads.shape[2]}), MoE layers 0 (shallowest) and {L - 1} (deepest)", fontsize=11)
     return _save(fig, path)
