@@ -23,17 +23,13 @@ the error that stopped the run) and, for ``bias``, ``router_bias.npz``: ``bias [
 snapshots every 100 steps, ``after_step [N]`` (0-based step whose update was the last applied) and
 ``layers [L]`` (trace layer names). Progress goes to stdout every 100 steps.
 
-Speed (issue 16). The routers are moeload's with one change of method, not of result: the queue
-position of each route (for capacity drops and dispatch slots) comes from `queue_positions`, one
-flat cumsum, instead of `moeload.workloads.model.slot_positions`, whose cumsum down the rows of a
-``[2T, E]`` one-hot CUDA runs with one thread per expert walking 2T = 65,536 rows (12 such scans a
-step in the small shape). ``--routers moeload`` keeps moeload's. ``--compile`` (default on CUDA
-where triton is installed) compiles each block with ``Module.compile()`` after the tracer attached;
-the router and its tracer hook always run eagerly (`route`), since dynamo cannot trace the
-``torch._C._current_graph_task_id()`` that the hook and `BiasRouter` call. ``--bench N`` times N
-steps after ``--bench-warmup`` steps for each of ``--bench-modes`` (default baseline = moeload's
-routers eager, eager, compile) in one process and prints steps/s, tokens/s and how many leading
-steps of each mode's trace equal the first mode's:
+Speed (issue 16). Routers, queue positions and capacity drops are moeload's (`slot_positions` is one
+flat cumsum since 2026-12-04; before, a cumsum down the rows of a ``[2T, E]`` one-hot ran on CUDA as
+one thread per expert and cost more than half of each step). ``--compile`` (default on CUDA where
+triton is installed) compiles each block with ``Module.compile()`` after the tracer attached; the
+router and its tracer hook always run eagerly (`route`). ``--bench N`` times N steps after
+``--bench-warmup`` steps for each of ``--bench-modes`` (default eager, compile) in one process and
+prints steps/s, tokens/s and how many leading steps of each mode's trace equal the first mode's:
 
     PYTHONPATH=$PWD python3 experiments/train_long.py --config small --bench 90 --out /tmp/b
 """
@@ -84,58 +80,8 @@ SHAPES = {
     "tiny": dict(name="tiny", n_layers=2, d_model=64, n_heads=4, n_experts=4, moe_every=1, expert_d_ff=128,
                  lr=3e-3),
 }
-BENCH_MODES = ("baseline", "eager", "compile")
-"""baseline: moeload's routers (slot_positions), eager; eager: this script's routers; compile: those, blocks compiled."""
-
-
-def queue_positions(indices: Tensor, num_experts: int) -> Tensor:
-    """`slot_positions` computed with one 1-D cumsum: ``indices: [T, k]`` -> ``[T, k]`` int64, equal element
-    for element (0-based arrival position of each route in its expert's queue, choice-major, token-minor).
-
-    The one-hot is expert-major ``[E, k*T]`` and scanned flat (CUDA: one CUB scan), so entry ``(e, n)``
-    holds the routes of experts < e plus those of expert e up to route n; subtracting the first part
-    leaves the position. moeload's version scans ``[k*T, E]`` down its rows, which CUDA runs as E
-    threads that each walk k*T rows one after another.
-    """
-    T, k = indices.shape
-    if T * k == 0:
-        return torch.zeros_like(indices)
-    flat = indices.t().reshape(-1)  # [k*T] choice-major
-    onehot = (flat == torch.arange(num_experts, device=flat.device)[:, None]).to(torch.int32)  # [E, k*T]
-    running = onehot.view(-1).cumsum(0, dtype=torch.int32).view(num_experts, k * T)  # [E, k*T]
-    before = running[:, -1] - onehot.sum(1, dtype=torch.int32)  # [E] routes of experts < e
-    pos = running.gather(0, flat[None]).squeeze(0) - before[flat] - 1  # [k*T]
-    return pos.long().view(k, T).t()
-
-
-def _drop_with_queue_positions(router: TopKRouter, forward: Callable[[Tensor], RouterOutput], x: Tensor) -> RouterOutput:
-    """``forward(x)`` (moeload's router forward) run without capacity, then ``kept`` from `queue_positions`:
-    the same outputs (gate, softmax, top-k, weights, aux loss, bias load) with the fast scan."""
-    cf = router.capacity_factor
-    if cf is None:
-        return forward(x)
-    router.capacity_factor = None
-    try:
-        r = forward(x)
-    finally:
-        router.capacity_factor = cf
-    T, k = r.indices.shape
-    return r._replace(kept=queue_positions(r.indices, router.num_experts) < expert_capacity(T, k, router.num_experts, cf))
-
-
-class ScanTopKRouter(TopKRouter):
-    """moeload's `TopKRouter`, capacity drops from `queue_positions`."""
-
-    def forward(self, x: Tensor) -> RouterOutput:
-        return _drop_with_queue_positions(self, super().forward, x)
-
-
-class ScanBiasRouter(BiasRouter):
-    """moeload's `BiasRouter` (selection with the bias, weights without, load for the update), capacity drops
-    from `queue_positions`."""
-
-    def forward(self, x: Tensor) -> RouterOutput:
-        return _drop_with_queue_positions(self, super().forward, x)
+BENCH_MODES = ("eager", "compile")
+"""eager: the model as built; compile: its blocks compiled (routers and hooks eager)."""
 
 
 @torch.compiler.disable
@@ -154,11 +100,11 @@ class GroupedMoE(nn.Module):
 
     Route ``(t, j)`` of a kept token goes to slot ``indices[t, j] * C + position`` (GShard order, as
     the router's ``kept``); dropped routes point at one extra zero row, so they add nothing.
-    ``positions``: `queue_positions` or moeload's `slot_positions` (same values).
+    ``positions``: the queue position of each route, moeload's `slot_positions` (the router's own order).
     """
 
     def __init__(self, router: TopKRouter, experts: Experts,
-                 positions: Callable[[Tensor, int], Tensor] = queue_positions) -> None:
+                 positions: Callable[[Tensor, int], Tensor] = slot_positions) -> None:
         super().__init__()
         self.router = router
         self.experts = experts
@@ -201,26 +147,20 @@ def make_config(shape: str, balance: str, seq_len: int, batch: int, lr: float | 
                           amp=True)
 
 
-def build_model(cfg: WorkloadConfig, balance: str, seed: int, device: torch.device, routers: str = "scan") -> MoEGPT:
-    """MoEGPT initialised from ``seed`` with every MoE FFN a `GroupedMoE` (same weights as the original).
-
-    routers: "scan" (`ScanTopKRouter` / `ScanBiasRouter`) or "moeload" (`TopKRouter` / `BiasRouter`)."""
+def build_model(cfg: WorkloadConfig, balance: str, seed: int, device: torch.device) -> MoEGPT:
+    """MoEGPT initialised from ``seed`` with every MoE FFN a `GroupedMoE` (same weights as the original);
+    for ``bias``, moeload's `BiasRouter` (DeepSeek-V3 update) on the same gate."""
     torch.manual_seed(seed)
     model = MoEGPT(cfg)
-    scan = routers == "scan"
     for block in model.blocks:
         old = getattr(block, "moe", None)
         if old is None:
             continue
         router = old.router
         if balance == "bias":
-            router = (ScanBiasRouter if scan else BiasRouter)(cfg.d_model, cfg.n_experts, cfg.top_k,
-                                                              cfg.capacity_factor, BIAS_UPDATE)
+            router = BiasRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.capacity_factor, BIAS_UPDATE)
             router.gate = old.router.gate
-        elif scan:
-            router = ScanTopKRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.capacity_factor)
-            router.gate = old.router.gate
-        block.moe = GroupedMoE(router, old.experts, queue_positions if scan else slot_positions)
+        block.moe = GroupedMoE(router, old.experts)
     return model.to(device)
 
 
@@ -306,9 +246,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="compile each block after the tracer attached (routers stay eager); default: on for CUDA "
                          "where triton is installed, off on CPU")
-    ap.add_argument("--routers", choices=["scan", "moeload"], default="scan",
-                    help="scan: moeload's routers with queue positions from one flat cumsum (same counts); "
-                         "moeload: moeload's routers as they are (slow cumsum on CUDA)")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--summary-every", type=int, default=500)
     ap.add_argument("--sync-debug", action="store_true",
@@ -365,10 +302,10 @@ class Trainer:
     keeps ``history [steps, 3]`` (loss, lm, aux) on the device (no host sync)."""
 
     def __init__(self, a: argparse.Namespace, cfg: WorkloadConfig, device: torch.device, trace: Path,
-                 provenance: dict, routers: str, compile_: bool) -> None:
+                 provenance: dict, compile_: bool) -> None:
         cuda = device.type == "cuda"
         self.cfg, self.device = cfg, device
-        self.model = build_model(cfg, a.balance, a.seed, device, routers)
+        self.model = build_model(cfg, a.balance, a.seed, device)
         self.model.train()
         self.routers = list(self.model.routers().values())
         self.bias_routers = [r for r in self.routers if isinstance(r, BiasRouter)]
@@ -435,7 +372,7 @@ def bench(a: argparse.Namespace, argv: list[str] | None, cfg: WorkloadConfig, de
         counters.clear()
         t0 = time.perf_counter()
         tr = Trainer(a, cfg, device, out / mode / "trace.moeload", provenance_of(a, argv, cfg, device, run),
-                     routers="moeload" if mode == "baseline" else "scan", compile_=mode == "compile")
+                     compile_=mode == "compile")
         try:
             for step in range(a.bench_warmup):
                 tr.step(step)
@@ -488,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
 
     run = f"{cfg.name} {a.balance} s{a.seed}"
     provenance = provenance_of(a, argv, cfg, device, run)
-    tr = Trainer(a, cfg, device, out / "trace.moeload", provenance, a.routers, a.compile)
+    tr = Trainer(a, cfg, device, out / "trace.moeload", provenance, a.compile)
     model, sched, tracer, history = tr.model, tr.sched, tr.tracer, tr.history
     tokens_per_step = provenance["tokens_per_step"]
     print(f"[{run}] {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(tr.routers)} MoE layers, "

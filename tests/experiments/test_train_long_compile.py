@@ -12,10 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from moeload import open_trace
-from moeload.workloads.model import BiasRouter, TopKRouter, slot_positions
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "experiments" / "train_long.py"
@@ -32,43 +30,10 @@ def _module():
     return mod
 
 
-@pytest.mark.parametrize("E,k,T", [(4, 2, 50), (16, 2, 3000), (128, 2, 700), (8, 1, 33), (5, 3, 1), (4, 2, 0)])
-def test_queue_positions_equal_slot_positions(E, k, T):
-    tl = _module()
-    g = torch.Generator().manual_seed(E * 1000 + T)
-    skewed = torch.rand(T, E, generator=g) + torch.linspace(0, 2, E)  # a hot expert: long queues
-    indices = skewed.topk(k, dim=-1).indices  # [T, k] distinct experts per token, as a router's
-    got = tl.queue_positions(indices, E)
-    assert got.dtype == torch.int64 and got.shape == (T, k)
-    assert torch.equal(got, slot_positions(indices, E))
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_scan_routers_return_moeload_routers_outputs(bias):
-    tl = _module()
-    torch.manual_seed(0)
-    ref = BiasRouter(16, 4, 2, 1.0) if bias else TopKRouter(16, 4, 2, 1.0)
-    fast = (tl.ScanBiasRouter(16, 4, 2, 1.0) if bias else tl.ScanTopKRouter(16, 4, 2, 1.0))
-    fast.load_state_dict(ref.state_dict())
-    if bias:
-        for r in (ref, fast):
-            r.expert_bias.copy_(torch.tensor([0.3, 0.0, -0.1, 0.0]))
-    x = torch.randn(200, 16) * 3
-    a, b = ref(x), fast(x)
-    assert not a.kept.all()  # capacity 1.0 drops routes, so kept is tested
-    for name in a._fields:
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
-    assert fast.capacity_factor == 1.0
-    if bias:
-        assert torch.equal(ref.step_load, fast.step_load)
-        ref.update_bias()
-        fast.update_bias()
-        assert torch.equal(ref.expert_bias, fast.expert_bias)
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One bench (baseline, eager, compile: 2 + 3 steps each) and one compiled 10-step training run."""
+    """One bench (eager, compile: 2 + 3 steps each) and one compiled 10-step training run."""
     d = tmp_path_factory.mktemp("compile")
     b = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--bench", str(TIMED), "--bench-warmup", str(WARM),
                         "--out", str(d / "bench")], capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
@@ -81,7 +46,7 @@ def test_bench_reports_every_mode(runs):
     d, b, _ = runs
     assert b.returncode == 0, b.stderr
     report = json.loads((d / "bench" / "bench.json").read_text())
-    assert list(report["modes"]) == ["baseline", "eager", "compile"]
+    assert list(report["modes"]) == ["eager", "compile"]
     for mode, r in report["modes"].items():
         assert r["steps_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["steps_per_s"] * BATCH * SEQ)
         assert r["tracer_errors"] == []
@@ -89,10 +54,8 @@ def test_bench_reports_every_mode(runs):
     assert report["modes"]["eager"]["graphs"] == 0
     assert report["modes"]["compile"]["graphs"] >= 2  # a dense-free tiny model: MoE block before and after the router
     assert report["modes"]["compile"]["graph_breaks"] > 0  # at the eager router call, nowhere else needed
-    # same math: the scan routers reproduce moeload's run bit for bit; compiled blocks at least in the first steps
-    assert report["modes"]["eager"]["leading_steps_equal_to_baseline"] == WARM + TIMED
-    assert report["modes"]["eager"]["lm_loss_last"] == report["modes"]["baseline"]["lm_loss_last"]
-    assert report["modes"]["compile"]["leading_steps_equal_to_baseline"] >= 3
+    # same math: compiled blocks trace as the eager run, at least in the first steps
+    assert report["modes"]["compile"]["leading_steps_equal_to_eager"] >= 3
 
 
 def test_compiled_training_run_traces_as_eager(runs):
@@ -103,7 +66,7 @@ def test_compiled_training_run_traces_as_eager(runs):
     assert s["status"] == "done" and s["steps"] == 10 and s["tracer_errors"] == [] and 0 < s["val_lm_loss"] < 6
     assert s["compiled_graphs"] >= 2 and "compiled " in t.stdout  # compiled, not fallen back to eager
     compiled = open_trace(d / "run" / "trace.moeload")
-    eager = open_trace(d / "bench" / "baseline" / "trace.moeload")  # same seed, data and schedule, first 5 steps
+    eager = open_trace(d / "bench" / "eager" / "trace.moeload")  # same seed, data and schedule, first 5 steps
     assert compiled.layers == eager.layers == ["blocks.0.moe.router", "blocks.1.moe.router"]
     c = compiled.counts()
     assert c.shape == (10, 2, 4) and (c.sum(-1) == BATCH * SEQ * 2).all()

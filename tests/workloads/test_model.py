@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -64,6 +65,21 @@ def test_slot_positions_match_python_queue(T, k, E, hot):
             expected[t, j] = fill[e]
             fill[e] += 1
     assert torch.equal(pos, expected)
+
+
+@pytest.mark.parametrize("E,k,T", [(16, 2, 3000), (128, 2, 700), (8, 1, 33), (5, 3, 1)])
+def test_slot_positions_at_router_sizes(E, k, T):
+    """A hot expert (long queue) at sizes the GPU runs use; reference: each expert's running count in
+    choice-major, token-minor order (NumPy)."""
+    g = torch.Generator().manual_seed(E * 1000 + T)
+    skewed = torch.rand(T, E, generator=g) + torch.linspace(0, 2, E)
+    indices = skewed.topk(k, dim=-1).indices  # [T, k] distinct experts per token, as a router's
+    flat = indices.t().reshape(-1).numpy()
+    want = np.empty_like(flat)
+    for e in range(E):
+        at = np.flatnonzero(flat == e)
+        want[at] = np.arange(len(at))
+    assert torch.equal(slot_positions(indices, E), torch.from_numpy(want).view(k, T).t())
 
 
 @pytest.mark.parametrize("cf", [0.25, 0.5, 1.0, 2.0])
