@@ -220,7 +220,7 @@ class DecodeCost:
     dim 128, one SDPA call (enable_gqa) per head copy, fit by least squares on the per-rank times of
     two `benchmarks/fairkv_decode.py` runs (skew 0.5 and 1.0, TP 2/4/8, 64 requests x 8,192 keys;
     docs/placement.md, "Fair-Copying measured"); on four other runs it predicted the measured
-    speedups within 0.09 and their ranking. Refit for another GPU or kernel with `DecodeCost.fit`.
+    speedups within 0.11 and their ranking. Refit for another GPU or kernel with `DecodeCost.fit`.
     """
 
     fixed_s: float = 10.0e-6
