@@ -34,6 +34,9 @@ class GateHooks(TracerState):
         lay = self.layout
         calls, mb_calls, nan_step, cache = self._calls, self._mb_calls, self._nan_step, self._cache
         in_graph = self.hooks_in_graph
+        # (routed, kept) planes a forward counts into, by module.training; None: an eval forward not recorded
+        train_planes = (lay.routed, lay.kept)
+        eval_planes = None if lay.eval_routed is None else (lay.eval_routed, lay.eval_kept)
 
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             if in_graph and torch.compiler.is_compiling():  # traced into the graph: no host state per call
@@ -41,14 +44,10 @@ class GateHooks(TracerState):
                 return
             calls[li] += 1
             try:
-                if module.training:
-                    if in_backward():
-                        return
-                    pr, pk = lay.routed, lay.kept
-                elif lay.eval_routed is not None:
-                    pr, pk = lay.eval_routed, lay.eval_kept
-                else:
+                planes = train_planes if module.training else eval_planes
+                if planes is None or (module.training and in_backward()):
                     return
+                pr, pk = planes
                 slot = self._slot
                 assert self._buf is not None  # hooks exist between start() and close()
                 rows = self._buf[slot]
@@ -84,12 +83,10 @@ class GateHooks(TracerState):
             """The hook as dynamo traces it: the routing is added to `_live` (the open step's rows, folded
             into the block at step()), tokens and the NaN check on the device; no host state is read or
             written, so nothing the graph guards on changes from call to call or step to step."""
-            if module.training:
-                pr, pk = lay.routed, lay.kept
-            elif lay.eval_routed is not None:
-                pr, pk = lay.eval_routed, lay.eval_kept
-            else:
+            planes = train_planes if module.training else eval_planes
+            if planes is None:
                 return
+            pr, pk = planes
             live = self._live
             assert live is not None  # allocated with the buffer
             r = spec.counts(module, inputs, output)
