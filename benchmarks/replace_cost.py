@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank sets the step boundary
             secs.append(float(t))
-            em = st["experts_moved"]
-            moved, total = (em if isinstance(em, int) else len(em)), int(st["bytes_total"])
+            moved, total = int(st["experts_moved"]), int(st["bytes_total"])
         rows.append({"plan": name, "experts_moved": moved, "bytes_total": total, "seconds": secs,
                      "median_ms": 1e3 * statistics.median(secs), "min_ms": 1e3 * min(secs), "max_ms": 1e3 * max(secs)})
     if rank == 0:

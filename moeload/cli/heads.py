@@ -98,7 +98,7 @@ def heads(
         dtype_bytes=dtype_bytes,
     )
     df = head_decode_table(
-        b * 1.0, requests, tps, cost=cost, extra_per_gpu=extra, exact_time_limit=exact_s if exact_s > 0 else None
+        b, requests, tps, cost=cost, extra_per_gpu=extra, exact_time_limit=exact_s if exact_s > 0 else None
     )
     verdicts = []
     for t in tps:

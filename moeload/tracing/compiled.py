@@ -96,18 +96,18 @@ class CompileChecks(TracerState):
         if self._silent_checked or self._slot == 0:
             return
         self._silent_checked = True
+        quiet = [li for li, n in enumerate(self._calls) if n == 0 and li not in self._compiled_layers]
+        if quiet and self._live is not None and self._buf is not None:  # in-graph hooks count on the device (one read)
+            tokens = self._buf[: self._slot, :, :, TOKENS_COL].sum((0, 1)).tolist()
+            self._compiled_layers.update(li for li in quiet if tokens[li] > 0)
         last = self.step_count - 1
         others = "no other gate ran either" if not (any(self._calls) or self._compiled_layers) else "other gates ran"
         reason = (
             f"no forward seen in steps {self._first_step}..{last} ({others}; compiled before the tracer "
             "attached? create the tracer before compiling or call torch.compiler.reset())"
         )
-        quiet = [li for li, n in enumerate(self._calls) if n == 0 and li not in self._compiled_layers]
-        if quiet and self._buf is not None:  # a gate whose hook runs compiled counts on the device (one host read)
-            tokens = self._buf[: self._slot, :, :, TOKENS_COL].sum((0, 1)).tolist()
-            self._compiled_layers.update(li for li in quiet if tokens[li] > 0)
-        for li, n in enumerate(self._calls):
-            if n == 0 and li not in self._compiled_layers:
+        for li in quiet:
+            if li not in self._compiled_layers:
                 self._silent[self.local_layers[li]] = {"step": self._first_step, "ranks": [self.rank], "reason": reason}
         if self._silent:
             names = list(self._silent)
