@@ -9,6 +9,7 @@ import typer
 
 from moeload.cli._common import check_alloc, console, print_json, table
 from moeload.errors import InputError
+from moeload.trace.importers.arrays import npy_header
 
 MAX_HEADS = 4096  # KV heads per layer a plan is asked for (the MILP and the tables grow with it)
 
@@ -17,10 +18,7 @@ def read_budgets(path: Path) -> np.ndarray:
     """[L, H] float64 budgets from a .npy file ([H] is one layer); shape checked before loading."""
     try:
         with open(path, "rb") as f:
-            fmt = np.lib.format
-            major, _ = fmt.read_magic(f)
-            read_header = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
-            shape, _, dtype = read_header(f)  # the header only, not the data
+            shape, dtype = npy_header(f, str(path))  # the header only, not the data
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except Exception as e:  # a malformed header raises ValueError, SyntaxError, ... : all mean "not .npy"

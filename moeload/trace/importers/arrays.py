@@ -13,7 +13,7 @@ from moeload.errors import InputError, MoeloadError, TraceFormatError, first_lin
 from moeload.trace.importers._common import INT64_MAX, MAX_DENSE_BYTES, Imported, counts_array
 
 
-def _header_shape(fp, where: str) -> tuple[tuple[int, ...], np.dtype]:
+def npy_header(fp, where: str) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) from the header of an .npy stream at its start, without reading the data."""
     fmt = np.lib.format
     version = fmt.read_magic(fp)
@@ -33,10 +33,10 @@ def _check_headers(path: Path) -> None:
             with zipfile.ZipFile(path) as z:
                 for name in (n for n in z.namelist() if n.endswith(".npy")):
                     with z.open(name) as fp:
-                        _check_size(path, name, *_header_shape(fp, f"{path}: {name}"))
+                        _check_size(path, name, *npy_header(fp, f"{path}: {name}"))
         else:
             with open(path, "rb") as fp:
-                _check_size(path, None, *_header_shape(fp, str(path)))
+                _check_size(path, None, *npy_header(fp, str(path)))
     except MoeloadError:
         raise
     except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
