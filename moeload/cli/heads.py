@@ -95,6 +95,8 @@ def heads(
         head_dim=head_dim,
         dtype_bytes=dtype_bytes,
     )
+    given = any(v is not None for v in (fixed_us, call_us, bandwidth_gbs))
+    calibration = "given" if given else "moeload's default: one H200, dense SDPA, fit on two runs; refit for your GPU"
     df = head_decode_table(
         b, requests, tps, cost=cost, extra_per_gpu=extra, exact_time_limit=exact_s if exact_s > 0 else None
     )
@@ -117,6 +119,7 @@ def heads(
                 "kv_heads": b.shape[1],
                 "requests": requests,
                 "cost": dataclasses.asdict(cost),
+                "calibration": calibration,
                 "rows": df.to_dict(orient="records"),
                 "verdicts": verdicts,
             }
@@ -138,7 +141,8 @@ def heads(
     c.print(
         table(
             f"{budgets}: {b.shape[0]} layers x {b.shape[1]} KV heads, {requests} requests; cost "
-            f"{cost.fixed_s * 1e6:.1f} us + {cost.per_slot_s * 1e6:.1f} us/call + bytes / {cost.bandwidth / 1e9:.0f} GB/s",
+            f"{cost.fixed_s * 1e6:.1f} us + {cost.per_slot_s * 1e6:.1f} us/call + bytes / {cost.bandwidth / 1e9:.0f} GB/s "
+            f"({calibration})",
             ["TP", "strategy", "slots", "simulator speedup", "cost-model speedup", "step ms", ""],
             rows_out,
         )

@@ -25,6 +25,7 @@ def test_json_matches_the_library_and_names_the_fastest(tmp_path):
     r = runner.invoke(app, ["heads", str(p), "--requests", "32", "--tp", "2,8", "--exact-time-limit", "0", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
+    assert d["calibration"].startswith("moeload's default")  # the H200 fit, said so, not passed off as yours
     lib = head_decode_table(b, 32, (2, 8), cost=DecodeCost(), exact_time_limit=None)
     assert [row["speedup"] for row in d["rows"]] == lib.speedup.tolist()
     for v in d["verdicts"]:
@@ -40,6 +41,7 @@ def test_calls_that_cost_more_turn_the_verdict(tmp_path):
     dear = runner.invoke(app, ["heads", str(p), "--requests", "4", "--tp", "2", "--exact-time-limit", "0",
                                "--call-us", "100", "--json"])
     assert cheap.exit_code == dear.exit_code == 0
+    assert json.loads(cheap.stdout)["calibration"] == json.loads(dear.stdout)["calibration"] == "given"
     v_cheap, v_dear = json.loads(cheap.stdout)["verdicts"][0], json.loads(dear.stdout)["verdicts"][0]
     assert v_cheap["advice"] == "copy heads" and v_dear["advice"] != "copy heads"
 
