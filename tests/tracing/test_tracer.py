@@ -174,6 +174,8 @@ def test_no_gating_modules_error_names_what_was_looked_for(tmp_path):
         LoadTracer(Loop().model)
     with pytest.raises(InputError, match="flush_every"):
         LoadTracer(Loop().model, tmp_path / "t", flush_every=0)
+    with pytest.raises(InputError, match="hooks_in_graph='yes': expected True or False"):
+        LoadTracer(Loop().model, tmp_path / "t", hooks_in_graph="yes")
 
 
 def test_manifest_notes_and_rank_map(tmp_path):
