@@ -7,7 +7,8 @@ applies plans during training when the cost model says they pay (plans from `moe
 also importable here); `checkpoint.py` saves the maps in force
 beside a checkpoint and applies them before it loads (`layout_state_dict`, `apply_layout`,
 `record_layout` for a resumed tracer); `replicas.py` gives a DeepSpeed MoE layer copies of hot experts
-(`enable_replicas`, `add_replica`, `remove_replica`, `sync_replica_grads`). Framework packages are
+(`enable_replicas`, `add_replica`, `remove_replica`, `sync_replica_grads`, exported here), and
+`megatron_replicas.py` a megatron-core MoELayer (the same four names, imported from that module). Framework packages are
 imported only inside their backend; `Replacer`, `plan_maps`, the checkpoint and the replica functions
 are imported on first use.
 """

@@ -76,18 +76,22 @@ def _permute_gate(gate: Any, opt: torch.optim.Optimizer | None, src_slot: np.nda
     permute_rows(list(gate.wg.parameters()), opt, src_slot)
 
 
-def permute_experts(moe_layer: Any, new_expert_to_rank: list[int], optimizer: Any = None) -> dict:
+def permute_experts(
+    moe_layer: Any, new_expert_to_rank: list[int], optimizer: Any = None, *, stage: bool | None = None
+) -> dict:
     """Move logical expert e of one DeepSpeed MoE layer to EP rank new_expert_to_rank[e], collectively.
 
     moe_layer: `deepspeed.moe.layer.MoE` (or its `deepspeed_moe`); new_expert_to_rank: [E] ranks of
     the layer's EP group, each exactly E / ep_size experts; optimizer: the torch optimizer (or the
     DeepSpeed engine) whose state (Adam's exp_avg, exp_avg_sq, step, ...) moves with the parameters;
     without it, any optimizer state stays with the slots, which is wrong for a stateful optimizer.
-    Gradients, where present, move too.
+    Gradients, where present, move too. stage: payloads through host memory (`act._exchange`; by
+    default for a gloo group with device tensors, e.g. several ranks on one GPU).
     The map is validated before any communication (InputError on every rank alike); problems found
     on one rank only (the optimizer) are shared first, so that every rank raises.
     -> {"expert_to_rank": [E], "experts_moved": logical experts that changed rank, "bytes_sent",
-    "bytes_received": this rank's, "bytes_total": the group's, "seconds": this call's wall time}.
+    "bytes_received": this rank's, "bytes_total": the group's, "stage_seconds": this rank's host
+    staging copies, "seconds": this call's wall time}.
     """
     t0 = time.perf_counter()
     moe = _moe_layer(moe_layer)
@@ -126,6 +130,7 @@ def permute_experts(moe_layer: Any, new_expert_to_rank: list[int], optimizer: An
         prepare=prepare,
         permute=lambda opt, src: _permute_gate(moe.gate, opt, src),
         t0=t0,
+        stage=stage,
     )
     if not moves.is_identity:
         setattr(moe, _MAP_ATTR, new)

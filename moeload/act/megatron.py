@@ -41,6 +41,11 @@ def _local_experts(moe_layer: Any) -> list[torch.nn.Module]:
     router, experts = getattr(moe_layer, "router", None), getattr(moe_layer, "experts", None)
     if getattr(router, "weight", None) is None or experts is None or not hasattr(moe_layer, "local_expert_indices"):
         raise InputError(f"moe_layer: expected a megatron-core MoELayer, got {type(moe_layer).__name__}")
+    if isinstance(getattr(router, "slot_logical", None), torch.Tensor):
+        raise InputError(
+            "moe_layer: a layer with expert replicas (moeload.act.megatron_replicas.ReplicaRouter): permutation, "
+            "layouts and the Replacer assume one slot per expert; move copies with add_replica / remove_replica"
+        )
     local = getattr(experts, "local_experts", None)
     if local is None:
         raise InputError(
@@ -99,18 +104,22 @@ def _permute_router(router: Any, opt: torch.optim.Optimizer | None, src_slot: np
                 b.copy_(b[torch.as_tensor(src_slot, device=b.device)])
 
 
-def permute_experts(moe_layer: Any, new_expert_to_rank: list[int], optimizer: Any = None) -> dict:
+def permute_experts(
+    moe_layer: Any, new_expert_to_rank: list[int], optimizer: Any = None, *, stage: bool | None = None
+) -> dict:
     """Move logical expert e of one megatron-core MoELayer to EP rank new_expert_to_rank[e], collectively.
 
     moe_layer: `megatron.core.transformer.moe.moe_layer.MoELayer` with SequentialMLP experts;
     new_expert_to_rank: [E] ranks of the layer's EP group, each exactly E / ep_size experts;
     optimizer: the torch optimizer whose state (Adam's exp_avg, exp_avg_sq, step, ...) moves with the
     parameters; without it, any optimizer state stays with the slots, which is wrong for a stateful
-    optimizer. Gradients, where present, move too.
+    optimizer. Gradients, where present, move too. stage: payloads through host memory
+    (`act._exchange`; by default for a gloo group with device tensors, e.g. several ranks on one GPU).
     The layer and the map are checked before any communication (InputError on every rank alike);
     problems found on one rank only (the optimizer) are shared first, so that every rank raises.
     -> {"expert_to_rank": [E], "experts_moved": logical experts that changed rank, "bytes_sent",
-    "bytes_received": this rank's, "bytes_total": the group's, "seconds": this call's wall time}.
+    "bytes_received": this rank's, "bytes_total": the group's, "stage_seconds": this rank's host
+    staging copies, "seconds": this call's wall time}.
     """
     t0 = time.perf_counter()
     experts = _local_experts(moe_layer)
@@ -137,6 +146,7 @@ def permute_experts(moe_layer: Any, new_expert_to_rank: list[int], optimizer: An
         prepare=lambda: _check_optimizer(optimizer, experts),
         permute=lambda opt, src: _permute_router(moe_layer.router, opt, src),
         t0=t0,
+        stage=stage,
     )
     if not moves.is_identity:
         setattr(moe_layer, _MAP_ATTR, new)

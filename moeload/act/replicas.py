@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.sharded_moe import TopKGate
 
-from moeload.act._exchange import apply_slot, slot_payload
+from moeload.act._exchange import copy_slot, sum_copy_grads
 from moeload.act.deepspeed import _torch_optimizer
 from moeload.errors import InputError
 
@@ -183,15 +183,12 @@ def enable_replicas(moe_layer: Any, num_experts: int) -> ReplicaGate:
     return moe.gate
 
 
-def _nbytes(tensors: list[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def add_replica(moe_layer: Any, expert: int, slot: int, optimizer: Any = None) -> dict:
+def add_replica(moe_layer: Any, expert: int, slot: int, optimizer: Any = None, *, stage: bool | None = None) -> dict:
     """Make free `slot` a copy of logical `expert`, collectively over the layer's EP group (every rank
     calls, with the same arguments, at a step boundary): the primary's parameters, gradients and
     optimizer state (the torch optimizer or the DeepSpeed engine) are sent to the slot's rank.
-    -> {"expert", "slot", "src_slot", "bytes": what was copied, "seconds"}."""
+    stage: payloads through host memory (`act._exchange`; by default for gloo with device tensors).
+    -> {"expert", "slot", "src_slot", "bytes": what was copied, "stage_seconds", "seconds"}."""
     t0 = time.perf_counter()
     moe = _moe(moe_layer)
     gate = replica_gate(moe)
@@ -204,49 +201,18 @@ def add_replica(moe_layer: Any, expert: int, slot: int, optimizer: Any = None) -
     if gate.slot_expert[slot] != -1:
         raise InputError(f"add_replica: slot {slot} holds expert {gate.slot_expert[slot]}; pick a free slot")
     src = gate.copies(expert)[0]
-    (src_r, src_l), (dst_r, dst_l) = divmod(src, Ls), divmod(slot, Ls)
-    group = moe.ep_group
-    me = dist.get_rank(group) if moe.ep_size > 1 else 0
-    error, opt = "", None
-    meta: list[Any] = []
-    tensors: list[torch.Tensor] = []
-    try:
+
+    def prepare(me: int) -> torch.optim.Optimizer | None:
         opt = _torch_optimizer(optimizer)
-        if opt is not None and me in (src_r, dst_r):
+        if opt is not None and me in (src // Ls, slot // Ls):
             held = {id(p) for g in opt.param_groups for p in g["params"]}
-            if any(id(p) not in held for p in experts[src_l if me == src_r else dst_l].parameters()):
+            if any(id(p) not in held for p in experts[(src if me == src // Ls else slot) % Ls].parameters()):
                 raise InputError("optimizer: does not hold this layer's expert parameters")
-        if me == src_r:
-            meta, tensors = slot_payload(experts[src_l], opt)
-    except InputError as e:
-        error = str(e)
-    shared: list[Any] = [(error, meta)]
-    if moe.ep_size > 1:
-        shared = [None] * int(moe.ep_size)  # filled by all_gather_object
-        dist.all_gather_object(shared, (error, meta), group=group)
-    errors = [f"rank {r}: {err}" for r, (err, _) in enumerate(shared) if err]
-    if errors:
-        raise InputError(error or errors[0])
-    meta = shared[src_r][1]
-    if src_r == dst_r:
-        if me == dst_r:
-            apply_slot(experts[dst_l], opt, meta, [t.clone() for t in tensors])
-    elif me == src_r:
-        for w in dist.batch_isend_irecv(
-            [dist.P2POp(dist.isend, t, dist.get_global_rank(group, dst_r), group) for t in tensors]
-        ):
-            w.wait()
-    elif me == dst_r:
-        device = next(experts[dst_l].parameters()).device
-        tensors = [torch.empty(shape, dtype=getattr(torch, dt), device=device) for _, _, _, shape, dt, _ in meta]
-        for w in dist.batch_isend_irecv(
-            [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, src_r), group) for t in tensors]
-        ):
-            w.wait()
-        apply_slot(experts[dst_l], opt, meta, tensors)
+        return opt
+
+    out = copy_slot(experts, src, slot, group=moe.ep_group, ep_size=int(moe.ep_size), prepare=prepare, stage=stage)
     gate.set_slots([expert if s == slot else e for s, e in enumerate(gate.slot_expert)])
-    n = sum(int(np.prod(m[3])) * torch.empty(0, dtype=getattr(torch, m[4])).element_size() for m in meta)
-    return {"expert": expert, "slot": slot, "src_slot": src, "bytes": n, "seconds": time.perf_counter() - t0}
+    return {"expert": expert, "slot": slot, "src_slot": src, **out, "seconds": time.perf_counter() - t0}
 
 
 def remove_replica(moe_layer: Any, slot: int) -> None:
@@ -271,29 +237,10 @@ def sync_replica_grads(model: Any) -> dict:
     layers = [m for m in model.modules() if isinstance(getattr(m, "gate", None), ReplicaGate)]
     synced, nbytes = 0, 0
     for moe in layers:
-        gate, experts = moe.gate, list(moe.experts.deepspeed_experts)
-        Ls = len(experts)
-        me = dist.get_rank(moe.ep_group) if moe.ep_size > 1 else 0
-        hot = [e for e in range(gate.wg.out_features) if len(gate.copies(e)) > 1]
-        if not hot:
-            continue
-        first = list(experts[0].parameters())
-        buf = torch.zeros(len(hot), sum(p.numel() for p in first), dtype=first[0].dtype, device=first[0].device)
-        mine = {e: [experts[s % Ls] for s in gate.copies(e) if s // Ls == me] for e in hot}
-        for i, e in enumerate(hot):
-            for ex in mine[e]:
-                buf[i] += torch.cat(
-                    [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ex.parameters()]
-                )
-        if moe.ep_size > 1:
-            dist.all_reduce(buf, group=moe.ep_group)
-        for i, e in enumerate(hot):
-            for ex in mine[e]:
-                for p, g in zip(ex.parameters(), buf[i].split([p.numel() for p in ex.parameters()])):
-                    if p.grad is None:
-                        p.grad = g.view_as(p).clone()
-                    else:
-                        p.grad.copy_(g.view_as(p))
-        synced += len(hot)
-        nbytes += _nbytes([buf])
+        gate = moe.gate
+        copies = [c for c in (gate.copies(e) for e in range(gate.wg.out_features)) if len(c) > 1]
+        nbytes += sum_copy_grads(
+            list(moe.experts.deepspeed_experts), copies, group=moe.ep_group, ep_size=int(moe.ep_size)
+        )
+        synced += len(copies)
     return {"experts": synced, "bytes": nbytes, "seconds": time.perf_counter() - t0}

@@ -235,9 +235,11 @@ class MegatronNet(nn.Module):
         return x.pow(2).mean()
 
 
-def megatron_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
+def megatron_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+                  before_step: Callable[[], object] | None = None) -> float:
     """One training step on x -> its loss; the non-expert (router) gradients are averaged over the world
-    first, as data parallelism does (megatron marks expert parameters allreduce=False)."""
+    first, as data parallelism does (megatron marks expert parameters allreduce=False); then before_step(),
+    where given (e.g. sync_replica_grads), then the optimizer step."""
     loss = net(x)
     loss.backward()
     world = dist.get_world_size()
@@ -245,6 +247,8 @@ def megatron_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -
         if getattr(p, "allreduce", True) and p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= world
+    if before_step is not None:
+        before_step()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())

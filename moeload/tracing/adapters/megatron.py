@@ -10,6 +10,11 @@ too, so the kept routes are read as `probs != 0` instead.
 
 Expert parallelism: the parent `MoELayer` holds `num_local_experts` and `local_expert_indices`;
 expert e lives on EP rank `e // num_local_experts`.
+
+Replicas (`moeload.act.megatron_replicas.ReplicaRouter`): the router's config has E logical experts, its
+outputs are [T, S] over slots and its `slot_logical` buffer ([S], E for a free slot) names each slot's
+expert. Its counts are read per logical expert through that map, and the EP size from the S slots (the
+parent's `num_local_experts` counts slots); `expert_to_rank` is the logical experts' home map.
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ def router_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
         raise RoutingShapeError(f"TopKRouter returned {type(out).__name__}; expected (probs, routing_map)")
     probs, second = out[0], out[1]
     cfg: Any = module.config  # a TransformerConfig
+    slot_logical = getattr(module, "slot_logical", None)  # a ReplicaRouter: columns are slots [T, S]
+    if isinstance(slot_logical, torch.Tensor) and second.dim() == 2 and second.shape[-1] == slot_logical.numel():
+        E = int(cfg.num_moe_experts)
+        per_slot = second.sum(0, dtype=torch.int64)
+        counts = torch.zeros(E + 1, dtype=torch.int64, device=per_slot.device).index_add_(0, slot_logical, per_slot)
+        return Routing(counts=counts[:E], tokens=second.shape[0], probs=probs)
     if second.dtype == torch.bool or (second.is_floating_point() and second.shape[-1] == cfg.num_moe_experts):
         if cfg.moe_expert_capacity_factor is not None and getattr(cfg, "moe_pad_expert_input_to_capacity", False):
             return Routing(mask=second & (probs != 0), probs=probs)
@@ -84,7 +95,8 @@ class MegatronAdapter(Adapter):
                 continue
             cfg = r.config
             E, k = int(cfg.num_moe_experts), int(cfg.moe_router_topk)
-            ep, rank = _ep(parents.get(id(r)), E)
+            slots = getattr(r, "slot_logical", None)  # a ReplicaRouter: the parent's experts are its slots
+            ep, rank = _ep(parents.get(id(r)), int(slots.numel()) if isinstance(slots, torch.Tensor) else E)
             local = max(1, E // ep)
             spec = GateSpec(
                 module=r,
