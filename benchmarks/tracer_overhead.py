@@ -26,20 +26,43 @@ checked exactly: every step, every traced layer, ``tokens = tokens per step`` an
 tracer's flushes (every ``--flush-every`` steps) fall inside the timed steps. Writes
 ``tracer_overhead_<config>_<device>[_compiled|_both].json`` and ``.png`` to ``--out``.
 
+Experts (``--experts``). ``loop``: the workload's `MoELayer` (per-expert chunks of data-dependent
+size, one host sync per layer); under dynamo every new pattern of chunk sizes recompiles until
+``recompile_limit`` (8) sends the layer back to eager, so a compiled run of it measures a mix.
+``grouped``: `experiments/train_long.py`'s `GroupedMoE` (imported, not copied): an
+``[E, capacity, H]`` dispatch buffer (capacity factor ``--capacity-factor``, default train_long's
+1.25, overflow dropped; the trace's routed counts are unaffected) and two batched GEMMs, static
+shapes, so dynamo compiles once; its router (with the tracer's hook) runs eagerly (train_long's
+`route`), as in train_long's compiled runs. Default (``auto``): ``grouped`` for ``--mode compiled``
+and for both modes of ``--mode both``, ``loop`` for ``--mode eager``. Any compile or recompile
+during the measured steps, or any frame hitting the recompile limit, fails the run (JSON
+``failed``, a banner on stderr, exit code 1).
+
+Time. A progress line and the JSON so far (``"complete": false``) every ``--save-every`` seconds,
+so a run killed from outside leaves what it measured; SIGTERM (``timeout``) writes it too.
+``--budget-s`` caps each mode's measured seconds (a mode over it stops at the end of a round, the
+others go on); ``--deadline-s`` stops every mode once that many seconds have passed since the start
+(also right after a slow warm-up). Either way the tracers are then closed, the steps run are
+checked, and the result says ``"complete": false`` with ``stopped`` per mode (exit code 3 if
+nothing failed).
+
     python benchmarks/tracer_overhead.py --device cpu --config cpu-demo --steps 60
-    python benchmarks/tracer_overhead.py --device cuda --config gpt3-small-moe --steps 300
-    python benchmarks/tracer_overhead.py --device cuda --config gpt3-small-moe --steps 120 --warmup 5 --block 4 --mode both
+    python benchmarks/tracer_overhead.py --device cuda --config gpt3-small-moe --steps 300 --block 4 --warmup 10
+    python benchmarks/tracer_overhead.py --device cuda --steps 400 --block 4 --warmup 10 --mode both --deadline-s 520
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import logging
 import math
 import multiprocessing as mp
+import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -54,11 +77,34 @@ import torch
 ARMS = ("traced", "plain")
 
 
-def build(cfg, device: torch.device, steps: int, seed: int):
+TRAIN_LONG = Path(__file__).resolve().parents[1] / "experiments" / "train_long.py"
+
+
+def train_long():
+    """experiments/train_long.py as a module (its `GroupedMoE`, `CAPACITY_FACTOR`)."""
+    mod = sys.modules.get("train_long")
+    if mod is not None and Path(getattr(mod, "__file__", "")).resolve() == TRAIN_LONG:
+        return mod
+    spec = importlib.util.spec_from_file_location("train_long", TRAIN_LONG)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["train_long"] = mod  # dynamo looks its disabled `route` up by module name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build(cfg, device: torch.device, steps: int, seed: int, experts: str = "loop"):
+    """The workload model from `seed`; experts "grouped": each MoE FFN replaced by train_long's
+    `GroupedMoE` on the same router and expert weights (static shapes)."""
     from moeload.workloads import build_model
     from moeload.workloads.train import make_optimizer
 
-    model = build_model(cfg, seed, device)
+    model = build_model(cfg, seed, "cpu")
+    if experts == "grouped":
+        grouped = train_long().GroupedMoE
+        for block in model.blocks:
+            if hasattr(block, "moe"):
+                block.moe = grouped(block.moe.router, block.moe.experts)
+    model = model.to(device)
     model.train()
     opt, sched = make_optimizer(model, cfg, steps)
     return model, opt, sched
@@ -151,10 +197,19 @@ class DynamoLog:
         torch._logging.set_logs(recompiles=True)
         log = logging.getLogger("torch._dynamo.guards.__recompiles")
         log.propagate = False  # collected here, not printed
-        log.addHandler(_Collect(self.recompiles))
         self.limits: list[str] = []  # "hit config.recompile_limit": that frame runs eager from then on
-        logging.getLogger("torch._dynamo.convert_frame").addHandler(_Collect(self.limits, "torch._dynamo hit config."))
+        self._handlers = [(log, _Collect(self.recompiles)),
+                          (logging.getLogger("torch._dynamo.convert_frame"), _Collect(self.limits, "torch._dynamo hit config."))]
+        for logger, handler in self._handlers:
+            logger.addHandler(handler)
         self.marks: dict[str, dict] = {}
+
+    def detach(self) -> None:
+        """Stop collecting; dynamo's logging as it was (for a DynamoLog in a process that goes on)."""
+        for logger, handler in self._handlers:
+            logger.removeHandler(handler)
+        self._handlers[0][0].propagate = True
+        torch._logging.set_logs()
 
     def compiles(self) -> int:
         """Graphs compiled plus recompiles so far (a step that changes it compiled something)."""
@@ -219,17 +274,18 @@ class Arm:
         self.checksum = int(sum(int(x.sum()) for b in self.steps_data for x, _ in b))
         self.models, self.steps, self.tracers = {}, {}, {}
         for mode in modes:
-            model, opt, sched = build(cfg, device, total, args.seed)
+            model, opt, sched = build(cfg, device, total, args.seed, args.experts)
             if name == "traced":
                 self.tracers[mode] = LoadTracer(model, self.tmp / f"{name}_{mode}.moeload", flush_every=args.flush_every).start()
-            fwd = torch.compile(model) if mode == "compiled" else model
+            fwd = torch.compile(model, backend=args.backend) if mode == "compiled" else model
             self.models[mode] = model
             self.steps[mode] = make_step(cfg, fwd, opt, sched, device, args.micro_batches)
         self.dynamo = DynamoLog() if "compiled" in modes else None
-        self.compiled_at: dict[str, list[int]] = {}  # mode -> steps in which dynamo compiled or recompiled
+        self.ran: dict[str, int] = {}  # mode -> steps run (they run in order from 0)
 
-    def run(self, mode: str, idxs: list[int]) -> list[float]:
-        """Steps `idxs` of `mode`, each timed alone -> [len(idxs)] seconds."""
+    def run(self, mode: str, idxs: list[int]) -> dict:
+        """Steps `idxs` of `mode`, each timed alone -> {"times": [len(idxs)] seconds, "compiled": steps of
+        `idxs` in which dynamo compiled or recompiled something}."""
         step, tracer = self.steps[mode], self.tracers.get(mode)
 
         def one(j: int) -> None:
@@ -237,13 +293,16 @@ class Arm:
             if tracer is not None:
                 tracer.step()
 
-        out = []
+        out, hot = [], []
+        limits = len(self.dynamo.limits) if self.dynamo is not None else 0
         for j in idxs:
             before = self.dynamo.compiles() if self.dynamo is not None else 0
             out.append(timed(lambda j=j: one(j), self.device))
+            self.ran[mode] = j + 1
             if self.dynamo is not None and self.dynamo.compiles() != before:
-                self.compiled_at.setdefault(mode, []).append(j)
-        return out
+                hot.append(j)
+        hits = [_brief(m) for m in self.dynamo.limits[limits:]] if self.dynamo is not None else []
+        return {"times": out, "compiled": hot, "limit_hits": hits}
 
     def mark(self, name: str) -> None:
         if self.dynamo is not None:
@@ -255,13 +314,14 @@ class Arm:
 
         self.mark("end")
         out: dict = {"checks": {}, "trace_bytes": {}, "hook_timing": None,
-                     "dynamo": self.dynamo.report() if self.dynamo is not None else None, "compiled_at": self.compiled_at}
-        total = self.args.warmup + self.args.steps
+                     "dynamo": self.dynamo.report() if self.dynamo is not None else None}
+        if self.dynamo is not None:
+            self.dynamo.detach()
         for mode, tracer in self.tracers.items():
             tracer.close()
             t = open_trace(tracer.path)
             out["checks"][mode] = [f"tracer error: {e}" for e in tracer.errors] + check_counts(
-                t, total, self.cfg.tokens_per_batch * self.args.micro_batches, self.cfg.top_k)
+                t, self.ran.get(mode, 0), self.cfg.tokens_per_batch * self.args.micro_batches, self.cfg.top_k)
             out["trace_bytes"][mode] = t.size_bytes
         if "eager" in self.tracers:  # the hook's cost per gate forward, apart from the noise of whole steps
             model = self.models["eager"]
@@ -285,7 +345,10 @@ def setup(args) -> tuple:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
-    return get_config(args.config or ("cpu-demo" if device.type == "cpu" else "gpt3-small-moe")), device
+    cfg = get_config(args.config or ("cpu-demo" if device.type == "cpu" else "gpt3-small-moe"))
+    if args.capacity_factor is not None or (args.experts == "grouped" and cfg.capacity_factor is None):
+        cfg = cfg.replace(capacity_factor=args.capacity_factor or train_long().CAPACITY_FACTOR)
+    return cfg, device
 
 
 def _serve(conn, name: str, argv: list[str], modes: list[str], tmp: str) -> None:
@@ -334,7 +397,7 @@ class RemoteArm:
         self.send(*cmd)
         return self.recv()
 
-    def run(self, mode: str, idxs: list[int]) -> list[float]:
+    def run(self, mode: str, idxs: list[int]) -> dict:
         return self.call("run", mode, idxs)
 
     def mark(self, name: str) -> None:
@@ -346,34 +409,89 @@ class RemoteArm:
         return out
 
 
-def interleave(arms: dict, modes: list[str], warmup: int, total: int, block: int, parallel_warmup: bool) -> dict:
-    """Untimed warm-up steps [0, warmup) of every mode (in all arms at once where `parallel_warmup`),
-    then steps [warmup, total) in rounds of `block` steps: each mode, each arm, ABBA (the first arm
-    and the first mode swap every round) -> ({mode: {arm: [steps] seconds}}, {phase: seconds})."""
-    warm = list(range(warmup))
-    phases: dict = {}
+class Progress:
+    """What the run has measured so far; filled in by `interleave`, read by the partial saves."""
+
+    def __init__(self, modes: list[str]) -> None:
+        self.times: dict = {m: {a: [] for a in ARMS} for m in modes}  # mode -> arm -> [steps] seconds
+        self.compiled: dict = {m: set() for m in modes}  # mode -> steps in which a worker compiled or recompiled
+        self.spent = dict.fromkeys(modes, 0.0)  # mode -> seconds in its measured steps
+        self.stopped: dict[str, str] = {}  # mode -> why it stopped before --steps pairs
+        self.phases: dict[str, float] = {}
+
+    def pairs(self, mode: str) -> int:
+        return min(len(t) for t in self.times[mode].values())
+
+
+def _say_limits(mode: str, name: str, d: dict) -> None:
+    for hit in d["limit_hits"]:
+        print(f"!! [{mode}] the {name} arm: {hit} -- that frame runs eagerly from now on (this run will fail)", flush=True)
+
+
+def interleave(arms: dict, modes: list[str], args, total: int, prog: Progress, tick, t_start: float) -> None:
+    """Untimed warm-up steps [0, warmup) of every mode (in all arms at once with worker processes),
+    then steps [warmup, total) in rounds of `args.block` steps: each mode, each arm, ABBA (the first
+    arm and the first mode swap every round), into `prog`. A mode whose measured steps took
+    `args.budget_s` stops at the end of a round, every mode once `args.deadline_s` have passed since
+    `t_start`; `tick()` after each round (progress lines, partial saves)."""
+
+    def past_deadline() -> bool:
+        late = bool(args.deadline_s) and time.perf_counter() - t_start >= args.deadline_s
+        for mode in modes:
+            if late and mode not in prog.stopped:
+                prog.stopped[mode] = (f"--deadline-s {args.deadline_s:g} reached after {prog.pairs(mode)} of "
+                                      f"{args.steps} pairs")
+                print(f"!! [{mode}] stopped: {prog.stopped[mode]}", flush=True)
+        return late
+
+    warm = list(range(args.warmup))
+    parallel = args.mode != "eager"
     for mode in modes:
+        print(f"[{mode}] warm-up: {len(warm)} steps per arm{' (they compile)' if mode == 'compiled' else ''}", flush=True)
         t0 = time.perf_counter()
-        if parallel_warmup:
+        if parallel:
             for a in arms.values():
                 a.send("run", mode, warm)
-            for a in arms.values():
-                a.recv()
+            done = [a.recv() for a in arms.values()]
         else:
-            for a in arms.values():
-                a.run(mode, warm)
-        phases[f"warmup_{mode}_s"] = time.perf_counter() - t0
+            done = [a.run(mode, warm) for a in arms.values()]
+        for name, d in zip(arms, done):
+            prog.compiled[mode].update(d["compiled"])
+            _say_limits(mode, name, d)
+        dt = time.perf_counter() - t0
+        prog.phases[f"warmup_{mode}_s"] = dt
+        print(f"[{mode}] warm-up done in {dt:.0f} s", flush=True)
+        if past_deadline():
+            break
     for a in arms.values():
         a.mark("after_warmup")
+    if len(prog.stopped) == len(modes):
+        return
     t0 = time.perf_counter()
-    times: dict = {m: {a: [] for a in arms} for m in modes}
-    for r, start in enumerate(range(warmup, total, block)):
-        idxs = list(range(start, min(start + block, total)))
+    for r, start in enumerate(range(args.warmup, total, args.block)):
+        idxs = list(range(start, min(start + args.block, total)))
         for mode in modes if r % 2 == 0 else modes[::-1]:
+            if mode in prog.stopped:
+                continue
+            if args.budget_s and prog.spent[mode] >= args.budget_s:
+                prog.stopped[mode] = (f"--budget-s {args.budget_s:g} spent ({prog.spent[mode]:.0f} s) after "
+                                      f"{prog.pairs(mode)} of {args.steps} pairs")
+                print(f"!! [{mode}] stopped: {prog.stopped[mode]}", flush=True)
+                continue
+            t1 = time.perf_counter()
             for name in ARMS if r % 2 == 0 else ARMS[::-1]:  # ABBA: neither arm always runs first
-                times[mode][name] += arms[name].run(mode, idxs)
-    phases["measured_s"] = time.perf_counter() - t0
-    return times, phases
+                d = arms[name].run(mode, idxs)
+                prog.times[mode][name] += d["times"]
+                if d["compiled"]:
+                    print(f"!! [{mode}] the {name} arm compiled or recompiled in measured step(s) {d['compiled']}: "
+                          "the measured steps are not one compiled graph set (this run will fail)", flush=True)
+                prog.compiled[mode].update(d["compiled"])
+                _say_limits(mode, name, d)
+            prog.spent[mode] += time.perf_counter() - t1
+        prog.phases["measured_s"] = time.perf_counter() - t0
+        tick()
+        if past_deadline() or len(prog.stopped) == len(modes):
+            break
 
 
 def figure(traced: np.ndarray, plain: np.ndarray, summary: dict, title: str, path: Path) -> None:
@@ -415,12 +533,138 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hook-rounds", type=int, default=30, help="rounds of the per-gate-forward hook timing (eager)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--experts", default="auto", choices=["auto", "loop", "grouped"],
+                    help="MoE FFN: the workload's per-expert loop, or train_long's GroupedMoE (static shapes); "
+                         "auto: grouped where a mode compiles, else loop")
+    ap.add_argument("--capacity-factor", type=float, default=None,
+                    help="router capacity factor (default: the config's; for grouped experts without one, 1.25)")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: same dynamo, quick, for tests)")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="seconds of measured steps per mode; a mode over it stops (0: no limit)")
+    ap.add_argument("--deadline-s", type=float, default=0.0,
+                    help="seconds since the start after which every mode stops measuring (0: none); then the "
+                         "tracers close and counts are checked (allow ~30 s before a hard limit)")
+    ap.add_argument("--save-every", type=float, default=30.0, help="seconds between progress lines and partial JSON saves")
     ap.add_argument("--out", default="docs/figures/")
     args = ap.parse_args(argv)
     if args.compile and args.mode not in (None, "compiled"):
         ap.error(f"--compile with --mode {args.mode}: give one of them")
     args.mode = "compiled" if args.compile else (args.mode or "eager")
+    if args.experts == "auto":
+        args.experts = "loop" if args.mode == "eager" else "grouped"
+    bad = [f"{k} {v}" for k, v in (("--steps", args.steps), ("--block", args.block), ("--save-every", args.save_every))
+           if v <= 0] + [f"{k} {v}" for k, v in (("--warmup", args.warmup), ("--budget-s", args.budget_s),
+                                                                        ("--deadline-s", args.deadline_s)) if v < 0]
+    if args.capacity_factor is not None and args.capacity_factor <= 0:
+        bad.append(f"--capacity-factor {args.capacity_factor}")
+    if bad:
+        ap.error(f"{', '.join(bad)}: out of range (steps, block, save-every > 0; warmup, budget-s, deadline-s >= 0; "
+                 "capacity factor > 0)")
     return args
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt(signum, frame):  # SIGTERM (timeout, a scheduler) -> the partial result is written
+    raise Interrupted(f"killed by signal {signum}")
+
+
+def _save(path: Path, result: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def compose(args, cfg, modes: list[str], prog: Progress, done: dict | None, dev_name: str, wall: float,
+            error: str | None) -> dict:
+    """The result so far: per mode the paired summary, and with `done` (the arms' finish reports) the count
+    checks, hook timing and dynamo statistics; "failed" lists count, compile and recompile failures."""
+    hooks = done["traced"]["hook_timing"] if done else None
+    per_mode, failures = {}, []
+    for mode in modes:
+        n = prog.pairs(mode)
+        traced, plain = (np.asarray(prog.times[mode][a][:n]) for a in ("traced", "plain"))
+        s = summarize(traced, plain) if n >= 2 else {"n_pairs": n}
+        if mode == "eager" and hooks is not None and n >= 2:
+            s["hook_us_per_gate_forward"] = hooks["hook_us"]
+            s["hook_estimate_pct"] = float(
+                100 * hooks["hook_us"] * 1e-6 * len(cfg.moe_layers) * args.micro_batches / s["plain_median_s"])
+        # steps in which either arm compiled: their pairs hold compile time, so the steady state leaves them out
+        hot = sorted(j for j in prog.compiled[mode] if j >= args.warmup)
+        keep = np.ones(n, bool)
+        keep[[j - args.warmup for j in hot if j - args.warmup < n]] = False
+        if hot and keep.sum() > 1:
+            s["steady"] = {"pairs_left_out": int(n - keep.sum()), "steps_left_out": hot,
+                           **summarize(traced[keep], plain[keep])}
+        if hot:
+            failures.append(f"{mode}: dynamo compiled or recompiled in {len(hot)} measured steps (first: {hot[:5]}); "
+                            "the measured steps must all run the graphs compiled in the warm-up")
+        check = done["traced"]["checks"][mode] if done else None
+        failures += [f"{mode}: {f}" for f in check or []]
+        per_mode[mode] = {"summary": s, "counts_exact": None if check is None else not check,
+                          "count_check_failures": check, "compiled_steps_measured": hot,
+                          "trace_bytes": done["traced"]["trace_bytes"][mode] if done else None,
+                          "traced_s": traced.tolist(), "plain_s": plain.tolist()}
+    dynamo = {name: d["dynamo"] for name, d in done.items()} if done and "compiled" in modes else None
+    for name, d in (dynamo or {}).items():
+        w, e = d["at"]["after_warmup"], d["at"]["end"]
+        if e["recompiles"] > w["recompiles"]:
+            failures.append(f"compiled: {e['recompiles'] - w['recompiles']} recompiles in the {name} worker while measured: "
+                            + "; ".join(d["recompile_reasons"]["measured"][:2]))
+        failures += [f"compiled: {name} worker: {hit}" for hit in d["recompile_limit_hits"]]
+    complete = error is None and not prog.stopped and done is not None
+    result = {
+        "complete": complete,
+        "stopped": dict(prog.stopped),
+        "error": error,
+        "config": cfg.name,
+        "device": args.device,
+        "device_name": dev_name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "mode": args.mode,
+        "expert_ffn": args.experts,
+        "capacity_factor": cfg.capacity_factor,
+        "backend": args.backend if "compiled" in modes else None,
+        "arms_in": "this process" if args.mode == "eager" else "one worker process per arm",
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "block": args.block,
+        "budget_s": args.budget_s,
+        "deadline_s": args.deadline_s,
+        "flush_every": args.flush_every,
+        "micro_batches": args.micro_batches,
+        "tokens_per_step": cfg.tokens_per_batch * args.micro_batches,
+        "moe_layers": len(cfg.moe_layers),
+        "experts": cfg.n_experts,
+        **prog.phases,
+        "mode_s": dict(prog.spent),
+        "wall_s": wall,
+        "hook_timing": hooks,
+        "dynamo": dynamo,
+        "modes": per_mode,
+    }
+    if args.mode == "eager":  # the keys of earlier runs' files
+        m = per_mode["eager"]
+        result.update(trace_bytes=m["trace_bytes"], summary=m["summary"], traced_s=m["traced_s"], plain_s=m["plain_s"])
+    if failures:
+        result["failed"] = failures
+    return result
+
+
+def say_progress(prog: Progress, modes: list[str], args, t_start: float) -> None:
+    for mode in modes:
+        n = prog.pairs(mode)
+        tail = ""
+        if n >= 2:
+            s = summarize(*(np.asarray(prog.times[mode][a][:n]) for a in ("traced", "plain")))
+            lo, hi = s["overhead_ci95_pct"]
+            tail = f": {s['overhead_pct']:+.2f} % (95 % CI {lo:+.2f} .. {hi:+.2f})"
+        eta = f", ~{prog.spent[mode] / n * (args.steps - n):.0f} s to go" if n and mode not in prog.stopped else ""
+        print(f"[{mode}] {n}/{args.steps} pairs in {prog.spent[mode]:.0f} s{eta}{tail}; "
+              f"{time.perf_counter() - t_start:.0f} s since start", flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -431,82 +675,75 @@ def main(argv: list[str] | None = None) -> dict:
     total = args.warmup + args.steps
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        t_start = time.perf_counter()
-        if args.mode == "eager":  # both arms in this process
-            arms: dict = {name: Arm(name, args, cfg, device, modes, tmp) for name in ARMS}
-            checksums = {name: a.checksum for name, a in arms.items()}
-        else:  # one worker process per arm
-            arms = {name: RemoteArm(name, argv, modes, tmp) for name in ARMS}
-            checksums = {name: a.recv() for name, a in arms.items()}
-        if len(set(checksums.values())) != 1:
-            raise SystemExit(f"the arms' batches differ (token sums {checksums})")
-        setup_s = time.perf_counter() - t_start
-        times, phases = interleave(arms, modes, args.warmup, total, args.block, parallel_warmup=args.mode != "eager")
-        wall = time.perf_counter() - t_start
-        done = {name: a.finish() for name, a in arms.items()}
-
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    hooks = done["traced"]["hook_timing"]
-    per_mode, failures = {}, []
-    for mode in modes:
-        traced, plain = np.asarray(times[mode]["traced"]), np.asarray(times[mode]["plain"])
-        s = summarize(traced, plain)
-        if mode == "eager" and hooks is not None:
-            s["hook_us_per_gate_forward"] = hooks["hook_us"]
-            s["hook_estimate_pct"] = float(
-                100 * hooks["hook_us"] * 1e-6 * len(cfg.moe_layers) * args.micro_batches / s["plain_median_s"])
-        # steps in which either arm compiled: their pairs hold compile time, so the steady state leaves them out
-        hot = sorted({j for d in done.values() for j in d["compiled_at"].get(mode, []) if j >= args.warmup})
-        keep = np.ones(len(traced), bool)
-        keep[np.asarray(hot, int) - args.warmup] = False
-        if hot and keep.sum() > 1:
-            s["steady"] = {"pairs_left_out": len(hot), "steps_left_out": hot, **summarize(traced[keep], plain[keep])}
-        check = done["traced"]["checks"][mode]
-        failures += [f"{mode}: {f}" for f in check]
-        per_mode[mode] = {"summary": s, "counts_exact": not check, "count_check_failures": check,
-                          "trace_bytes": done["traced"]["trace_bytes"][mode],
-                          "traced_s": traced.tolist(), "plain_s": plain.tolist()}
-    result = {
-        "config": cfg.name,
-        "device": args.device,
-        "device_name": dev_name,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "mode": args.mode,
-        "arms_in": "this process" if args.mode == "eager" else "one worker process per arm",
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "block": args.block,
-        "flush_every": args.flush_every,
-        "micro_batches": args.micro_batches,
-        "tokens_per_step": cfg.tokens_per_batch * args.micro_batches,
-        "moe_layers": len(cfg.moe_layers),
-        "experts": cfg.n_experts,
-        "setup_s": setup_s,
-        **phases,
-        "wall_s": wall,
-        "hook_timing": hooks,
-        "dynamo": {name: d["dynamo"] for name, d in done.items()} if "compiled" in modes else None,
-        "modes": per_mode,
-    }
-    if args.mode == "eager":  # the keys of earlier runs' files
-        m = per_mode["eager"]
-        result.update(trace_bytes=m["trace_bytes"], summary=m["summary"], traced_s=m["traced_s"], plain_s=m["plain_s"])
     stem = f"tracer_overhead_{cfg.name}_{args.device}" + ("" if args.mode == "eager" else f"_{args.mode}")
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    json_path = out_dir / f"{stem}.json"
+    print(f"config {cfg.name}, device {args.device} ({dev_name}), torch {torch.__version__}, mode {args.mode}, experts "
+          f"{args.experts} (capacity factor {cfg.capacity_factor}), {args.steps} pairs per mode in blocks of {args.block}, "
+          f"warm-up {args.warmup}, budget {args.budget_s or 'none'} s per mode, deadline {args.deadline_s or 'none'} s; "
+          f"partial results in {json_path}", flush=True)
+    prog = Progress(modes)
+    t_start = time.perf_counter()
+    last_save = [t_start]
+    done, error = None, None
+
+    def tick() -> None:
+        if time.perf_counter() - last_save[0] >= args.save_every:
+            last_save[0] = time.perf_counter()
+            say_progress(prog, modes, args, t_start)
+            _save(json_path, compose(args, cfg, modes, prog, None, dev_name, last_save[0] - t_start, None))
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.mode == "eager":  # both arms in this process
+                arms: dict = {name: Arm(name, args, cfg, device, modes, tmp) for name in ARMS}
+                checksums = {name: a.checksum for name, a in arms.items()}
+            else:  # one worker process per arm
+                arms = {name: RemoteArm(name, argv, modes, tmp) for name in ARMS}
+                checksums = {name: a.recv() for name, a in arms.items()}
+            if len(set(checksums.values())) != 1:
+                raise SystemExit(f"the arms' batches differ (token sums {checksums})")
+            prog.phases["setup_s"] = time.perf_counter() - t_start
+            interleave(arms, modes, args, total, prog, tick, t_start)
+            wall = time.perf_counter() - t_start
+            print(f"measured in {wall:.0f} s; closing the tracers, checking counts{', timing the hook' if 'eager' in modes else ''}",
+                  flush=True)
+            done = {name: a.finish() for name, a in arms.items()}
+    except (Exception, KeyboardInterrupt, SystemExit) as e:
+        error = f"{type(e).__name__}: {e}"
+        wall = time.perf_counter() - t_start
+        _save(json_path, compose(args, cfg, modes, prog, None, dev_name, wall, error))
+        say_progress(prog, modes, args, t_start)
+        raise SystemExit(f"stopped: {error}\n  what was measured: {json_path} (\"complete\": false)") from e
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    result = compose(args, cfg, modes, prog, done, dev_name, wall, None)
+    _save(json_path, result)
+    report(result, modes, args, cfg, total, out_dir, stem)
+    return result
+
+
+def report(result: dict, modes: list[str], args, cfg, total: int, out_dir: Path, stem: str) -> None:
+    """The figure of the last mode and the printed summary."""
+    per_mode, hooks = result["modes"], result["hook_timing"]
     s0 = per_mode[modes[-1]]["summary"]
-    title = (f"LoadTracer overhead, {cfg.name} on {dev_name}, {modes[-1]}, flush_every={args.flush_every}: "
-             f"{s0['overhead_pct']:+.2f} % (95 % CI {s0['overhead_ci95_pct'][0]:+.2f} .. {s0['overhead_ci95_pct'][1]:+.2f})")
-    figure(np.asarray(per_mode[modes[-1]]["traced_s"]), np.asarray(per_mode[modes[-1]]["plain_s"]), s0, title,
-           out_dir / f"{stem}.png")
-    print(f"config {cfg.name}, device {args.device} ({dev_name}), torch {torch.__version__}, mode {args.mode} "
-          f"(arms in {result['arms_in']}), flush_every {args.flush_every}")
-    spent = {"setup": setup_s, **{k.removesuffix("_s").replace("_", " "): v for k, v in phases.items()}, "all": wall}
-    print("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in spent.items()))
+    if s0["n_pairs"] >= 2:
+        title = (f"LoadTracer overhead, {cfg.name} on {result['device_name']}, {modes[-1]}, flush_every={args.flush_every}: "
+                 f"{s0['overhead_pct']:+.2f} % (95 % CI {s0['overhead_ci95_pct'][0]:+.2f} .. {s0['overhead_ci95_pct'][1]:+.2f})")
+        figure(np.asarray(per_mode[modes[-1]]["traced_s"]), np.asarray(per_mode[modes[-1]]["plain_s"]), s0, title,
+               out_dir / f"{stem}.png")
+    print(f"config {cfg.name}, device {args.device} ({result['device_name']}), torch {torch.__version__}, mode {args.mode} "
+          f"(arms in {result['arms_in']}), experts {args.experts}, flush_every {args.flush_every}")
+    spent = {k.removesuffix("_s").replace("_", " "): v for k, v in result.items()
+             if k.endswith("_s") and k not in ("wall_s", "budget_s", "deadline_s") and isinstance(v, float)}
+    print("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in {**spent, "all": result["wall_s"]}.items()))
     for mode in modes:
         s = per_mode[mode]["summary"]
-        print(f" {mode}: {s['n_pairs']} step pairs")
+        print(f" {mode}: {s['n_pairs']} step pairs" + (f" (stopped: {result['stopped'][mode]})" if mode in result["stopped"] else ""))
+        if s["n_pairs"] < 2:
+            continue
         print(f"  without tracer: mean {1e3 * s['plain_mean_s']:.2f} ms, median {1e3 * s['plain_median_s']:.2f} ms")
         print(f"  with tracer:    mean {1e3 * s['traced_mean_s']:.2f} ms, median {1e3 * s['traced_median_s']:.2f} ms")
         print(f"  overhead: {s['overhead_pct']:+.2f} % (95 % CI {s['overhead_ci95_pct'][0]:+.2f} .. "
@@ -517,8 +754,9 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{' ...' if len(st['steps_left_out']) > 6 else ''}): {st['overhead_pct']:+.2f} % (95 % CI "
                   f"{st['overhead_ci95_pct'][0]:+.2f} .. {st['overhead_ci95_pct'][1]:+.2f} %), medians "
                   f"{st['overhead_median_pct']:+.2f} %, plain median {1e3 * st['plain_median_s']:.2f} ms")
+        steps_run = args.warmup + s["n_pairs"]
         print(f"  counts exact: {'yes' if per_mode[mode]['counts_exact'] else 'NO'} "
-              f"({total} steps x {len(cfg.moe_layers)} layers: tokens = {result['tokens_per_step']}, "
+              f"({steps_run} steps x {len(cfg.moe_layers)} layers: tokens = {result['tokens_per_step']}, "
               f"sum of counts = tokens x top_k {cfg.top_k})")
         if mode == "eager" and hooks is not None:
             print(f"  hook: {hooks['hook_us']:.1f} us per gate forward (router forward {hooks['router_forward_us']:.1f} us) "
@@ -538,12 +776,17 @@ def main(argv: list[str] | None = None) -> dict:
                 for reason in reasons:
                     print(f"    recompile ({phase}): {reason}")
     print(f"  wrote {out_dir / stem}.json and .png")
-    if failures:
-        print("!" * 72 + "\nCOUNT CHECK FAILED: the traced arm's counts are not exact\n" +
-              "\n".join(f"  {f}" for f in failures) + "\n" + "!" * 72, file=sys.stderr)
-        result["failed"] = failures
-    return result
+    if result.get("failed"):
+        print("!" * 72 + "\nFAILED: counts not exact, or dynamo compiled while measured\n" +
+              "\n".join(f"  {f}" for f in result["failed"]) + "\n" + "!" * 72, file=sys.stderr)
+    if not result["complete"]:
+        print("INCOMPLETE: " + "; ".join(f"{m}: {r}" for m, r in result["stopped"].items()), file=sys.stderr)
+
+
+def exit_code(result: dict) -> int:
+    """1: a check failed; 3: nothing failed but a mode stopped before --steps pairs; 0: complete."""
+    return 1 if result.get("failed") else 0 if result["complete"] else 3
 
 
 if __name__ == "__main__":
-    sys.exit(1 if main().get("failed") else 0)
+    sys.exit(exit_code(main()))
