@@ -670,7 +670,13 @@ def say_progress(prog: Progress, modes: list[str], args, t_start: float) -> None
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
-    cfg, device = setup(args)
+    from moeload.errors import InputError
+
+    try:
+        cfg, device = setup(args)
+    except InputError as e:  # one line, exit code 2 (as argparse)
+        print(f"tracer_overhead: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     modes = ["eager", "compiled"] if args.mode == "both" else [args.mode]
     total = args.warmup + args.steps
     out_dir = Path(args.out)

@@ -132,7 +132,10 @@ def test_time_limit_stops_a_mode_and_marks_the_result_incomplete(bench, tmp_path
     assert on_disk["complete"] is False and on_disk["modes"]["eager"]["summary"] == m["summary"]
 
 
-def test_bad_numbers_are_refused_in_one_line(bench, capsys):
+def test_bad_input_is_refused_in_one_line(bench, capsys):
     with pytest.raises(SystemExit):
         bench.parse(["--budget-s", "-1"])
     assert "--budget-s -1.0: out of range" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--config", "nope"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("tracer_overhead: workload config 'nope': unknown")
