@@ -36,7 +36,7 @@ shapes, so dynamo compiles once; its router (with the tracer's hook) runs eagerl
 `route`), as in train_long's compiled runs. Default (``auto``): ``grouped`` for ``--mode compiled``
 and for both modes of ``--mode both``, ``loop`` for ``--mode eager``. Any compile or recompile
 during the measured steps, or any frame hitting the recompile limit, fails the run (JSON
-``failed``, a banner on stderr, exit code 1).
+``failed``, a banner on stdout, exit code 1).
 
 Time. A progress line and the JSON so far (``"complete": false``) every ``--save-every`` seconds,
 so a run killed from outside leaves what it measured; SIGTERM (``timeout``) writes it too.
@@ -784,9 +784,9 @@ def report(result: dict, modes: list[str], args, cfg, total: int, out_dir: Path,
     print(f"  wrote {out_dir / stem}.json and .png")
     if result.get("failed"):
         print("!" * 72 + "\nFAILED: counts not exact, or dynamo compiled while measured\n" +
-              "\n".join(f"  {f}" for f in result["failed"]) + "\n" + "!" * 72, file=sys.stderr)
+              "\n".join(f"  {f}" for f in result["failed"]) + "\n" + "!" * 72, flush=True)
     if not result["complete"]:
-        print("INCOMPLETE: " + "; ".join(f"{m}: {r}" for m, r in result["stopped"].items()), file=sys.stderr)
+        print("INCOMPLETE: " + "; ".join(f"{m}: {r}" for m, r in result["stopped"].items()), flush=True)
 
 
 def exit_code(result: dict) -> int:
