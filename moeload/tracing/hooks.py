@@ -13,8 +13,8 @@ from torch import nn
 
 from moeload.errors import first_line
 from moeload.tracing.accumulate import accumulate, as_routing
-from moeload.tracing.adapters import GateSpec, RoutingShapeError
-from moeload.tracing.block import DISABLED_ERROR, DISABLED_SHAPE, FLAG_COL, NAN_REASON, REASONS
+from moeload.tracing.adapters import GateSpec, Routing, RoutingShapeError
+from moeload.tracing.block import DISABLED_ERROR, DISABLED_SHAPE, FLAG_COL, NAN_COL, NAN_REASON, REASONS, TOKENS_COL
 from moeload.tracing.tracer_state import TracerState
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
@@ -27,54 +27,149 @@ def in_backward() -> bool:
     return _graph_task_id() != -1
 
 
+_FAST_INDEX_DTYPES = frozenset((torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64))
+_ONES_KEPT = 64  # distinct route counts per gate whose ones-vector views a hook keeps (reset beyond)
+
+
+class _Rows:
+    """A hook's views of the rows one forward counts into: routed, kept [W] (kept None where not
+    recorded), and, made when first needed, the expert bins [1, E] of each and routed's TOKENS_COL bin.
+    Made once per step and plane (views cost host time, ~1 µs each), not per forward."""
+
+    __slots__ = ("kept", "kept_e", "routed", "routed_e", "tok")
+
+    def __init__(self, routed: torch.Tensor, kept: torch.Tensor | None) -> None:
+        self.routed, self.kept = routed, kept
+        self.routed_e: torch.Tensor | None = None
+        self.kept_e: torch.Tensor | None = None
+        self.tok: torch.Tensor | None = None
+
+
 class GateHooks(TracerState):
     """The part of LoadTracer that runs inside the gates' forwards."""
 
     def _make_hook(self, li: int, spec: GateSpec) -> Callable:
+        """The eager hook of gate `li`. Its steady state (a forward of a top-k-indices or counts routing on
+        the buffer's device) launches bucketize + index_add_ (indices) or one add_ (counts) per row it
+        counts into, reads no tensor value and builds no view: the rows' views are made once per step,
+        the bin boundaries once per index dtype, the ones vector once per route count. Anything else (a
+        mask, another device or dtype, a malformed routing) goes through `accumulate`, which checks it."""
         lay = self.layout
         calls, mb_calls, nan_step, cache = self._calls, self._mb_calls, self._nan_step, self._cache
         in_graph = self.hooks_in_graph
+        is_compiling = torch.compiler.is_compiling
+        graph_task_id = _graph_task_id
+        E, top_k = spec.num_experts, spec.top_k
         # (routed, kept) planes a forward counts into, by module.training; None: an eval forward not recorded
         train_planes = (lay.routed, lay.kept)
         eval_planes = None if lay.eval_routed is None else (lay.eval_routed, lay.eval_kept)
+        views: dict[int, _Rows] = {}  # routed plane -> this gate's rows in slot at[0] of buffer at[1]
+        at: list[Any] = [-1, None, -1, False]  # slot, buffer, its get_device() and is_cuda
+        bounds: dict[torch.dtype, torch.Tensor] = {}  # bin boundaries per index dtype (see accumulate)
+        ones: dict[int, torch.Tensor] = {}  # ones vector per number of routes
+
+        def fast(r: Routing, rows: _Rows, check: bool) -> int | None | bool:
+            """Count `r` into `rows` if it has a steady-state form (see _make_hook); False if it has not
+            (nothing launched then). Returns the tokens for the host tally (int), or None."""
+            dev_index, dev_cuda = at[2], at[3]
+            tokens = r.tokens
+            if tokens is not None and type(tokens) is not int and not isinstance(tokens, torch.Tensor):
+                return False
+            idx = r.indices
+            if idx is not None:
+                if idx.dim() != 2 or idx.get_device() != dev_index or idx.is_cuda is not dev_cuda:
+                    return False
+                b = bounds.get(idx.dtype)
+                if b is None:
+                    if idx.dtype not in _FAST_INDEX_DTYPES:
+                        return False
+                    b = bounds[idx.dtype] = cache.bounds(rows.routed.device, idx.dtype, E)
+                keep = r.kept
+                if keep is not None and (
+                    keep.numel() != idx.numel() or keep.get_device() != dev_index or keep.is_cuda is not dev_cuda
+                ):
+                    return False
+                n = idx.numel()
+                o = ones.get(n)
+                if o is None:
+                    if len(ones) >= _ONES_KEPT:
+                        ones.clear()
+                    o = ones[n] = cache.ones(rows.routed.device, n)
+                if tokens is None:
+                    tokens = idx.shape[0]
+                i = torch.bucketize(idx.reshape(-1), b)  # id <= -1 -> 0, e -> e + 1, >= E -> E + 1
+                rows.routed.index_add_(0, i, o)
+                if rows.kept is not None:
+                    if keep is not None and keep.dtype is torch.bool and keep.shape == idx.shape:
+                        i.view(idx.shape).mul_(keep)  # dropped routes -> bin 0, in place: no copy of keep
+                    elif keep is not None:
+                        i = torch.where(keep.reshape(-1).bool(), i, 0)
+                    rows.kept.index_add_(0, i, o)
+            else:
+                c, kc = r.counts, r.kept_counts
+                if r.mask is not None or c is None or tokens is None or not _counts_ok(c, E, dev_index, dev_cuda):
+                    return False
+                if kc is not None and not _counts_ok(kc, E, dev_index, dev_cuda):
+                    return False
+                if rows.routed_e is None:
+                    rows.routed_e = rows.routed[1 : E + 1]
+                rows.routed_e.add_(c)
+                if rows.kept is not None:
+                    if rows.kept_e is None:
+                        rows.kept_e = rows.kept[1 : E + 1]
+                    rows.kept_e.add_(c if kc is None else kc)
+            p = r.probs
+            if check and isinstance(p, torch.Tensor) and (p.is_floating_point() or p.is_complex()):
+                rows.routed[NAN_COL].add_(torch.isnan(p).any().to(rows.routed.device, non_blocking=True))
+            if isinstance(tokens, int):
+                return tokens
+            if rows.tok is None:
+                rows.tok = rows.routed[TOKENS_COL]
+            rows.tok.add_(tokens.to(rows.tok.device, torch.int64, non_blocking=True))
+            return None
 
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-            if in_graph and torch.compiler.is_compiling():  # traced into the graph: no host state per call
+            if in_graph and is_compiling():  # traced into the graph: no host state per call
                 compiled_hook(module, inputs, output)
                 return
             calls[li] += 1
             try:
-                planes = train_planes if module.training else eval_planes
-                if planes is None or (module.training and in_backward()):
+                if module.training:
+                    if graph_task_id() != -1:  # a checkpoint recomputation inside backward (see in_backward)
+                        return
+                    pr, pk = train_planes
+                elif eval_planes is None:
                     return
-                pr, pk = planes
-                slot = self._slot
-                assert self._buf is not None  # hooks exist between start() and close()
-                rows = self._buf[slot]
-                routed, tally, at = rows[pr, li], self._host_tok, (slot, pr, li)
+                else:
+                    pr, pk = eval_planes
+                slot, buf = self._slot, self._buf
+                if slot != at[0] or buf is not at[1]:
+                    assert buf is not None  # hooks exist between start() and close()
+                    views.clear()
+                    at[:] = [slot, buf, buf.get_device(), buf.is_cuda]
+                rows = views.get(pr)
+                if rows is None:
+                    rows = views[pr] = _Rows(at[1][slot, pr, li], None if pk is None else at[1][slot, pk, li])
+                tally, tat = self._host_tok, (slot, pr, li)
                 if self._mb is not None and pr == lay.routed:  # the m-th train forward of this gate: micro-batch m
                     m = mb_calls[li]
                     mb_calls[li] = m + 1
                     if m < self.max_micro_batches:
-                        routed, tally, at = self._mb[slot, m, li], self._host_tok_mb, (slot, m, li)
+                        rows, tally, tat = _Rows(self._mb[slot, m, li], rows.kept), self._host_tok_mb, (slot, m, li)
                     else:
                         self._stop_micro()
                 step = self._first_step + slot
                 check = nan_step[li] != step  # NaN probabilities: checked at each gate's first forward of a step
                 nan_step[li] = step
                 r = spec.counts(module, inputs, output)
-                tokens = accumulate(
-                    r,
-                    routed,
-                    None if pk is None else rows[pk, li],
-                    spec.num_experts,
-                    spec.top_k,
-                    cache=cache,
-                    nan=check,
-                )
+                if type(r) is not Routing:
+                    r = as_routing(r)
+                tokens = fast(r, rows, check)
+                if tokens is False:
+                    tokens = accumulate(r, rows.routed, rows.kept, E, top_k, cache=cache, nan=check)
                 if tokens is not None:
                     assert tally is not None  # allocated with the rows it tallies for
-                    tally[at] += tokens
+                    tally[tat] += tokens
             except Exception as e:
                 code = DISABLED_SHAPE if isinstance(e, RoutingShapeError) else DISABLED_ERROR
                 self._disable(li, f"{type(e).__name__}: {e}", code)
@@ -159,6 +254,17 @@ class GateHooks(TracerState):
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _counts_ok(c: torch.Tensor, num_experts: int, dev_index: int, dev_cuda: bool) -> bool:
+    """c is an [E] int64 counts vector on the buffer's device (the counts form's steady state)."""
+    return (
+        c.dim() == 1
+        and c.shape[0] == num_experts
+        and c.dtype is torch.int64
+        and c.get_device() == dev_index
+        and c.is_cuda is dev_cuda
+    )
 
 
 def _logical_counts(counts: Callable, phy2log: list[int], device: torch.device) -> Callable:

@@ -23,6 +23,7 @@ Expert parallelism: expert e of a layer lives on EP rank `e // num_local_experts
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,27 +36,50 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-def bincount_device(idx: Tensor, num_experts: int) -> Tensor:
-    """[E] int64 count of each expert id in `idx` (any shape; -1 / out of range ignored), no host sync."""
-    i = idx.reshape(-1).to(torch.int64)
-    i = torch.where((i >= 0) & (i < num_experts), i, num_experts)
-    out = torch.zeros(num_experts + 1, dtype=torch.int64, device=i.device)
-    return out.index_add_(0, i, torch.ones_like(i))[:num_experts]
+_BIN_DTYPES = (torch.int16, torch.int32, torch.int64)  # ids bucketized as they are (no conversion kernel)
 
 
-def gate_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
-    """One TopKGate forward -> Routing(counts=exp_counts [E], kept_counts [E] where it drops, tokens, probs=l_aux)."""
+def bincount_device(idx: Tensor, num_experts: int, cache: dict[tuple, tuple[Tensor, Tensor]] | None = None) -> Tensor:
+    """[E] int64 count of each expert id in `idx` (any shape; -1 / out of range ignored), no host sync:
+    the bin of each id against boundaries [-1, 0, .., E-1] (bucketize), added into zeros [E + 2]
+    (index_add_ of ones). cache: a dict that keeps the boundaries and ones per (dtype, device, size),
+    so a call launches three kernels (bucketize, zeros, index_add_)."""
+    flat = idx.reshape(-1)
+    if flat.dtype not in _BIN_DTYPES:
+        flat = flat.to(torch.int64)
+    key = (flat.dtype, flat.device, flat.numel())
+    made = None if cache is None else cache.get(key)
+    if made is None:
+        made = (
+            torch.arange(-1, num_experts, dtype=flat.dtype, device=flat.device),
+            torch.ones(flat.numel(), dtype=torch.int64, device=flat.device),
+        )
+        if cache is not None:
+            if len(cache) >= 64:
+                cache.clear()
+            cache[key] = made
+    bounds, ones = made
+    out = torch.zeros(num_experts + 2, dtype=torch.int64, device=flat.device)
+    return out.index_add_(0, torch.bucketize(flat, bounds), ones)[1 : num_experts + 1]
+
+
+def gate_routing(
+    module: nn.Module, inputs: tuple, out: Any, cache: dict[tuple, tuple[Tensor, Tensor]] | None = None
+) -> Routing:
+    """One TopKGate forward -> Routing(counts=exp_counts [E], kept_counts [E] where it drops, tokens, probs=l_aux).
+    cache: bincount_device's (the adapter gives each gate one)."""
     wg: Any = module.wg  # the gate's nn.Linear
     E = wg.out_features
     if not isinstance(out, (tuple, list)):
         raise RoutingShapeError(f"TopKGate returned {type(out).__name__}; expected a tuple of 7 (sparse_routes) or 4")
-    slot_logical = getattr(module, "slot_logical", None)  # moeload.act.replicas.ReplicaGate: routes go to slots
+    # moeload.act.replicas.ReplicaGate (a buffer): routes go to slots
+    slot_logical = module._buffers.get("slot_logical", module.__dict__.get("slot_logical"))
     if len(out) == 7:  # sparse_routes: indices [k, T] (slot ids under replicas)
         idx, exp_counts = out[3], out[6]
         T = idx.shape[-1]
         if isinstance(slot_logical, Tensor) and module.drop_tokens:
             idx = torch.where(idx >= 0, slot_logical[idx.clamp(min=0).long()], -1)
-        kept = bincount_device(idx, E) if module.drop_tokens else None
+        kept = bincount_device(idx, E, cache) if module.drop_tokens else None
     elif len(out) == 4:  # dense: dispatch_mask [T, E, C] ([T, S, C] under replicas)
         dispatch, exp_counts = out[2], out[3]
         T = dispatch.shape[0]
@@ -65,10 +89,19 @@ def gate_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
     else:
         raise RoutingShapeError(f"TopKGate returned {len(out)} values; expected 7 (sparse_routes) or 4")
     tokens: int | Tensor = T
-    used = inputs[1] if len(inputs) > 1 else None
-    if module.k == 1 and isinstance(used, Tensor):  # top-1 counts only the tokens marked used
-        tokens = used.reshape(-1).sum(dtype=torch.int64)
+    if module.k == 1 and len(inputs) > 1 and isinstance(inputs[1], Tensor):  # top-1 counts only the tokens used
+        tokens = inputs[1].reshape(-1).sum(dtype=torch.int64)
     return Routing(counts=exp_counts, kept_counts=kept, tokens=tokens, probs=out[0])
+
+
+def _gate_reader() -> Callable[[nn.Module, tuple, Any], Routing]:
+    """gate_routing with a cache of its own (one per gate)."""
+    cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def read(module: nn.Module, inputs: tuple, out: Any) -> Routing:
+        return gate_routing(module, inputs, out, cache)
+
+    return read
 
 
 def autoep_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
@@ -127,7 +160,7 @@ class DeepSpeedAdapter(Adapter):
                     name=name,
                     num_experts=E,
                     top_k=int(g.k),
-                    counts=gate_routing,
+                    counts=_gate_reader(),
                     has_kept=bool(g.drop_tokens),
                     framework="deepspeed",
                     framework_version=_version(),

@@ -141,6 +141,57 @@ def parse_output(out: Any, num_experts: int, top_k: int | None = None, gate_outp
     )
 
 
+def _signature(out: tuple) -> tuple:
+    """What parse_output's choice for a tuple output depends on: its type (a NamedTuple's field names) and,
+    per field, dtype and shape where it is a tensor (the shape holds more than the choice needs, its
+    dimensions and last size, but is the cheaper to read)."""
+    return (type(out), *[(v.dtype, v.shape) if isinstance(v, Tensor) else None for v in out])
+
+
+class _TupleReader:
+    """One gate's counts function: parse_output, remembered per tuple signature. A tuple (or NamedTuple)
+    output whose fields parse_output returns as they are (indices, kept, probs; or mask, probs) is read at
+    later forwards of the same signature by position, without parsing again; any other output is parsed."""
+
+    def __init__(self, num_experts: int, top_k: int, gate_output: str) -> None:
+        self.num_experts, self.top_k, self.gate_output = num_experts, top_k, gate_output
+        self._plans: dict[tuple, tuple[bool, int, int | None, int | None]] = {}  # -> (mask?, main, kept, probs)
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> Routing | Tensor:
+        if not isinstance(output, tuple) or isinstance(output, Routing):  # a Routing is returned as it is
+            return parse_output(output, self.num_experts, self.top_k, self.gate_output)
+        sig = _signature(output)
+        plan = self._plans.get(sig)
+        if plan is not None:
+            is_mask, main, kept, probs = plan
+            p = None if probs is None else output[probs]
+            if is_mask:
+                return Routing(mask=output[main], probs=p)
+            return Routing(indices=output[main], kept=None if kept is None else output[kept], probs=p)
+        r = parse_output(output, self.num_experts, self.top_k, self.gate_output)
+        if isinstance(r, Routing):
+            plan = self._plan(output, r)
+            if plan is not None:
+                if len(self._plans) >= 64:
+                    self._plans.clear()
+                self._plans[sig] = plan
+        return r
+
+    @staticmethod
+    def _plan(output: tuple, r: Routing) -> tuple[bool, int, int | None, int | None] | None:
+        """Positions of the fields `r` holds as they are, or None where it holds a derived tensor."""
+
+        def pos(v: Tensor | None) -> int | None:
+            return next((i for i, f in enumerate(output) if f is v), None) if v is not None else None
+
+        is_mask = r.mask is not None
+        main = pos(r.mask if is_mask else r.indices)
+        kept, probs = pos(r.kept), pos(r.probs)
+        if main is None or (r.kept is not None and kept is None) or (r.probs is not None and probs is None):
+            return None
+        return is_mask, main, kept, probs
+
+
 def infer_num_experts(module: nn.Module) -> int | None:
     """Experts of a gate from its attributes, or the out_features of its (child) linear layer."""
     for a in EXPERT_ATTRS:
@@ -231,9 +282,7 @@ class GenericAdapter(Adapter):
             if k > E:
                 raise InputError(f"gate {name!r} ({type(m).__name__}): top_k={k} > num_experts={E}")
 
-            def counts(module: nn.Module, inputs: tuple, output: Any, _E: int = E, _k: int = k) -> Routing | Tensor:
-                return parse_output(output, _E, _k, self.gate_output)
-
+            counts = _TupleReader(E, k, self.gate_output)
             out.append(
                 GateSpec(
                     module=m,

@@ -1,0 +1,222 @@
+"""The hook's launch budget per gate forward in steady state, counted on CPU with real gates: the aten
+operations a traced forward dispatches beyond the same forward untraced. Kernels (anything but a view)
+are what a GPU launches; views launch nothing but cost host time, so the steady state may build at most
+the one that flattens the indices. Counts stay exact on the fast path and on the paths it hands over to
+(another index dtype mid-run, micro-batch rows, flushes that reuse the rows' slots).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from _models import SigmoidTopKRouter
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from moeload import LoadTracer, open_trace
+from moeload.tracing.adapters import Routing
+from moeload.tracing.adapters.generic import _TupleReader, parse_output
+from moeload.workloads.model import TopKRouter
+
+VIEWS = {
+    "view",
+    "_unsafe_view",
+    "slice",
+    "select",
+    "reshape",
+    "alias",
+    "as_strided",
+    "narrow",
+    "expand",
+    "t",
+    "transpose",
+    "unsqueeze",
+    "squeeze",
+    "detach",
+    "lift_fresh",
+    "_reshape_alias",
+    "flatten",
+}
+SYNCS = {"_local_scalar_dense", "item", "nonzero", "bincount", "masked_select", "tolist"}
+
+
+class Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def ops_of(fn) -> Counter:
+    with torch.no_grad(), Ops() as c:
+        fn()
+    return Counter(c.ops)
+
+
+def hook_ops(gate: nn.Module, forward, bare: Counter) -> tuple[list[str], list[str]]:
+    """(kernels, views) that the tracer's hook added to one forward of `gate` (a later one in the step)."""
+    traced = ops_of(forward)
+    assert not bare - traced, "the traced forward lost operations of the untraced one"
+    extra = traced - bare
+    kernels = sorted(o for o in extra.elements() if o.rstrip("_") not in VIEWS)
+    views = sorted(o for o in extra.elements() if o.rstrip("_") in VIEWS)
+    return kernels, views
+
+
+def steady(model: nn.Module, gate: nn.Module, forward, tmp_path, **kw) -> tuple[list[str], list[str], list[str]]:
+    """Trace `model`, run `forward` to warm up and open a step; -> (kernels, views) of a later forward of
+    the step, and the kernels of the step's first forward (which also checks for NaN)."""
+    bare = ops_of(forward)
+    tracer = LoadTracer(model, tmp_path / "t", flush_every=8, **kw).start()
+    forward()  # warm-up: the tracer's device constants (bin boundaries, ones) are made at the first forward
+    tracer.step()
+    first, _ = hook_ops(gate, forward, bare)
+    kernels, views = hook_ops(gate, forward, bare)
+    tracer.step()
+    tracer.close()
+    return kernels, views, first
+
+
+def test_workload_router_two_kernels_no_views_no_sync(tmp_path):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"router": TopKRouter(32, 8, 2)})
+    x = torch.randn(64, 32)
+    kernels, views, first = steady(model, model["router"], lambda: model["router"](x), tmp_path)
+    assert kernels == ["bucketize", "index_add_"], kernels
+    assert len(views) <= 1, views  # the flattened indices; the rows' views are made once per step
+    assert first == ["add_", "any", "bucketize", "index_add_", "isnan"], first
+    assert not SYNCS & set(kernels + first)
+
+
+def test_workload_router_with_capacity_two_kernels_per_row(tmp_path):
+    """Routed and kept counts: the kept row costs the zeroing of dropped routes (mul_) and its own index_add_."""
+    model = nn.ModuleDict({"router": TopKRouter(32, 8, 2, capacity_factor=0.5)})
+    x = torch.randn(64, 32)
+    kernels, views, _ = steady(model, model["router"], lambda: model["router"](x), tmp_path)
+    assert kernels == ["bucketize", "index_add_", "index_add_", "mul_"], kernels
+    assert len(views) <= 2, views
+    out = model["router"](x)  # the same input each forward: 1 forward in step 0 (warm-up), 2 in step 1
+    idx, kept = out.indices.reshape(-1).numpy(), out.kept.reshape(-1).numpy()
+    t = open_trace(tmp_path / "t")
+    assert 0 < kept.sum() < kept.size  # the capacity drops some routes
+    n = np.array([[1], [2]])
+    np.testing.assert_array_equal(t.counts(kind="kept")[:, 0], n * np.bincount(idx[kept], minlength=8))
+    np.testing.assert_array_equal(t.counts()[:, 0], n * np.bincount(idx, minlength=8))
+
+
+def test_generic_tuple_router_two_kernels(tmp_path):
+    model = nn.ModuleDict({"router": SigmoidTopKRouter(16, 8, 2)})
+    x = torch.randn(32, 16)
+    kernels, views, _ = steady(model, model["router"], lambda: model["router"](x), tmp_path, gates="router")
+    assert kernels == ["bucketize", "index_add_"], kernels
+    assert len(views) <= 1, views
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_deepspeed_gate_kernels(tmp_path, drop):
+    """exp_counts go into the routed row in one add_; the kept histogram (drop_tokens) costs bucketize,
+    zeros, index_add_ and the add into the kept row (it was ~10 kernels)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.moe.layer import MoE
+
+    torch.manual_seed(0)
+    model = MoE(16, nn.Linear(16, 16), num_experts=4, k=2, capacity_factor=0.5, drop_tokens=drop)
+    gate = model.deepspeed_moe.gate
+    seen: list[tuple] = []
+    h = gate.register_forward_hook(lambda m, a, o: seen.append((a, o)))
+    model(torch.randn(2, 16, 16))
+    h.remove()
+    (inputs, out) = seen[0]
+    model.train()
+    bare = Counter()  # the gate is not run: its hook is called on the recorded output
+
+    def forward() -> None:
+        for hook in gate._forward_hooks.values():
+            hook(gate, inputs, out)
+
+    tracer = LoadTracer(model, tmp_path / "t", flush_every=8).start()
+    forward()
+    tracer.step()
+    hook_ops(gate, forward, bare)  # the step's first forward
+    kernels, views = hook_ops(gate, forward, bare)
+    tracer.close()
+    if drop:
+        assert kernels == ["add_", "add_", "bucketize", "index_add_", "zeros"], kernels
+    else:
+        assert kernels == ["add_"], kernels
+    assert not SYNCS & set(kernels)
+
+
+def test_counts_exact_across_slots_flushes_and_index_dtypes(tmp_path):
+    """The rows' views are remade when the step's slot or the buffer changes; an index dtype seen for the
+    first time mid-run goes through the checked path and is then fast too: counts equal a bincount."""
+
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_experts, self.top_k, self.dtype = 6, 2, torch.int64
+
+        def forward(self, idx):
+            return (idx.to(self.dtype), idx.float())
+
+    model = nn.ModuleDict({"g": Gate()})
+    gen = torch.Generator().manual_seed(3)
+    want = []
+    with LoadTracer(model, tmp_path / "t", gates="g", flush_every=3) as tr:
+        for step in range(8):
+            model["g"].dtype = torch.int32 if step >= 4 else torch.int64
+            c = np.zeros(6, np.int64)
+            for _ in range(step % 3 + 1):  # micro-batches
+                idx = torch.randint(0, 6, (10, 2), generator=gen)
+                model["g"](idx)
+                c += np.bincount(idx.reshape(-1).numpy(), minlength=6)
+            want.append(c)
+            tr.step()
+    t = open_trace(tmp_path / "t")
+    np.testing.assert_array_equal(t.counts()[:, 0], np.stack(want))
+    assert t.tokens()[:, 0].tolist() == [10 * (s % 3 + 1) for s in range(8)]
+
+
+def test_micro_batch_rows_exact(tmp_path):
+    model = nn.ModuleDict({"router": SigmoidTopKRouter(16, 8, 2)})
+    got = []
+    model["router"].register_forward_hook(
+        lambda m, a, o: got.append(np.bincount(o[1].reshape(-1).numpy(), minlength=8))
+    )
+    with LoadTracer(model, tmp_path / "t", gates="router", flush_every=2, per_micro_batch=True) as tr:
+        for _ in range(3):
+            for _ in range(2):
+                model["router"](torch.randn(12, 16))
+            tr.step()
+    t = open_trace(tmp_path / "t")
+    np.testing.assert_array_equal(t.micro_batch_counts()[:, :, 0], np.stack(got).reshape(3, 2, 8))
+    np.testing.assert_array_equal(t.counts()[:, 0], np.stack(got).reshape(3, 2, 8).sum(1))
+
+
+def test_tuple_reader_matches_parse_output_and_reparses_a_new_signature():
+    rd = _TupleReader(8, 2, "auto")
+    r = SigmoidTopKRouter(16, 8, 2)
+    for x in (torch.randn(5, 16), torch.randn(5, 16), torch.randn(7, 16)):
+        out = r(x)
+        a, b = rd(r, (x,), out), parse_output(out, 8, 2)
+        assert a.indices is out[1] and all(u is v for u, v in zip(a, b))
+    assert len(rd._plans) == 2  # one per signature: the second forward was read by position
+    # the same tuple type, now with float "indices" in field 1 and a bool map: parsed again, not read by position
+    w, idx, scores = r(torch.randn(5, 16))
+    mask = torch.zeros(5, 8, dtype=torch.bool).scatter_(1, idx, True)
+    out2 = (w, idx.float(), mask)
+    a = rd(r, (), out2)
+    assert a.indices is None and a.mask is mask
+
+
+def test_tuple_reader_passes_a_routing_through():
+    rd = _TupleReader(4, 2, "auto")
+    r = Routing(indices=torch.zeros(3, 2, dtype=torch.int64), tokens=5)
+    for _ in range(2):
+        assert rd(nn.Identity(), (), r) is r
