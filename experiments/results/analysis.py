@@ -194,12 +194,12 @@ def sw_avg_rows(grid: pd.DataFrame, choice: dict[tuple[int, str], int]) -> pd.Da
 REFIT_EACH_ORIGIN = {"kalman"}
 
 
-def predictor_jobs(setup: Setup, other: Run,
-                   only: tuple[str, ...] | None = None) -> list[tuple[str, Any, tuple[int, ...], bool]]:
+def predictor_jobs(setup: Setup, other: Run, only: tuple[str, ...] | None = None,
+                   lstm_train: tuple[np.ndarray, ...] | None = None) -> list[tuple[str, Any, tuple[int, ...], bool]]:
     """(label, spec, horizons, incremental) for every registered predictor (or those in `only`)
     except sw_avg (done by `sw_grid`). Predictors learned on other runs get the other seed: lstm
-    (CrossRunLSTM) and blend (weights from `learn_blend` on the other seed, one job per horizon,
-    split by phase)."""
+    (CrossRunLSTM; trained on `lstm_train`, [T, L, E] proportions of other runs, where given) and
+    blend (weights from `learn_blend` on the other seed, one job per horizon, split by phase)."""
     jobs: list[tuple[str, Any, tuple[int, ...], bool]] = []
     for name in predictors.available():
         if name == "sw_avg" or (only is not None and name not in only):
@@ -207,7 +207,7 @@ def predictor_jobs(setup: Setup, other: Run,
         if name == "arima":
             jobs.append((name, ("arima", dict(setup.arima)), setup.horizons, True))
         elif name == "lstm":
-            jobs.append((name, CrossRunLSTM(train_runs=(other.p,), **setup.lstm), setup.horizons, True))
+            jobs.append((name, CrossRunLSTM(train_runs=lstm_train or (other.p,), **setup.lstm), setup.horizons, True))
         elif name == "blend":
             from moeload.predictors.blend import learn_blend
 
@@ -219,11 +219,13 @@ def predictor_jobs(setup: Setup, other: Run,
 
 
 def evaluate(run: Run, other: Run, setup: Setup, labels: np.ndarray, other_labels: np.ndarray,
-             log: Any = print, only: tuple[str, ...] | None = None) -> tuple[pd.DataFrame, dict[tuple[int, str], int]]:
+             log: Any = print, only: tuple[str, ...] | None = None,
+             lstm_train: tuple[np.ndarray, ...] | None = None) -> tuple[pd.DataFrame, dict[tuple[int, str], int]]:
     """Backtest every predictor (or SW_Avg and those in `only`) on `run`; SW_Avg's window, the
     LSTM's weights and blend's weights come from `other` (which may be `run` itself where there is
-    no other run). labels, other_labels: [S, L] stable labels of the two runs (phase of a row =
-    label at o - 1). Returns (rows of `evaluation.backtest` for all predictors, chosen SW_Avg windows).
+    no other run; then `lstm_train`, [T, L, E] proportions of other runs, trains the LSTM).
+    labels, other_labels: [S, L] stable labels of the two runs (phase of a row = label at o - 1).
+    Returns (rows of `evaluation.backtest` for all predictors, chosen SW_Avg windows).
     """
     org = origins(setup, run.p.shape[0])
     t0 = time.perf_counter()
@@ -232,7 +234,7 @@ def evaluate(run: Run, other: Run, setup: Setup, labels: np.ndarray, other_label
     parts = [sw_avg_rows(grid, choice)]
     log(f"  {run.setup} s{run.seed}: {len(org)} origins; sw_avg grid {time.perf_counter() - t0:.1f}s")
     times: dict[str, float] = {}
-    for label, spec, hs, incremental in predictor_jobs(setup, other, only):
+    for label, spec, hs, incremental in predictor_jobs(setup, other, only, lstm_train):
         t1 = time.perf_counter()
         df = evaluation.backtest(run.p, [spec], hs, origins=org, phases=labels, gpu_map=run.gpu_map,
                                  incremental=incremental)

@@ -61,7 +61,7 @@ def heatmaps(run: Any, path: Path) -> Path:
 
 
 def error_over_time(rows: dict[int, pd.DataFrame], boundaries: dict[int, int], horizons: tuple[int, ...],
-                    path: Path, setup: str, metric: str = "havg_mae_pp") -> Path:
+                    path: Path, setup: str, metric: str = "havg_mae_pp", title: str | None = None) -> Path:
     """Error at each origin (mean over layers) per predictor; panels: test seed x horizon.
     Shaded: origins before the model boundary (some layer still transient)."""
     import matplotlib.pyplot as plt
@@ -92,8 +92,8 @@ def error_over_time(rows: dict[int, pd.DataFrame], boundaries: dict[int, int], h
             ax.set_ylabel(f"{metric} (mean over layers)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper", fontsize=8)
-    fig.suptitle(f"{setup}: forecast error at each origin (tested on the seed shown; SW_Avg window, LSTM and blend "
-                 f"weights from the other seed)", fontsize=11)
+    fig.suptitle(title or f"{setup}: forecast error at each origin (tested on the seed shown; SW_Avg window, LSTM and "
+                 f"blend weights from the other seed)", fontsize=11)
     return _save(fig, path)
 
 

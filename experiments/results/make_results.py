@@ -7,9 +7,10 @@ results.json, backtest_rows.csv.gz and the PNG figures. Per setup and seed: phas
 (moeload.states window rule, docs/metrics.md defaults; PELT as a cross-check), fluctuation early vs
 late per layer, rolling-origin backtests of every registered predictor (SW_Avg window chosen on the
 other seed, LSTM trained on the other seed), the headline check, and the paper's numbers. Then the
-long runs of train_long.py (long_runs.py: gpt3-small-moe-bias-s{0,1}, gpt3-medium-moe-aux-s0, where
-present): default-rule phases, shallow vs deep, SW_Avg / ARIMA / LSTM at the longest horizons that
-fit, expert bias vs aux loss, and their figures.
+long runs of train_long.py (long_runs.py: gpt3-small-moe-aux-s0 of 10,000 steps, gpt3-small-moe-bias-s{0,1},
+gpt3-medium-moe-aux-s0, where present): default-rule phases, shallow vs deep, SW_Avg / ARIMA / LSTM
+at the longest horizons that fit (H = 1,000 and 2,000 for the 10,000-step run, whose LSTM is trained
+on gpt3-small-moe-s{0,1} as it has one seed), expert bias vs aux loss, and their figures.
 """
 
 from __future__ import annotations

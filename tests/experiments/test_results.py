@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TRACES = ROOT / "experiments" / "traces"
 SETUP = "gpt3-small-moe"
 LONG = "gpt3-small-moe-bias"  # a long run of train_long.py (expert bias), global counts only
+AUX = "gpt3-small-moe-aux"  # the 10,000-step aux-loss run of train_long.py: one seed, LSTM trained on SETUP's runs
 STEPS = 600
 
 
@@ -47,12 +48,14 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("results")
     for seed, n in ((0, STEPS - 100), (1, STEPS)):
         _cut(TRACES / f"{SETUP}-s{seed}.moeload", tmp / f"{SETUP}-s{seed}.moeload", STEPS, n)
-    for seed in (0, 1):
-        if (TRACES / f"{LONG}-s{seed}.moeload").exists():
-            _cut(TRACES / f"{LONG}-s{seed}.moeload", tmp / f"{LONG}-s{seed}.moeload", STEPS, STEPS)
+    for name in (LONG, AUX):
+        for seed in (0, 1):
+            if (TRACES / f"{name}-s{seed}.moeload").exists():
+                _cut(TRACES / f"{name}-s{seed}.moeload", tmp / f"{name}-s{seed}.moeload", STEPS, STEPS)
     out = tmp / "out"
     cmd = [sys.executable, str(ROOT / "experiments" / "results" / "make_results.py"), "--traces", str(tmp),
-           "--out", str(out), "--setup", SETUP, "--setup", LONG, "--horizons", "25,50", "--origin-every", "50",
+           "--out", str(out), "--setup", SETUP, "--setup", LONG, "--setup", AUX, "--horizons", "25,50",
+           "--origin-every", "50",
            "--sw-windows", "10,50"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -128,10 +131,33 @@ def test_long_run_section(results: Path) -> None:
         assert {x["horizon"] for x in rows} == {25, 50}
         assert all(x["havg_mae_pp"] > 0 for x in rows)
     cmp = js["bias_vs_aux"]["rows"]
-    assert [x["balancing"] for x in cmp] == ["aux loss"] * 2 + ["expert bias"] * 2
+    extra = ["aux loss (train_long)"] if (results.parent / f"{AUX}-s0.moeload").exists() else []
+    assert [x["balancing"] for x in cmp] == ["aux loss"] * 2 + ["expert bias"] * 2 + extra
     assert all(-1 <= x["rho_depth"] <= 1 and len(x["range_early"]) == 6 for x in cmp)
     assert "## Long runs (schedule completed in the run, 32k tokens/step)" in md
     assert f"### {LONG} (6 MoE layers × 16 experts)" in md and "### Aux-loss-free (expert bias) vs aux loss" in md
-    assert len(r["figures"]) == 4
+    assert len(r["figures"]) == 5 and f"{LONG}-error-over-time.png" in r["figures"]
     for f in r["figures"]:
         assert (results / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_seed_long_run_trains_the_lstm_on_other_runs(results: Path) -> None:
+    """The 10,000-step aux run has one seed: SW_Avg's window is chosen on the run itself and the
+    LSTM is trained on the short aux runs (SETUP's two seeds), as the report says."""
+    if not (results.parent / f"{AUX}-s0.moeload").exists():
+        pytest.skip("the 10,000-step aux trace is not present")
+    r = json.loads((results / "results.json").read_text())["long_runs"][AUX]
+    md = (results / "results.md").read_text()
+    assert r["cross_run"] == {"0": False}
+    assert r["lstm_trained_on"] == {"0": [f"{SETUP}-s0", f"{SETUP}-s1"]}
+    rows = r["summary"]["0"]
+    assert {x["predictor"] for x in rows} == {"sw_avg", "arima", "lstm"}
+    lstm = {x["horizon"]: x["havg_mae_pp"] for x in rows if x["predictor"] == "lstm" and x["phase"] == "all"}
+    sw = {x["horizon"]: x["havg_mae_pp"] for x in rows if x["predictor"] == "sw_avg" and x["phase"] == "all"}
+    assert set(lstm) == set(sw) == {25, 50} and all(v > 0 for v in [*lstm.values(), *sw.values()])
+    assert lstm != sw
+    rho = r["boundary_rho_depth"]["0"]  # None where every layer has the same boundary (e.g. all "not stable yet")
+    assert rho is None or -1 <= rho <= 1
+    assert f"trained on the whole of `{SETUP}-s0` and `{SETUP}-s1`" in md
+    assert "chosen on this run itself" in md and "passes over the train split" in md
+    assert f"**The paper's claims on {AUX}**" in md
