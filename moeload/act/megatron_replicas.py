@@ -111,7 +111,11 @@ class ReplicaRouter(TopKRouter):
         probs, routing_map = super().forward(input, padding_mask)  # [T, E] each
         E, S = routing_map.shape[-1], self.num_slots
         kept = routing_map.bool()
-        order = torch.cumsum(kept.long(), dim=0) - 1  # [T, E] the route's place in its expert's column
+        # [T, E] the route's place in its expert's column: one flat cumsum over the expert-major [E, T] (a cumsum
+        # down the rows of [T, E] runs as E serial threads on CUDA; see workloads.model.slot_positions)
+        col = kept.t().contiguous().long()  # [E, T]
+        running = col.view(-1).cumsum(0).view_as(col)
+        order = (running - (running[:, -1:] - col.sum(1, keepdim=True)) - 1).t()
         copy_ = order.clamp(min=0) % self._copies  # [T, E] which copy takes it
         slot = self._copy_slot[torch.arange(E, device=kept.device).expand_as(copy_), copy_]
         slot = torch.where(kept, slot, S)  # [T, E]; unrouted entries to a spare column, dropped below
