@@ -14,9 +14,20 @@ aux-loss runs on the other aux-loss runs, expert-bias runs on the other expert-b
 -> bias-s1 and bias-s1 -> bias-s0; both have H = 1,000 only, H = 2,000 does not fit after 250 steps
 of history). Shipped: the setting fit on all runs of a regime ("aux", "bias"; in-sample there);
 `--write` puts both into moeload/predictors/_defaults.py. The aux defaults are also reported on the
-bias runs (a regime they were not fit on).
+bias runs (a regime they were not fit on). `--corpus extended` adds NEW_RUNS (the train_long traces)
+to the aux runs and windows 800 / 1,600 to the grid; its "held out" column is then leave-one-run-out
+over all seven aux runs.
 
-  .venv/bin/python benchmarks/forecast_defaults.py [--write] [--json OUT]
+  .venv/bin/python benchmarks/forecast_defaults.py [--corpus shipped|extended] [--write] [--json OUT]
+
+`--test TRACE` fits nothing: every registered predictor at its default settings (`mean_revert` with
+the shipped defaults as they are in _defaults.py; `backtest`'s incremental mode, so `lstm` trains once
+at the first origin) on a run never used for fitting, against SW_Avg at its best window chosen on
+that run, with hindsight bounds chosen on the test cells themselves: the best mean_revert setting
+of the extended grid per cell and per (origin, layer) pair, the best SW_Avg window per pair, and the
+best linear blend of window means per cell (`linear_bound`):
+
+  .venv/bin/python benchmarks/forecast_defaults.py --test experiments/traces/gpt3-small-moe-aux-s0.moeload [--json OUT] [--figure PNG]
 """
 
 from __future__ import annotations
@@ -45,9 +56,14 @@ RUNS = {  # name: (trace, regime)
     "gpt3-small-moe-bias-s0": ("experiments/traces/gpt3-small-moe-bias-s0.moeload", "bias"),
     "gpt3-small-moe-bias-s1": ("experiments/traces/gpt3-small-moe-bias-s1.moeload", "bias"),
 }
+NEW_RUNS = {  # --corpus extended adds these (experiments/train_long.py, 32,768 tokens/step)
+    "gpt3-medium-moe-aux-s0": ("experiments/traces/gpt3-medium-moe-aux-s0.moeload", "aux"),  # 1,400 steps
+    "gpt3-small-moe-aux-s0": ("experiments/traces/gpt3-small-moe-aux-s0.moeload", "aux"),  # 10,000 steps
+}
 PHASES = ("transient", "stable")
 SW = [{"window": w, "slide": s} for w, s in itertools.product((25, 50, 100, 200, 400, 800, 1600, 3200), (True, False))]
-WINDOWS = (25, 50, 100, 200, 400)
+WINDOWS = (25, 50, 100, 200, 400)  # the grid the shipped defaults were fit on
+WINDOWS_EXTENDED = (25, 50, 100, 200, 400, 800, 1600)  # --corpus extended and the --test bounds
 SHRINK = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 BLOCKS = (1, 10, 25)  # steps per block of the noise estimate
 HALFLIFE = (None, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800)  # steps; None = no pull (rho = 1)
@@ -69,8 +85,8 @@ def protocol(S: int) -> tuple[tuple[int, ...], int, int]:
 class Run:
     """One trace: proportions, phase labels, origins per horizon and SW_Avg's best error per cell."""
 
-    def __init__(self, name: str, path: str, regime: str) -> None:
-        self.name, self.regime = name, regime
+    def __init__(self, name: str, path: str, regime: str, windows: tuple[int, ...] = WINDOWS) -> None:
+        self.name, self.regime, self.windows = name, regime, windows
         self.p = open_trace(ROOT / path).proportions()  # [S, L, E]
         S = self.p.shape[0]
         self.horizons, every, mh = protocol(S)
@@ -105,8 +121,12 @@ class Run:
         return out
 
     def grid(self, layers: np.ndarray | None = None) -> dict:
-        """{(H, phase): errors [n_settings]} of every setting of SETTINGS, by the closed form of the horizon
-        average from the predictor's own `pull_terms` (so the forecasts are exactly mean_revert's)."""
+        """{(H, phase): errors [n_settings]} of every setting of settings(self.windows) (mean over the cell's pairs)."""
+        return {c: e.mean(axis=1) for c, e in self.grid_pairs(layers).items()}
+
+    def grid_pairs(self, layers: np.ndarray | None = None) -> dict:
+        """{(H, phase): errors [n_settings, pairs]} of every setting of settings(self.windows), by the closed form of the
+        horizon average from the predictor's own `pull_terms` (so the forecasts are exactly mean_revert's)."""
         L = self.p.shape[1]
         lay = np.arange(L) if layers is None else np.asarray(layers)
         mask = np.ones(self.p.shape[1:], dtype=bool)
@@ -116,7 +136,7 @@ class Run:
             st = self.labels[o - 1][:, lay]  # [n, L']
             y = window_mean(self.c, o + H, H)[:, lay]  # [n, L', E]
             errs = []
-            for w, target, b in itertools.product(WINDOWS, TARGETS, BLOCKS):
+            for w, target, b in itertools.product(self.windows, TARGETS, BLOCKS):
                 terms = [pull_terms(self.p[:oi], mask, w, b, target, LONG_WINDOW) for oi in o]
                 t = np.stack([x[0] for x in terms])[:, lay]
                 dev = np.stack([x[1] for x in terms])[:, lay]
@@ -131,7 +151,7 @@ class Run:
             for ph in PHASES:
                 sel = st == (ph == "stable")
                 if sel.any():
-                    out[(H, ph)] = e[:, sel].mean(axis=1)
+                    out[(H, ph)] = e[:, sel]
         return out
 
 
@@ -141,19 +161,30 @@ def causal_phase_check(run: Run) -> str:
     o = run.org[run.horizons[0]]
     hist = np.stack([states.detect(run.p[:oi]).labels[-1] for oi in o])  # [n, L]
     full = run.labels[o - 1]
-    return (f"{run.name}: transient pairs {int((~full).sum())}, labelled transient from the history alone "
-            f"{int((~full & ~hist).sum())}; stable pairs {int(full.sum())}, labelled stable {int((full & hist).sum())}")
+    return (
+        f"{run.name}: transient pairs {int((~full).sum())}, labelled transient from the history alone "
+        f"{int((~full & ~hist).sum())}; stable pairs {int(full.sum())}, labelled stable {int((full & hist).sum())}"
+    )
 
 
-SETTINGS = [{"window": w, "target": t, "block": b, "shrink": k, "rho": rho_of(hl), "halflife": hl}
-            for w, t, b in itertools.product(WINDOWS, TARGETS, BLOCKS) for k in SHRINK for hl in HALFLIFE]
+def settings(windows: tuple[int, ...] = WINDOWS) -> list[dict]:
+    """The fit grid, in the order of Run.grid_pairs."""
+    return [
+        {"window": w, "target": t, "block": b, "shrink": k, "rho": rho_of(hl), "halflife": hl}
+        for w, t, b in itertools.product(windows, TARGETS, BLOCKS)
+        for k in SHRINK
+        for hl in HALFLIFE
+    ]
 
 
-def fit(scores: list[dict], sws: list[dict]) -> dict:
+SETTINGS = settings(WINDOWS)
+
+
+def fit(scores: list[dict], sws: list[dict], windows: tuple[int, ...] = WINDOWS) -> dict:
     """The setting with the smallest mean over runs of mean over cells of error / SW_Avg(best)."""
     per_run = [np.mean([g[c] / sw[c][0] for c in g], axis=0) for g, sw in zip(scores, sws)]
     i = int(np.argmin(np.mean(per_run, axis=0)))
-    return SETTINGS[i]
+    return settings(windows)[i]
 
 
 def params(setting: dict) -> dict:
@@ -162,9 +193,15 @@ def params(setting: dict) -> dict:
 
 def report(run: Run, setting: dict, sw: dict, layers: np.ndarray | None = None, regime: str | None = None) -> dict:
     """{(H, phase): (error, ratio, pairs)} of mean_revert with `setting` (or the shipped `regime` defaults)."""
-    spec = ("mean_revert", params(setting) | {"long_window": LONG_WINDOW}) if regime is None else ("mean_revert", {"regime": regime})
+    spec = (
+        ("mean_revert", params(setting) | {"long_window": LONG_WINDOW})
+        if regime is None
+        else ("mean_revert", {"regime": regime})
+    )
     if regime is not None and MEAN_REVERT[regime] != params(setting):
-        print(f"note: shipped {regime} defaults {MEAN_REVERT[regime]} differ from this fit {params(setting)}; run --write")
+        print(
+            f"note: shipped {regime} defaults {MEAN_REVERT[regime]} differ from this fit {params(setting)}; run --write"
+        )
     out = {}
     for H in run.horizons:
         df = backtest(run.p, [spec], horizons=[H], origins=run.org[H], phases=run.labels)
@@ -194,19 +231,212 @@ def write_defaults(aux: dict, bias: dict, prov: dict) -> None:
     MEAN_REVERT.update(table)
 
 
+LIN_WINDOWS = (25, 50, 100, 200, 400, 800, 1600, 3200)
+
+
+def linear_bound(run: Run, iters: int = 60) -> dict:
+    """{(H, phase): error} of the best fixed linear combination of window means (LIN_WINDOWS, the whole
+    history's mean, 1/E), its weights chosen on the test cell itself by least absolute deviation
+    (IRLS), i.e. in the forecaster's favour. No forecast that is one linear blend of these means per
+    cell (SW_Avg at any window, blend, mean_revert with rho = 1 and shrink = 0, EMA up to its kernel's
+    fit by these windows) can have a smaller error on that cell."""
+    out = {}
+    for H in run.horizons:
+        o = run.org[H]
+        st = run.labels[o - 1]  # [n, L]
+        y = window_mean(run.c, o + H, H)  # [n, L, E]
+        feats = [window_mean(run.c, o, w) for w in LIN_WINDOWS] + [window_mean(run.c, o, o)]
+        X = np.stack(feats + [np.full_like(y, 1 / run.p.shape[2])], axis=-1)  # [n, L, E, k]
+        for ph in PHASES:
+            sel = st == (ph == "stable")
+            if not sel.any():
+                continue
+            A, b = X[sel].reshape(-1, X.shape[-1]), y[sel].reshape(-1)
+            w = np.linalg.lstsq(A, b, rcond=None)[0]
+            for _ in range(iters):  # IRLS for least absolute deviation
+                sq = 1 / np.sqrt(np.maximum(np.abs(A @ w - b), 1e-9))
+                w = np.linalg.lstsq(A * sq[:, None], b * sq, rcond=None)[0]
+            out[(H, ph)] = float(100 * np.abs(A @ w - b).reshape(int(sel.sum()), -1).mean())
+    return out
+
+
+def heldout(path: str, json_out: str | None, fig_out: str | None, predictors: list[str] | None = None) -> None:
+    """Every registered predictor at its default settings on a run never used for fitting (fits nothing)."""
+    from moeload.predictors import available
+
+    t0 = time.perf_counter()
+    name = Path(path).name.removesuffix(".moeload")
+    run = Run(name, path, "aux", WINDOWS_EXTENDED)
+    S, L, E = run.p.shape
+    print(
+        f"{name}: {S} steps, {L} layers x {E} experts; {states.detect(run.p).model_verdict}; horizons {list(run.horizons)}, "
+        f"origins every 125 from 250",
+        flush=True,
+    )
+    sw = run.sw_best()
+    print(f"SW_Avg best per cell done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    rows: dict[str, dict] = {}
+    for pname in predictors or available():
+        t1 = time.perf_counter()
+        res = {}
+        for H in run.horizons:
+            df = backtest(run.p, [pname], horizons=[H], origins=run.org[H], phases=run.labels)
+            for ph, g in df.groupby("phase"):
+                e = float(g["havg_mae_pp"].mean())
+                res[(H, ph)] = (e, e / sw[(H, ph)][0], len(g))
+        rows[pname] = res
+        print(
+            f"  {pname:13s} "
+            + "  ".join(f"H={H} {ph} {v[1]:.2f}" for (H, ph), v in res.items())
+            + f"  ({time.perf_counter() - t1:.1f} s)",
+            flush=True,
+        )
+    uni = run.uniform()
+    rows["constant 1/E (reference)"] = {c: (e, e / sw[c][0], 0) for c, e in uni.items()}
+    grid = run.grid_pairs()
+    rows["mean_revert, best setting per cell (hindsight)"] = {
+        c: (float(e.mean(axis=1).min()), float(e.mean(axis=1).min()) / sw[c][0], e.shape[1]) for c, e in grid.items()
+    }
+    per_setting = np.mean([e.mean(axis=1) / sw[c][0] for c, e in grid.items()], axis=0)  # [n_settings]
+    one = int(per_setting.argmin())
+    print(
+        f"best single mean_revert setting for every cell (hindsight): {short(settings(run.windows)[one])}", flush=True
+    )
+    rows["mean_revert, best single setting for all cells (hindsight)"] = {
+        c: (float(e[one].mean()), float(e[one].mean()) / sw[c][0], e.shape[1]) for c, e in grid.items()
+    }
+    rows["mean_revert, best setting per pair (hindsight)"] = {
+        c: (float(e.min(axis=0).mean()), float(e.min(axis=0).mean()) / sw[c][0], e.shape[1]) for c, e in grid.items()
+    }
+    sw_pick = {}
+    for H in run.horizons:
+        df = backtest(run.p, [("sw_avg", s) for s in SW], horizons=[H], origins=run.org[H], phases=run.labels)
+        for ph, g in df.groupby(["phase", "origin", "layer"])["havg_mae_pp"].min().groupby("phase"):
+            sw_pick[(H, ph)] = (float(g.mean()), float(g.mean()) / sw[(H, ph)][0], len(g))
+    rows["SW_Avg, best window per pair (hindsight)"] = sw_pick
+    lin = linear_bound(run)
+    rows["best linear blend of window means per cell (hindsight)"] = {
+        c: (e, e / sw[c][0], rows["sw_avg"][c][2]) for c, e in lin.items()
+    }
+    cells = [c for c in sw]
+    print("\nratio to SW_Avg at its best window on this run (havg_mae_pp in brackets); <= 0.80 is the target\n")
+    print("| predictor | " + " | ".join(f"H={H} {ph}" for H, ph in cells) + " |")
+    print("|---|" + "---|" * len(cells))
+    print("| SW_Avg, best window on this run | " + " | ".join(f"{sw[c][0]:.4f} ({sw[c][1]})" for c in cells) + " |")
+    for k, res in rows.items():
+        print(f"| {k} | " + " | ".join(f"{res[c][1]:.2f} ({res[c][0]:.4f})" if c in res else "-" for c in cells) + " |")
+    print("| pairs (origin x layer) | " + " | ".join(str(rows["sw_avg"][c][2]) for c in cells) + " |")
+    print("\n" + drift(run))
+    print(f"\nwall time {time.perf_counter() - t0:.1f} s")
+    if json_out:
+        Path(json_out).write_text(
+            json.dumps(
+                {
+                    "trace": path,
+                    "sw_best": {f"{H} {ph}": v for (H, ph), v in sw.items()},
+                    "rows": {k: {f"{H} {ph}": v for (H, ph), v in r.items()} for k, r in rows.items()},
+                },
+                indent=1,
+            )
+        )
+    if fig_out:
+        figure(rows, sw, cells, name, fig_out)
+
+
+def drift(run: Run, block: int = 100) -> str:
+    """How far 100-step means move over a lag, against the noise of a mean, and whether past moves predict future ones."""
+    p = run.p
+    n = p.shape[0] // block
+    b = p[: n * block].reshape(n, block, *p.shape[1:]).mean(axis=1)  # [n, L, E]
+    lags = [k for k in (1, 2, 5, 10, 20) if k < n]
+    rms = [1e4 * float(np.sqrt(np.mean((b[k:] - b[:-k]) ** 2))) for k in lags]
+    white = 1e4 * float(np.sqrt(2 * np.mean(np.var(np.diff(p, axis=0), axis=0) / 2) / block))
+    past, fut = (b[2:-2] - b[:-4]).ravel(), (b[4:] - b[3:-1]).ravel()
+    return (
+        f"{run.name}: rms change of {block}-step means x1e4 at lags {[k * block for k in lags]} steps: "
+        f"{', '.join(f'{v:.1f}' for v in rms)} (independent steps would give {white:.1f}); "
+        f"corr(b[t-1] - b[t-3], b[t+1] - b[t]) = {np.corrcoef(past, fut)[0, 1]:+.2f}"
+    )
+
+
+def figure(rows: dict, sw: dict, cells: list, name: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in rows if k != "last"]  # last == kalman here; one bar is enough
+    fig, ax = plt.subplots(figsize=(12, 6))
+    x = np.arange(len(cells))
+    width = 0.85 / len(names)
+    cmap = plt.get_cmap("tab20")
+    for i, k in enumerate(names):
+        v = [rows[k][c][1] if c in rows[k] else np.nan for c in cells]
+        hind = "hindsight" in k
+        ax.bar(
+            x - 0.425 + width * (i + 0.5),
+            v,
+            width,
+            color=cmap(i % 20),
+            hatch="//" if hind else None,
+            edgecolor="0.3" if hind else None,
+            label=k,
+        )
+    ax.axhline(0.8, color="k", ls="--", lw=1, label="target 0.8x")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(x, [f"H={H}, {ph}" for H, ph in cells])
+    ax.set_ylabel("havg_mae_pp / SW_Avg (best window on this run), log scale")
+    ax.set_title(f"{name}, held out: predictors at default settings (hatched: hindsight bounds, not forecasts)")
+    ax.legend(fontsize=7.5, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def replot(json_in: str, path: str) -> None:
+    """The --test figure again from its --json output (no recomputation)."""
+    d = json.loads(Path(json_in).read_text())
+    key = lambda c: (int(c.split()[0]), c.split()[1])  # noqa: E731
+    rows = {k: {key(c): v for c, v in r.items()} for k, r in d["rows"].items()}
+    sw = {key(c): v for c, v in d["sw_best"].items()}
+    figure(rows, sw, list(sw), Path(d["trace"]).name.removesuffix(".moeload"), path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--write", action="store_true", help="write the fitted defaults into moeload/predictors/_defaults.py")
+    ap.add_argument(
+        "--write", action="store_true", help="write the fitted defaults into moeload/predictors/_defaults.py"
+    )
     ap.add_argument("--json", help="write every cell as JSON here")
+    ap.add_argument(
+        "--corpus",
+        choices=("shipped", "extended"),
+        default="shipped",
+        help="shipped: the runs and grid the shipped defaults were fit on; extended: + NEW_RUNS, windows to 1,600",
+    )
+    ap.add_argument("--test", help="held-out run: every predictor at its defaults, nothing fitted")
+    ap.add_argument("--figure", help="with --test: bar chart (PNG) here")
+    ap.add_argument(
+        "--predictors", help="with --test: only these (comma-separated; default every registered predictor)"
+    )
+    ap.add_argument("--replot", help="with --figure: draw the --test figure from this --json output")
     args = ap.parse_args()
+    if args.replot:
+        return replot(args.replot, args.figure)
+    if args.test:
+        return heldout(args.test, args.json, args.figure, args.predictors.split(",") if args.predictors else None)
     t0 = time.perf_counter()
-    runs = {n: Run(n, path, regime) for n, (path, regime) in RUNS.items()}
+    ext = args.corpus == "extended"
+    win = WINDOWS_EXTENDED if ext else WINDOWS
+    corpus = RUNS | NEW_RUNS if ext else RUNS
+    print(f"corpus {args.corpus}: {', '.join(corpus)}; windows {win}", flush=True)
+    runs = {n: Run(n, path, regime, win) for n, (path, regime) in corpus.items()}
     sw = {n: r.sw_best() for n, r in runs.items()}
     grid = {n: r.grid() for n, r in runs.items()}
     aux = [n for n, r in runs.items() if r.regime == "aux"]
     bias_runs = [n for n, r in runs.items() if r.regime == "bias"]
-    s_aux = fit([grid[n] for n in aux], [sw[n] for n in aux])
-    s_bias = fit([grid[n] for n in bias_runs], [sw[n] for n in bias_runs])
+    s_aux = fit([grid[n] for n in aux], [sw[n] for n in aux], win)
+    s_bias = fit([grid[n] for n in bias_runs], [sw[n] for n in bias_runs], win)
     prov = {
         "aux": f"fit by benchmarks/forecast_defaults.py on {', '.join(aux)}: {short(s_aux)}",
         "bias": f"fit by benchmarks/forecast_defaults.py on {', '.join(bias_runs)} (aux-loss-free, expert bias): {short(s_bias)}",
@@ -219,14 +449,20 @@ def main() -> None:
 
     def put(label: str, res: dict, col: str, sw_c: dict, g: dict) -> None:
         for (H, ph), (e, ratio, n) in res.items():
-            c = cells.setdefault((label, H, ph), {"sw": sw_c[(H, ph)], "pairs": n,
-                                                  "hindsight": float(g[(H, ph)].min() / sw_c[(H, ph)][0]),
-                                                  "uniform": runs[label].uniform()[(H, ph)] / sw_c[(H, ph)][0]})
+            c = cells.setdefault(
+                (label, H, ph),
+                {
+                    "sw": sw_c[(H, ph)],
+                    "pairs": n,
+                    "hindsight": float(g[(H, ph)].min() / sw_c[(H, ph)][0]),
+                    "uniform": runs[label].uniform()[(H, ph)] / sw_c[(H, ph)][0],
+                },
+            )
             c[col], c[col + "_havg_mae_pp"] = ratio, e
 
     for name in aux:  # held out: fit on the other aux-loss runs
         others = [n for n in aux if n != name]
-        s = fit([grid[n] for n in others], [sw[n] for n in others])
+        s = fit([grid[n] for n in others], [sw[n] for n in others], win)
         fits.append(f"- {name}: fit on {', '.join(others)}: {short(s)}")
         put(name, report(runs[name], s, sw[name]), "held_out", sw[name], grid[name])
         put(name, report(runs[name], s_aux, sw[name], regime="aux"), "shipped", sw[name], grid[name])
@@ -234,28 +470,48 @@ def main() -> None:
         r = runs[name]
         others = [n for n in bias_runs if n != name]
         if others:
-            s = fit([grid[n] for n in others], [sw[n] for n in others])
+            s = fit([grid[n] for n in others], [sw[n] for n in others], win)
             fits.append(f"- {name}: fit on {', '.join(others)}: {short(s)}")
             put(name, report(r, s, sw[name]), "held_out_bias", sw[name], grid[name])
         put(name, report(r, s_aux, sw[name], regime="aux"), "held_out", sw[name], grid[name])
         put(name, report(r, s_bias, sw[name], regime="bias"), "shipped_bias", sw[name], grid[name])
-    cols = (("held_out", "held out: aux defaults fit without this run"),
-            ("held_out_bias", "held out: bias setting fit on the other bias run"),
-            ("shipped", "shipped aux defaults (in-sample)"), ("shipped_bias", "shipped bias defaults (in-sample)"),
-            ("hindsight", "family best on this cell (hindsight, not a forecast)"), ("uniform", "constant 1/E"))
-    print("| run | H | phase | pairs | SW_Avg best on this run (havg_mae_pp) | " + " | ".join(c[1] for c in cols) + " |")
+    cols = (
+        ("held_out", "held out: aux defaults fit without this run"),
+        ("held_out_bias", "held out: bias setting fit on the other bias run"),
+        ("shipped", "shipped aux defaults (in-sample)"),
+        ("shipped_bias", "shipped bias defaults (in-sample)"),
+        ("hindsight", "family best on this cell (hindsight, not a forecast)"),
+        ("uniform", "constant 1/E"),
+    )
+    print(
+        "| run | H | phase | pairs | SW_Avg best on this run (havg_mae_pp) | " + " | ".join(c[1] for c in cols) + " |"
+    )
     print("|---|---|---|---|---|" + "---|" * len(cols))
     for (label, H, ph), c in cells.items():
         vals = " | ".join(f"{c[k]:.2f}" if k in c else "" for k, _ in cols)
         print(f"| {label} | {H} | {ph} | {c['pairs']} | {c['sw'][0]:.4f} ({c['sw'][1]}) | {vals} |")
     print("\nHeld-out fits:\n" + "\n".join(fits))
-    print("\nWhole-model verdicts of the default rule:\n" + "\n".join(
-        f"{r.name}: {states.detect(r.p).model_verdict}; horizons {list(r.horizons)}" for r in runs.values()))
-    print("\nPhase known to a forecaster (why the defaults are not per phase):\n" + "\n".join(causal_phase_check(r) for r in runs.values()))
+    print(
+        "\nWhole-model verdicts of the default rule:\n"
+        + "\n".join(f"{r.name}: {states.detect(r.p).model_verdict}; horizons {list(r.horizons)}" for r in runs.values())
+    )
+    print(
+        "\nPhase known to a forecaster (why the defaults are not per phase):\n"
+        + "\n".join(causal_phase_check(r) for r in runs.values())
+    )
     print(f"\nshipped aux: {short(s_aux)}\nshipped bias: {short(s_bias)}\nwall time {time.perf_counter() - t0:.1f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cells": [{"run": k[0], "H": k[1], "phase": k[2], **v} for k, v in cells.items()],
-                                               "aux": s_aux, "bias": s_bias, "provenance": prov}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "cells": [{"run": k[0], "H": k[1], "phase": k[2], **v} for k, v in cells.items()],
+                    "aux": s_aux,
+                    "bias": s_bias,
+                    "provenance": prov,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -111,3 +111,33 @@ def test_shipped_bias_defaults_are_the_fit_on_both_bias_runs() -> None:
     s = fd.fit([r.grid() for r in runs], [r.sw_best() for r in runs])
     assert fd.params(s) == MEAN_REVERT["bias"]
     assert all(n in PROVENANCE["bias"] for n in names)
+
+
+def _forecast_defaults():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "forecast_defaults.py"
+    spec = importlib.util.spec_from_file_location("forecast_defaults", path)
+    fd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fd)
+    return fd
+
+
+def test_linear_bound_is_below_every_flat_window_and_uniform() -> None:
+    """The hindsight bound of the --test table (best linear blend of window means, weights chosen on the
+    test cell by least absolute deviation) is at most the error of each member it blends: SW_Avg with a
+    flat window of LIN_WINDOWS, and the constant 1/E."""
+    fd = _forecast_defaults()
+    run = fd.Run("demo", "notebooks/data/demo.moeload", "aux")
+    bound = fd.linear_bound(run)
+    uni = run.uniform()
+    assert set(bound) == set(uni) and bound
+    for H in run.horizons:
+        specs = [("sw_avg", {"window": w, "slide": False}) for w in fd.LIN_WINDOWS]
+        df = backtest(run.p, specs, horizons=[H], origins=run.org[H], phases=run.labels)
+        for ph, g in df.groupby("phase"):
+            worst_ok = g.groupby("predictor")["havg_mae_pp"].mean().min()
+            assert bound[(H, ph)] <= worst_ok + 1e-6
+            assert bound[(H, ph)] <= uni[(H, ph)] + 1e-6
+            assert bound[(H, ph)] > 0
