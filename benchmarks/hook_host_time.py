@@ -70,8 +70,9 @@ def python_calls(fn: Callable[[], Any]) -> int:
 
 def workload_gate(args, dev: torch.device) -> tuple[nn.Module, nn.Module, tuple, Any, Callable[[], None]]:
     """(model, router, inputs, output, kernels): the embedded workload's first router and one forward of it
-    (traced by its own adapter, or by the generic one with --gate generic);
-    kernels() runs the two operations the hook launches for it (bucketize + index_add_) on its own."""
+    (traced by its own adapter, or by the generic one with --gate generic); kernels() runs what the hook
+    launches for it on its own: index_add_ of its ids (in [0, E) by construction, GateSpec.ids_in_range),
+    or bucketize + index_add_ (generic: ids binned first)."""
     cfg = get_config(args.config)
     model = build_model(cfg, 0, dev)
     router = next(iter(model.routers().values()))
@@ -81,7 +82,10 @@ def workload_gate(args, dev: torch.device) -> tuple[nn.Module, nn.Module, tuple,
     row = torch.zeros(cfg.n_experts + 5, dtype=torch.int64, device=dev)
     bounds = torch.arange(-1, cfg.n_experts, device=dev)
     ones = torch.ones(idx.numel(), dtype=torch.int64, device=dev)
-    return model, router, (x,), out, lambda: row.index_add_(0, torch.bucketize(idx, bounds), ones)
+    if args.gate == "generic":
+        return model, router, (x,), out, lambda: row.index_add_(0, torch.bucketize(idx, bounds), ones)
+    experts = row[1 : cfg.n_experts + 1]
+    return model, router, (x,), out, lambda: experts.index_add_(0, idx, ones)
 
 
 def deepspeed_gate(args, dev: torch.device) -> tuple[nn.Module, nn.Module, tuple, Any, Callable[[], None]]:

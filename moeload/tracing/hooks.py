@@ -50,8 +50,9 @@ class GateHooks(TracerState):
 
     def _make_hook(self, li: int, spec: GateSpec) -> Callable:
         """The eager hook of gate `li`. Its steady state (a forward of a top-k-indices or counts routing on
-        the buffer's device) launches bucketize + index_add_ (indices) or one add_ (counts) per row it
-        counts into, reads no tensor value and builds no view: the rows' views are made once per step,
+        the buffer's device) launches bucketize + index_add_ (indices; index_add_ alone where the spec
+        says `ids_in_range`) or one add_ (counts) per row it counts into, reads no tensor value and
+        builds one view at most (the flattened indices): the rows' views are made once per step,
         the bin boundaries once per index dtype, the ones vector once per route count. Anything else (a
         mask, another device or dtype, a malformed routing) goes through `accumulate`, which checks it."""
         lay = self.layout
@@ -60,6 +61,7 @@ class GateHooks(TracerState):
         is_compiling = torch.compiler.is_compiling
         graph_task_id = _graph_task_id
         E, top_k = spec.num_experts, spec.top_k
+        own_counts = spec.counts  # ids_in_range holds for the adapter's own reading (not a re-mapped one)
         # (routed, kept) planes a forward counts into, by module.training; None: an eval forward not recorded
         train_planes = (lay.routed, lay.kept)
         eval_planes = None if lay.eval_routed is None else (lay.eval_routed, lay.eval_kept)
@@ -97,6 +99,21 @@ class GateHooks(TracerState):
                     o = ones[n] = cache.ones(rows.routed.device, n)
                 if tokens is None:
                     tokens = idx.shape[0]
+                if (
+                    spec.ids_in_range
+                    and (keep is None or rows.kept is None)
+                    and idx.dtype is torch.int64
+                    and spec.counts is own_counts
+                ):  # ids in [0, E): expert e is bin e + 1 of the rows, no binning kernel
+                    flat = idx.reshape(-1)
+                    if rows.routed_e is None:
+                        rows.routed_e = rows.routed[1 : E + 1]
+                    rows.routed_e.index_add_(0, flat, o)
+                    if rows.kept is not None:
+                        if rows.kept_e is None:
+                            rows.kept_e = rows.kept[1 : E + 1]
+                        rows.kept_e.index_add_(0, flat, o)
+                    return _nan_and_tokens(r, rows, check, tokens)
                 i = torch.bucketize(idx.reshape(-1), b)  # id <= -1 -> 0, e -> e + 1, >= E -> E + 1
                 rows.routed.index_add_(0, i, o)
                 if rows.kept is not None:
@@ -118,15 +135,7 @@ class GateHooks(TracerState):
                     if rows.kept_e is None:
                         rows.kept_e = rows.kept[1 : E + 1]
                     rows.kept_e.add_(c if kc is None else kc)
-            p = r.probs
-            if check and isinstance(p, torch.Tensor) and (p.is_floating_point() or p.is_complex()):
-                rows.routed[NAN_COL].add_(torch.isnan(p).any().to(rows.routed.device, non_blocking=True))
-            if isinstance(tokens, int):
-                return tokens
-            if rows.tok is None:
-                rows.tok = rows.routed[TOKENS_COL]
-            rows.tok.add_(tokens.to(rows.tok.device, torch.int64, non_blocking=True))
-            return None
+            return _nan_and_tokens(r, rows, check, tokens)
 
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             if in_graph and is_compiling():  # traced into the graph: no host state per call
@@ -254,6 +263,20 @@ class GateHooks(TracerState):
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _nan_and_tokens(r: Routing, rows: _Rows, check: bool, tokens: int | torch.Tensor) -> int | None:
+    """The end of the hook's fast path: the NaN check (where `check`) and the tokens: an int is returned
+    for the host tally, a tensor is added into the TOKENS_COL bin."""
+    p = r.probs
+    if check and isinstance(p, torch.Tensor) and (p.is_floating_point() or p.is_complex()):
+        rows.routed[NAN_COL].add_(torch.isnan(p).any().to(rows.routed.device, non_blocking=True))
+    if isinstance(tokens, int):
+        return tokens
+    if rows.tok is None:
+        rows.tok = rows.routed[TOKENS_COL]
+    rows.tok.add_(tokens.to(rows.tok.device, torch.int64, non_blocking=True))
+    return None
 
 
 def _counts_ok(c: torch.Tensor, num_experts: int, dev_index: int, dev_cuda: bool) -> bool:

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from moeload import LoadTracer, open_trace
 from moeload.tracing.adapters import Routing
 from moeload.tracing.adapters.generic import _TupleReader, parse_output
-from moeload.workloads.model import TopKRouter
+from moeload.workloads.model import BiasRouter, TopKRouter
 
 VIEWS = {
     "view",
@@ -83,15 +83,40 @@ def steady(model: nn.Module, gate: nn.Module, forward, tmp_path, **kw) -> tuple[
     return kernels, views, first
 
 
-def test_workload_router_two_kernels_no_views_no_sync(tmp_path):
+@pytest.mark.parametrize("cls", [TopKRouter, BiasRouter])
+def test_workload_router_one_kernel_no_views_no_sync(tmp_path, cls):
+    """The workload's routers give ids in [0, E) by construction (GateSpec.ids_in_range): one index_add_."""
     torch.manual_seed(0)
-    model = nn.ModuleDict({"router": TopKRouter(32, 8, 2)})
+    model = nn.ModuleDict({"router": cls(32, 8, 2)})
     x = torch.randn(64, 32)
     kernels, views, first = steady(model, model["router"], lambda: model["router"](x), tmp_path)
-    assert kernels == ["bucketize", "index_add_"], kernels
+    assert kernels == ["index_add_"], kernels
     assert len(views) <= 1, views  # the flattened indices; the rows' views are made once per step
-    assert first == ["add_", "any", "bucketize", "index_add_", "isnan"], first
+    assert first == ["add_", "any", "index_add_", "isnan"], first
     assert not SYNCS & set(kernels + first)
+    out = model["router"](x)  # the same input each forward: 1 forward in step 0 (warm-up), 2 in step 1
+    want = np.array([[1], [2]]) * np.bincount(out.indices.reshape(-1).numpy(), minlength=8)
+    np.testing.assert_array_equal(open_trace(tmp_path / "t").counts()[:, 0], want)
+
+
+def test_router_subclass_is_binned(tmp_path):
+    """A subclass may route elsewhere (act's ReplicaRouter routes to slots): its ids are binned (two
+    kernels), so an id out of range lands in the out-of-range bin instead of failing the hook."""
+
+    class Shifted(TopKRouter):
+        def forward(self, x):
+            out = super().forward(x)
+            return out._replace(indices=out.indices + 6)  # ids 6..13 of 8 experts
+
+    model = nn.ModuleDict({"router": Shifted(32, 8, 2)})
+    x = torch.randn(64, 32)
+    with pytest.warns(RuntimeWarning, match="expert ids >= 8"):  # the out-of-range bin, flagged at the flush
+        kernels, _, _ = steady(model, model["router"], lambda: model["router"](x), tmp_path)
+    assert kernels == ["bucketize", "index_add_"], kernels
+    t = open_trace(tmp_path / "t")
+    out = model["router"](x)
+    ids = out.indices.reshape(-1).numpy()
+    np.testing.assert_array_equal(t.counts()[:, 0, 6:], np.array([[1], [2]]) * np.bincount(ids, minlength=14)[6:8])
 
 
 def test_workload_router_with_capacity_two_kernels_per_row(tmp_path):

@@ -83,6 +83,11 @@ class GateSpec:
     bias: Callable[[], Tensor | None] | None = None
     """Reads the router's expert-bias vector [E] (aux-loss-free routing, DeepSeek-V3 style) as it is
     now, or None while it has none; None: the router has no bias (`find_bias` fills it in)."""
+    ids_in_range: bool = False
+    """The gate's top-k indices are int64 ids in [0, num_experts) by construction (a `topk` over its E
+    scores, no -1 for dropped routes): the tracer adds them without binning them first (one kernel
+    per row instead of two). Set it only where that holds: an id out of range would fail the hook on
+    CPU and trip a device-side assert on CUDA."""
 
     def __post_init__(self) -> None:
         if self.count_kind not in (None, "routed", "kept"):

@@ -30,6 +30,9 @@ class WorkloadAdapter(Adapter):
             return []
         from moeload._version import __version__
 
+        # routers whose indices are a topk over their E scores; subclasses (e.g. act's ReplicaRouter,
+        # which routes to replica slots) may route elsewhere, so they are binned like any gate
+        exact = {mod.TopKRouter, getattr(mod, "BiasRouter", mod.TopKRouter)}
         return [
             GateSpec(
                 module=m,
@@ -40,6 +43,7 @@ class WorkloadAdapter(Adapter):
                 has_kept=m.capacity_factor is not None,
                 framework="moeload",
                 framework_version=__version__,
+                ids_in_range=type(m) in exact,
             )
             for name, m in model.named_modules()
             if isinstance(m, mod.TopKRouter)
