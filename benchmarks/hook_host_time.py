@@ -7,8 +7,10 @@ launch nothing) and the Python function calls, next to its kernels run alone and
     python benchmarks/hook_host_time.py --gate deepspeed   # a DeepSpeed TopKGate (k=2, drop_tokens) instead
     python benchmarks/hook_host_time.py --gate generic     # the workload's router read by gates="*.router"
 
-Each repeat prints the mean per call; the last line gives the medians over the repeats after the first
-(the first includes warm-up: caches, allocator). "Python + views" is the hook's time less its kernels
+Each repeat prints the mean per call; the next line gives the medians over the repeats after the first
+(the first includes warm-up: caches, allocator). The last line is the hook inside real router forwards
+on fresh inputs (traced minus untraced, paired per repeat): on CPU its kernels compute there, on data
+that is not in cache, so it is the CPU figure closest to training; on CUDA it waits for the GPU queue. "Python + views" is the hook's time less its kernels
 timed alone: the host work that is not a kernel launch. Counts are of a steady-state call (a later
 micro-batch of a step; the first forward of each gate in a step also checks the router probabilities for
 NaN, three more kernels, counted on the "first forward" line).
@@ -187,6 +189,26 @@ def main() -> None:
                 f"hook {hook_us:.1f} us per call; its kernels alone {k_us:.1f} us; Python + views "
                 f"{hook_us - k_us:.1f} us; router forward {fwd_us:.1f} us (host time, {args.device})"
             )
+    in_forward = None
+    if args.gate != "deepspeed":  # the hook after real forwards on fresh inputs, interleaved with the router untraced
+        xs = [torch.randn_like(inputs[0]) for _ in range(16)]
+        hooks = dict(gate._forward_hooks)
+        pairs = []
+        with torch.no_grad():
+            for _ in range(args.repeats):
+                times = []
+                for attach in (False, True):
+                    gate._forward_hooks.clear()
+                    if attach:
+                        gate._forward_hooks.update(hooks)
+                    sync()
+                    t0 = time.perf_counter()
+                    for i in range(n):
+                        gate(xs[i % len(xs)])
+                    sync()
+                    times.append((time.perf_counter() - t0) / n * 1e6)
+                pairs.append(times[1] - times[0])
+        in_forward = statistics.median(pairs[1:] or pairs)
     tracer.close()
     steady = rows[1:] or rows
     med = [statistics.median(r[i] for r in steady) for i in range(3)]
@@ -195,6 +217,11 @@ def main() -> None:
         f"Python + views {med[0] - med[1]:.1f} us; nn.Module's own cost of calling a forward hook "
         f"{t_dispatch:.1f} us; router forward {med[2]:.1f} us"
     )
+    if in_forward is not None:
+        print(
+            f"router forward on 16 fresh inputs, traced minus untraced (median of paired repeats 2..{len(pairs)}, "
+            f"GPU queue waited on): {in_forward:+.1f} us per gate forward"
+        )
 
 
 if __name__ == "__main__":
