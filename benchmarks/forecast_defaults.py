@@ -28,6 +28,14 @@ of the extended grid per cell and per (origin, layer) pair, the best SW_Avg wind
 best linear blend of window means per cell (`linear_bound`):
 
   .venv/bin/python benchmarks/forecast_defaults.py --test experiments/traces/gpt3-small-moe-aux-s0.moeload [--json OUT] [--figure PNG]
+
+`online_blend` (weights learned on the test run's own past at each forecast, nothing fit on other
+runs) is one of the registered predictors --test reports. `--summary J1,J2,...` reads --test JSON
+outputs of several runs and prints one table (and with --figure, one chart) of `--predictors`
+(default online_blend, mean_revert) per run and cell, with pairs, SW_Avg(best) and the hindsight
+linear-blend bound:
+
+  .venv/bin/python benchmarks/forecast_defaults.py --summary /tmp/fd/ob_a.json,/tmp/fd/ob_b.json [--figure PNG]
 """
 
 from __future__ import annotations
@@ -268,9 +276,10 @@ def heldout(path: str, json_out: str | None, fig_out: str | None, predictors: li
     name = Path(path).name.removesuffix(".moeload")
     run = Run(name, path, "aux", WINDOWS_EXTENDED)
     S, L, E = run.p.shape
+    _, every, mh = protocol(S)
     print(
         f"{name}: {S} steps, {L} layers x {E} experts; {states.detect(run.p).model_verdict}; horizons {list(run.horizons)}, "
-        f"origins every 125 from 250",
+        f"origins every {every} from {mh}",
         flush=True,
     )
     sw = run.sw_best()
@@ -402,6 +411,69 @@ def replot(json_in: str, path: str) -> None:
     figure(rows, sw, list(sw), Path(d["trace"]).name.removesuffix(".moeload"), path)
 
 
+LINEAR = "best linear blend of window means per cell (hindsight)"
+
+
+def summary(paths: list[str], names: list[str], fig_out: str | None) -> None:
+    """One table (and chart) of `names` over several --test JSON outputs: ratio to SW_Avg(best) per run and cell."""
+    cells = []  # (run, H, phase, pairs, sw error, sw label, {name: ratio}, linear-bound ratio)
+    for path in paths:
+        d = json.loads(Path(path).read_text())
+        run = Path(d["trace"]).name.removesuffix(".moeload")
+        for c, (e, lab) in d["sw_best"].items():
+            H, ph = c.split()
+            missing = [n for n in names if n not in d["rows"]]
+            if missing:
+                raise SystemExit(f"{path}: no row for {', '.join(missing)}; rerun --test with them in --predictors")
+            r = {n: d["rows"][n][c][1] for n in names}
+            cells.append((run, int(H), ph, d["rows"][names[0]][c][2], e, lab, r, d["rows"][LINEAR][c][1]))
+    print(
+        "| run | H | phase | pairs | SW_Avg best (havg_mae_pp, setting) | "
+        + " | ".join(names)
+        + " | linear blend per cell (hindsight) | <= 0.80 |"
+    )
+    print("|---|---|---|---|---|" + "---|" * (len(names) + 2))
+    for run, H, ph, n, e, lab, r, lin in cells:
+        ok = "met" if r[names[0]] <= 0.8 else "missed"
+        vals = " | ".join(f"{r[k]:.2f}" for k in names)
+        print(f"| {run} | {H} | {ph} | {n} | {e:.4f} ({lab}) | {vals} | {lin:.2f} | {ok} ({names[0]}) |")
+    if fig_out:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(cells)), 5))
+        x = np.arange(len(cells))
+        width = 0.8 / (len(names) + 1)
+        for i, k in enumerate(names + [LINEAR]):
+            v = [c[6][k] if k in c[6] else c[7] for c in cells]
+            hind = k == LINEAR
+            ax.bar(
+                x - 0.4 + width * (i + 0.5),
+                v,
+                width,
+                label="linear blend per cell (hindsight bound)" if hind else k,
+                hatch="//" if hind else None,
+                color="0.85" if hind else None,
+                edgecolor="0.3" if hind else None,
+            )
+        ax.axhline(0.8, color="k", ls="--", lw=1, label="target 0.8x")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(
+            x,
+            [f"{c[0].replace('gpt3-', '').replace('-moe', '')} H={c[1]} {c[2][:5]}" for c in cells],
+            fontsize=7,
+            rotation=60,
+            ha="right",
+        )
+        ax.set_ylabel("havg_mae_pp / SW_Avg (best window on that run)")
+        ax.set_title("held-out runs, predictors at default settings")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(fig_out, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -420,7 +492,11 @@ def main() -> None:
         "--predictors", help="with --test: only these (comma-separated; default every registered predictor)"
     )
     ap.add_argument("--replot", help="with --figure: draw the --test figure from this --json output")
+    ap.add_argument("--summary", help="comma-separated --test JSON outputs: one table (and --figure) over runs")
     args = ap.parse_args()
+    if args.summary:
+        names = args.predictors.split(",") if args.predictors else ["online_blend", "mean_revert"]
+        return summary(args.summary.split(","), names, args.figure)
     if args.replot:
         return replot(args.replot, args.figure)
     if args.test:

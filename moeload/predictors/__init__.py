@@ -2,7 +2,8 @@
 
 Every predictor takes p: [T, L, E] proportions and returns [horizon, L, E] rows on the simplex.
 Families (one module each): last, sw_avg, ema, kalman, damped_trend, arima, ridge, state_aware, combo,
-blend (weights learned on other runs with `blend.learn_blend`), lstm (torch, imported only when fitted).
+blend (weights learned on other runs with `blend.learn_blend`), online_blend (weights learned on
+the run's own past at each forecast), lstm (torch, imported only when fitted).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from moeload.predictors import (  # noqa: F401
     last,
     lstm,
     mean_revert,
+    online_blend,
     ridge,
     state_aware,
     sw_avg,
