@@ -92,7 +92,8 @@ def workload_gate(args, dev: torch.device) -> tuple[nn.Module, nn.Module, tuple,
 
 def deepspeed_gate(args, dev: torch.device) -> tuple[nn.Module, nn.Module, tuple, Any, Callable[[], None]]:
     """The same for a DeepSpeed `MoE` layer's TopKGate (16 experts, k=2, drop_tokens, capacity 1.0); the
-    kernels: the routed add of exp_counts and the kept histogram (bucketize + zeros + index_add_ + add)."""
+    kernels: the routed add of exp_counts and the kept routes' ids binned into the kept row (bucketize +
+    index_add_)."""
     from deepspeed.moe.layer import MoE
 
     E, H = 16, 256
@@ -109,10 +110,11 @@ def deepspeed_gate(args, dev: torch.device) -> tuple[nn.Module, nn.Module, tuple
     bounds = torch.arange(-1, E, dtype=ids.dtype, device=dev)
     ones = torch.ones(ids.numel(), dtype=torch.int64, device=dev)
 
+    experts, kept_row = row[1 : E + 1], torch.zeros_like(row)
+
     def kernels() -> None:
-        row[1 : E + 1].add_(c)
-        k = torch.zeros(E + 2, dtype=torch.int64, device=dev).index_add_(0, torch.bucketize(ids, bounds), ones)
-        row[1 : E + 1].add_(k[1 : E + 1])
+        experts.add_(c)
+        kept_row.index_add_(0, torch.bucketize(ids, bounds), ones)
 
     return model, gate, inputs, out, kernels
 

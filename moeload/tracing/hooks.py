@@ -123,18 +123,37 @@ class GateHooks(TracerState):
                         i = torch.where(keep.reshape(-1).bool(), i, 0)
                     rows.kept.index_add_(0, i, o)
             else:
-                c, kc = r.counts, r.kept_counts
+                c, kc, kid = r.counts, r.kept_counts, r.kept_ids
                 if r.mask is not None or c is None or tokens is None or not _counts_ok(c, E, dev_index, dev_cuda):
                     return False
                 if kc is not None and not _counts_ok(kc, E, dev_index, dev_cuda):
                     return False
+                kb = None
+                if kid is not None and rows.kept is not None:  # kept ids: binned into the kept row
+                    if kid.get_device() != dev_index or kid.is_cuda is not dev_cuda or kc is not None:
+                        return False
+                    kb = bounds.get(kid.dtype)
+                    if kb is None:
+                        if kid.dtype not in _FAST_INDEX_DTYPES:
+                            return False
+                        kb = bounds[kid.dtype] = cache.bounds(rows.routed.device, kid.dtype, E)
                 if rows.routed_e is None:
                     rows.routed_e = rows.routed[1 : E + 1]
                 rows.routed_e.add_(c)
                 if rows.kept is not None:
-                    if rows.kept_e is None:
-                        rows.kept_e = rows.kept[1 : E + 1]
-                    rows.kept_e.add_(c if kc is None else kc)
+                    if kb is not None:  # dropped (-1) -> bin 0, ids >= E -> E + 1: outside the kept row's [1, E]
+                        assert kid is not None  # kb is made from it
+                        n = kid.numel()
+                        o = ones.get(n)
+                        if o is None:
+                            if len(ones) >= _ONES_KEPT:
+                                ones.clear()
+                            o = ones[n] = cache.ones(rows.routed.device, n)
+                        rows.kept.index_add_(0, torch.bucketize(kid.reshape(-1), kb), o)
+                    else:
+                        if rows.kept_e is None:
+                            rows.kept_e = rows.kept[1 : E + 1]
+                        rows.kept_e.add_(c if kc is None else kc)
             return _nan_and_tokens(r, rows, check, tokens)
 
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
@@ -175,6 +194,8 @@ class GateHooks(TracerState):
                     r = as_routing(r)
                 tokens = fast(r, rows, check)
                 if tokens is False:
+                    if r.kept_ids is not None:
+                        r = _with_kept_counts(r, E)
                     tokens = accumulate(r, rows.routed, rows.kept, E, top_k, cache=cache, nan=check)
                 if tokens is not None:
                     assert tally is not None  # allocated with the rows it tallies for
@@ -193,7 +214,9 @@ class GateHooks(TracerState):
             pr, pk = planes
             live = self._live
             assert live is not None  # allocated with the buffer
-            r = spec.counts(module, inputs, output)
+            r = as_routing(spec.counts(module, inputs, output))
+            if r.kept_ids is not None:
+                r = _with_kept_counts(r, E)
             accumulate(r, live[pr, li], None if pk is None else live[pk, li], spec.num_experts, spec.top_k)
 
         return hook
@@ -279,6 +302,22 @@ def _nan_and_tokens(r: Routing, rows: _Rows, check: bool, tokens: int | torch.Te
     return None
 
 
+def _with_kept_counts(r: Routing, num_experts: int) -> Routing:
+    """r with its kept_ids (the counts form's kept routes as ids) turned into kept_counts [E], for
+    `accumulate` (which reads kept_counts); ids outside [0, E) are not counted, as in the kept row."""
+    ids = r.kept_ids
+    assert ids is not None  # called where it is set
+    if r.kept_counts is not None or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise RoutingShapeError(
+            f"kept_ids must be integer expert ids, given without kept_counts; got {ids.dtype}"
+            f"{' and kept_counts' if r.kept_counts is not None else ''}"
+        )
+    i = ids.reshape(-1).to(torch.int64)
+    i = torch.where((i >= 0) & (i < num_experts), i, num_experts)
+    kc = torch.zeros(num_experts + 1, dtype=torch.int64, device=i.device).index_add_(0, i, torch.ones_like(i))
+    return r._replace(kept_counts=kc[:num_experts], kept_ids=None)
+
+
 def _counts_ok(c: torch.Tensor, num_experts: int, dev_index: int, dev_cuda: bool) -> bool:
     """c is an [E] int64 counts vector on the buffer's device (the counts form's steady state)."""
     return (
@@ -299,15 +338,18 @@ def _logical_counts(counts: Callable, phy2log: list[int], device: torch.device) 
 
     def logical(module: nn.Module, inputs: tuple, output: Any) -> Any:
         r = as_routing(counts(module, inputs, output))
-        idx = r.indices
-        if idx is not None:
+
+        def to_logical(idx: torch.Tensor | None) -> torch.Tensor | None:
+            if idx is None:
+                return None
             ok = (idx >= 0) & (idx < E)
-            idx = torch.where(ok, p2l.to(idx.device)[idx.clamp(0, E - 1).long()].to(idx.dtype), idx)
+            return torch.where(ok, p2l.to(idx.device)[idx.clamp(0, E - 1).long()].to(idx.dtype), idx)
+
         cols = {
             k: getattr(r, k)[..., l2p.to(getattr(r, k).device)]
             for k in ("mask", "kept_mask", "counts", "kept_counts")
             if getattr(r, k) is not None
         }
-        return r._replace(indices=idx, **cols)
+        return r._replace(indices=to_logical(r.indices), kept_ids=to_logical(r.kept_ids), **cols)
 
     return logical

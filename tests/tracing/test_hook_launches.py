@@ -145,8 +145,8 @@ def test_generic_tuple_router_two_kernels(tmp_path):
 
 @pytest.mark.parametrize("drop", [False, True])
 def test_deepspeed_gate_kernels(tmp_path, drop):
-    """exp_counts go into the routed row in one add_; the kept histogram (drop_tokens) costs bucketize,
-    zeros, index_add_ and the add into the kept row (it was ~10 kernels)."""
+    """exp_counts go into the routed row in one add_; with drop_tokens the kept routes' ids are binned
+    into the kept row (bucketize + index_add_): three kernels (it was 11)."""
     pytest.importorskip("deepspeed")
     from deepspeed.moe.layer import MoE
 
@@ -172,7 +172,7 @@ def test_deepspeed_gate_kernels(tmp_path, drop):
     kernels, views = hook_ops(gate, forward, bare)
     tracer.close()
     if drop:
-        assert kernels == ["add_", "add_", "bucketize", "index_add_", "zeros"], kernels
+        assert kernels == ["add_", "bucketize", "index_add_"], kernels
     else:
         assert kernels == ["add_"], kernels
     assert not SYNCS & set(kernels)
@@ -245,3 +245,38 @@ def test_tuple_reader_passes_a_routing_through():
     r = Routing(indices=torch.zeros(3, 2, dtype=torch.int64), tokens=5)
     for _ in range(2):
         assert rd(nn.Identity(), (), r) is r
+
+
+@pytest.mark.parametrize("counts_dtype", [torch.int64, torch.int32])  # int32 counts: the checked path
+def test_kept_ids_counted_on_both_paths(tmp_path, counts_dtype):
+    """Routing.kept_ids (counts form): the kept counts are the ids in [0, E); dropped (-1) and
+    out-of-range ids are left out, on the fast path (binned into the kept row) and on the checked one
+    (turned into kept_counts for accumulate)."""
+    from moeload.tracing.adapters import Adapter, GateSpec
+
+    class Gate(nn.Module):
+        num_experts, top_k = 4, 1
+
+        def forward(self, ids):
+            return ids
+
+    def counts(module, inputs, out):
+        c = torch.bincount(out.clamp(0, 3), minlength=4).to(counts_dtype)
+        return Routing(counts=c, kept_ids=out.to(torch.int16), tokens=8)
+
+    model = nn.ModuleDict({"g": Gate()})
+
+    class One(Adapter):
+        def find(self, m):
+            return [GateSpec(module=model["g"], name="g", num_experts=4, top_k=1, counts=counts, has_kept=True)]
+
+    ids = torch.tensor([0, 1, 1, -1, 3, 7, 2, -1])
+    with LoadTracer(model, tmp_path / "t", adapters=[One()], flush_every=4) as tr:
+        for _ in range(2):
+            model["g"](ids)
+            model["g"](ids)
+            tr.step()
+    t = open_trace(tmp_path / "t")
+    assert not t.meta.get("extra", {}).get("disabled_layers")
+    np.testing.assert_array_equal(t.counts(kind="kept")[:, 0], [[2, 4, 2, 2]] * 2)
+    np.testing.assert_array_equal(t.counts()[:, 0], [[6, 4, 2, 4]] * 2)

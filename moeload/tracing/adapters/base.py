@@ -25,7 +25,7 @@ class Routing(NamedTuple):
     - map: `mask: [T, E]` bool or 0/1, True where token t is routed to expert e; optional
       `kept_mask: [T, E]`.
     - counts: `counts: [E]` routed tokens per expert, precomputed (e.g. DeepSpeed `exp_counts`);
-      optional `kept_counts: [E]`.
+      optional `kept_counts: [E]`, or `kept_ids` (the kept routes' expert ids, -1 = dropped).
     `tokens`: tokens that reached the gate (int or [] tensor); inferred as T for top-k and map
     forms, and as `counts.sum() // top_k` for the counts form. Where no kept information is given,
     kept = routed. `probs`: optional, any shape: the router's probabilities or logits, or a value
@@ -42,6 +42,9 @@ class Routing(NamedTuple):
     kept_counts: Tensor | None = None
     tokens: int | Tensor | None = None
     probs: Tensor | None = None
+    kept_ids: Tensor | None = None
+    """Counts form only, instead of `kept_counts`: the kept routes as integer expert ids (any shape,
+    -1 = dropped by capacity, e.g. DeepSpeed's sparse routes), binned on the device by the tracer."""
 
 
 class RoutingShapeError(ValueError):

@@ -23,7 +23,6 @@ Expert parallelism: expert e of a layer lives on EP rank `e // num_local_experts
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,11 +62,9 @@ def bincount_device(idx: Tensor, num_experts: int, cache: dict[tuple, tuple[Tens
     return out.index_add_(0, torch.bucketize(flat, bounds), ones)[1 : num_experts + 1]
 
 
-def gate_routing(
-    module: nn.Module, inputs: tuple, out: Any, cache: dict[tuple, tuple[Tensor, Tensor]] | None = None
-) -> Routing:
-    """One TopKGate forward -> Routing(counts=exp_counts [E], kept_counts [E] where it drops, tokens, probs=l_aux).
-    cache: bincount_device's (the adapter gives each gate one)."""
+def gate_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
+    """One TopKGate forward -> Routing(counts=exp_counts [E], tokens, probs=l_aux; where it drops: kept_ids
+    = the sparse routes' indices [k, T], -1 dropped, or kept_counts [E] from the dense dispatch mask)."""
     wg: Any = module.wg  # the gate's nn.Linear
     E = wg.out_features
     if not isinstance(out, (tuple, list)):
@@ -79,8 +76,10 @@ def gate_routing(
         T = idx.shape[-1]
         if isinstance(slot_logical, Tensor) and module.drop_tokens:
             idx = torch.where(idx >= 0, slot_logical[idx.clamp(min=0).long()], -1)
-        kept = bincount_device(idx, E, cache) if module.drop_tokens else None
-    elif len(out) == 4:  # dense: dispatch_mask [T, E, C] ([T, S, C] under replicas)
+        if module.drop_tokens:  # the kept routes' ids, binned by the tracer into the kept row
+            return Routing(counts=exp_counts, kept_ids=idx, tokens=_tokens(module, inputs, T), probs=out[0])
+        return Routing(counts=exp_counts, tokens=_tokens(module, inputs, T), probs=out[0])
+    if len(out) == 4:  # dense: dispatch_mask [T, E, C] ([T, S, C] under replicas)
         dispatch, exp_counts = out[2], out[3]
         T = dispatch.shape[0]
         kept = dispatch.sum((0, 2), dtype=torch.int64) if module.drop_tokens else None
@@ -88,20 +87,14 @@ def gate_routing(
             kept = torch.zeros(E + 1, dtype=torch.int64, device=kept.device).index_add_(0, slot_logical, kept)[:E]
     else:
         raise RoutingShapeError(f"TopKGate returned {len(out)} values; expected 7 (sparse_routes) or 4")
-    tokens: int | Tensor = T
-    if module.k == 1 and len(inputs) > 1 and isinstance(inputs[1], Tensor):  # top-1 counts only the tokens used
-        tokens = inputs[1].reshape(-1).sum(dtype=torch.int64)
-    return Routing(counts=exp_counts, kept_counts=kept, tokens=tokens, probs=out[0])
+    return Routing(counts=exp_counts, kept_counts=kept, tokens=_tokens(module, inputs, T), probs=out[0])
 
 
-def _gate_reader() -> Callable[[nn.Module, tuple, Any], Routing]:
-    """gate_routing with a cache of its own (one per gate)."""
-    cache: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-    def read(module: nn.Module, inputs: tuple, out: Any) -> Routing:
-        return gate_routing(module, inputs, out, cache)
-
-    return read
+def _tokens(module: nn.Module, inputs: tuple, T: int) -> int | Tensor:
+    """Tokens that reached a TopKGate: T, or for top-1 only those marked used (`used_token`, on the device)."""
+    if module.k == 1 and len(inputs) > 1 and isinstance(inputs[1], Tensor):
+        return inputs[1].reshape(-1).sum(dtype=torch.int64)
+    return T
 
 
 def autoep_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
@@ -160,7 +153,7 @@ class DeepSpeedAdapter(Adapter):
                     name=name,
                     num_experts=E,
                     top_k=int(g.k),
-                    counts=_gate_reader(),
+                    counts=gate_routing,
                     has_kept=bool(g.drop_tokens),
                     framework="deepspeed",
                     framework_version=_version(),
