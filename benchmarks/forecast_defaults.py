@@ -50,6 +50,7 @@ import numpy as np
 
 from moeload import open_trace, states
 from moeload.evaluation import backtest
+from moeload.predictors import spec_label
 from moeload.predictors._defaults import MEAN_REVERT
 from moeload.predictors._windows import cumsum0, window_mean
 from moeload.predictors.mean_revert import pull_terms
@@ -268,7 +269,39 @@ def linear_bound(run: Run, iters: int = 60) -> dict:
     return out
 
 
-def heldout(path: str, json_out: str | None, fig_out: str | None, predictors: list[str] | None = None) -> None:
+def blocks_by_origin(run: Run, sw: dict, frames: dict, n: int) -> None:
+    """Per block of n consecutive origins of every (H, phase) cell: pairs, share of the cell's error, and the mean
+    error of each predictor next to SW_Avg at the cell's best setting (where in the run a cell's ratio comes from)."""
+    by_label = {spec_label(("sw_avg", s)): ("sw_avg", s) for s in SW}
+    for H in run.horizons:
+        o = run.org[H]
+        for ph in PHASES:
+            if (H, ph) not in sw:
+                continue
+            ref = backtest(run.p, [by_label[sw[(H, ph)][1]]], horizons=[H], origins=o, phases=run.labels)
+            ref = ref[ref["phase"] == ph]
+            print(f"\nH={H} {ph}: per {n} origins, mean havg_mae_pp (share of the cell's error) vs {sw[(H, ph)][1]}")
+            for lo in range(0, len(o), n):
+                blk = o[lo : lo + n]
+                r = ref[ref["origin"].isin(blk)]
+                if r.empty:
+                    continue
+                parts = []
+                for pname, dfs in frames.items():
+                    d = next(x for x in dfs if x["horizon"].iloc[0] == H)
+                    d = d[d["phase"] == ph]
+                    b = d[d["origin"].isin(blk)]["havg_mae_pp"]
+                    parts.append(f"{pname} {b.mean():.4f} ({b.sum() / d['havg_mae_pp'].sum():.0%})")
+                print(
+                    f"  origins {blk[0]}-{blk[-1]}: {len(r)} pairs; "
+                    + "; ".join(parts)
+                    + f"; SW_Avg {r['havg_mae_pp'].mean():.4f}"
+                )
+
+
+def heldout(
+    path: str, json_out: str | None, fig_out: str | None, predictors: list[str] | None = None, by_origin: int = 0
+) -> None:
     """Every registered predictor at its default settings on a run never used for fitting (fits nothing)."""
     from moeload.predictors import available
 
@@ -285,21 +318,26 @@ def heldout(path: str, json_out: str | None, fig_out: str | None, predictors: li
     sw = run.sw_best()
     print(f"SW_Avg best per cell done ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows: dict[str, dict] = {}
+    frames: dict[str, list] = {}
     for pname in predictors or available():
         t1 = time.perf_counter()
         res = {}
         for H in run.horizons:
             df = backtest(run.p, [pname], horizons=[H], origins=run.org[H], phases=run.labels)
+            frames.setdefault(pname, []).append(df)
             for ph, g in df.groupby("phase"):
                 e = float(g["havg_mae_pp"].mean())
                 res[(H, ph)] = (e, e / sw[(H, ph)][0], len(g))
         rows[pname] = res
+        per_origin = np.mean([d.groupby("origin")["fit_s"].first().mean() for d in frames[pname]])
         print(
             f"  {pname:13s} "
             + "  ".join(f"H={H} {ph} {v[1]:.2f}" for (H, ph), v in res.items())
-            + f"  ({time.perf_counter() - t1:.1f} s)",
+            + f"  ({time.perf_counter() - t1:.1f} s; update + predict {1e3 * per_origin:.2f} ms per origin)",
             flush=True,
         )
+    if by_origin:
+        blocks_by_origin(run, sw, frames, by_origin)
     uni = run.uniform()
     rows["constant 1/E (reference)"] = {c: (e, e / sw[c][0], 0) for c, e in uni.items()}
     grid = run.grid_pairs()
@@ -325,7 +363,7 @@ def heldout(path: str, json_out: str | None, fig_out: str | None, predictors: li
     rows["SW_Avg, best window per pair (hindsight)"] = sw_pick
     lin = linear_bound(run)
     rows["best linear blend of window means per cell (hindsight)"] = {
-        c: (e, e / sw[c][0], rows["sw_avg"][c][2]) for c, e in lin.items()
+        c: (e, e / sw[c][0], grid[c].shape[1]) for c, e in lin.items()
     }
     cells = [c for c in sw]
     print("\nratio to SW_Avg at its best window on this run (havg_mae_pp in brackets); <= 0.80 is the target\n")
@@ -334,7 +372,7 @@ def heldout(path: str, json_out: str | None, fig_out: str | None, predictors: li
     print("| SW_Avg, best window on this run | " + " | ".join(f"{sw[c][0]:.4f} ({sw[c][1]})" for c in cells) + " |")
     for k, res in rows.items():
         print(f"| {k} | " + " | ".join(f"{res[c][1]:.2f} ({res[c][0]:.4f})" if c in res else "-" for c in cells) + " |")
-    print("| pairs (origin x layer) | " + " | ".join(str(rows["sw_avg"][c][2]) for c in cells) + " |")
+    print("| pairs (origin x layer) | " + " | ".join(str(grid[c].shape[1]) for c in cells) + " |")
     print("\n" + drift(run))
     print(f"\nwall time {time.perf_counter() - t0:.1f} s")
     if json_out:
@@ -492,6 +530,9 @@ def main() -> None:
         "--predictors", help="with --test: only these (comma-separated; default every registered predictor)"
     )
     ap.add_argument("--replot", help="with --figure: draw the --test figure from this --json output")
+    ap.add_argument(
+        "--by-origin", type=int, default=0, help="with --test: errors per block of this many origins of every cell"
+    )
     ap.add_argument("--summary", help="comma-separated --test JSON outputs: one table (and --figure) over runs")
     args = ap.parse_args()
     if args.summary:
@@ -500,7 +541,9 @@ def main() -> None:
     if args.replot:
         return replot(args.replot, args.figure)
     if args.test:
-        return heldout(args.test, args.json, args.figure, args.predictors.split(",") if args.predictors else None)
+        return heldout(
+            args.test, args.json, args.figure, args.predictors.split(",") if args.predictors else None, args.by_origin
+        )
     t0 = time.perf_counter()
     ext = args.corpus == "extended"
     win = WINDOWS_EXTENDED if ext else WINDOWS
