@@ -449,6 +449,57 @@ def replot(json_in: str, path: str) -> None:
     figure(rows, sw, list(sw), Path(d["trace"]).name.removesuffix(".moeload"), path)
 
 
+ONLINE_GRID = [
+    {"halflife": hl, "pool": pool, "min_origin": mo, "fresh": True}
+    for hl, pool, mo in itertools.product((125.0, 250.0), ("layer", "model"), (25, 100, 200, 400))
+]
+
+
+def online_grid(names: list[str]) -> None:
+    """How online_blend's defaults were chosen: every ONLINE_GRID setting on the runs `names` (keys of
+    RUNS | NEW_RUNS), scored per run by the mean over its (H, phase) cells of error / SW_Avg(best), then by
+    the mean over runs, and by the mean over every subset that leaves one run out."""
+    corpus = RUNS | NEW_RUNS
+    specs = [("online_blend", g) for g in ONLINE_GRID]
+    score = np.zeros((len(specs), len(names)))
+    cells: dict = {}
+    for j, n in enumerate(names):
+        t0 = time.perf_counter()
+        run = Run(n, *corpus[n])
+        sw = run.sw_best()
+        for H in run.horizons:
+            df = backtest(run.p, specs, horizons=[H], origins=run.org[H], phases=run.labels)
+            for (lab, ph), g in df.groupby(["predictor", "phase"]):
+                cells.setdefault((n, lab), {})[(H, ph)] = float(g["havg_mae_pp"].mean()) / sw[(H, ph)][0]
+        for i, sp in enumerate(specs):
+            score[i, j] = np.mean(list(cells[(n, spec_label(sp))].values()))
+        print(f"{n}: {len(specs)} settings ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print("\n| setting | " + " | ".join(names) + " | mean | " + " | ".join(f"mean without {n}" for n in names) + " |")
+    print("|---|" + "---|" * (2 * len(names) + 1))
+    for i in np.argsort(score.mean(axis=1)):
+        lo = [np.delete(score[i], j).mean() for j in range(len(names))]
+        print(
+            f"| {spec_label(specs[i])} | "
+            + " | ".join(f"{v:.3f}" for v in score[i])
+            + f" | {score[i].mean():.3f} | "
+            + " | ".join(f"{v:.3f}" for v in lo)
+            + " |"
+        )
+    for j, n in enumerate(names):
+        i = int(np.argmin(np.delete(score, j, axis=1).mean(axis=1)))
+        c = cells[(n, spec_label(specs[i]))]
+        print(
+            f"chosen without {n}: {spec_label(specs[i])}; on {n}: "
+            + ", ".join(f"H={H} {ph} {v:.2f}" for (H, ph), v in sorted(c.items()))
+        )
+    for n in names:
+        per = {c: [cells[(n, spec_label(sp))][c] for sp in specs] for c in cells[(n, spec_label(specs[0]))]}
+        print(
+            f"range over the grid on {n}: "
+            + ", ".join(f"H={H} {ph} {min(v):.2f}-{max(v):.2f}" for (H, ph), v in sorted(per.items()))
+        )
+
+
 LINEAR = "best linear blend of window means per cell (hindsight)"
 
 
@@ -533,8 +584,11 @@ def main() -> None:
     ap.add_argument(
         "--by-origin", type=int, default=0, help="with --test: errors per block of this many origins of every cell"
     )
+    ap.add_argument("--online-grid", help="comma-separated run names: score online_blend's ONLINE_GRID on them")
     ap.add_argument("--summary", help="comma-separated --test JSON outputs: one table (and --figure) over runs")
     args = ap.parse_args()
+    if args.online_grid:
+        return online_grid(args.online_grid.split(","))
     if args.summary:
         names = args.predictors.split(",") if args.predictors else ["online_blend", "mean_revert"]
         return summary(args.summary.split(","), names, args.figure)
