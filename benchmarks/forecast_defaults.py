@@ -36,6 +36,10 @@ outputs of several runs and prints one table (and with --figure, one chart) of `
 linear-blend bound:
 
   .venv/bin/python benchmarks/forecast_defaults.py --summary /tmp/fd/ob_a.json,/tmp/fd/ob_b.json [--figure PNG]
+
+`--test ... --by-origin N` also prints every cell's errors per block of N origins (where a ratio comes
+from). `--online-grid RUN,RUN,...` (names of RUNS / NEW_RUNS) scores online_blend's ONLINE_GRID on those
+runs: how its defaults were chosen, with the leave-one-run-out choice.
 """
 
 from __future__ import annotations
