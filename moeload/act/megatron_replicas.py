@@ -37,16 +37,16 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
 from moeload.act._exchange import copy_slot, sum_copy_grads
+from moeload.act._slots import SlotMap, initial_slots
 from moeload.act.megatron import _check_optimizer, _ep_size
 from moeload.errors import InputError
 
 
-class ReplicaRouter(TopKRouter):
+class ReplicaRouter(SlotMap, TopKRouter):
     """A TopKRouter over E logical experts whose outputs address S >= E slots (see the module docstring).
 
     router: the layer's TopKRouter (its settings and process groups are kept, its weights are not);
@@ -66,43 +66,12 @@ class ReplicaRouter(TopKRouter):
         self.slot_counts: torch.Tensor | None = None
         self.set_slots(slot_expert)
 
-    def set_slots(self, slot_expert: list[int]) -> None:
-        """Install a slot map ([S] logical expert or -1); InputError unless every expert has a slot."""
-        E, S = self.config.num_moe_experts, self.num_slots
-        a = np.asarray(slot_expert, dtype=np.int64)
-        if a.shape != (S,) or ((a < -1) | (a >= E)).any():
-            raise InputError(f"slot_expert: expected {S} entries in [-1, {E}), got {list(slot_expert)}")
-        missing = sorted(set(range(E)) - set(a.tolist()))
-        if missing:
-            raise InputError(f"slot_expert: experts {missing} have no slot")
-        copies = [self._order(np.flatnonzero(a == e).tolist(), e) for e in range(E)]
-        table = np.full((E, max(len(c) for c in copies)), -1, dtype=np.int64)
-        for e, c in enumerate(copies):
-            table[e, : len(c)] = c
-        self.slot_expert = [int(x) for x in a]
-        dev = self.weight.device  # buffers (not saved): they follow the module to its device
-        self.register_buffer("_copies", torch.as_tensor([len(c) for c in copies], device=dev), persistent=False)
-        self.register_buffer("_copy_slot", torch.as_tensor(table, device=dev), persistent=False)
-        self.register_buffer("slot_logical", torch.as_tensor(np.where(a < 0, E, a), device=dev), persistent=False)
+    @property
+    def num_logical(self) -> int:
+        return int(self.config.num_moe_experts)
 
-    def get_extra_state(self) -> dict:
-        """The slot map goes into the layer's state_dict ("...router._extra_state")."""
-        return {"slot_expert": list(self.slot_expert)}
-
-    def set_extra_state(self, state: Any) -> None:
-        """load_state_dict installs the saved slot map (the slots' tensors load by slot beside it)."""
-        self.set_slots(state["slot_expert"])
-
-    def _order(self, slots: list[int], expert: int) -> list[int]:
-        """Slots of `expert`, its home slot (the contiguous layout's) first where it holds it, then by id."""
-        L, Ls = self.config.num_moe_experts // self.ep_size, self.num_slots // self.ep_size
-        home = expert // L * Ls + expert % L
-        return sorted(slots, key=lambda s: (s != home, s))
-
-    def copies(self, expert: int) -> list[int]:
-        """The slots holding logical expert `expert`, primary (the home slot, where it holds it) first;
-        routes alternate between them in this order."""
-        return self._order([s for s, e in enumerate(self.slot_expert) if e == expert], expert)
+    def slot_device(self) -> torch.device:
+        return self.weight.device
 
     def forward(
         self, input: torch.Tensor, padding_mask: torch.Tensor | None = None
@@ -176,9 +145,7 @@ def enable_replicas(moe_layer: Any, num_experts: int) -> ReplicaRouter:
         )
     if any(hasattr(p, "main_grad") for ex in experts for p in ex.parameters()):
         raise InputError("moe_layer: megatron DDP main_grad buffers; replicas need the unwrapped module")
-    L, Ls = num_experts // ep, S // ep
-    slot_expert = [r * L + j if j < L else -1 for r in range(ep) for j in range(Ls)]
-    router = ReplicaRouter(moe_layer.router, num_experts, slot_expert, ep)
+    router = ReplicaRouter(moe_layer.router, num_experts, initial_slots(num_experts, S, ep), ep)
     moe_layer.router = router
     return router
 
@@ -191,16 +158,9 @@ def add_replica(moe_layer: Any, expert: int, slot: int, optimizer: Any = None, *
     t0 = time.perf_counter()
     router = replica_router(moe_layer)
     experts = _experts(moe_layer)
-    E = router.config.num_moe_experts
-    if not (0 <= expert < E) or not (0 <= slot < router.num_slots):
-        raise InputError(
-            f"add_replica: expert must be in [0, {E}) and slot in [0, {router.num_slots}), got {expert}, {slot}"
-        )
-    if router.slot_expert[slot] != -1:
-        raise InputError(f"add_replica: slot {slot} holds expert {router.slot_expert[slot]}; pick a free slot")
+    src = router.copy_source(expert, slot)
     if any(hasattr(p, "main_grad") for ex in experts for p in ex.parameters()):
         raise InputError("moe_layer: megatron DDP main_grad buffers; replicas need the unwrapped module")
-    src = router.copies(expert)[0]
     out = copy_slot(
         experts,
         src,
@@ -210,18 +170,14 @@ def add_replica(moe_layer: Any, expert: int, slot: int, optimizer: Any = None, *
         prepare=lambda me: _check_optimizer(optimizer, experts),
         stage=stage,
     )
-    router.set_slots([expert if s == slot else e for s, e in enumerate(router.slot_expert)])
+    router.assign(slot, expert)
     return {"expert": expert, "slot": slot, "src_slot": src, **out, "seconds": time.perf_counter() - t0}
 
 
 def remove_replica(moe_layer: Any, slot: int) -> None:
     """Free `slot`, a copy of an expert that has another copy (every rank of the EP group calls it, with
     the same slot; nothing is sent). Its parameters stay; the next `add_replica` there overwrites them."""
-    router = replica_router(moe_layer)
-    e = router.slot_expert[slot] if 0 <= slot < router.num_slots else -1
-    if e < 0 or len(router.copies(e)) < 2:
-        raise InputError(f"remove_replica: slot {slot} is not a copy of an expert with another copy")
-    router.set_slots([-1 if s == slot else x for s, x in enumerate(router.slot_expert)])
+    replica_router(moe_layer).free_copy(slot)
 
 
 def sync_replica_grads(model: Any) -> dict:
@@ -234,8 +190,7 @@ def sync_replica_grads(model: Any) -> dict:
     layers = [m for m in model.modules() if isinstance(getattr(m, "router", None), ReplicaRouter)]
     synced, nbytes = 0, 0
     for m in layers:
-        router = m.router
-        copies = [c for c in (router.copies(e) for e in range(router.config.num_moe_experts)) if len(c) > 1]
+        copies = m.router.replicated()
         nbytes += sum_copy_grads(_experts(m), copies, group=m.ep_group, ep_size=_ep_size(m))
         synced += len(copies)
     return {"experts": synced, "bytes": nbytes, "seconds": time.perf_counter() - t0}

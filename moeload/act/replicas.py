@@ -32,17 +32,17 @@ import inspect
 import time
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.moe.sharded_moe import TopKGate
 
 from moeload.act._exchange import copy_slot, sum_copy_grads
+from moeload.act._slots import SlotMap, initial_slots
 from moeload.act.deepspeed import _torch_optimizer
 from moeload.errors import InputError
 
 
-class ReplicaGate(TopKGate):
+class ReplicaGate(SlotMap, TopKGate):
     """A TopKGate over E logical experts that dispatches to S >= E slots (see the module docstring).
 
     slot_expert: [S] logical expert held by each slot, -1 for a free slot; every expert has >= 1 slot.
@@ -67,44 +67,12 @@ class ReplicaGate(TopKGate):
         self.slot_counts: torch.Tensor | None = None
         self.set_slots(slot_expert)
 
-    def set_slots(self, slot_expert: list[int]) -> None:
-        """Install a slot map ([S] logical expert or -1); InputError unless every expert has a slot."""
-        E, S = self.wg.out_features, self.num_slots
-        a = np.asarray(slot_expert, dtype=np.int64)
-        if a.shape != (S,) or ((a < -1) | (a >= E)).any():
-            raise InputError(f"slot_expert: expected {S} entries in [-1, {E}), got {list(slot_expert)}")
-        missing = sorted(set(range(E)) - set(a.tolist()))
-        if missing:
-            raise InputError(f"slot_expert: experts {missing} have no slot")
-        copies = [self._order(np.flatnonzero(a == e).tolist(), e) for e in range(E)]
-        table = np.full((E, max(len(c) for c in copies)), -1, dtype=np.int64)
-        for e, c in enumerate(copies):
-            table[e, : len(c)] = c
-        self.slot_expert = [int(x) for x in a]
-        dev = self.wg.weight.device  # buffers (not saved): they follow the module to its device
-        self.register_buffer("_copies", torch.as_tensor([len(c) for c in copies], device=dev), persistent=False)
-        self.register_buffer("_copy_slot", torch.as_tensor(table, device=dev), persistent=False)
-        # [S] logical expert of each slot, E for a free slot: what a LoadTracer reads slot ids through
-        self.register_buffer("slot_logical", torch.as_tensor(np.where(a < 0, E, a), device=dev), persistent=False)
+    @property
+    def num_logical(self) -> int:
+        return int(self.wg.out_features)
 
-    def get_extra_state(self) -> dict:
-        """The slot map goes into the layer's state_dict ("...gate._extra_state")."""
-        return {"slot_expert": list(self.slot_expert)}
-
-    def set_extra_state(self, state: dict) -> None:
-        """load_state_dict installs the saved slot map (the slots' tensors load by slot beside it)."""
-        self.set_slots(state["slot_expert"])
-
-    def _order(self, slots: list[int], expert: int) -> list[int]:
-        """Slots of `expert`, its home slot (the contiguous layout's) first where it holds it, then by id."""
-        L, Ls = self.wg.out_features // self.ep_size, self.num_slots // self.ep_size
-        home = expert // L * Ls + expert % L
-        return sorted(slots, key=lambda s: (s != home, s))
-
-    def copies(self, expert: int) -> list[int]:
-        """The slots holding logical expert `expert`, primary (the home slot, where it holds it) first;
-        tokens alternate between them in this order."""
-        return self._order([s for s, e in enumerate(self.slot_expert) if e == expert], expert)
+    def slot_device(self) -> torch.device:
+        return self.wg.weight.device
 
     def forward(
         self,
@@ -177,9 +145,7 @@ def enable_replicas(moe_layer: Any, num_experts: int) -> ReplicaGate:
             "moe_layer: its expert-parallel group is set, so its engine exists; call enable_replicas "
             "before deepspeed.initialize (the gate gets a new weight the optimizer must hold)"
         )
-    L, Ls = num_experts // ep, S // ep
-    slot_expert = [r * L + j if j < L else -1 for r in range(ep) for j in range(Ls)]
-    moe.gate = ReplicaGate(moe.gate, num_experts, slot_expert, ep)
+    moe.gate = ReplicaGate(moe.gate, num_experts, initial_slots(num_experts, S, ep), ep)
     return moe.gate
 
 
@@ -193,14 +159,8 @@ def add_replica(moe_layer: Any, expert: int, slot: int, optimizer: Any = None, *
     moe = _moe(moe_layer)
     gate = replica_gate(moe)
     experts = list(moe.experts.deepspeed_experts)
-    Ls, E = len(experts), gate.wg.out_features
-    if not (0 <= expert < E) or not (0 <= slot < gate.num_slots):
-        raise InputError(
-            f"add_replica: expert must be in [0, {E}) and slot in [0, {gate.num_slots}), got {expert}, {slot}"
-        )
-    if gate.slot_expert[slot] != -1:
-        raise InputError(f"add_replica: slot {slot} holds expert {gate.slot_expert[slot]}; pick a free slot")
-    src = gate.copies(expert)[0]
+    Ls = len(experts)
+    src = gate.copy_source(expert, slot)
 
     def prepare(me: int) -> torch.optim.Optimizer | None:
         opt = _torch_optimizer(optimizer)
@@ -211,18 +171,14 @@ def add_replica(moe_layer: Any, expert: int, slot: int, optimizer: Any = None, *
         return opt
 
     out = copy_slot(experts, src, slot, group=moe.ep_group, ep_size=int(moe.ep_size), prepare=prepare, stage=stage)
-    gate.set_slots([expert if s == slot else e for s, e in enumerate(gate.slot_expert)])
+    gate.assign(slot, expert)
     return {"expert": expert, "slot": slot, "src_slot": src, **out, "seconds": time.perf_counter() - t0}
 
 
 def remove_replica(moe_layer: Any, slot: int) -> None:
     """Free `slot`, a copy of an expert that has another copy (every rank of the EP group calls it, with
     the same slot; nothing is sent). Its parameters stay; the next `add_replica` there overwrites them."""
-    gate = replica_gate(moe_layer)
-    e = gate.slot_expert[slot] if 0 <= slot < gate.num_slots else -1
-    if e < 0 or len(gate.copies(e)) < 2:
-        raise InputError(f"remove_replica: slot {slot} is not a copy of an expert with another copy")
-    gate.set_slots([-1 if s == slot else x for s, x in enumerate(gate.slot_expert)])
+    replica_gate(moe_layer).free_copy(slot)
 
 
 def sync_replica_grads(model: Any) -> dict:
@@ -237,8 +193,7 @@ def sync_replica_grads(model: Any) -> dict:
     layers = [m for m in model.modules() if isinstance(getattr(m, "gate", None), ReplicaGate)]
     synced, nbytes = 0, 0
     for moe in layers:
-        gate = moe.gate
-        copies = [c for c in (gate.copies(e) for e in range(gate.wg.out_features)) if len(c) > 1]
+        copies = moe.gate.replicated()
         nbytes += sum_copy_grads(
             list(moe.experts.deepspeed_experts), copies, group=moe.ep_group, ep_size=int(moe.ep_size)
         )
