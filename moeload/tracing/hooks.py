@@ -70,6 +70,13 @@ class GateHooks(TracerState):
         bounds: dict[torch.dtype, torch.Tensor] = {}  # bin boundaries per index dtype (see accumulate)
         ones: dict[int, torch.Tensor] = {}  # ones vector per number of routes
 
+        def bounds_for(dtype: torch.dtype, rows: _Rows) -> torch.Tensor | None:
+            """The cached bin boundaries for ids of `dtype`; None for a dtype the fast path does not take."""
+            b = bounds.get(dtype)
+            if b is None and dtype in _FAST_INDEX_DTYPES:
+                b = bounds[dtype] = cache.bounds(rows.routed.device, dtype, E)
+            return b
+
         def fast(r: Routing, rows: _Rows, check: bool) -> int | None | bool:
             """Count `r` into `rows` if it has a steady-state form (see _make_hook); False if it has not
             (nothing launched then). Returns the tokens for the host tally (int), or None."""
@@ -81,11 +88,9 @@ class GateHooks(TracerState):
             if idx is not None:
                 if idx.dim() != 2 or idx.get_device() != dev_index or idx.is_cuda is not dev_cuda:
                     return False
-                b = bounds.get(idx.dtype)
+                b = bounds_for(idx.dtype, rows)
                 if b is None:
-                    if idx.dtype not in _FAST_INDEX_DTYPES:
-                        return False
-                    b = bounds[idx.dtype] = cache.bounds(rows.routed.device, idx.dtype, E)
+                    return False
                 keep = r.kept
                 if keep is not None and (
                     keep.numel() != idx.numel() or keep.get_device() != dev_index or keep.is_cuda is not dev_cuda
@@ -132,11 +137,9 @@ class GateHooks(TracerState):
                 if kid is not None and rows.kept is not None:  # kept ids: binned into the kept row
                     if kid.get_device() != dev_index or kid.is_cuda is not dev_cuda or kc is not None:
                         return False
-                    kb = bounds.get(kid.dtype)
+                    kb = bounds_for(kid.dtype, rows)
                     if kb is None:
-                        if kid.dtype not in _FAST_INDEX_DTYPES:
-                            return False
-                        kb = bounds[kid.dtype] = cache.bounds(rows.routed.device, kid.dtype, E)
+                        return False
                 if rows.routed_e is None:
                     rows.routed_e = rows.routed[1 : E + 1]
                 rows.routed_e.add_(c)
