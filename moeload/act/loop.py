@@ -21,12 +21,23 @@ layer is re-placed where `horizon x (before - after) > migration`. Rank 0 broadc
 so every rank applies the same one: the backend's `permute_experts` (`act.deepspeed` for DeepSpeed MoE
 layers, `act.megatron` for megatron-core MoELayers with SequentialMLP experts) on each chosen layer, then
 `tracer.record_rank_map` (the manifest's `rank_map_changes`; counts stay per logical expert). Each
-check is one line on the `moeload.act` logger and one entry of `history`. A fault in rank 0's
+check is one line on the `moeload.act` logger and one entry of `history`.
+
+Replica layers (`act.replicas.ReplicaGate`, `act.megatron_replicas.ReplicaRouter`: E experts in S slots) take
+slot plans: a placement with S slots per layer (EPLB-style, hot experts copied), [S] slot maps, or [E] maps (one
+copy each). What each rank should hold becomes a target slot map and a sequence of `remove_replica` /
+`add_replica` calls (`act.slot_plan`); primaries move too, as a copy on the new rank and the old slot removed.
+The cost of the change is the stall of its adds (each copies one expert's parameters and optimizer state), the
+times are the advisor's with each copy taking an even share of its expert's routes. The trace gets each
+expert's primary rank in `rank_map_changes` (what fits there: one rank per expert) and the slot map in the
+manifest's `extra.replica_slot_changes` (`slot_plan.replica_gpu_loads` splits the routes by it). Summing the
+copies' gradients stays the training loop's job: `sync_replica_grads(model)` every step, before the optimizer. A fault in rank 0's
 decision (a bad plan) is broadcast too: every rank warns once, skips that check, training goes on.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import threading
@@ -41,6 +52,8 @@ import torch
 import torch.distributed as dist
 
 from moeload.act import _backends as bk
+from moeload.act import slot_plan as sp
+from moeload.act._slots import SlotMap
 from moeload.act.permute import check_expert_to_rank, phy2log
 from moeload.advise.cost import Calibration, ExpertShape, default_calibration
 from moeload.advise.strategies import Setting
@@ -101,6 +114,8 @@ def expert_shape(layer: Any, optimizer: Any = None) -> ExpertShape:
     else:
         from moeload.act.megatron import _local_experts
 
+        if isinstance(layer.router, SlotMap):
+            from moeload.act.megatron_replicas import _experts as _local_experts
         cfg = layer.config
         hidden, gated = int(layer.router.weight.shape[1]), bool(getattr(cfg, "gated_linear_unit", False))
         params = list(_local_experts(layer)[0].parameters())
@@ -137,8 +152,12 @@ class Replacer:
     num_nodes, micro_batches: of the cost model; group: the process group every rank of which calls
     `on_step_end` (default: the tracer's); wait_s: how long rank 0 waits for flushed blocks.
 
+    Replica layers (a `ReplicaGate` / `ReplicaRouter`; the module docstring) take slot plans; their
+    copies' gradients need `sync_replica_grads(model)` every step, before the optimizer (the caller's).
+
     `history`: one dict per check (step, applied layers, per layer before_s / after_s / gain_s /
-    cost_s / experts_moved / bytes_total / seconds, or the error).
+    cost_s / experts_moved / bytes_total / seconds, replica layers also ops: the add / remove calls,
+    or the error).
     """
 
     def __init__(
@@ -185,6 +204,8 @@ class Replacer:
             raise InputError(f"Replacer: every MoE layer needs the same ep_size >= 2, got {sizes}")
         self.ep_size = sizes[0]
         self.num_experts = [int(s.num_experts) for s in tracer.specs]
+        gates = [bk.gate(b, m) for b, m in zip(self.backends, self.layers)]
+        self.num_slots: list[int | None] = [int(g.num_slots) if isinstance(g, SlotMap) else None for g in gates]
         self.history: list[dict[str, Any]] = []
         self._recent: deque[np.ndarray] = deque(maxlen=window)  # [L, E] global counts of recent steps
         self._blocks = 0
@@ -237,9 +258,15 @@ class Replacer:
             self.history.append(decision)
             return decision
         for li, m in sorted(decision["apply"].items()):
-            stats = bk.backend(self.backends[li]).permute_experts(self.layers[li], m, self.optimizer)
-            self.tracer.record_rank_map(step, li, m, phy2log=phy2log(np.asarray(m)).tolist())
             info = decision["layers"][li]
+            if self.num_slots[li] is None:
+                stats = bk.backend(self.backends[li]).permute_experts(self.layers[li], m, self.optimizer)
+                self.tracer.record_rank_map(step, li, m, phy2log=phy2log(np.asarray(m)).tolist())
+            else:
+                stats = self._apply_slots(li, m, info["ops"])
+                self.tracer.record_rank_map(step, li, sp.primary_ranks(m, self.num_experts[li], self.ep_size))
+                extra = self.tracer.manifest.extra.setdefault(sp.SLOT_CHANGES_KEY, [])
+                extra.append({"step": int(step), "layer": int(li), "slot_expert": [int(x) for x in m]})
             info.update(
                 experts_moved=stats["experts_moved"], bytes_total=stats["bytes_total"], seconds=stats["seconds"]
             )
@@ -262,6 +289,55 @@ class Replacer:
             )
         self.history.append(decision)
         return decision
+
+    def _apply_slots(self, li: int, target: list[int], ops: list[list]) -> dict[str, Any]:
+        """Replica layer `li`: the decided add / remove calls (collective, every rank the same) -> stats."""
+        t0, mod = (
+            time.perf_counter(),
+            importlib.import_module(
+                "moeload.act.replicas" if self.backends[li] == "deepspeed" else "moeload.act.megatron_replicas"
+            ),
+        )
+        nbytes, adds = 0, 0
+        for op in ops:
+            if op[0] == "remove":
+                mod.remove_replica(self.layers[li], int(op[1]))
+            else:
+                nbytes += int(mod.add_replica(self.layers[li], int(op[1]), int(op[2]), self.optimizer)["bytes"])
+                adds += 1
+        got = list(bk.gate(self.backends[li], self.layers[li]).slot_expert)
+        if got != list(target):  # the ops were computed from the map in force, so this is a bug, not user input
+            raise RuntimeError(f"moeload: layer {li}: slot map {got} after the calls, planned {list(target)}")
+        return {"experts_moved": adds, "bytes_total": nbytes, "seconds": time.perf_counter() - t0}
+
+    def _plans(self) -> list[list[int]]:
+        """The plan -> per layer: [E] expert->rank map (permutation layers) or [S] target slot map (replica
+        layers, from what each rank should hold and the slot map in force)."""
+        if all(n is None for n in self.num_slots):
+            return plan_maps(self.plan, self.num_experts, self.ep_size)
+        plan = self.plan
+        if hasattr(plan, "current") and hasattr(plan, "feed"):  # OnlinePlanner
+            plan = plan.current
+            if plan is None:
+                raise InputError("plan: the OnlinePlanner has no plan yet")
+        if hasattr(plan, "phy2log") and hasattr(plan, "num_gpus"):  # Placement
+            p2l = np.asarray(plan.phy2log, dtype=np.int64)
+            if int(plan.num_gpus) != self.ep_size:
+                raise InputError(
+                    f"plan: a placement on {int(plan.num_gpus)} GPUs; the layers have ep_size {self.ep_size}"
+                )
+            replicas = any(sorted(r) != list(range(p2l.shape[-1])) for r in p2l.tolist())
+            plan = p2l.tolist() if replicas else plan_maps(plan, self.num_experts, self.ep_size)
+        if isinstance(plan, (str, bytes)) or not hasattr(plan, "__len__") or len(plan) != len(self.layers):
+            raise InputError(f"plan: expected {len(self.layers)} maps (one per traced layer), got {plan!r:.80}")
+        out = []
+        for li, (row, E, S) in enumerate(zip(plan, self.num_experts, self.num_slots)):
+            if S is None:
+                out.append(check_expert_to_rank(row, E, self.ep_size, f"plan[{li}]").tolist())
+            else:
+                cur = list(bk.gate(self.backends[li], self.layers[li]).slot_expert)
+                out.append(sp.slot_target(sp.per_rank(row, E, S, self.ep_size, f"plan[{li}]"), cur))
+        return out
 
     def _counts(self) -> np.ndarray | None:
         """Rank 0: [W, L, E] global counts of the last steps flushed, after waiting for the writer thread
@@ -286,9 +362,12 @@ class Replacer:
         if self.plan is None or counts is None or len(counts) == 0:
             out["why"] = "no plan yet" if self.plan is None else "no counts flushed yet"
             return out
-        new = plan_maps(self.plan, self.num_experts, self.ep_size)
+        new = self._plans()
         mean = counts.astype(np.float64).mean(axis=0)  # [L, E] routes per step
         for li, layer in enumerate(self.layers):
+            if self.num_slots[li] is not None:
+                self._decide_slots(out, li, new[li], mean)
+                continue
             cur, E = bk.backend(self.backends[li]).expert_to_rank(layer), self.num_experts[li]
             if new[li] == cur:
                 continue
@@ -315,6 +394,42 @@ class Replacer:
         if not out["layers"]:
             out["why"] = "the plan is the map in force"
         return out
+
+    def _decide_slots(self, out: dict[str, Any], li: int, target: list[int], mean: np.ndarray) -> None:
+        """`decide` for replica layer `li`: target [S] slot map; mean: [L, E] routes per step."""
+        layer, E, S = self.layers[li], self.num_experts[li], self.num_slots[li]
+        assert S is not None  # a replica layer
+        cur = list(bk.gate(self.backends[li], layer).slot_expert)
+        if target == cur:
+            return
+        ops = sp.slot_moves(cur, target)
+        shape = self.shape or expert_shape(layer, self.optimizer)
+        cal = self.calibration or default_calibration(shape, S // self.ep_size)
+        out["calibration"] = cal.kind
+        s = Setting(
+            num_gpus=self.ep_size,
+            num_experts=E,
+            num_layers=1,
+            shape=shape,
+            cal=cal,
+            num_nodes=self.num_nodes,
+            num_replicas=S,
+            micro_batches=self.micro_batches,
+        )
+        c = mean[None, li : li + 1, :E]
+        before, after = (float(s.times(c, *(a[None] for a in sp.cost_arrays(m)))[0]) for m in (cur, target))
+        adds = sum(op[0] == "add" for op in ops)
+        gain, cost = self.horizon * (before - after), s.migration(adds)
+        out["layers"][li] = {
+            "before_s": before,
+            "after_s": after,
+            "gain_s": gain,
+            "cost_s": cost,
+            "moved": adds,
+            "ops": [list(op) for op in ops],
+        }
+        if gain > cost:
+            out["apply"][li] = target
 
     def state_dict(self) -> dict[str, Any]:
         """The checks so far (the maps in force live on the layers)."""
