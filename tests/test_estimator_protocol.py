@@ -22,12 +22,13 @@ FAST: dict[str, dict[str, Any]] = {"lstm": {"epochs": 2, "block": 5, "lookback":
 CHANGE: dict[str, dict[str, Any]] = {
     "arima": {"order": (2, 1, 0)}, "blend": {"ref": 0}, "combo": {"weights": (0.0, 1.0)},
     "damped_trend": {"alpha": 0.5}, "ema": {"halflife": 5.0}, "kalman": {"q_min": 10.0}, "lstm": {"seed": 1},
-    "mean_revert": {"window": 5}, "ridge": {"ref": 0}, "state_aware": {"trend": False}, "sw_avg": {"window": 5},
+    "mean_revert": {"window": 5}, "online_blend": {"windows": (5, 10)}, "ridge": {"ref": 0}, "state_aware": {"trend": False}, "sw_avg": {"window": 5},
 }
 BAD: dict[str, tuple[dict[str, Any], str]] = {
     "arima": ({"order": (1, 3, 1)}, "order"), "blend": ({"ref": 99}, "ref"), "combo": ({"weights": (-1.0, 1.0)}, "weights"),
     "damped_trend": ({"phi": 1.5}, "phi"), "ema": ({"alpha": 2.0}, "alpha"), "kalman": ({"pool": "everything"}, "pool"),
-    "lstm": ({"lr": -1.0}, "lr"), "mean_revert": ({"target": "median"}, "target"), "ridge": ({"ref": 99}, "ref"),
+    "lstm": ({"lr": -1.0}, "lr"), "mean_revert": ({"target": "median"}, "target"),
+    "online_blend": ({"pool": "everything"}, "pool"), "ridge": ({"ref": 99}, "ref"),
     "state_aware": ({"threshold": -1.0}, "threshold"), "sw_avg": ({"window": 0}, "window"),
 }
 DETECTORS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {  # method: (change, bad, name in message)
