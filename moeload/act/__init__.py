@@ -4,7 +4,8 @@
 `deepspeed.moe.layer.MoE` layer and `megatron.py` to a megatron-core `MoELayer` (SequentialMLP
 experts), each collectively over its expert-parallel group; `loop.py` (`Replacer`, both backends)
 applies plans during training when the cost model says they pay (plans from `moeload.online.OnlinePlanner`,
-also importable here); `checkpoint.py` saves the maps in force
+also importable here; on layers with replicas it acts through `slot_plan.py`, which turns a slot plan
+into `add_replica` / `remove_replica` calls and splits a trace's routes over the copies); `checkpoint.py` saves the maps in force
 beside a checkpoint and applies them before it loads (`layout_state_dict`, `apply_layout`,
 `record_layout` for a resumed tracer); `replicas.py` gives a DeepSpeed MoE layer copies of hot experts
 (`enable_replicas`, `add_replica`, `remove_replica`, `sync_replica_grads`, exported here), and

@@ -23,7 +23,9 @@ force. The gate's `exp_counts` (and so a LoadTracer's routed counts) stay per lo
 state_dict (the gate's extra state) and installed by load_state_dict.
 
 Not handled: ZeRO and fp16/bf16 optimizer wrappers; gradient clipping by the engine (copies count twice in
-its norm); `act.deepspeed.permute_experts` / `Replacer` on a replica layer (they assume one slot per expert).
+its norm); `act.deepspeed.permute_experts` on a replica layer (it assumes one slot per expert).
+`Replacer` (`act.loop`) does drive replica layers: it turns slot plans into `add_replica` / `remove_replica`
+calls (`act.slot_plan`); calling `sync_replica_grads` each step stays the caller's job.
 """
 
 from __future__ import annotations
