@@ -13,7 +13,9 @@ test:
 	$(VENV)/bin/ruff check moeload
 	$(VENV)/bin/ruff format --check moeload
 	$(VENV)/bin/mypy moeload
-	$(PY) -m pytest -q
+	bash scripts/torchtitan_site.sh
+	$(PY) -m pytest -q --ignore=tests/tracing/test_torchtitan.py
+	MOELOAD_REQUIRE_TORCHTITAN=1 PYTHONPATH=$(VENV)/torchtitan-site $(PY) -m pytest -q tests/tracing/test_torchtitan.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

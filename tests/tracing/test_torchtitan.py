@@ -6,11 +6,14 @@ the router's returned `selected_experts_indices`; the recorded bias with the `ex
 taken before each step's forward.
 
 torchtitan 0.3.0 needs Python >= 3.11, and its MoE module imports triton (not a declared
-dependency; absent beside a CPU-only torch): the test skips where either is missing.
+dependency; absent beside a CPU-only torch): the test skips where either is missing, except under
+`make test`, which installs both apart from the venv (`scripts/torchtitan_site.sh`) and sets
+MOELOAD_REQUIRE_TORCHTITAN=1, so that there a missing torchtitan fails.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from functools import partial
 
@@ -19,8 +22,12 @@ import pytest
 import torch
 from torch import nn
 
-torchtitan = pytest.importorskip("torchtitan")
-moe_mod = pytest.importorskip("torchtitan.models.common.moe")  # skips without triton
+if os.environ.get("MOELOAD_REQUIRE_TORCHTITAN"):  # `make test` sets it: there a missing torchtitan fails
+    import torchtitan  # noqa: F401
+    import torchtitan.models.common.moe as moe_mod
+else:
+    torchtitan = pytest.importorskip("torchtitan")
+    moe_mod = pytest.importorskip("torchtitan.models.common.moe")  # skips without triton
 from torchtitan.components.optimizer.optimizer import register_moe_load_balancing_hook  # noqa: E402
 from torchtitan.distributed import ParallelDims  # noqa: E402
 from torchtitan.models.common.config_utils import make_routed_experts_config, make_router_config  # noqa: E402
