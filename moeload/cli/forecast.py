@@ -107,6 +107,14 @@ def predict(
     refuse_output_inside(out, trace)
     t = open_trace_arg(trace, skip_bad_parts)
     f = make_forecast(t, predictor, parse_params(param), horizon, at, layers, history)
+    if horizon > 2 * len(f.fit_steps):  # a forecast over twice its own history is flagged
+        import warnings
+
+        warnings.warn(
+            f"--horizon {horizon}: over twice the {len(f.fit_steps)} steps the forecast was fitted on; "
+            "an extrapolation this far is not backed by the trace",
+            stacklevel=1,
+        )
     experts = [t.experts_per_layer[i] for i in f.layers]
     errs = _forecast_errors(f, experts)
     if out is not None:
