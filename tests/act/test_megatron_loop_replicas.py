@@ -13,7 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _workers import LOOP_STEPS, MegatronNet, launch, megatron_layer, megatron_on_cpu, megatron_step, megatron_world, write_result
+from _workers import (
+    LOOP_STEPS,
+    MegatronNet,
+    launch,
+    megatron_layer,
+    megatron_on_cpu,
+    megatron_step,
+    megatron_world,
+    write_result,
+)
 
 H, TOKENS, E, S = 16, 32, 4, 6
 CONF = dict(moe_router_topk=1, moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
