@@ -129,11 +129,20 @@ def accumulate(
             raise RoutingShapeError(f"expert counts must be [{E}], got shape {tuple(r.counts.shape)}")
         if r.kept_counts is not None and tuple(r.kept_counts.shape) != (E,):
             raise RoutingShapeError(f"kept_counts must be [{E}], got shape {tuple(r.kept_counts.shape)}")
+        cap = r.capacity
+        if cap is not None and (r.kept_counts is not None or type(cap) is not int or cap < 0):
+            raise RoutingShapeError(
+                f"capacity must be an int >= 0 given without kept_counts / kept_ids, got {cap!r}"
+                f"{' and kept_counts' if r.kept_counts is not None else ''}"
+            )
         c = r.counts.to(dev, torch.int64, non_blocking=True)
         tokens = torch.div(c.sum(), top_k, rounding_mode="floor") if r.tokens is None else r.tokens
         routed[1 : E + 1].add_(c)
         if kept is not None:
-            kc = c if r.kept_counts is None else r.kept_counts.to(dev, torch.int64, non_blocking=True)
+            if cap is not None:  # kept = min(routed, C) per expert (Routing.capacity)
+                kc = c.clamp(max=cap)
+            else:
+                kc = c if r.kept_counts is None else r.kept_counts.to(dev, torch.int64, non_blocking=True)
             kept[1 : E + 1].add_(kc)
     else:
         raise RoutingShapeError("Routing holds neither indices, mask nor counts")

@@ -28,21 +28,36 @@ def in_backward() -> bool:
 
 
 _FAST_INDEX_DTYPES = frozenset((torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64))
-_ONES_KEPT = 64  # distinct route counts per gate whose ones-vector views a hook keeps (reset beyond)
+_ONES_KEPT = 64  # distinct route counts (capacities) per gate whose ones views (caps) a hook keeps (reset beyond)
+_INT64_MAX = torch.iinfo(torch.int64).max
 
 
 class _Rows:
     """A hook's views of the rows one forward counts into: routed, kept [W] (kept None where not
-    recorded), and, made when first needed, the expert bins [1, E] of each and routed's TOKENS_COL bin.
-    Made once per step and plane (views cost host time, ~1 µs each), not per forward."""
+    recorded), and, made when first needed, the expert bins [1, E] of each, routed's TOKENS_COL bin and
+    `pair`: both rows' expert bins as one [2, E] view of the buffer (row `kept_at` is the kept row), for
+    rows that lie in one buffer (`planes` = (buffer's slot row [P, L, W], routed plane, kept plane, layer);
+    micro-batch rows do not). Made once per step and plane (views cost host time, ~1 µs each), not per
+    forward."""
 
-    __slots__ = ("kept", "kept_e", "routed", "routed_e", "tok")
+    __slots__ = ("kept", "kept_at", "kept_e", "pair", "planes", "routed", "routed_e", "tok")
 
-    def __init__(self, routed: torch.Tensor, kept: torch.Tensor | None) -> None:
-        self.routed, self.kept = routed, kept
+    def __init__(self, routed: torch.Tensor, kept: torch.Tensor | None, planes: tuple | None = None) -> None:
+        self.routed, self.kept, self.planes = routed, kept, planes
         self.routed_e: torch.Tensor | None = None
         self.kept_e: torch.Tensor | None = None
         self.tok: torch.Tensor | None = None
+        self.pair: torch.Tensor | None = None
+        self.kept_at = 1
+
+    def pair_view(self, num_experts: int) -> torch.Tensor | None:
+        """[2, E] view of the routed and kept rows' expert bins (None for rows in two buffers)."""
+        if self.pair is None and self.planes is not None:
+            plane_rows, pr, pk, li = self.planes
+            lo, d = min(pr, pk), abs(pk - pr)
+            self.pair = plane_rows[lo : lo + d + 1 : d, li, 1 : num_experts + 1]
+            self.kept_at = int(pk > pr)
+        return self.pair
 
 
 class GateHooks(TracerState):
@@ -51,9 +66,10 @@ class GateHooks(TracerState):
     def _make_hook(self, li: int, spec: GateSpec) -> Callable:
         """The eager hook of gate `li`. Its steady state (a forward of a top-k-indices or counts routing on
         the buffer's device) launches bucketize + index_add_ (indices; index_add_ alone where the spec
-        says `ids_in_range`) or one add_ (counts) per row it counts into, reads no tensor value and
-        builds one view at most (the flattened indices): the rows' views are made once per step,
-        the bin boundaries once per index dtype, the ones vector once per route count. Anything else (a
+        says `ids_in_range`) or one add_ (counts) per row it counts into; a counts routing with a
+        `capacity` adds both rows in minimum + add_. It reads no tensor value and builds one view at most
+        (the flattened indices): the rows' views are made once per step, the bin boundaries once per
+        index dtype, the ones vector once per route count, the caps once per capacity. Anything else (a
         mask, another device or dtype, a malformed routing) goes through `accumulate`, which checks it."""
         lay = self.layout
         calls, mb_calls, nan_step, cache = self._calls, self._mb_calls, self._nan_step, self._cache
@@ -69,6 +85,19 @@ class GateHooks(TracerState):
         at: list[Any] = [-1, None, -1, False]  # slot, buffer, its get_device() and is_cuda
         bounds: dict[torch.dtype, torch.Tensor] = {}  # bin boundaries per index dtype (see accumulate)
         ones: dict[int, torch.Tensor] = {}  # ones vector per number of routes
+        caps: dict[tuple[int, int], torch.Tensor] = {}  # (capacity, kept row in the pair) -> [2, 1] caps
+
+        def caps_for(cap: int, rows: _Rows) -> torch.Tensor:
+            """[2, 1] int64: the kept row's capacity, int64 max for the routed row (min() leaves it as is)."""
+            key = (cap, rows.kept_at)
+            t = caps.get(key)
+            if t is None:
+                if len(caps) >= _ONES_KEPT:
+                    caps.clear()
+                col = [_INT64_MAX, _INT64_MAX]
+                col[rows.kept_at] = cap
+                t = caps[key] = torch.tensor(col, dtype=torch.int64, device=rows.routed.device).view(2, 1)
+            return t
 
         def bounds_for(dtype: torch.dtype, rows: _Rows) -> torch.Tensor | None:
             """The cached bin boundaries for ids of `dtype`; None for a dtype the fast path does not take."""
@@ -128,9 +157,18 @@ class GateHooks(TracerState):
                         i = torch.where(keep.reshape(-1).bool(), i, 0)
                     rows.kept.index_add_(0, i, o)
             else:
-                c, kc, kid = r.counts, r.kept_counts, r.kept_ids
+                c, kc, kid, cap = r.counts, r.kept_counts, r.kept_ids, r.capacity
                 if r.mask is not None or c is None or tokens is None or not _counts_ok(c, E, dev_index, dev_cuda):
                     return False
+                if cap is not None:  # kept = min(routed, C) per expert (Routing.capacity)
+                    if kc is not None or kid is not None or type(cap) is not int or cap < 0:
+                        return False  # accumulate says what is wrong
+                    if rows.kept is not None:
+                        pair = rows.pair_view(E)
+                        if pair is not None:  # both rows in two kernels
+                            pair.add_(torch.minimum(c, caps_for(cap, rows)))
+                            return _nan_and_tokens(r, rows, check, tokens)
+                        kc = c.clamp(max=cap)  # micro-batch rows: the kept row apart
                 if kc is not None and not _counts_ok(kc, E, dev_index, dev_cuda):
                     return False
                 kb = None
@@ -180,7 +218,10 @@ class GateHooks(TracerState):
                     at[:] = [slot, buf, buf.get_device(), buf.is_cuda]
                 rows = views.get(pr)
                 if rows is None:
-                    rows = views[pr] = _Rows(at[1][slot, pr, li], None if pk is None else at[1][slot, pk, li])
+                    b = at[1][slot]
+                    rows = views[pr] = (
+                        _Rows(b[pr, li], None) if pk is None else _Rows(b[pr, li], b[pk, li], (b, pr, pk, li))
+                    )
                 tally, tat = self._host_tok, (slot, pr, li)
                 if self._mb is not None and pr == lay.routed:  # the m-th train forward of this gate: micro-batch m
                     m = mb_calls[li]

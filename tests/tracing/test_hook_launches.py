@@ -143,21 +143,34 @@ def test_generic_tuple_router_two_kernels(tmp_path):
     assert len(views) <= 1, views
 
 
-@pytest.mark.parametrize("drop", [False, True])
-def test_deepspeed_gate_kernels(tmp_path, drop):
-    """exp_counts go into the routed row in one add_; with drop_tokens the kept routes' ids are binned
-    into the kept row (bucketize + index_add_): three kernels (it was 11)."""
+DS_KERNELS = [  # (k, use_rts, drop_tokens, sparse routes?) -> the hook's kernels per forward
+    ((2, True, False, True), ["add_"]),
+    ((2, True, True, True), ["add_", "minimum"]),  # kept = min(exp_counts, C): both rows in one add_
+    ((2, True, True, False), ["add_", "minimum"]),  # the dense form: C = dispatch_mask.shape[2]
+    ((1, False, True, True), ["add_", "minimum"]),
+    ((1, True, True, True), ["add_", "bucketize", "index_add_"]),  # RTS: the kept ids are binned
+]
+
+
+@pytest.mark.parametrize(("cfg", "want"), DS_KERNELS, ids=[str(c) for c, _ in DS_KERNELS])
+def test_deepspeed_gate_kernels(tmp_path, cfg, want):
+    """exp_counts go into the routed row in one add_; with drop_tokens, where DeepSpeed keeps exactly
+    min(exp_counts, C) routes per expert (top-2, top-1 without RTS) both rows take minimum + add_ (two
+    kernels; it was 11, then 3); top-1 with RTS bins the kept routes' ids (bucketize + index_add_)."""
     pytest.importorskip("deepspeed")
     from deepspeed.moe.layer import MoE
 
+    k, rts, drop, sparse = cfg
     torch.manual_seed(0)
-    model = MoE(16, nn.Linear(16, 16), num_experts=4, k=2, capacity_factor=0.5, drop_tokens=drop)
+    model = MoE(16, nn.Linear(16, 16), num_experts=4, k=k, capacity_factor=0.5, drop_tokens=drop, use_rts=rts)
     gate = model.deepspeed_moe.gate
     seen: list[tuple] = []
     h = gate.register_forward_hook(lambda m, a, o: seen.append((a, o)))
-    model(torch.randn(2, 16, 16))
+    x = torch.randn(2, 16, 16)
+    model(x) if sparse else gate(x.reshape(-1, 16))
     h.remove()
     (inputs, out) = seen[0]
+    assert len(out) == (7 if sparse else 4)
     model.train()
     bare = Counter()  # the gate is not run: its hook is called on the recorded output
 
@@ -171,11 +184,59 @@ def test_deepspeed_gate_kernels(tmp_path, drop):
     hook_ops(gate, forward, bare)  # the step's first forward
     kernels, views = hook_ops(gate, forward, bare)
     tracer.close()
-    if drop:
-        assert kernels == ["add_", "bucketize", "index_add_"], kernels
-    else:
-        assert kernels == ["add_"], kernels
+    assert kernels == want, kernels
+    assert len(views) <= (0 if "minimum" in want else 1), views  # the binned path flattens the kept ids
     assert not SYNCS & set(kernels)
+
+
+DS_EXACT = [(2, True), (1, False), (1, True)]  # (k, use_rts); top-2 has no RTS
+
+
+@pytest.mark.parametrize("mb", [False, True], ids=["steps", "micro-batches"])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+@pytest.mark.parametrize(("k", "rts"), DS_EXACT, ids=[f"top{k}-rts{int(r)}" for k, r in DS_EXACT])
+def test_deepspeed_kept_counts_equal_dispatch(tmp_path, k, rts, sparse, mb):
+    """The kept counts the hook records (min(exp_counts, C) where that is used) equal what the real gate
+    dispatched, over many random batches of varying size with a capacity tight enough to drop routes:
+    dispatch_mask.sum((0, 2)) (gate called on its own) or the sparse routes' indices >= 0 (MoE layer);
+    per step; without micro-batch rows (both rows in one [2, E] view of the buffer) and with them (the
+    routed row in the micro-batch buffer, the kept row apart)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.moe.layer import MoE
+
+    E, H = 8, 16
+    torch.manual_seed(k + 2 * rts + 4 * sparse)
+    model = MoE(H, nn.Linear(H, H), num_experts=E, k=k, capacity_factor=0.5, min_capacity=1, use_rts=rts)
+    gate = model.deepspeed_moe.gate
+    kept_of, routed_of = [], []
+
+    def truth(m, a, o) -> None:
+        if sparse:
+            ids = o[3].reshape(-1).long()
+            kept_of.append(np.bincount(ids[ids >= 0].numpy(), minlength=E))
+        else:
+            kept_of.append(o[2].sum((0, 2)).numpy())
+        routed_of.append(o[-1].numpy())
+
+    gate.register_forward_hook(truth)  # before the tracer's: sees the same outputs first
+    gen = torch.Generator().manual_seed(7)
+    steps, mbs = 12, 3
+    with LoadTracer(model, tmp_path / "t", flush_every=5, per_micro_batch=mb) as tr:
+        for _ in range(steps):
+            for _ in range(mbs):
+                T = int(torch.randint(24, 97, (1,), generator=gen))
+                x = torch.randn(T, H, generator=gen) * 3
+                with torch.no_grad():
+                    model(x.view(1, T, H)) if sparse else gate(x)
+            tr.step()
+    kept, routed = np.stack(kept_of).reshape(steps, mbs, E), np.stack(routed_of).reshape(steps, mbs, E)
+    assert (kept < routed).any(axis=-1).all(), "the capacity drops routes in every micro-batch"
+    t = open_trace(tmp_path / "t")
+    assert not t.meta.get("extra", {}).get("disabled_layers")
+    np.testing.assert_array_equal(t.counts(kind="kept")[:, 0], kept.sum(1))
+    np.testing.assert_array_equal(t.counts()[:, 0], routed.sum(1))
+    if mb:
+        np.testing.assert_array_equal(t.micro_batch_counts()[:, :, 0], routed)
 
 
 def test_counts_exact_across_slots_flushes_and_index_dtypes(tmp_path):

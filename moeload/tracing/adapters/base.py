@@ -25,7 +25,8 @@ class Routing(NamedTuple):
     - map: `mask: [T, E]` bool or 0/1, True where token t is routed to expert e; optional
       `kept_mask: [T, E]`.
     - counts: `counts: [E]` routed tokens per expert, precomputed (e.g. DeepSpeed `exp_counts`);
-      optional `kept_counts: [E]`, or `kept_ids` (the kept routes' expert ids, -1 = dropped).
+      optional `kept_counts: [E]`, or `kept_ids` (the kept routes' expert ids, -1 = dropped), or
+      `capacity` (kept = min(counts, capacity) per expert).
     `tokens`: tokens that reached the gate (int or [] tensor); inferred as T for top-k and map
     forms, and as `counts.sum() // top_k` for the counts form. Where no kept information is given,
     kept = routed. `probs`: optional, any shape: the router's probabilities or logits, or a value
@@ -45,6 +46,12 @@ class Routing(NamedTuple):
     kept_ids: Tensor | None = None
     """Counts form only, instead of `kept_counts`: the kept routes as integer expert ids (any shape,
     -1 = dropped by capacity, e.g. DeepSpeed's sparse routes), binned on the device by the tracer."""
+    capacity: int | None = None
+    """Counts form only, instead of `kept_counts` / `kept_ids`: a host int C such that the gate kept
+    exactly min(counts[e], C) routes of each expert e. Set it only where that is exact: the gate gives
+    each expert's routes distinct positions 0..counts[e]-1 (or keeps the top C of a 0/1 mask) and keeps
+    the positions < C (DeepSpeed top-2, top-1 without RTS). The tracer then adds both rows in two
+    kernels (a `minimum` against cached caps and one `add_`)."""
 
 
 class RoutingShapeError(ValueError):

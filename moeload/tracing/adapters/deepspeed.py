@@ -7,8 +7,16 @@ TopKGate, two output forms:
 - older versions, or the gate called on its own: `(l_aux, combine_weights [T, E, C],
   dispatch_mask [T, E, C] bool, exp_counts [E])`.
 `exp_counts` counts this rank's routes before capacity dropping: recorded as routed counts. Kept
-counts (after dropping) come from `indices >= 0` or `dispatch_mask.sum((0, 2))`, recorded where
-the gate drops tokens (`drop_tokens=True`). `l_aux` (a sum over the mean softmax of every expert)
+counts (after dropping) are recorded where the gate drops tokens (`drop_tokens=True`): where DeepSpeed
+keeps exactly min(exp_counts[e], C) routes of expert e they are given as `Routing.capacity` = C (two
+kernels for both rows), else they come from `indices >= 0` or `dispatch_mask.sum((0, 2))`. That holds
+(0.19.x `sharded_moe`) for top-2 (expert e's first-choice routes get positions 0..n1-1, its second-choice
+ones n1..n1+n2-1, and positions < C are kept) and top-1 without RTS and without `used_token` (a topk of
+C rows over e's 0/1 mask keeps min(n, C) of its n routes); not for top-1 with RTS (a route's uniform draw
+can be 0.0 and tie with the unrouted tokens) nor k > 2 (`drop_policy="probs"`: a topk over gate values,
+which can underflow to 0 and tie likewise), nor a subclass that overrides `forward` or routes to replica
+slots. C is `dispatch_mask.shape[2]`, or the returned capacity (a CPU tensor) read once per (T, k,
+capacity factor, min_capacity). `l_aux` (a sum over the mean softmax of every expert)
 is NaN iff a probability is: it is passed on as `Routing.probs` for the NaN check. Everything
 stays on the gate's device.
 
@@ -62,9 +70,11 @@ def bincount_device(idx: Tensor, num_experts: int, cache: dict[tuple, tuple[Tens
     return out.index_add_(0, torch.bucketize(flat, bounds), ones)[1 : num_experts + 1]
 
 
-def gate_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
-    """One TopKGate forward -> Routing(counts=exp_counts [E], tokens, probs=l_aux; where it drops: kept_ids
-    = the sparse routes' indices [k, T], -1 dropped, or kept_counts [E] from the dense dispatch mask)."""
+def gate_routing(module: nn.Module, inputs: tuple, out: Any, capacities: dict[tuple, int] | None = None) -> Routing:
+    """One TopKGate forward -> Routing(counts=exp_counts [E], tokens, probs=l_aux; where it drops: capacity
+    where kept = min(exp_counts, C) is exact (module docstring), else kept_ids = the sparse routes'
+    indices [k, T], -1 dropped, or kept_counts [E] from the dense dispatch mask). capacities: the sparse
+    form's C by (T, k, capacity factor, min_capacity), filled as read (without it the kept ids are used)."""
     wg: Any = module.wg  # the gate's nn.Linear
     E = wg.out_features
     if not isinstance(out, (tuple, list)):
@@ -74,6 +84,10 @@ def gate_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
     if len(out) == 7:  # sparse_routes: indices [k, T] (slot ids under replicas)
         idx, exp_counts = out[3], out[6]
         T = idx.shape[-1]
+        if capacities is not None and slot_logical is None and _min_exact(module, inputs):
+            cap = _sparse_capacity(module, out[1], T, capacities)
+            if cap is not None:
+                return Routing(counts=exp_counts, capacity=cap, tokens=T, probs=out[0])
         if isinstance(slot_logical, Tensor) and module.drop_tokens:
             idx = torch.where(idx >= 0, slot_logical[idx.clamp(min=0).long()], -1)
         if module.drop_tokens:  # the kept routes' ids, binned by the tracer into the kept row
@@ -82,12 +96,53 @@ def gate_routing(module: nn.Module, inputs: tuple, out: Any) -> Routing:
     if len(out) == 4:  # dense: dispatch_mask [T, E, C] ([T, S, C] under replicas)
         dispatch, exp_counts = out[2], out[3]
         T = dispatch.shape[0]
+        if capacities is not None and slot_logical is None and _min_exact(module, inputs) and dispatch.dim() == 3:
+            return Routing(counts=exp_counts, capacity=int(dispatch.shape[2]), tokens=T, probs=out[0])
         kept = dispatch.sum((0, 2), dtype=torch.int64) if module.drop_tokens else None
         if kept is not None and isinstance(slot_logical, Tensor):
             kept = torch.zeros(E + 1, dtype=torch.int64, device=kept.device).index_add_(0, slot_logical, kept)[:E]
     else:
         raise RoutingShapeError(f"TopKGate returned {len(out)} values; expected 7 (sparse_routes) or 4")
     return Routing(counts=exp_counts, kept_counts=kept, tokens=_tokens(module, inputs, T), probs=out[0])
+
+
+def _min_exact(module: nn.Module, inputs: tuple) -> bool:
+    """This forward kept exactly min(exp_counts[e], C) routes of each expert e (module docstring); the
+    caller has checked that the gate is a plain TopKGate (`TopKGateReader`) without replica slots."""
+    if not module.drop_tokens:
+        return False
+    g: Any = module
+    return g.k == 2 or (g.k == 1 and not g.use_rts and (len(inputs) < 2 or inputs[1] is None))
+
+
+def _sparse_capacity(module: nn.Module, c: Any, T: int, capacities: dict[tuple, int]) -> int | None:
+    """The capacity C of a sparse-routes forward: returned by the gate as a CPU tensor (`_capacity` of T
+    tokens, k, the capacity factor and min_capacity), read once per such key; None where it is not a
+    host value (a tensor on a device: reading it would sync)."""
+    key = (T, module.k, module.capacity_factor if module.training else module.eval_capacity_factor, module.min_capacity)
+    cap = capacities.get(key)
+    if cap is None:
+        if type(c) is int:
+            cap = c
+        elif isinstance(c, Tensor) and c.device.type == "cpu" and c.numel() == 1 and not c.is_floating_point():
+            cap = int(c)
+        else:
+            return None
+        if len(capacities) >= 64:
+            capacities.clear()
+        capacities[key] = cap
+    return cap
+
+
+class TopKGateReader:
+    """`gate_routing` for one plain TopKGate (its class does not override forward), with the capacities
+    it has read (`gate_routing(capacities=...)`); a subclass's gate is read by `gate_routing` alone."""
+
+    def __init__(self) -> None:
+        self.capacities: dict[tuple, int] = {}
+
+    def __call__(self, module: nn.Module, inputs: tuple, out: Any) -> Routing:
+        return gate_routing(module, inputs, out, self.capacities)
 
 
 def _tokens(module: nn.Module, inputs: tuple, T: int) -> int | Tensor:
@@ -153,7 +208,7 @@ class DeepSpeedAdapter(Adapter):
                     name=name,
                     num_experts=E,
                     top_k=int(g.k),
-                    counts=gate_routing,
+                    counts=TopKGateReader() if type(g).forward is sharded.TopKGate.forward else gate_routing,
                     has_kept=bool(g.drop_tokens),
                     framework="deepspeed",
                     framework_version=_version(),
@@ -214,4 +269,4 @@ def _autoep_placement(owner: nn.Module, ep_size: int, num_experts: int) -> list[
 
 ADAPTER: Adapter = DeepSpeedAdapter()
 
-__all__ = ["ADAPTER", "DeepSpeedAdapter", "autoep_routing", "bincount_device", "gate_routing"]
+__all__ = ["ADAPTER", "DeepSpeedAdapter", "TopKGateReader", "autoep_routing", "bincount_device", "gate_routing"]
