@@ -92,8 +92,8 @@ def workload_gate(args, dev: torch.device) -> tuple[nn.Module, nn.Module, tuple,
 
 def deepspeed_gate(args, dev: torch.device) -> tuple[nn.Module, nn.Module, tuple, Any, Callable[[], None]]:
     """The same for a DeepSpeed `MoE` layer's TopKGate (16 experts, k=2, drop_tokens, capacity 1.0); the
-    kernels: the routed add of exp_counts and the kept routes' ids binned into the kept row (bucketize +
-    index_add_)."""
+    kernels: both rows (routed exp_counts, kept min(exp_counts, C)) added through one [2, E] view,
+    minimum against the cached caps + add_."""
     from deepspeed.moe.layer import MoE
 
     E, H = 16, 256
@@ -105,16 +105,12 @@ def deepspeed_gate(args, dev: torch.device) -> tuple[nn.Module, nn.Module, tuple
     h.remove()
     inputs, out = seen[0]
     c = out[-1]
-    ids = out[3].reshape(-1) if len(out) == 7 else out[2].sum((0, 2))
-    row = torch.zeros(E + 5, dtype=torch.int64, device=dev)
-    bounds = torch.arange(-1, E, dtype=ids.dtype, device=dev)
-    ones = torch.ones(ids.numel(), dtype=torch.int64, device=dev)
-
-    experts, kept_row = row[1 : E + 1], torch.zeros_like(row)
+    rows = torch.zeros(2, E + 5, dtype=torch.int64, device=dev)
+    pair = rows[:, 1 : E + 1]
+    caps = torch.tensor([[torch.iinfo(torch.int64).max], [int(out[1])]], dtype=torch.int64, device=dev)
 
     def kernels() -> None:
-        experts.add_(c)
-        kept_row.index_add_(0, torch.bucketize(ids, bounds), ones)
+        pair.add_(torch.minimum(c, caps))
 
     return model, gate, inputs, out, kernels
 
