@@ -149,6 +149,10 @@ def setup(a: argparse.Namespace) -> tuple:
     if not cuda:
         torch.set_num_threads(1)
         deepspeed.ops.__compatible_ops__ = {}  # no C++ op build on a CPU-only torch (the layer needs none)
+    if cuda and world > torch.cuda.device_count():
+        # ranks share a GPU (gloo): DeepSpeed would bind rank r to cuda:r (device_id out of range), so the
+        # group is made here without a device, and init_distributed then finds it initialised
+        dist.init_process_group(backend)
     deepspeed.init_distributed(backend)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
