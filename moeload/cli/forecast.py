@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,16 @@ def make_forecast(
         return forecast_trace(t, predictor, horizon, params=params, at=at, layers=list(lay), history=history)
 
 
+def warn_long_horizon(f: TraceForecast, horizon: int) -> None:
+    """A `moeload: warning:` line when `horizon` is over twice the steps `f` was fitted on."""
+    if horizon > 2 * len(f.fit_steps):
+        warnings.warn(
+            f"--horizon {horizon}: over twice the {len(f.fit_steps)} steps the forecast was fitted on; "
+            "an extrapolation this far is not backed by the trace",
+            stacklevel=1,
+        )
+
+
 def _forecast_errors(f: Forecast, experts: list[int]) -> dict[str, list[float]] | None:
     if len(f.actual) == 0:
         return None
@@ -107,14 +118,7 @@ def predict(
     refuse_output_inside(out, trace)
     t = open_trace_arg(trace, skip_bad_parts)
     f = make_forecast(t, predictor, parse_params(param), horizon, at, layers, history)
-    if horizon > 2 * len(f.fit_steps):  # a forecast over twice its own history is flagged
-        import warnings
-
-        warnings.warn(
-            f"--horizon {horizon}: over twice the {len(f.fit_steps)} steps the forecast was fitted on; "
-            "an extrapolation this far is not backed by the trace",
-            stacklevel=1,
-        )
+    warn_long_horizon(f, horizon)
     experts = [t.experts_per_layer[i] for i in f.layers]
     errs = _forecast_errors(f, experts)
     if out is not None:
@@ -337,6 +341,7 @@ def plan(
         raise InputError(f"{t.path}: the trace holds no training steps")
     _check_plan_sizes(len(lay), E, G, replicas, policy)
     f = make_forecast(t, predictor, parse_params(param), horizon, at, layers, history)
+    warn_long_horizon(f, horizon)
     weight = f.forecast.mean(0)[:, :E]
     with progress_status(f"planning ({policy})"):
         pl = placement.plan(weight, num_gpus=G, num_replicas=replicas, policy=policy, **opts)

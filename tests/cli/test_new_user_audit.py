@@ -23,3 +23,16 @@ def test_predict_no_flag_within_history():
     r = runner.invoke(app, ["predict", str(TRACE), "--horizon", "100"])
     assert r.exit_code == 0, r.output
     assert "warning" not in r.stderr, r.stderr
+
+
+def test_plan_flags_horizon_longer_than_history():
+    r = runner.invoke(app, ["plan", str(TRACE), "--horizon", "8000"])
+    assert r.exit_code == 0, r.output
+    warn = [x for x in r.stderr.splitlines() if x.startswith("moeload: warning: ")]
+    assert len(warn) == 1 and "--horizon 8000" in warn[0] and "3750" in warn[0], r.stderr
+
+
+def test_plan_no_flag_within_history():
+    r = runner.invoke(app, ["plan", str(TRACE), "--horizon", "100"])
+    assert r.exit_code == 0, r.output
+    assert "warning" not in r.stderr, r.stderr
