@@ -43,7 +43,11 @@ SKIP_BAD_PARTS_OPTION = typer.Option(
     "become gaps) instead of failing on them.",
 )
 LAYERS_OPTION = typer.Option(
-    None, "--layers", metavar="LIST", help="Comma-separated layer indices or module paths, e.g. 0,3 (default: all)."
+    None,
+    "--layers",
+    metavar="LIST",
+    help="Comma-separated layer indices or module paths, e.g. 0,3 or -1 (a negative index counts from the end, "
+    "-1 is the last layer; default: all).",
 )
 
 

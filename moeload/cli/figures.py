@@ -170,7 +170,8 @@ def plot(
         None,
         "--layers",
         metavar="LIST",
-        help="Layers to draw (default: layer 0 in per-layer figures, all layers in fluctuation and backtest).",
+        help="Layers to draw: comma-separated indices (negative ones count from the end: -1 is the last layer) or "
+        "module paths (default: layer 0 in per-layer figures, all layers in fluctuation and backtest).",
     ),
     predictor: str = typer.Option("sw_avg", "--predictor", help="Predictor of the forecast figure."),
     horizon: int = typer.Option(100, "--horizon", min=1, help="Forecast horizon in steps."),
@@ -248,7 +249,11 @@ def report(
     out: Path = typer.Option(None, "--out", "-o", help="HTML file to write (default: <trace name>.html here)."),
     steps: str = STEPS_OPTION,
     layers: str = typer.Option(
-        None, "--layers", metavar="LIST", help="Layers to report (default: all; figures of the first 4)."
+        None,
+        "--layers",
+        metavar="LIST",
+        help="Layers to report: comma-separated indices (negative ones count from the end: -1 is the last layer) "
+        "or module paths (default: all; figures of the first 4).",
     ),
     predictor: str = typer.Option("sw_avg", "--predictor", help="Predictor of the forecast section."),
     horizon: int = typer.Option(100, "--horizon", min=1, help="Forecast horizon in steps."),

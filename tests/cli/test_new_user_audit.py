@@ -36,3 +36,13 @@ def test_plan_no_flag_within_history():
     r = runner.invoke(app, ["plan", str(TRACE), "--horizon", "100"])
     assert r.exit_code == 0, r.output
     assert "warning" not in r.stderr, r.stderr
+
+
+def test_negative_layer_index_counts_from_the_end():  # as --layers' help and docs/trace-format.md say
+    import json
+
+    r = runner.invoke(app, ["summary", str(TRACE), "--layers", "0,-1", "--json"])
+    assert r.exit_code == 0, r.output
+    assert [x["layer"] for x in json.loads(r.stdout)["layers"]] == [0, 5]  # the trace has 6 layers
+    r = runner.invoke(app, ["summary", str(TRACE), "--layers", "-7"])
+    assert r.exit_code == 2 and "layer index -7 out of range (trace has 6)" in r.stderr, r.stderr
