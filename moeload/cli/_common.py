@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -201,8 +202,20 @@ def parse_layers(spec: str | None) -> list[int | str] | None:
         x = x.strip()
         if not x:
             raise InputError(f"--layers {spec!r}: empty item")
-        out.append(int(x) if x.lstrip("-").isdigit() else x)
+        out.append(int(x) if re.fullmatch(r"-?[0-9]+", x) else x)
     return out
+
+
+def select_layers(trace, layers: str | Sequence[int | str] | None) -> np.ndarray:
+    """Layer ids of a --layers selection (text, or ids/names a command already has; None: every layer),
+    validated by the trace (one-line errors); a layer named twice (5 and -1 of six) is refused, since
+    every whole-model number would count it twice."""
+    wanted = parse_layers(layers) if layers is None or isinstance(layers, str) else list(layers)
+    ids = trace.layer_ids(wanted)
+    uniq, n = np.unique(ids, return_counts=True)
+    if (n > 1).any():
+        raise InputError(f"--layers {layers!r}: layer {int(uniq[n > 1][0])} is selected more than once")
+    return ids
 
 
 def load_window(trace, steps: str | None, layers: str | Sequence[int] | None, *, what: str = "proportions"):
@@ -212,8 +225,7 @@ def load_window(trace, steps: str | None, layers: str | Sequence[int] | None, *,
     Raises InputError when the selection holds no recorded step.
     """
     sel = parse_steps(steps)
-    wanted = parse_layers(layers) if layers is None or isinstance(layers, str) else list(layers)
-    lay_ids = trace.layer_ids(wanted)  # validates names/indices with a one-line error
+    lay_ids = select_layers(trace, layers)  # validates names/indices with a one-line error
     step_nums = trace.select_steps(sel)
     all_steps = trace.steps
     if len(step_nums) == 0:

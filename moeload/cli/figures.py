@@ -21,8 +21,8 @@ from moeload.cli._common import (
     fmt,
     load_window,
     open_trace_arg,
-    parse_layers,
     refuse_output_inside,
+    select_layers,
 )
 from moeload.errors import InputError
 
@@ -152,7 +152,7 @@ def _data_layers(t, layers: str | None) -> list[int]:
     """Layer ids the figures use: the --layers selection, else every layer."""
     if layers is None:
         return list(range(t.num_layers))
-    return [int(i) for i in t.layer_ids(parse_layers(layers))]
+    return [int(i) for i in select_layers(t, layers)]
 
 
 def plot(

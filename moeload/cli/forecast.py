@@ -18,11 +18,11 @@ from moeload.cli._common import (
     check_alloc,
     console,
     open_trace_arg,
-    parse_layers,
     parse_params,
     print_json,
     progress_status,
     refuse_output_inside,
+    select_layers,
     table,
 )
 from moeload.errors import InputError
@@ -55,7 +55,7 @@ def make_forecast(
 ) -> TraceForecast:
     """The CLI's forecast: the allocation checked first, then `evaluation.forecast_trace` with a status line.
     layers: a --layers string, or layer ids already selected."""
-    lay = t.layer_ids(parse_layers(layers) if isinstance(layers, str) or layers is None else layers)
+    lay = select_layers(t, layers)
     check_alloc(
         f"--horizon {horizon}",
         horizon * len(lay) * t.num_experts * 8,
@@ -209,7 +209,7 @@ def backtest(
     unknown = [n for n in names if n not in predictors.available()]
     if unknown or not names:
         raise InputError(f"--predictors: unknown {unknown or names}; available: {', '.join(predictors.available())}")
-    lay = t.layer_ids(parse_layers(layers))
+    lay = select_layers(t, layers)
     S = len(t.steps)
     if S < 4:
         raise InputError(f"{t.path}: {S} recorded steps are too few to backtest")
@@ -329,7 +329,7 @@ def plan(
     if policy not in placement.available():
         raise InputError(f"--policy: unknown {policy!r}; available: {', '.join(placement.available())}")
     opts = parse_params(option, "--option")
-    lay = t.layer_ids(parse_layers(layers))
+    lay = select_layers(t, layers)
     experts = {t.experts_per_layer[i] for i in lay}
     if len(experts) != 1:
         raise InputError(
