@@ -25,7 +25,9 @@ from typing import Any
 import torch.distributed as dist
 
 from moeload.act import _backends as bk
+from moeload.act._slots import SlotMap, initial_slots
 from moeload.act.permute import check_expert_to_rank, contiguous_expert_to_rank, phy2log
+from moeload.act.slot_plan import record_slots
 from moeload.errors import InputError
 
 FORMAT, VERSION = "moeload-expert-layout", 1
@@ -134,9 +136,12 @@ def apply_layout(model: Any, layout: Any, optimizer: Any = None, *, group: Any =
 
 def record_layout(tracer: Any, model: Any) -> list[str]:
     """Tell a `LoadTracer` started on a model that was re-placed before it (a run resumed from a
-    checkpoint, after `apply_layout`) the maps in force: `tracer.record_rank_map(tracer.step_count,
-    layer, map, phy2log=...)` for each traced gate whose layer is not in the contiguous layout, so that
-    its counts are per logical expert and `Trace.gpu_loads()` follows the map from this step on.
+    checkpoint, after `apply_layout` or, for replica layers, `load_state_dict`) the maps in force:
+    `tracer.record_rank_map(tracer.step_count, layer, map, phy2log=...)` for each traced gate whose layer
+    is not in the contiguous layout, so that its counts are per logical expert and `Trace.gpu_loads()`
+    follows the map from this step on. A replica layer (`ReplicaGate` / `ReplicaRouter`) whose slot map
+    is not the initial one is recorded as the `Replacer` records it (`slot_plan.record_slots`: primary
+    ranks, and the slot map for `replica_gpu_loads`); its counts are logical already.
     Call it on every rank after `tracer.start()` (and `tracer.load_state_dict`, where steps continue),
     before the next forward. -> the trace's layer names recorded."""
     owners = {id(bk.gate(b, m)): (b, m) for _, b, m in bk.moe_layers(model)}
@@ -145,6 +150,12 @@ def record_layout(tracer: Any, model: Any) -> list[str]:
         if id(spec.module) not in owners:
             continue
         b, m = owners[id(spec.module)]
+        g = spec.module
+        if isinstance(g, SlotMap):
+            if list(g.slot_expert) != initial_slots(g.num_logical, g.num_slots, g.ep_size):
+                record_slots(tracer, tracer.step_count, name, list(g.slot_expert), g.num_logical, g.ep_size)
+                done.append(name)
+            continue
         e2r = bk.backend(b).expert_to_rank(m)
         if e2r != contiguous_expert_to_rank(len(e2r), bk.ep_size(b, m)).tolist():
             tracer.record_rank_map(tracer.step_count, name, e2r, phy2log=phy2log(e2r).tolist())

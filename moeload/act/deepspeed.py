@@ -42,9 +42,9 @@ def _moe_layer(layer: Any) -> Any:
         raise InputError(f"moe_layer: expected a deepspeed.moe.layer.MoE, got {type(layer).__name__}")
     if getattr(gate, "slot_logical", None) is not None:
         raise InputError(
-            "moe_layer: a layer with expert replicas (moeload.act.replicas.ReplicaGate): permutation, "
-            "layouts and the Replacer assume one slot per expert; move copies with add_replica / "
-            "remove_replica"
+            "moe_layer: a layer with expert replicas (moeload.act.replicas.ReplicaGate): permutation and "
+            "layouts assume one slot per expert; move copies with add_replica / remove_replica (or the "
+            "Replacer); its slot map is in its state_dict, so load_state_dict restores it without a layout"
         )
     return moe
 

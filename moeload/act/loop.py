@@ -264,9 +264,7 @@ class Replacer:
                 self.tracer.record_rank_map(step, li, m, phy2log=phy2log(np.asarray(m)).tolist())
             else:
                 stats = self._apply_slots(li, m, info["ops"])
-                self.tracer.record_rank_map(step, li, sp.primary_ranks(m, self.num_experts[li], self.ep_size))
-                extra = self.tracer.manifest.extra.setdefault(sp.SLOT_CHANGES_KEY, [])
-                extra.append({"step": int(step), "layer": int(li), "slot_expert": [int(x) for x in m]})
+                sp.record_slots(self.tracer, step, li, m, self.num_experts[li], self.ep_size)
             info.update(
                 experts_moved=stats["experts_moved"], bytes_total=stats["bytes_total"], seconds=stats["seconds"]
             )

@@ -43,8 +43,9 @@ def _local_experts(moe_layer: Any) -> list[torch.nn.Module]:
         raise InputError(f"moe_layer: expected a megatron-core MoELayer, got {type(moe_layer).__name__}")
     if isinstance(getattr(router, "slot_logical", None), torch.Tensor):
         raise InputError(
-            "moe_layer: a layer with expert replicas (moeload.act.megatron_replicas.ReplicaRouter): permutation, "
-            "layouts and the Replacer assume one slot per expert; move copies with add_replica / remove_replica"
+            "moe_layer: a layer with expert replicas (moeload.act.megatron_replicas.ReplicaRouter): permutation and "
+            "layouts assume one slot per expert; move copies with add_replica / remove_replica (or the Replacer); "
+            "its slot map is in its state_dict, so load_state_dict restores it without a layout"
         )
     local = getattr(experts, "local_experts", None)
     if local is None:

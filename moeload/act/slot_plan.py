@@ -119,6 +119,19 @@ def primary_ranks(slot_expert: list[int], num_experts: int, ep_size: int) -> lis
     return out
 
 
+def record_slots(
+    tracer: Any, step: int, layer: int | str, slot_expert: list[int], num_experts: int, ep_size: int
+) -> None:
+    """Tell a `LoadTracer` that replica layer `layer` (trace index or name) holds `slot_expert: [S]` from `step`
+    on: each expert's primary rank goes into `rank_map_changes` (`record_rank_map`), the slot map into the
+    manifest's `extra[SLOT_CHANGES_KEY]` (what `replica_gpu_loads` reads)."""
+    tracer.record_rank_map(step, layer, primary_ranks(slot_expert, num_experts, ep_size))
+    li = tracer.layers.index(layer) if isinstance(layer, str) else int(layer)
+    tracer.manifest.extra.setdefault(SLOT_CHANGES_KEY, []).append(
+        {"step": int(step), "layer": li, "slot_expert": [int(x) for x in slot_expert]}
+    )
+
+
 def replica_gpu_loads(trace: Any, *, kind: str = "routed", split: str = "train") -> np.ndarray:
     """[S, L, G] tokens per expert-parallel rank at every step of `trace` (a `Trace`), with the routes of a
     replicated expert split between its copies (copy i of n, in the gates' order, gets c // n + (i < c % n) of
