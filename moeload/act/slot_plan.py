@@ -73,10 +73,12 @@ def slot_target(ranks: list[list[int]], current: list[int]) -> list[int]:
 
 def slot_moves(current: list[int], target: list[int]) -> list[tuple]:
     """[S] slot map in force -> [S] target: the calls, in order: ("add", expert, slot) into a free slot,
-    ("remove", slot) of a copy whose expert has another copy. InputError where no order exists without a
-    spare free slot (every changing slot holds an expert's only copy)."""
+    ("remove", slot) of a copy whose expert has another copy. Where every changing slot holds an expert's only
+    copy (two sole copies trading ranks), one of them is copied through a slot that is free before and after
+    (an extra add, removed once the expert has landed). InputError where no such slot is free."""
     state, pending = list(current), [s for s in range(len(current)) if current[s] != target[s]]
     ops: list[tuple] = []
+    transits = 0
     while pending:
         done = [s for s in pending if state[s] == -1]
         for s in done:
@@ -90,7 +92,13 @@ def slot_moves(current: list[int], target: list[int]) -> list[tuple]:
                 state[s] = -1
                 freed.append(s)
         pending = [s for s in pending if s not in freed or target[s] != -1]
-        if not done and not freed:
+        spare = [f for f in range(len(state)) if state[f] == -1]  # free now and in the target (not pending)
+        if not done and not freed and spare and transits < len(state):
+            ops.append(("add", int(state[pending[0]]), spare[0]))  # next round frees pending[0]
+            state[spare[0]] = state[pending[0]]
+            pending.append(spare[0])
+            transits += 1
+        elif not done and not freed:
             raise InputError(
                 f"plan: slots {pending} each hold an expert's only copy and no free slot is left to copy it through; "
                 "give the plan a free slot"

@@ -204,6 +204,11 @@ def test_slot_plans_and_refusals():
             sp.per_rank(bad, E, S, 2, "p")
     with pytest.raises(InputError, match="only copy"):
         sp.slot_moves(TARGET, sp.slot_target(sp.per_rank(STUCK, E, S, 2, "p"), TARGET))
+    # two sole copies trade ranks with a slot free before and after: one goes through it (an extra add)
+    swap = sp.slot_target(sp.per_rank([0, 1, 1, 0], E, S, 2, "p"), [0, 1, -1, 2, 3, -1])
+    assert swap == [0, 3, -1, 2, 1, -1] and sp.primary_ranks(swap, E, 2) == [0, 1, 1, 0]
+    assert sp.slot_moves([0, 1, -1, 2, 3, -1], swap) == [("add", 1, 2), ("remove", 1), ("add", 3, 1), ("remove", 4),
+                                                          ("add", 1, 4), ("remove", 2)]
 
 
 if __name__ == "__main__":
