@@ -27,7 +27,8 @@ Refused (InputError): GroupedMLP / TEGroupedMLP experts (one tensor for all loca
 `moe_pad_expert_input_to_capacity` (the router pads the logical columns to the logical capacity, while the
 alltoall dispatcher pads every slot to the capacity of S experts), megatron DDP's `main_grad` buffers and
 megatron's optimizer wrappers (a plain torch optimizer only, as for `act.megatron.permute_experts`), and
-`act.megatron.permute_experts` / `Replacer` / `apply_layout` on a replica layer (one slot per expert there).
+`act.megatron.permute_experts` / `apply_layout` on a replica layer (one slot per expert there; the `Replacer` drives
+replica layers through `add_replica` / `remove_replica`, and `load_state_dict` restores the slot map).
 """
 
 from __future__ import annotations
