@@ -34,6 +34,11 @@ class RouterOutput(NamedTuple):
     """[] float32, Switch/GShard load-balancing loss ``E * sum_e f_e * P_e`` (1 when balanced)."""
     probs: Tensor
     """[T, E] float32, full softmax of the gate."""
+    counts: Tensor | None = None
+    """[E] int64, routes per expert (dropped ones included): the sum over tokens and choices of the
+    one-hot the aux loss is computed from, so it costs no extra kernel. With capacity the router keeps
+    exactly min(counts[e], C) routes of expert e (queue positions are distinct per expert), which lets
+    the tracer count both rows in two kernels."""
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -86,14 +91,14 @@ class TopKRouter(nn.Module):
         probs = logits.softmax(-1)
         top, indices = probs.topk(k, dim=-1)  # [T, k]
         weights = top / top.sum(-1, keepdim=True)
-        routed_frac = _one_hot(indices, E).sum((0, 1)).float() / max(T * k, 1)  # [E]
-        aux_loss = E * (routed_frac * probs.mean(0)).sum()
+        counts = _one_hot(indices, E).sum((0, 1))  # [E] int64
+        aux_loss = E * (counts.float() / max(T * k, 1) * probs.mean(0)).sum()
         if self.capacity_factor is None:
             kept = torch.ones_like(indices, dtype=torch.bool)
         else:
             cap = expert_capacity(T, k, E, self.capacity_factor)
             kept = slot_positions(indices, E) < cap
-        return RouterOutput(weights, indices, kept, aux_loss, probs)
+        return RouterOutput(weights, indices, kept, aux_loss, probs, counts)
 
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)  # != -1 inside a backward pass
@@ -133,7 +138,8 @@ class BiasRouter(TopKRouter):
         indices = (probs.detach() + self.expert_bias).topk(k, dim=-1).indices  # [T, k]
         top = probs.gather(1, indices)
         weights = top / top.sum(-1, keepdim=True)
-        load = _one_hot(indices, E).sum((0, 1)).float()  # [E]
+        counts = _one_hot(indices, E).sum((0, 1))  # [E] int64
+        load = counts.float()
         aux_loss = E * (load / max(T * k, 1) * probs.mean(0)).sum()
         if self.training and _graph_task_id() == -1:  # not eval, not an activation-checkpoint recompute
             with torch.no_grad():
@@ -142,7 +148,7 @@ class BiasRouter(TopKRouter):
             kept = torch.ones_like(indices, dtype=torch.bool)
         else:
             kept = slot_positions(indices, E) < expert_capacity(T, k, E, self.capacity_factor)
-        return RouterOutput(weights, indices, kept, aux_loss, probs)
+        return RouterOutput(weights, indices, kept, aux_loss, probs, counts)
 
     @torch.no_grad()
     def update_bias(self) -> None:

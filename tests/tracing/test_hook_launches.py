@@ -119,13 +119,16 @@ def test_router_subclass_is_binned(tmp_path):
     np.testing.assert_array_equal(t.counts()[:, 0, 6:], np.array([[1], [2]]) * np.bincount(ids, minlength=14)[6:8])
 
 
-def test_workload_router_with_capacity_two_kernels_per_row(tmp_path):
-    """Routed and kept counts: the kept row costs the zeroing of dropped routes (mul_) and its own index_add_."""
-    model = nn.ModuleDict({"router": TopKRouter(32, 8, 2, capacity_factor=0.5)})
+@pytest.mark.parametrize("cls", [TopKRouter, BiasRouter])
+def test_workload_router_with_capacity_two_kernels(tmp_path, cls):
+    """Routed and kept counts from the router's own per-expert counts and its capacity (kept = min(counts, C),
+    Routing.capacity): one minimum against the cached caps and one add_ into both rows, no view."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"router": cls(32, 8, 2, capacity_factor=0.5)})
     x = torch.randn(64, 32)
     kernels, views, _ = steady(model, model["router"], lambda: model["router"](x), tmp_path)
-    assert kernels == ["bucketize", "index_add_", "index_add_", "mul_"], kernels
-    assert len(views) <= 2, views
+    assert kernels == ["add_", "minimum"], kernels
+    assert views == [], views
     out = model["router"](x)  # the same input each forward: 1 forward in step 0 (warm-up), 2 in step 1
     idx, kept = out.indices.reshape(-1).numpy(), out.kept.reshape(-1).numpy()
     t = open_trace(tmp_path / "t")
@@ -133,6 +136,33 @@ def test_workload_router_with_capacity_two_kernels_per_row(tmp_path):
     n = np.array([[1], [2]])
     np.testing.assert_array_equal(t.counts(kind="kept")[:, 0], n * np.bincount(idx[kept], minlength=8))
     np.testing.assert_array_equal(t.counts()[:, 0], n * np.bincount(idx, minlength=8))
+
+
+@pytest.mark.parametrize("cls", [TopKRouter, BiasRouter])
+@pytest.mark.parametrize("factor", [0.5, 1.25])
+def test_workload_capacity_counts_equal_the_kept_mask(tmp_path, cls, factor):
+    """min(counts, C) is exact for the workload routers: over random batches of varying size, 1-3 forwards
+    a step, the traced kept counts equal the router's own kept mask binned, and routed its indices."""
+    gen = torch.Generator().manual_seed(int(10 * factor) + (cls is BiasRouter))
+    torch.manual_seed(int(10 * factor))
+    model = nn.ModuleDict({"router": cls(16, 6, 2, capacity_factor=factor)})
+    want_routed, want_kept = [], []
+    with LoadTracer(model, tmp_path / "t", flush_every=5) as tr:
+        for _ in range(20):
+            routed, kept = np.zeros(6, np.int64), np.zeros(6, np.int64)
+            for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+                x = torch.randn(int(torch.randint(8, 97, (1,), generator=gen)), 16, generator=gen)
+                out = model["router"](x)
+                idx, keep = out.indices.reshape(-1).numpy(), out.kept.reshape(-1).numpy()
+                routed += np.bincount(idx, minlength=6)
+                kept += np.bincount(idx[keep], minlength=6)
+            tr.step()
+            want_routed.append(routed)
+            want_kept.append(kept)
+    t = open_trace(tmp_path / "t")
+    np.testing.assert_array_equal(t.counts()[:, 0], want_routed)
+    np.testing.assert_array_equal(t.counts(kind="kept")[:, 0], want_kept)
+    assert (np.array(want_kept) < np.array(want_routed)).any(), "the capacity drops routes"
 
 
 def test_generic_tuple_router_two_kernels(tmp_path):

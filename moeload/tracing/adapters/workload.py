@@ -16,6 +16,19 @@ def _routing(module: nn.Module, inputs: tuple, out) -> Routing:
     return Routing(indices=out.indices, kept=out.kept if module.capacity_factor is not None else None, probs=out.probs)
 
 
+def _routing_capacity(module: nn.Module, inputs: tuple, out) -> Routing:
+    """A `TopKRouter` / `BiasRouter` (the classes themselves) with a capacity factor: its own per-expert
+    `counts` and the capacity C it kept by. Its queue positions are distinct per expert (`slot_positions`)
+    and it keeps those < C, so kept = min(counts, C) exactly (`Routing.capacity`: both rows in two kernels).
+    An output without counts (an older or re-built RouterOutput) is read from its indices and kept mask."""
+    counts = getattr(out, "counts", None)
+    if counts is None or module.capacity_factor is None:
+        return _routing(module, inputs, out)
+    T, k = out.indices.shape
+    cap = sys.modules["moeload.workloads.model"].expert_capacity(T, k, module.num_experts, module.capacity_factor)
+    return Routing(counts=counts, capacity=cap, tokens=T, probs=out.probs)
+
+
 class WorkloadAdapter(Adapter):
     """Finds every `TopKRouter` of the embedded MoE GPT (`moeload.workloads`)."""
 
@@ -39,7 +52,7 @@ class WorkloadAdapter(Adapter):
                 name=name,
                 num_experts=m.num_experts,
                 top_k=m.top_k,
-                counts=_routing,
+                counts=_routing_capacity if type(m) in exact and m.capacity_factor is not None else _routing,
                 has_kept=m.capacity_factor is not None,
                 framework="moeload",
                 framework_version=__version__,
