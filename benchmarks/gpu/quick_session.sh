@@ -3,6 +3,7 @@
 # each under its own time limit, packed into one file for the trip back (the device returns at most 8):
 #   hook host time per gate forward on CUDA (workload, generic top-k and DeepSpeed gates),
 #   the cost of one re-placement on one GPU (two ranks over gloo, device tensors staged via the host),
+#   where the traced step's extra time goes (benchmarks/step_profile.py: torch.profiler + cProfile, eager),
 #   eager and compiled tracer overhead interleaved in one run (grouped experts, static shapes).
 #
 #   bash benchmarks/gpu/quick_session.sh "$OUT" [SECONDS]     -> $OUT/quick.tar.gz (logs + JSONs)
@@ -25,8 +26,9 @@ step() {  # step NAME MIN_SECONDS CMD...: run CMD with what is left minus a marg
 }
 if [ -n "${QUICK_SMALL:-}" ]; then  # seconds-long versions of every step (plumbing only, numbers meaningless)
   hook=(--calls 200 --repeats 2); rc=(--tiny); ov=(--config cpu-demo --steps 8 --block 2 --warmup 1 --backend aot_eager)
+  sp=(--steps 3 --profile-steps 2)
 else
-  hook=(--repeats 8); rc=(); ov=(--steps 400 --block 4 --warmup 10)
+  hook=(--repeats 8); rc=(); ov=(--steps 400 --block 4 --warmup 10); sp=(--steps 40 --profile-steps 10)
 fi
 cfg=$([ "$dev" = cuda ] && echo gpt3-small-moe || echo cpu-demo)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$work/gpu.txt" 2>&1 || true
@@ -36,6 +38,7 @@ step hook_generic 40 $py benchmarks/hook_host_time.py --device "$dev" --config "
 step hook_deepspeed 40 $py benchmarks/hook_host_time.py --device "$dev" --gate deepspeed "${hook[@]}"
 step replace_cost 60 $py -m torch.distributed.run --standalone --nproc_per_node 2 benchmarks/replace_cost.py \
   --device "$dev" --backend gloo --grads random "${rc[@]}" --out "$work/replace_cost_1gpu_gloo.json"
+step step_profile 60 $py benchmarks/step_profile.py --device "$dev" --config "$cfg" "${sp[@]}" --out "$work/step_profile"
 dl=$(( $(left) - 60 )); [ "$dl" -lt 30 ] && dl=30
 step overhead_both 120 $py benchmarks/tracer_overhead.py --device "$dev" --mode both "${ov[@]}" \
   --deadline-s "$dl" --out "$work/overhead_both"
