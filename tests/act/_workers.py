@@ -318,6 +318,37 @@ def by_logical(layers: Sequence[tuple[Sequence[int], Sequence[nn.Module], dict]]
     return {li: ({e: v for r in every for e, v in r[li][0].items()}, every[rank][li][1]) for li in mine}
 
 
+def replica_copy_diff(layers: Sequence[tuple[Sequence[nn.Module], Sequence[Sequence[int]]]],
+                      opt: torch.optim.Optimizer) -> float:
+    """Max abs difference between each replicated expert's copies (parameters, exp_avg, exp_avg_sq), over all
+    ranks (a collective). layers: per MoE layer, (this rank's experts in slot order (global slot rank * len +
+    j), the slots of each replicated expert, its primary first). Slots without optimizer state are left out;
+    -1.0 where no expert has a copy."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {f"{li}/{rank * len(experts) + j}": torch.cat(
+                [p.detach().reshape(-1) for p in ex.parameters()]
+                + [opt.state[p][k].reshape(-1) for p in ex.parameters() for k in ("exp_avg", "exp_avg_sq")]).tolist()
+            for li, (experts, _) in enumerate(layers) for j, ex in enumerate(experts)
+            if opt.state.get(next(ex.parameters()))}
+    every: list = [None] * world
+    dist.all_gather_object(every, mine)
+    flat = {k: v for r in every for k, v in r.items()}
+    pairs = [(f"{li}/{s}", f"{li}/{c[0]}") for li, (_, groups) in enumerate(layers) for c in groups for s in c[1:]]
+    return max((float(np.abs(np.subtract(flat[a], flat[b])).max()) for a, b in pairs), default=-1.0)
+
+
+def two_phase_ranks(worker: str | Path, out: Path) -> dict:
+    """A checkpoint test's fixture body: phases "train" and "resume", each a fresh 2-rank gloo launch of
+    `worker` over the same directory -> {"out": out, "train": [per rank], "resume": [per rank]}."""
+    return {"out": out, **{phase: launch(worker, out, phase, prefix=f"{phase}_") for phase in ("train", "resume")}}
+
+
+def strip_seconds(history: list[dict]) -> list[dict]:
+    """A Replacer history without the measured seconds (each run's own)."""
+    return [{**d, "layers": {k: {n: x for n, x in v.items() if n != "seconds"} for k, v in d["layers"].items()}}
+            for d in history]
+
+
 def max_diff(a: dict, b: dict) -> dict:
     """Two `by_logical` states -> {key: max abs difference}: expert keys ("param", "exp_avg", ...) over all
     experts and layers, router keys as the router dicts name them."""

@@ -20,7 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _workers import DeepSpeedNet, deepspeed_engine, deepspeed_world, launch, state_diff, write_result
+from _workers import (
+    DeepSpeedNet,
+    deepspeed_engine,
+    deepspeed_world,
+    replica_copy_diff,
+    state_diff,
+    strip_seconds,
+    two_phase_ranks,
+    write_result,
+)
 
 H, TOKENS, E, S, N, STEPS = 16, 32, 4, 6, 4, 8
 LAYERS = ((1, False), (2, False))
@@ -33,7 +42,6 @@ BACK_OPS = ([["remove", 1], ["add", 1, 1], ["remove", 5]],  # layer 0, from TARG
 
 def _worker(out: Path, phase: str) -> None:
     import torch
-    import torch.distributed as dist
 
     rank, world = deepspeed_world()
     from moeload import LoadTracer, placement
@@ -78,19 +86,8 @@ def _worker(out: Path, phase: str) -> None:
         return [replica_gate(m).slot_expert for m in eng.module.moe]
 
     def copy_diff(eng: object) -> float:
-        """Max abs difference between each replicated expert's copies (parameters, exp_avg, exp_avg_sq), over
-        both ranks (a collective); -1.0 where no expert has a copy."""
-        mine = {f"{li}/{rank * 3 + j}": torch.cat([p.detach().reshape(-1) for p in ex.parameters()]
-                                                  + [eng.optimizer.state[p][k].reshape(-1)
-                                                     for p in ex.parameters() for k in ("exp_avg", "exp_avg_sq")]
-                                                  ).tolist()
-                for li, m in enumerate(eng.module.moe) for j, ex in enumerate(m.deepspeed_moe.experts.deepspeed_experts)}
-        every: list = [None] * world
-        dist.all_gather_object(every, mine)
-        flat = {k: v for r in every for k, v in r.items()}
-        pairs = [(f"{li}/{s}", f"{li}/{c[0]}") for li, m in enumerate(eng.module.moe)
-                 for c in replica_gate(m).replicated() for s in c[1:]]
-        return max((float(np.abs(np.subtract(flat[a], flat[b])).max()) for a, b in pairs), default=-1.0)
+        return replica_copy_diff([(m.deepspeed_moe.experts.deepspeed_experts, replica_gate(m).replicated())
+                                  for m in eng.module.moe], eng.optimizer)
 
     res: dict = {"rank": rank}
     if phase == "train":
@@ -139,15 +136,7 @@ pytest.importorskip("deepspeed")
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> dict:
-    """The two phases, each a fresh 2-rank gloo launch over the same directory."""
-    out = tmp_path_factory.mktemp("act_ckpt_replicas")
-    return {"out": out, **{phase: launch(__file__, out, phase, prefix=f"{phase}_") for phase in ("train", "resume")}}
-
-
-def _strip(history: list[dict]) -> list[dict]:
-    """A Replacer history without the measured seconds (each run's own)."""
-    return [{**d, "layers": {k: {n: x for n, x in v.items() if n != "seconds"} for k, v in d["layers"].items()}}
-            for d in history]
+    return two_phase_ranks(__file__, tmp_path_factory.mktemp("act_ckpt_replicas"))
 
 
 @pytest.mark.slow
@@ -172,7 +161,7 @@ def test_a_run_resumed_after_a_replica_change_continues_the_uninterrupted_one(ra
         # the resumed run: the uninterrupted run's losses, decisions (the BACK change at step 6 included), slot
         # maps and, slot by slot, its final parameters and Adam moments; the copies stay identical
         np.testing.assert_allclose(rs["losses"], tr["losses"][N:], rtol=1e-6, atol=0)
-        assert _strip(rs["history"]) == _strip(h)
+        assert strip_seconds(rs["history"]) == strip_seconds(h)
         assert rs["slots"] == tr["slots"] == [BACK, BACK]
         assert tr["copy_diff"] == rs["copy_diff"] == 0.0
         assert max(rs["diff_end"].values()) <= 1e-6, rs["diff_end"]

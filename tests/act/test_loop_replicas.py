@@ -18,7 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _workers import LOOP_STEPS, DeepSpeedNet, deepspeed_engine, deepspeed_world, launch, write_result
+from _workers import (
+    LOOP_STEPS,
+    DeepSpeedNet,
+    deepspeed_engine,
+    deepspeed_world,
+    launch,
+    replica_copy_diff,
+    write_result,
+)
 
 H, TOKENS, E, S = 16, 32, 4, 6
 LAYERS = ((1, False), (2, False))
@@ -33,7 +41,6 @@ def _worker(out: Path) -> None:
     import warnings
 
     import torch
-    import torch.distributed as dist
 
     rank, world = deepspeed_world()
     from moeload import LoadTracer, placement
@@ -97,17 +104,8 @@ def _worker(out: Path) -> None:
                "history": [] if rep is None else rep.history, "warned": [str(w.message) for w in caught]}
         if sync is not None:
             res["slots"] = [replica_gate(m).slot_expert for m in eng.module.moe]
-            mine = {f"{li}/{rank * 3 + j}": torch.cat([p.detach().reshape(-1) for p in ex.parameters()]
-                                                      + [eng.optimizer.state[p][k].reshape(-1)
-                                                         for p in ex.parameters() for k in ("exp_avg", "exp_avg_sq")]
-                                                      ).tolist()
-                    for li, m in enumerate(eng.module.moe) for j, ex in enumerate(m.deepspeed_moe.experts.deepspeed_experts)}
-            every: list = [None] * world
-            dist.all_gather_object(every, mine)
-            flat = {k: v for r in every for k, v in r.items()}
-            res["copy_diff"] = max(float(np.abs(np.subtract(flat[f"{li}/{s}"], flat[f"{li}/{gate.copies(e)[0]}"])).max())
-                                   for li, m in enumerate(eng.module.moe) for gate in [replica_gate(m)]
-                                   for e in range(E) for s in gate.copies(e)[1:])
+            res["copy_diff"] = replica_copy_diff([(m.deepspeed_moe.experts.deepspeed_experts, replica_gate(m).replicated())
+                                                  for m in eng.module.moe], eng.optimizer)
         return res
 
     write_result(out, {"A": run("a", A, None), "B": run("b", B, True), "C": run("c", C, False), "rank": rank})

@@ -21,12 +21,14 @@ import numpy as np
 import pytest
 from _workers import (
     MegatronNet,
-    launch,
     megatron_layer,
     megatron_on_cpu,
     megatron_step,
     megatron_world,
+    replica_copy_diff,
     state_diff,
+    strip_seconds,
+    two_phase_ranks,
     write_result,
 )
 
@@ -42,7 +44,6 @@ SWAP_OPS = [["add", 1, 2], ["remove", 1], ["add", 3, 1], ["remove", 4], ["add", 
 
 def _worker(out: Path, phase: str) -> None:
     import torch
-    import torch.distributed as dist
 
     rank, world = megatron_world()
     from megatron.core import parallel_state
@@ -84,19 +85,7 @@ def _worker(out: Path, phase: str) -> None:
         return [replica_router(m).slot_expert for m in net.layers]
 
     def copy_diff(net: MegatronNet, o: torch.optim.Optimizer) -> float:
-        """Max abs difference between each replicated expert's copies (parameters, exp_avg, exp_avg_sq), over
-        both ranks (a collective); -1.0 where no expert has a copy."""
-        mine = {f"{li}/{rank * 3 + j}": torch.cat([p.detach().reshape(-1) for p in ex.parameters()]
-                                                  + [o.state[p][k].reshape(-1) for p in ex.parameters()
-                                                     for k in ("exp_avg", "exp_avg_sq")]).tolist()
-                for li, m in enumerate(net.layers) for j, ex in enumerate(m.experts.local_experts)
-                if o.state.get(next(ex.parameters()))}
-        every: list = [None] * world
-        dist.all_gather_object(every, mine)
-        flat = {k: v for r in every for k, v in r.items()}
-        pairs = [(f"{li}/{s}", f"{li}/{c[0]}") for li, m in enumerate(net.layers)
-                 for c in replica_router(m).replicated() for s in c[1:]]
-        return max((float(np.abs(np.subtract(flat[a], flat[b])).max()) for a, b in pairs), default=-1.0)
+        return replica_copy_diff([(m.experts.local_experts, replica_router(m).replicated()) for m in net.layers], o)
 
     def train(net: MegatronNet, o: torch.optim.Optimizer, tracer: LoadTracer, rep: Replacer, t: int) -> float:
         loss = megatron_step(net, o, xs[t], lambda: sync_replica_grads(net))
@@ -155,15 +144,7 @@ pytest.importorskip("megatron.core")
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> dict:
-    """The two phases, each a fresh 2-rank gloo launch over the same directory."""
-    out = tmp_path_factory.mktemp("megatron_ckpt_replicas")
-    return {"out": out, **{phase: launch(__file__, out, phase, prefix=f"{phase}_") for phase in ("train", "resume")}}
-
-
-def _strip(history: list[dict]) -> list[dict]:
-    """A Replacer history without the measured seconds (each run's own)."""
-    return [{**d, "layers": {k: {n: x for n, x in v.items() if n != "seconds"} for k, v in d["layers"].items()}}
-            for d in history]
+    return two_phase_ranks(__file__, tmp_path_factory.mktemp("megatron_ckpt_replicas"))
 
 
 @pytest.mark.slow
@@ -191,7 +172,7 @@ def test_a_run_resumed_in_a_fresh_process_group_continues_the_uninterrupted_one(
         assert max(rs["diff_loaded"].values()) == 0.0
         np.testing.assert_allclose(rs["losses"], tr["losses"]["B"][N:], rtol=1e-6, atol=0)
         np.testing.assert_allclose(rs["losses"], tr["losses"]["A"][N:], rtol=1e-6, atol=0)
-        assert _strip(rs["history"]) == _strip(tr["history"]) and rs["slots"] == tr["slots"]
+        assert strip_seconds(rs["history"]) == strip_seconds(tr["history"]) and rs["slots"] == tr["slots"]
         assert rs["copy_diff"] == 0.0
         assert max(rs["diff_end"].values()) <= 1e-6, rs["diff_end"]
 
