@@ -23,6 +23,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "self_cpu_us_diff": t["self_cpu_us"] - p["self_cpu_us"],
                      "self_device_us_diff": t["self_device_us"] - p["self_device_us"]})
     diff.sort(key=lambda r: -abs(r["self_cpu_us_diff"]))
-    med = {k: sorted(v[len(v) // 2:])[len(v[len(v) // 2:]) // 2] for k, v in wall.items()}  # median, second half
+    med = {k: statistics.median(v[len(v) // 2:]) for k, v in wall.items()}  # the warm-up's second half
     result = {
         "config": cfg.name, "device": a.device, "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
         "torch": torch.__version__, "mode": a.mode, "experts": a.experts, "capacity_factor": cfg.capacity_factor,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from moeload.cli import app
@@ -12,28 +13,17 @@ runner = CliRunner()
 TRACE = Path(__file__).resolve().parents[2] / "experiments/traces/gpt3-small-moe-s0.moeload"  # 3750 steps
 
 
-def test_predict_flags_horizon_longer_than_history():
-    r = runner.invoke(app, ["predict", str(TRACE), "--horizon", "8000"])
+@pytest.mark.parametrize("command", ["predict", "plan"])
+def test_horizon_longer_than_history_is_flagged(command):
+    r = runner.invoke(app, [command, str(TRACE), "--horizon", "8000"])
     assert r.exit_code == 0, r.output
     warn = [x for x in r.stderr.splitlines() if x.startswith("moeload: warning: ")]
     assert len(warn) == 1 and "--horizon 8000" in warn[0] and "3750" in warn[0], r.stderr
 
 
-def test_predict_no_flag_within_history():
-    r = runner.invoke(app, ["predict", str(TRACE), "--horizon", "100"])
-    assert r.exit_code == 0, r.output
-    assert "warning" not in r.stderr, r.stderr
-
-
-def test_plan_flags_horizon_longer_than_history():
-    r = runner.invoke(app, ["plan", str(TRACE), "--horizon", "8000"])
-    assert r.exit_code == 0, r.output
-    warn = [x for x in r.stderr.splitlines() if x.startswith("moeload: warning: ")]
-    assert len(warn) == 1 and "--horizon 8000" in warn[0] and "3750" in warn[0], r.stderr
-
-
-def test_plan_no_flag_within_history():
-    r = runner.invoke(app, ["plan", str(TRACE), "--horizon", "100"])
+@pytest.mark.parametrize("command", ["predict", "plan"])
+def test_no_flag_within_history(command):
+    r = runner.invoke(app, [command, str(TRACE), "--horizon", "100"])
     assert r.exit_code == 0, r.output
     assert "warning" not in r.stderr, r.stderr
 
