@@ -30,6 +30,7 @@ def in_backward() -> bool:
 _FAST_INDEX_DTYPES = frozenset((torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64))
 _ONES_KEPT = 64  # distinct route counts (capacities) per gate whose ones views (caps) a hook keeps (reset beyond)
 _INT64_MAX = torch.iinfo(torch.int64).max
+_ALL_DIMS = [tuple(range(n)) for n in range(9)]  # dim= of a full reduction, by ndim
 
 
 class _Rows:
@@ -40,7 +41,7 @@ class _Rows:
     micro-batch rows do not). Made once per step and plane (views cost host time, ~1 µs each), not per
     forward."""
 
-    __slots__ = ("kept", "kept_at", "kept_e", "pair", "planes", "routed", "routed_e", "tok")
+    __slots__ = ("kept", "kept_at", "kept_e", "nan", "pair", "planes", "routed", "routed_e", "tok")
 
     def __init__(self, routed: torch.Tensor, kept: torch.Tensor | None, planes: tuple | None = None) -> None:
         self.routed, self.kept, self.planes = routed, kept, planes
@@ -48,6 +49,7 @@ class _Rows:
         self.kept_e: torch.Tensor | None = None
         self.tok: torch.Tensor | None = None
         self.pair: torch.Tensor | None = None
+        self.nan: torch.Tensor | None = None  # where this forward's NaN check sums the probabilities (0-d float64)
         self.kept_at = 1
 
     def pair_view(self, num_experts: int) -> torch.Tensor | None:
@@ -82,6 +84,7 @@ class GateHooks(TracerState):
         train_planes = (lay.routed, lay.kept)
         eval_planes = None if lay.eval_routed is None else (lay.eval_routed, lay.eval_kept)
         views: dict[int, _Rows] = {}  # routed plane -> this gate's rows in slot at[0] of buffer at[1]
+        nan_views: dict[int, torch.Tensor] = {}  # routed plane -> this gate's 0-d view of _nan_sums (buffer at[1]'s)
         at: list[Any] = [-1, None, -1, False]  # slot, buffer, its get_device() and is_cuda
         bounds: dict[torch.dtype, torch.Tensor] = {}  # bin boundaries per index dtype (see accumulate)
         ones: dict[int, torch.Tensor] = {}  # ones vector per number of routes
@@ -215,6 +218,8 @@ class GateHooks(TracerState):
                 if slot != at[0] or buf is not at[1]:
                     assert buf is not None  # hooks exist between start() and close()
                     views.clear()
+                    if buf is not at[1]:
+                        nan_views.clear()
                     at[:] = [slot, buf, buf.get_device(), buf.is_cuda]
                 rows = views.get(pr)
                 if rows is None:
@@ -233,6 +238,11 @@ class GateHooks(TracerState):
                 step = self._first_step + slot
                 check = nan_step[li] != step  # NaN probabilities: checked at each gate's first forward of a step
                 nan_step[li] = step
+                if check:
+                    nv = nan_views.get(pr)
+                    if nv is None and self._nan_sums is not None:
+                        nv = nan_views[pr] = self._nan_sums[pr, li]
+                    rows.nan = nv
                 r = spec.counts(module, inputs, output)
                 if type(r) is not Routing:
                     r = as_routing(r)
@@ -334,10 +344,26 @@ class GateHooks(TracerState):
 
 def _nan_and_tokens(r: Routing, rows: _Rows, check: bool, tokens: int | torch.Tensor) -> int | None:
     """The end of the hook's fast path: the NaN check (where `check`) and the tokens: an int is returned
-    for the host tally, a tensor is added into the TOKENS_COL bin."""
+    for the host tally, a tensor is added into the TOKENS_COL bin. The NaN check is one launch: the
+    probabilities' float64 sum into the gate's `_nan_sums` element (`rows.nan`), which step() folds into
+    NAN_COL for all gates at once (`_fold_nan`); a sum is NaN where any probability is NaN, and also where
+    +inf and -inf meet, which no probability should hold either. Probabilities on another device than the
+    buffer, or complex ones, are checked in place (isnan + any + add_)."""
     p = r.probs
     if check and isinstance(p, torch.Tensor) and (p.is_floating_point() or p.is_complex()):
-        rows.routed[NAN_COL].add_(torch.isnan(p).any().to(rows.routed.device, non_blocking=True))
+        out = rows.nan
+        if (
+            out is not None
+            and p.is_floating_point()
+            and p.get_device() == out.get_device()
+            and p.is_cuda is out.is_cuda
+        ):
+            # NaN iff p holds a NaN (or both infinities); the out= form needs the dims spelled out
+            torch.sum(
+                p.detach(), _ALL_DIMS[p.dim()] if p.dim() < 9 else tuple(range(p.dim())), dtype=torch.float64, out=out
+            )
+        else:
+            rows.routed[NAN_COL].add_(torch.isnan(p).any().to(rows.routed.device, non_blocking=True))
     if isinstance(tokens, int):
         return tokens
     if rows.tok is None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from moeload.errors import InputError, first_line
-from moeload.tracing.block import TOKENS_COL
+from moeload.tracing.block import NAN_COL, TOKENS_COL
 from moeload.tracing.collective import all_gather
 from moeload.tracing.compiled import CompileChecks
 from moeload.tracing.hooks import GateHooks
@@ -46,6 +46,7 @@ class StepFlush(GateHooks, CompileChecks):
             self._poll_writer()
         self._check_forwards()
         self._fold_live()
+        self._fold_nan()
         if self._mb is not None:
             self._mb_used = max(self._mb_used, min(max(self._mb_calls, default=0), self.max_micro_batches))
             self._mb_calls[:] = [0] * len(self._mb_calls)
@@ -62,6 +63,16 @@ class StepFlush(GateHooks, CompileChecks):
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+    def _fold_nan(self) -> None:
+        """The step's deferred NaN checks into its slot: a gate whose probability sum (taken at its first
+        forward of the step, `_nan_and_tokens`) is NaN adds 1 to its row's NAN_COL. Two launches per step
+        for all gates, no sync."""
+        ns = self._nan_sums
+        if ns is None or self._buf is None:
+            return
+        self._buf[self._slot, :, :, NAN_COL].add_(torch.isnan(ns))
+        ns.zero_()
 
     def _fold_live(self) -> None:
         """Add the rows that compiled hooks wrote for this step into its slot (two launches, no sync)."""

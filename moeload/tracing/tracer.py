@@ -336,6 +336,7 @@ class LoadTracer(StepFlush, LayerAgreement):
         self._mb_used = 0  # micro-batches seen in the current block (the rows written)
         self._cache = KernelCache()
         self._live: torch.Tensor | None = None  # [P, L, W] the open step's rows written by compiled hooks
+        self._nan_sums: torch.Tensor | None = None  # [P, L] float64: each gate's probability sum at its NaN check
         self._compiled_layers: set[int] = set()  # layers whose hook runs inside a compiled graph
         self._host_tok: np.ndarray | None = None  # [F, P, L] tokens known on the host (shapes), added at the flush
         self._host_tok_mb: np.ndarray | None = None  # [F, M, L] the same for micro-batch rows
@@ -376,6 +377,7 @@ class LoadTracer(StepFlush, LayerAgreement):
             return self
         L, P, W = self.rank_layout.width, self.layout.planes, self.layout.width
         self._buf = torch.zeros(self.flush_every, P, L, W, dtype=torch.int64, device=self.device)
+        self._nan_sums = torch.zeros(P, L, dtype=torch.float64, device=self.device)
         if self.hooks_in_graph:
             self._live = torch.zeros(P, L, W, dtype=torch.int64, device=self.device)
         self._host_tok = np.zeros((self.flush_every, P, L), np.int64)

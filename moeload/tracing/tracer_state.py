@@ -58,6 +58,7 @@ class TracerState:
     _mb_used: int
     _host_tok: np.ndarray | None
     _live: torch.Tensor | None
+    _nan_sums: torch.Tensor | None
     hooks_in_graph: bool
     _compiled_layers: set[int]
     _host_tok_mb: np.ndarray | None
