@@ -1,6 +1,8 @@
 """Where a traced training step spends the time the tracer adds: one plain and one traced model (same seed,
 same batches) stepped alternately, the last steps under `torch.profiler` (host and, on CUDA, device time per
-op) and `cProfile` (host time per moeload function), reported as traced minus plain per step.
+op; four blocks in the order plain, traced, traced, plain, since one block per arm after the other read a drift
+as the tracer's cost: on an H200 the second block's every op took ~40 % more host time) and `cProfile` (host
+time per moeload function), reported as traced minus plain per step.
 
     python3 benchmarks/step_profile.py --device cuda --steps 40 --profile-steps 10 --out $OUT
     python3 benchmarks/step_profile.py --device cuda --compile --out $OUT          # the compiled twin
@@ -44,7 +46,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (tracer attached first)")
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--steps", type=int, default=40, help="steps per arm before profiling (warm-up, alternating)")
-    ap.add_argument("--profile-steps", type=int, default=10, help="steps per arm under the profilers")
+    ap.add_argument("--profile-steps", type=int, default=10,
+                    help="steps per arm under torch.profiler, in two blocks (ABBA order); cProfile re-runs half")
     ap.add_argument("--flush-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
@@ -69,6 +72,17 @@ def _ops(prof, steps: int, cuda: bool) -> dict[str, dict]:
     return out
 
 
+def _sum_ops(parts: list[dict[str, dict]]) -> dict[str, dict]:
+    """The per-step op tables of an arm's profiled blocks (each already divided by the arm's steps) added up."""
+    out: dict[str, dict] = {}
+    for part in parts:
+        for k, v in part.items():
+            acc = out.setdefault(k, {"count": 0.0, "self_cpu_us": 0.0, "self_device_us": 0.0})
+            for f in acc:
+                acc[f] += v[f]
+    return out
+
+
 def _moeload_functions(stats: pstats.Stats, steps: int, top: int) -> list[dict]:
     rows = []
     for (file, line, fn), (_cc, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
@@ -86,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, device = setup(argparse.Namespace(threads=a.threads, device=a.device, config=a.config,
                                            capacity_factor=a.capacity_factor, experts=a.experts))
     cuda = device.type == "cuda"
-    total = a.steps + a.profile_steps
+    total = a.steps + 2 * max(1, a.profile_steps // 2)
     data = batches(cfg, a.seed, device)
     steps_data = [[next(data)] for _ in range(total)]
     out_dir = Path(a.out)
@@ -115,25 +129,34 @@ def main(argv: list[str] | None = None) -> dict:
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities):  # the profiler's own first-use cost, paid by neither arm
         one("plain", a.steps - 1)
-    ops, funcs, prof_wall = {}, {}, {}
-    for name in ("plain", "traced"):
-        idx = list(range(a.steps, total))
+    # ABBA: plain, traced, traced, plain blocks, each under its own profiler, so that a drift over the profiled
+    # steps (the profiler's own growing cost, clocks) weighs on both arms alike; an arm's ops are the sum of its
+    # two blocks. The two blocks of one arm run the same batches as the other arm's blocks at that position.
+    half = max(1, a.profile_steps // 2)
+    ops_blocks: dict[str, list[dict[str, dict]]] = {"plain": [], "traced": []}
+    blocks: list[dict] = []
+    for b, name in enumerate(("plain", "traced", "traced", "plain")):
+        idx = list(range(a.steps + (b // 2) * half, a.steps + (b // 2 + 1) * half))
         with torch.profiler.profile(activities=activities) as prof:
             t = time.perf_counter()
             for j in idx:
                 one(name, j)
             if cuda:
                 torch.cuda.synchronize(device)
-            prof_wall[name] = (time.perf_counter() - t) / len(idx)
-        ops[name] = _ops(prof, len(idx), cuda)
+            blocks.append({"arm": name, "s_per_step": (time.perf_counter() - t) / len(idx), "steps": len(idx)})
+        ops_blocks[name].append(_ops(prof, 2 * len(idx), cuda))
+    ops = {n: _sum_ops(v) for n, v in ops_blocks.items()}
+    prof_wall = {n: statistics.fmean(x["s_per_step"] for x in blocks if x["arm"] == n) for n in ops}
+    funcs = {}
+    for name in ("plain", "traced"):
         pr = cProfile.Profile()
         pr.enable()
-        for j in idx[: max(1, len(idx) // 2)]:  # host time per moeload function (steps re-run: training state moves on)
+        for j in range(a.steps, a.steps + half):  # host time per moeload function (steps re-run: training state moves on)
             one(name, j)
         if cuda:
             torch.cuda.synchronize(device)
         pr.disable()
-        funcs[name] = _moeload_functions(pstats.Stats(pr), max(1, len(idx) // 2), a.top)
+        funcs[name] = _moeload_functions(pstats.Stats(pr), half, a.top)
     tracer.close()
     names = set(ops["plain"]) | set(ops["traced"])
     zero = {"count": 0.0, "self_cpu_us": 0.0, "self_device_us": 0.0}
@@ -150,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": cfg.name, "device": a.device, "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
         "torch": torch.__version__, "mode": a.mode, "experts": a.experts, "capacity_factor": cfg.capacity_factor,
         "steps": a.steps, "profile_steps": a.profile_steps, "flush_every": a.flush_every,
-        "warmup_median_s_second_half": med, "profiled_s_per_step": prof_wall,
+        "warmup_median_s_second_half": med, "profiled_s_per_step": prof_wall, "profiled_blocks": blocks,
         "self_cpu_us_per_step_total": {n: sum(r["self_cpu_us"] for r in ops[n].values()) for n in ops},
         "ops_by_traced_minus_plain_self_cpu": diff[: a.top], "moeload_functions_traced": funcs["traced"],
         "tracer_errors": list(tracer.errors),
@@ -159,7 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
     print(f"{cfg.name} {a.mode} on {result['device_name']}: median step (warm-up, second half) plain "
           f"{1e3 * med['plain']:.2f} ms, traced {1e3 * med['traced']:.2f} ms; profiled steps plain "
-          f"{1e3 * prof_wall['plain']:.2f} ms, traced {1e3 * prof_wall['traced']:.2f} ms (profiler on)")
+          f"{1e3 * prof_wall['plain']:.2f} ms, traced {1e3 * prof_wall['traced']:.2f} ms (profiler on; blocks "
+          + ", ".join(f"{x['arm']} {1e3 * x['s_per_step']:.2f}" for x in blocks) + " ms: the two plain blocks' "
+          f"difference, {1e3 * (blocks[3]['s_per_step'] - blocks[0]['s_per_step']):+.2f} ms, is the drift)")
     print("| op | calls/step plain | traced | self host µs/step plain | traced | traced − plain | device µs traced − plain |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in diff[: a.top]:

@@ -1,6 +1,7 @@
 """benchmarks/step_profile.py end to end on CPU (tiny config): it runs, writes its JSON, and its op table sees
 exactly the kernels the tracer's hook adds (the grouped experts' capacity router: minimum + add_ per gate
-forward, tests/tracing/test_hook_launches.py) and the hook among the tracer's functions."""
+forward, tests/tracing/test_hook_launches.py; summed over the arm's two profiled blocks, ABBA) and the hook among
+the tracer's functions."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def test_step_profile_tiny_cpu(tmp_path):
                     "--threads", "1", "--out", str(tmp_path)])
     on_disk = json.loads((tmp_path / "step_profile_tiny_cpu.json").read_text())
     assert on_disk["profiled_s_per_step"] == res["profiled_s_per_step"] and res["tracer_errors"] == []
+    assert [b["arm"] for b in res["profiled_blocks"]] == ["plain", "traced", "traced", "plain"]
     ops = {r["op"]: r for r in res["ops_by_traced_minus_plain_self_cpu"]}
     from moeload.workloads import get_config
 
