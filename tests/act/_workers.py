@@ -152,19 +152,21 @@ class DeepSpeedNet(nn.Module):
     """DeepSpeed MoE layers in a residual stack (`self.moe`); forward([1, tokens, hidden]) -> a scalar loss,
     the output's mean square + 0.01 x the aux losses.
 
-    layers: (top-k, drop_tokens) of each layer. Experts are Linear(h, 2h) GELU Linear(2h, h); capacity factor
-    1, min_capacity 1, use_rts=False and no sampled second expert: which tokens drop is then a function of
-    each expert's column alone."""
+    layers: (top-k, drop_tokens) of each layer; num_experts: every layer's, or one per layer. Experts are
+    Linear(h, 2h) GELU Linear(2h, h); capacity factor 1, min_capacity 1, use_rts=False and no sampled second
+    expert: which tokens drop is then a function of each expert's column alone."""
 
-    def __init__(self, hidden: int, num_experts: int, ep_size: int, layers: Sequence[tuple[int, bool]]) -> None:
+    def __init__(self, hidden: int, num_experts: int | Sequence[int], ep_size: int,
+                 layers: Sequence[tuple[int, bool]]) -> None:
         from deepspeed.moe.layer import MoE
 
         super().__init__()
+        sizes = [num_experts] * len(layers) if isinstance(num_experts, int) else list(num_experts)
         self.moe = nn.ModuleList(
             MoE(hidden, nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden)),
-                num_experts=num_experts, ep_size=ep_size, k=k, min_capacity=1, drop_tokens=drop, use_rts=False,
+                num_experts=n, ep_size=ep_size, k=k, min_capacity=1, drop_tokens=drop, use_rts=False,
                 top2_2nd_expert_sampling=False)
-            for k, drop in layers)
+            for n, (k, drop) in zip(sizes, layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         aux = 0.0
