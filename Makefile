@@ -14,7 +14,7 @@ test:
 	$(VENV)/bin/ruff format --check moeload
 	$(VENV)/bin/mypy moeload
 	bash scripts/torchtitan_site.sh
-	$(PY) -m pytest -q --ignore=tests/tracing/test_torchtitan.py
+	$(PY) -m pytest -q --durations=15 --ignore=tests/tracing/test_torchtitan.py
 	MOELOAD_REQUIRE_TORCHTITAN=1 PYTHONPATH=$(VENV)/torchtitan-site $(PY) -m pytest -q tests/tracing/test_torchtitan.py
 
 clean:
