@@ -3,11 +3,13 @@
 # each under its own time limit, packed into one file for the trip back (the device returns at most 8):
 #   hook host time per gate forward on CUDA (workload, generic top-k and DeepSpeed gates),
 #   the cost of one re-placement on one GPU (two ranks over gloo, device tensors staged via the host),
-#   where the traced step's extra time goes (benchmarks/step_profile.py: torch.profiler + cProfile, eager),
+#   where the traced step's extra time goes (benchmarks/step_profile.py: torch.profiler + cProfile, eager and compiled),
 #   eager and compiled tracer overhead interleaved in one run (grouped experts, static shapes).
 #
 #   bash benchmarks/gpu/quick_session.sh "$OUT" [SECONDS]     -> $OUT/quick.tar.gz (logs + JSONs)
 #   MOELOAD_DEVICE=cpu QUICK_SMALL=1 bash benchmarks/gpu/quick_session.sh /tmp/q 300   # plumbing check on CPU
+#   QUICK_ONLY="step_profile step_profile_compiled overhead_both" bash benchmarks/gpu/quick_session.sh "$OUT" 500
+#                                                                   # only the named steps
 #
 # DeepSpeed must be importable (on the lent machines: the wheel recipe of ../shared/gpu/README.md, then
 # PYTHONPATH=/tmp/site:$PWD). A step that fails or runs out of time is logged ("rc N") and the next
@@ -19,6 +21,7 @@ mkdir -p "$out"; work=$(mktemp -d); start=$(date +%s)
 left() { echo $(( budget - ($(date +%s) - start) )); }
 step() {  # step NAME MIN_SECONDS CMD...: run CMD with what is left minus a margin, log to work/NAME.log
   local name=$1 need=$2 l; shift 2; l=$(left)
+  if [ -n "${QUICK_ONLY:-}" ] && [[ " $QUICK_ONLY " != *" $name "* ]]; then echo "== $name: not in QUICK_ONLY"; return; fi
   if [ "$l" -lt "$need" ]; then echo "== $name: skipped, $l s left (needs $need)" | tee "$work/$name.log"; return; fi
   echo "== $name ($l s left)"
   timeout -s TERM $(( l - 15 )) "$@" > "$work/$name.log" 2>&1; echo "rc $?" >> "$work/$name.log"
@@ -39,6 +42,8 @@ step hook_deepspeed 40 $py benchmarks/hook_host_time.py --device "$dev" --gate d
 step replace_cost 60 $py -m torch.distributed.run --standalone --nproc_per_node 2 benchmarks/replace_cost.py \
   --device "$dev" --backend gloo --grads random "${rc[@]}" --out "$work/replace_cost_1gpu_gloo.json"
 step step_profile 60 $py benchmarks/step_profile.py --device "$dev" --config "$cfg" "${sp[@]}" --out "$work/step_profile"
+step step_profile_compiled 90 $py benchmarks/step_profile.py --device "$dev" --config "$cfg" "${sp[@]}" --compile \
+  $([ "$dev" = cuda ] || echo --backend aot_eager) --out "$work/step_profile"
 dl=$(( $(left) - 60 )); [ "$dl" -lt 30 ] && dl=30
 step overhead_both 120 $py benchmarks/tracer_overhead.py --device "$dev" --mode both "${ov[@]}" \
   --deadline-s "$dl" --out "$work/overhead_both"
