@@ -1,5 +1,6 @@
 """permute_experts on real megatron-core MoELayers (SequentialMLP experts), 2 gloo processes on CPU,
-expert-model-parallel size 2, 4 experts (2 per rank).
+expert-model-parallel size 2, 4 experts (2 per rank); and the same on 4 processes (EP 4, 8 experts, 2 per
+rank: function, training, optimizer state, gradients; the refusals are the 2-rank run's).
 
 This file is also the worker: pytest runs it under `torch.distributed.run` (_workers.launch); each rank
 writes what it measured to rank<r>.json and the tests below check it. The CUDA-only calls megatron makes
@@ -36,8 +37,12 @@ from _workers import (
     write_result,
 )
 
-H, TOKENS, STEPS, E = 16, 32, 5, 4
-MAPS = ([1, 0, 1, 0], [1, 1, 0, 0], [0, 1, 1, 0])  # after step 2: layers 0, 1, 2
+H, TOKENS, STEPS = 16, 32, 5
+MAPS_BY_WORLD = {  # after step 2: layers 0, 1, 2 (E = 2 x world experts, 2 per rank)
+    2: ([1, 0, 1, 0], [1, 1, 0, 0], [0, 1, 1, 0]),
+    4: ([1, 0, 3, 2, 1, 0, 3, 2], [3, 3, 2, 2, 1, 1, 0, 0], [0, 1, 2, 3, 3, 2, 1, 0]),
+}
+MAPS, E = MAPS_BY_WORLD[2], 4
 LAYERS = (
     dict(moe_router_topk=2, moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="aux_loss",
          moe_aux_loss_coeff=1e-2),
@@ -61,12 +66,13 @@ def _worker(out: Path) -> None:
     from moeload.act.permute import phy2log
     from moeload.errors import InputError
 
+    maps, E = MAPS_BY_WORLD[world], 2 * world
     L = E // world
 
     def make_layer(i: int, **kw: object) -> nn.Module:
         layer = megatron_layer(i, H, E, 3, **kw)
         if layer.router.expert_bias is not None:
-            layer.router.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
+            layer.router.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]) if E == 4 else torch.linspace(0.3, -0.3, E))
             # a router bias, as add_bias_linear=True gives (which also gives the experts biases, and
             # megatron 0.16's expert MLP then fails on CPU: in-place add to a custom Function's view)
             layer.router.bias = nn.Parameter(0.1 * torch.randn(E))
@@ -109,19 +115,19 @@ def _worker(out: Path) -> None:
         losses: dict = {"A": [step(A, oa, t) for t in range(STEPS)], "B": [], "C": []}
         for t in range(STEPS):
             if t == 2:
-                # (c) invalid maps raise on the calling rank alone, before any communication
-                res.update(refusals(permute_experts, expert_to_rank, B.layers[0], INVALID, MAPS[0], ob))
+                if world == 2:  # (c) invalid maps raise on the calling rank alone, before any communication
+                    res.update(refusals(permute_experts, expert_to_rank, B.layers[0], INVALID, maps[0], ob))
 
                 # (a) the function is unchanged by a non-trivial permutation
                 with torch.no_grad():
                     out_before = [B(x_fixed)]
                     experts_before = [p.detach().clone() for m in B.layers for p in m.experts.parameters()]
-                    res["stats"] = [permute_experts(m, mp, ob) for m, mp in zip(B.layers, MAPS)]
+                    res["stats"] = [permute_experts(m, mp, ob) for m, mp in zip(B.layers, maps)]
                     out_before.append(B(x_fixed))
                     experts_after = [p for m in B.layers for p in m.experts.parameters()]
                 res["out"] = [float(o) for o in out_before]
                 res["experts_changed"] = sum(not torch.equal(a, b) for a, b in zip(experts_before, experts_after))
-                for m, mp in zip(C.layers, MAPS):
+                for m, mp in zip(C.layers, maps):
                     permute_experts(m, mp)  # control: without the optimizer
             losses["B"].append(step(B, ob, t))
             losses["C"].append(step(C, oc, t))
@@ -135,6 +141,8 @@ def _worker(out: Path) -> None:
         res["stats_back"] = [permute_experts(m, np.arange(E) // L, ob) for m in B.layers]
         res["diff_back"] = max_diff(logical(A, oa), logical(B, ob))
         try:
+            if world != 2:
+                raise InputError("group-limited routing: checked on 2 ranks")
             grouped = make_layer(0, moe_router_topk=2, moe_router_num_groups=2, moe_router_group_topk=1)
             permute_experts(grouped, MAPS[0])
             res["grouped_error"] = None
@@ -152,6 +160,11 @@ pytest.importorskip("megatron.core")
 def ranks(tmp_path_factory) -> list[dict]:
     """This file as the worker on 2 gloo ranks -> what each rank measured."""
     return launch(__file__, tmp_path_factory.mktemp("mcore_permute"))
+
+
+def _moved(m: list[int], world: int) -> int:
+    """Experts whose rank differs between the contiguous layout and map m."""
+    return sum(r != e // 2 for e, r in enumerate(m))
 
 
 @pytest.mark.slow
@@ -191,6 +204,24 @@ def test_invalid_maps_raise_on_every_rank_before_communication(ranks):
     check_refusals(ranks)
     for r in ranks:
         assert "group-limited routing (moe_router_num_groups=2)" in r["grouped_error"]
+
+
+@pytest.mark.slow
+def test_four_ranks_function_training_and_state(tmp_path):
+    """EP 4 on 4 gloo processes, 8 experts: the permutation keeps the function, B trains as A with its state
+    (Adam moments, router rows and buffers) by logical expert, C (without its optimizer) parts from A, and
+    gradients move back to the contiguous layout with the experts."""
+    rs = launch(__file__, tmp_path, nproc=4, timeout=400)
+    maps = MAPS_BY_WORLD[4]
+    for r in rs:
+        assert r["ep_size"] == 4 and r["experts_class"] == "SequentialMLP" and r["same_group"]
+        assert r["experts_changed"] > 0
+        np.testing.assert_allclose(r["out"][1], r["out"][0], rtol=1e-6)
+        assert r["maps"] == [list(m) for m in maps]
+        assert [s["experts_moved"] for s in r["stats"]] == [_moved(m, 4) for m in maps]
+        assert max(r["diff_back"].values()) <= 1e-6, r["diff_back"]
+    check_training_identical(rs, {"param", "exp_avg", "exp_avg_sq", "step", "router_weight_param",
+                                  "router_expert_bias_param", "router_global_tokens_per_expert_param"})
 
 
 def test_not_a_megatron_moe_layer_is_refused_without_communication():
