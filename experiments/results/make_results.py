@@ -7,10 +7,14 @@ results.json, backtest_rows.csv.gz and the PNG figures. Per setup and seed: phas
 (moeload.states window rule, docs/metrics.md defaults; PELT as a cross-check), fluctuation early vs
 late per layer, rolling-origin backtests of every registered predictor (SW_Avg window chosen on the
 other seed, LSTM trained on the other seed), the headline check, and the paper's numbers. Then the
-long runs of train_long.py (long_runs.py: gpt3-small-moe-aux-s0 of 10,000 steps, gpt3-small-moe-bias-s{0,1},
-gpt3-medium-moe-aux-s0, where present): default-rule phases, shallow vs deep, SW_Avg / ARIMA / LSTM
-at the longest horizons that fit (H = 1,000 and 2,000 for the 10,000-step run, whose LSTM is trained
-on gpt3-small-moe-s{0,1} as it has one seed), expert bias vs aux loss, and their figures.
+long runs of train_long.py (long_runs.py, the setups of LONG_SETUPS whose traces are present, one or two
+seeds each: gpt3-small-moe-aux-s{0,1} and gpt3-small-moe-bias10k-s{0,1} of 10,000 steps,
+gpt3-small-moe-bias-s{0,1}, gpt3-medium-moe-aux-s0): default-rule phases, shallow vs deep, SW_Avg /
+ARIMA / LSTM at the longest horizons that fit (H = 1,000 and 2,000 for the 10,000-step runs; with two
+seeds SW_Avg's window is chosen on and the LSTM trained on the other seed, with one seed the window is
+chosen on the run itself and the LSTM trained on the setup's lstm_train runs), expert bias vs aux loss
+(the short DeepSpeed aux runs against the shorter bias runs, and the matched train_long comparison of
+the 10,000-step aux and bias runs over the steps they share), and their figures.
 """
 
 from __future__ import annotations
@@ -134,13 +138,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     cmp = LR.bias_vs_aux(a.traces) if long else None
+    matched = LR.matched_10k(a.traces) if long else None
     all_rows = pd.concat([r["rows"][s].assign(setup=n, test_seed=s) for n, r in {**results, **long}.items()
                           for s in r["rows"]], ignore_index=True)
     all_rows.to_csv(a.out / "backtest_rows.csv.gz", index=False, float_format="%.6g")
     js, md = write_report(results, a.out, time.perf_counter() - t_all)
     if long:
-        js["long_runs"] = LR.to_json(long, cmp)
-        md += "\n".join(LR.section(long, cmp, results)) + "\n"
+        js["long_runs"] = LR.to_json(long, cmp, matched)
+        md += "\n".join(LR.section(long, cmp, results, matched)) + "\n"
     (a.out / "results.json").write_text(json.dumps(js, indent=1, default=_jsonable))
     (a.out / "results.md").write_text(md)
     log(f"wrote {a.out / 'results.md'}, results.json, backtest_rows.csv.gz and "

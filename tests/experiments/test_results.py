@@ -19,6 +19,7 @@ TRACES = ROOT / "experiments" / "traces"
 SETUP = "gpt3-small-moe"
 LONG = "gpt3-small-moe-bias"  # a long run of train_long.py (expert bias), global counts only
 AUX = "gpt3-small-moe-aux"  # the 10,000-step aux-loss run of train_long.py: one seed, LSTM trained on SETUP's runs
+BIAS10K = "gpt3-small-moe-bias10k"  # its expert-bias twin: cut for the matched comparison only (not run as a setup)
 STEPS = 600
 
 
@@ -50,7 +51,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _cut(TRACES / f"{SETUP}-s{seed}.moeload", tmp / f"{SETUP}-s{seed}.moeload", STEPS, n)
     # AUX (the 10,000-step aux run) has two seeds committed; only seed 0 is cut here, so the one-seed path
     # (window chosen on the run itself, LSTM trained on other runs) stays tested; LONG covers two seeds
-    for name, seeds in ((LONG, (0, 1)), (AUX, (0,))):
+    # BIAS10K is cut but not passed as --setup: the matched comparison reads the traces itself (keeps the test's time)
+    for name, seeds in ((LONG, (0, 1)), (AUX, (0,)), (BIAS10K, (0,))):
         for seed in seeds:
             if (TRACES / f"{name}-s{seed}.moeload").exists():
                 _cut(TRACES / f"{name}-s{seed}.moeload", tmp / f"{name}-s{seed}.moeload", STEPS, STEPS)
@@ -59,7 +61,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
            "--out", str(out), "--setup", SETUP, "--setup", LONG, "--setup", AUX, "--horizons", "25,50",
            "--origin-every", "50",
            "--sw-windows", "10,50"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return out
 
@@ -163,3 +165,31 @@ def test_one_seed_long_run_trains_the_lstm_on_other_runs(results: Path) -> None:
     assert f"trained on the whole of `{SETUP}-s0` and `{SETUP}-s1`" in md
     assert "chosen on this run itself" in md and "passes over the train split" in md
     assert f"**The paper's claims on {AUX}**" in md
+
+
+def test_matched_bias_vs_aux_of_train_long(results: Path) -> None:
+    """The matched comparison (AUX vs BIAS10K over all the steps they share, here the 600 of the cuts:
+    early 99..299, late the second half): its rows recomputed from the cut traces, and its
+    sentence's ratios from its rows."""
+    if not all((results.parent / f"{n}-s0.moeload").exists() for n in (AUX, BIAS10K)):
+        pytest.skip("the 10,000-step aux and bias traces are not present")
+    from moeload.plots import rolling_fluctuation
+
+    m = json.loads((results / "results.json").read_text())["long_runs"]["matched_10k"]
+    md = (results / "results.md").read_text()
+    assert m["attrs"]["C"] == STEPS and m["attrs"]["early"] == "99–299" and m["attrs"]["late"] == "300–599"
+    assert [(x["run"], x["balancing"]) for x in m["rows"]] == [(f"{AUX}-s0", "aux loss"), (f"{BIAS10K}-s0", "expert bias")]
+    for x in m["rows"]:
+        t = open_trace(results.parent / f"{x['run']}.moeload")
+        c = t.counts(steps=(0, STEPS)).astype(float)
+        p = c / c.sum(axis=2, keepdims=True)
+        rng = 100 * rolling_fluctuation(p, 100, "range", experts=list(t.experts_per_layer))
+        assert x["range_early"] == pytest.approx(np.nanmean(rng[99:300], axis=0).tolist(), rel=1e-9)
+        assert x["range_late_mean"] == pytest.approx(float(np.nanmean(rng[300:600])), rel=1e-9)
+        assert min(x["max_over_mean"]) >= 1.0
+    aux, bias = m["rows"]
+    assert "### Expert bias vs aux loss, matched: train_long, 10,000 steps" in md
+    assert (f"expert bias fluctuates {bias['range_early_mean'] / aux['range_early_mean']:.2f}× as much as the aux loss "
+            f"early") in md
+    assert f"{bias['range_late_mean'] / aux['range_late_mean']:.2f}× over the second half" in md  # C < 1,000
+    assert "Both sides have the same number of seeds." in md  # one seed of each is cut here
