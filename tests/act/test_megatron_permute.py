@@ -7,8 +7,7 @@ writes what it measured to rank<r>.json and the tests below check it. The CUDA-o
 are shimmed as in tests/tracing/_shims.py (`megatron_on_cpu`). Three identical models (same weights, each expert's
 own seed, same per-rank inputs, torch AdamW): A is never permuted; B is permuted after step 2 with its
 optimizer; C is permuted after step 2 without it (the control: Adam's moments stay behind, so its
-losses must part from A's). All layers use the allgather dispatcher (the alltoall one needs CUDA
-streams). Layer 0: top-2 softmax with aux loss; layer 1: sigmoid top-2 with expert bias (non-zero)
+losses must part from A's). All layers use the allgather dispatcher (the alltoall one: test_megatron_alltoall.py). Layer 0: top-2 softmax with aux loss; layer 1: sigmoid top-2 with expert bias (non-zero)
 and a router bias; layer 2: top-1 with capacity factor 1, dropping by probability, and the global aux
 loss (its running token counts per expert are router state too).
 """
