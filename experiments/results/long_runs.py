@@ -47,12 +47,14 @@ _HORIZON_NOTE_10K = ("H = 1,000 and 2,000 as in the paper, plus 250 and 500; an 
                      "steps (not 50 as for the shorter runs) keep the script's run time bounded: ARIMA costs about 0.5 s "
                      "per origin on the 96 series.")
 
+_EVAL_10K: dict[str, Any] = dict(  # the 10,000-step runs' evaluation (aux and its matched bias twin)
+    horizons=(250, 500, 1000, 2000), headline=(1000, 2000), origin_spans=((100, 10**9, 100),),
+    sw_windows=(10, 25, 50, 100, 200, 500, 1000), arima={"order": (5, 1, 5), "engine": "batched", "max_history": 1000},
+    lstm={"block": 20, "lookback": 16}, note=_HORIZON_NOTE_10K)
+
 LONG_SETUPS = {
     "gpt3-small-moe-aux": LongSetup(
-        A.Setup("gpt3-small-moe-aux", horizons=(250, 500, 1000, 2000), headline=(1000, 2000),
-                origin_spans=((100, 10**9, 100),), sw_windows=(10, 25, 50, 100, 200, 500, 1000),
-                arima={"order": (5, 1, 5), "engine": "batched", "max_history": 1000},
-                lstm={"block": 20, "lookback": 16}, note=_HORIZON_NOTE_10K),
+        A.Setup("gpt3-small-moe-aux", **_EVAL_10K),
         paper="gpt3-small-moe",
         what="12 layers, 6 MoE × 16 experts, top-2; Switch aux loss (coefficient 0.01)",
         paper_note="Same model shape and balancing (aux loss) as the paper's 125M, {steps} steps with the schedule "
@@ -62,10 +64,7 @@ LONG_SETUPS = {
                    "the predictors and the size of the errors compare.",
         lstm_train=(("gpt3-small-moe", 0), ("gpt3-small-moe", 1))),
     "gpt3-small-moe-bias10k": LongSetup(
-        A.Setup("gpt3-small-moe-bias10k", horizons=(250, 500, 1000, 2000), headline=(1000, 2000),
-                origin_spans=((100, 10**9, 100),), sw_windows=(10, 25, 50, 100, 200, 500, 1000),
-                arima={"order": (5, 1, 5), "engine": "batched", "max_history": 1000},
-                lstm={"block": 20, "lookback": 16}, note=_HORIZON_NOTE_10K),
+        A.Setup("gpt3-small-moe-bias10k", **_EVAL_10K),
         paper="gpt3-small-moe",
         what="12 layers, 6 MoE × 16 experts, top-2; expert-bias balancing (DeepSeek-V3, u = 1e-3, no aux loss)",
         paper_note="The paper's 125M model is balanced by DeepSpeed's aux loss; this setup uses expert bias "
