@@ -106,6 +106,7 @@ def expert_shape(layer: Any, optimizer: Any = None) -> ExpertShape:
             f"expert_shape: expected a DeepSpeed MoE or megatron-core MoELayer layer, got {type(layer).__name__}"
         )
     backend = found[0][0]
+    state_params: list[torch.nn.Parameter] | None = None  # whose optimizer state sets the bytes (default: params)
     if backend == "deepspeed":
         moe: Any = layer.deepspeed_moe
         hidden, gated = int(moe.gate.wg.in_features), False
@@ -120,13 +121,16 @@ def expert_shape(layer: Any, optimizer: Any = None) -> ExpertShape:
         hidden, gated = int(layer.router.weight.shape[1]), bool(getattr(cfg, "gated_linear_unit", False))
         params = list(_local_experts(layer)[0].parameters())
         ffn = int(getattr(cfg, "moe_ffn_hidden_size", None) or cfg.ffn_hidden_size)
-    n = sum(p.numel() for p in params)
+        if getattr(layer.experts, "local_experts", None) is None and not isinstance(layer.router, SlotMap):
+            state_params = list(layer.experts.parameters())  # GroupedMLP: the optimizer knows the whole tensors
+    state_params = params if state_params is None else state_params
+    n = sum(p.numel() for p in state_params)
     opt = getattr(optimizer, "optimizer", optimizer)
     state = getattr(opt, "state", {})
     nbytes = sum(
         p.numel() * p.element_size()
         + sum(t.numel() * t.element_size() for t in state.get(p, {}).values() if isinstance(t, torch.Tensor))
-        for p in params
+        for p in state_params
     )
     return ExpertShape(
         hidden,

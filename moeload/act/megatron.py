@@ -1,4 +1,5 @@
-"""Re-placement by permutation for megatron-core (`MoELayer` with `SequentialMLP` experts, EP >= 1).
+"""Re-placement by permutation for megatron-core (`MoELayer` with `SequentialMLP` or `GroupedMLP` experts,
+EP >= 1; GroupedMLP's per-expert chunks of its two weight tensors are moved by `act.megatron_grouped`).
 
 megatron-core's token dispatchers send the router's column p to EP rank p // L, local expert p % L
 (`MoELayer.local_expert_indices`). To move logical expert e to rank r, `permute_experts` moves e's
@@ -12,7 +13,7 @@ All ranks of the layer's expert-parallel group (`moe_layer.ep_group`, megatron's
 `parallel_state.get_expert_model_parallel_group()`) call it together at a step boundary (after
 `optimizer.step()`, before the next forward). Parameters keep their identity; only their contents change.
 
-Refused (InputError): `GroupedMLP`/`TEGroupedMLP` experts (one tensor for all local experts),
+Refused (InputError): `TEGroupedMLP` experts (Transformer Engine, which does not install here),
 group-limited routing (`moe_router_num_groups`: the groups are blocks of slots, so a permutation
 changes which experts compete), megatron's DDP (`main_grad` buffers) and megatron's optimizer
 wrappers (only a plain torch optimizer is moved). Checkpoints hold experts by slot: save the map
@@ -48,11 +49,10 @@ def _local_experts(moe_layer: Any) -> list[torch.nn.Module]:
             "its slot map is in its state_dict, so load_state_dict restores it without a layout"
         )
     local = getattr(experts, "local_experts", None)
-    if local is None:
-        raise InputError(
-            f"moe_layer: experts are {type(experts).__name__}; only SequentialMLP experts "
-            "(moe_grouped_gemm=False) can be permuted"
-        )
+    if local is None:  # GroupedMLP: one view module per local expert (InputError for other classes)
+        from moeload.act.megatron_grouped import expert_slots
+
+        local = expert_slots(experts)
     groups = getattr(moe_layer.config, "moe_router_num_groups", None)
     if groups is not None and groups > 1:
         raise InputError(
@@ -110,7 +110,7 @@ def permute_experts(
 ) -> dict:
     """Move logical expert e of one megatron-core MoELayer to EP rank new_expert_to_rank[e], collectively.
 
-    moe_layer: `megatron.core.transformer.moe.moe_layer.MoELayer` with SequentialMLP experts;
+    moe_layer: `megatron.core.transformer.moe.moe_layer.MoELayer` with SequentialMLP or GroupedMLP experts;
     new_expert_to_rank: [E] ranks of the layer's EP group, each exactly E / ep_size experts;
     optimizer: the torch optimizer whose state (Adam's exp_avg, exp_avg_sq, step, ...) moves with the
     parameters; without it, any optimizer state stays with the slots, which is wrong for a stateful
@@ -131,12 +131,21 @@ def permute_experts(
     old = expert_to_rank(moe_layer)
     moves = plan_moves(old, new_expert_to_rank, ep_size)
     new = [int(r) for r in np.asarray(new_expert_to_rank, dtype=np.int64)]
-    if any(hasattr(p, "main_grad") for ex in experts for p in ex.parameters()):
+    if any(hasattr(p, "main_grad") for p in moe_layer.experts.parameters()):
         raise InputError(
             "moe_layer: its parameters have megatron DDP main_grad buffers; wrapped models are "
             "not supported (permute the unwrapped module with a plain torch optimizer)"
         )
     group = moe_layer.ep_group
+    if getattr(moe_layer.experts, "local_experts", None) is None:  # GroupedMLP (act.megatron_grouped)
+        from moeload.act.megatron_grouped import exchange_hooks
+
+        prepare, permute = exchange_hooks(moe_layer, experts, optimizer)
+    else:
+        prepare, permute = (
+            (lambda: _check_optimizer(optimizer, experts)),
+            (lambda opt, src: _permute_router(moe_layer.router, opt, src)),
+        )
     out = move_experts(
         experts,
         moves,
@@ -144,8 +153,8 @@ def permute_experts(
         new,
         group=group,
         ep_size=ep_size,
-        prepare=lambda: _check_optimizer(optimizer, experts),
-        permute=lambda opt, src: _permute_router(moe_layer.router, opt, src),
+        prepare=prepare,
+        permute=permute,
         t0=t0,
         stage=stage,
     )
