@@ -39,11 +39,30 @@ def tracer_group(group: Any, timeout: float | None) -> Any:
     """A gloo group of the same ranks as `group` (None: the world) for the tracer's own collectives, with
     `timeout` (seconds) as its operation timeout: a flush that fails or times out there never leaves a
     pending operation that could pair with training's collectives. Falls back to `group` (one warning)
-    where it cannot be made."""
+    where it cannot be made.
+
+    Over every rank of the world it is made by all ranks together (`new_group`'s global synchronization:
+    every rank starts a tracer). Over fewer ranks only they call it, so it needs
+    `use_local_synchronization`, whose group name hashes the ranks with the number of groups this rank
+    belongs to: where the members' numbers differ (megatron's parallel_state makes groups whose membership
+    differs per rank) they would wait for each other until the timeout, so the members compare those
+    numbers first (one all-gather on `group`) and use `group` itself where they differ."""
     dist = torch.distributed
     try:
         ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
         kw: dict[str, Any] = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
+        if sorted(ranks) == list(range(dist.get_world_size())):
+            return dist.new_group(ranks, backend="gloo", **kw)
+        from torch.distributed import distributed_c10d as c10d
+
+        mine = len(c10d._world.pg_names)
+        every: list[Any] = [None] * len(ranks)
+        dist.all_gather_object(every, mine, group=group)
+        if len(set(every)) > 1:
+            raise RuntimeError(
+                f"the group's ranks belong to different numbers of process groups ({sorted(set(every))}), so "
+                "a locally synchronized group of them cannot be named alike"
+            )
         return dist.new_group(ranks, backend="gloo", use_local_synchronization=True, **kw)
     except Exception as e:
         warnings.warn(
