@@ -106,7 +106,6 @@ def expert_shape(layer: Any, optimizer: Any = None) -> ExpertShape:
             f"expert_shape: expected a DeepSpeed MoE or megatron-core MoELayer layer, got {type(layer).__name__}"
         )
     backend = found[0][0]
-    state_params: list[torch.nn.Parameter] | None = None  # whose optimizer state sets the bytes (default: params)
     if backend == "deepspeed":
         moe: Any = layer.deepspeed_moe
         hidden, gated = int(moe.gate.wg.in_features), False
@@ -121,9 +120,13 @@ def expert_shape(layer: Any, optimizer: Any = None) -> ExpertShape:
         hidden, gated = int(layer.router.weight.shape[1]), bool(getattr(cfg, "gated_linear_unit", False))
         params = list(_local_experts(layer)[0].parameters())
         ffn = int(getattr(cfg, "moe_ffn_hidden_size", None) or cfg.ffn_hidden_size)
-        if getattr(layer.experts, "local_experts", None) is None and not isinstance(layer.router, SlotMap):
-            state_params = list(layer.experts.parameters())  # GroupedMLP: the optimizer knows the whole tensors
-    state_params = params if state_params is None else state_params
+    state_params = params  # whose optimizer state sets the bytes per parameter
+    if (
+        backend != "deepspeed"
+        and getattr(layer.experts, "local_experts", None) is None
+        and not isinstance(layer.router, SlotMap)
+    ):
+        state_params = list(layer.experts.parameters())  # GroupedMLP: the optimizer knows the whole tensors
     n = sum(p.numel() for p in state_params)
     opt = getattr(optimizer, "optimizer", optimizer)
     state = getattr(opt, "state", {})

@@ -30,7 +30,6 @@ def in_backward() -> bool:
 _FAST_INDEX_DTYPES = frozenset((torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64))
 _ONES_KEPT = 64  # distinct route counts (capacities) per gate whose ones views (caps) a hook keeps (reset beyond)
 _INT64_MAX = torch.iinfo(torch.int64).max
-_ALL_DIMS = [tuple(range(n)) for n in range(9)]  # dim= of a full reduction, by ndim
 
 
 class _Rows:
@@ -359,9 +358,7 @@ def _nan_and_tokens(r: Routing, rows: _Rows, check: bool, tokens: int | torch.Te
             and p.is_cuda is out.is_cuda
         ):
             # NaN iff p holds a NaN (or both infinities); the out= form needs the dims spelled out
-            torch.sum(
-                p.detach(), _ALL_DIMS[p.dim()] if p.dim() < 9 else tuple(range(p.dim())), dtype=torch.float64, out=out
-            )
+            torch.sum(p.detach(), tuple(range(p.dim())), dtype=torch.float64, out=out)
         else:
             rows.routed[NAN_COL].add_(torch.isnan(p).any().to(rows.routed.device, non_blocking=True))
     if isinstance(tokens, int):
